@@ -1,0 +1,3 @@
+from crucible.jobs.cli import main
+
+main()
