@@ -1,0 +1,1 @@
+"""Training shards: the shard spec, Arrow shard writer, checksummed manifest, inspect and trace."""
