@@ -1,0 +1,264 @@
+"""The GPT: one plain decoder-only transformer covering GPT-1/2/3 and LLaMA 1/2.
+
+Pre-norm blocks of causal self-attention and an MLP. Every option of :class:`ModelConfig`
+is a branch here: learned or rotary positions, LayerNorm or RMSNorm, GELU or SwiGLU, MHA,
+GQA or MQA (``n_kv_heads``), biases, tied embeddings, dropout. It knows nothing about
+DeepSpeed, Ray or parallelism: :mod:`crucible.model.parallelize` wraps it.
+
+Build large models on the meta device (``build_model(cfg, device="meta")``), then
+materialise with :func:`init_weights` (or shard first under ZeRO-3, see parallelize).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crucible.model.config import ModelConfig
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rotary_cos_sin(
+    cfg: ModelConfig, seq_len: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, head_dim] for rotary positions, split-halves layout.
+
+    Computed in fp32 and cast, as Hugging Face's Llama does, so converted weights give the
+    same logits. Recomputed per forward: cheap, and nothing to re-initialise after meta.
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+    freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, D] by position; the first and second halves of D pair up."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention; ``n_kv_heads < n_heads`` shares each K/V head across a group."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hd, q, kv = cfg.head_dim, cfg.n_heads, cfg.kv_heads
+        # One fused projection for q, k, v: fewer, larger matmuls.
+        self.qkv = nn.Linear(cfg.d_model, (q + 2 * kv) * hd, bias=cfg.bias)
+        self.proj = nn.Linear(q * hd, cfg.d_model, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd, nq, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
+        q, k, v = self.qkv(x).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nq, hd).transpose(1, 2)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if nkv != nq:
+            # Query head h uses K/V head h // (nq/nkv), as in Hugging Face's repeat_kv.
+            k = k.repeat_interleave(nq // nkv, dim=1)
+            v = v.repeat_interleave(nq // nkv, dim=1)
+        # Without a document mask, is_causal lets SDPA pick flash / memory-efficient kernels.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.cfg.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).reshape(B, T, nq * hd)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT: fc → gelu → proj) or SwiGLU (LLaMA: down(silu(gate) · up))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+            self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        else:
+            self.fc = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = F.silu(self.gate(x)) * self.up(x)
+        else:
+            # GPT-2's "gelu_new" is the tanh approximation.
+            h = F.gelu(self.fc(x), approximate="tanh")
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model.
+
+    ``forward(tokens, targets=None, doc_ids=None)`` returns ``(logits, loss)``; ``loss`` is the
+    mean cross-entropy over targets that are not ``-100``, or ``None`` without targets.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, V] for ``tokens`` [B, T], and the loss against ``targets`` [B, T].
+
+        Args:
+            tokens: token ids, int64 [B, T] with T <= max_seq_len.
+            targets: next-token ids [B, T]; -100 marks positions left out of the loss.
+            doc_ids: optional [B, T] document number of each token in a packed sequence;
+                attention then stays inside each document (block-diagonal causal mask).
+        """
+        T = tokens.shape[1]
+        if self.cfg.max_seq_len < T:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok_emb(tokens)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
+        else:
+            rope = rotary_cos_sin(self.cfg, T, tokens.device, x.dtype)
+        x = self.dropout(x)
+        mask = None
+        if doc_ids is not None:
+            # [B, 1, T, T]: same document and not in the future. Positions stay global.
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+            mask = mask[:, None]
+        for block in self.blocks:
+            x = block(x, rope, mask)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+            )
+        return logits, loss
+
+
+def build_model(
+    cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+) -> GPT:
+    """Construct a :class:`GPT` on ``device`` without initialising it.
+
+    On ``"meta"`` no memory is allocated (a 175B model builds in seconds); call
+    :func:`init_weights` to materialise. On a real device the weights hold torch's default
+    init until :func:`init_weights` runs.
+
+    Args:
+        cfg: the model shape.
+        device: where parameters are created; "meta" allocates nothing.
+        dtype: parameter dtype (default: torch's default dtype).
+    """
+    with torch.device(device):
+        model = GPT(cfg)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model
+
+
+def init_parameter(name: str, param: torch.Tensor, cfg: ModelConfig, gen: torch.Generator) -> None:
+    """GPT-2/3 initialisation of one parameter, by name, in place.
+
+    Normal(0, init_std) for weights and embeddings; residual output projections scaled by
+    1/sqrt(2·n_layers) (GPT-2 §2.3) so the residual stream's variance does not grow with
+    depth; zeros for biases; ones for norm scales.
+
+    Args:
+        name: the parameter's name in ``GPT.named_parameters()``.
+        param: the tensor to fill.
+        cfg: the model shape (for init_std and n_layers).
+        gen: random generator on ``param``'s device.
+    """
+    with torch.no_grad():
+        if ".norm" in name or name.startswith("norm_f"):
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            std = cfg.init_std
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                std /= math.sqrt(2 * cfg.n_layers)
+            param.normal_(0.0, std, generator=gen)
+
+
+def init_weights(model: GPT, seed: int = 0, device: str | torch.device | None = None) -> GPT:
+    """Materialise (if on meta) and initialise every parameter of ``model`` reproducibly.
+
+    Args:
+        model: a :class:`GPT`, possibly on the meta device.
+        seed: the same seed gives the same weights on the same device type.
+        device: where to materialise a meta model (default "cpu"); ignored otherwise.
+    """
+    first = next(model.parameters())
+    if first.is_meta:
+        model.to_empty(device=device or "cpu")
+        if model.cfg.tie_embeddings:  # to_empty gives each module its own new tensor
+            model.lm_head.weight = model.tok_emb.weight
+        first = next(model.parameters())
+    gen = torch.Generator(device=first.device).manual_seed(seed)
+    # named_parameters() yields a tied weight once, under tok_emb.
+    for name, p in model.named_parameters():
+        init_parameter(name, p, model.cfg, gen)
+    return model

@@ -1,0 +1,244 @@
+"""Everything that wraps the GPT for distributed training, kept out of the model itself.
+
+:class:`ParallelSpec` is the typed ``model.parallel`` section; :func:`build_deepspeed_config`
+turns it into a DeepSpeed config; :func:`parallelize` applies activation checkpointing and
+``torch.compile`` (in that order, see there); :func:`build_zero3_model` constructs a model
+already sharded under ``deepspeed.zero.Init`` so no rank ever holds the full weights.
+
+DeepSpeed is imported inside the functions that need it: the spec and config generation
+stay importable (and fast) where DeepSpeed is absent or slow to import.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from torch.utils.checkpoint import checkpoint
+
+from crucible.config import StrictModel
+from crucible.errors import CrucibleError
+
+if TYPE_CHECKING:
+    from crucible.model.config import ModelConfig
+    from crucible.model.gpt import GPT
+
+
+class ParallelSpec(StrictModel):
+    """How the model is sharded and wrapped (the ``model.parallel`` section of a spec)."""
+
+    zero_stage: int = Field(default=3, ge=0, le=3, description="DeepSpeed ZeRO stage 0–3.")
+    precision: Literal["bf16", "fp32"] = Field(
+        default="bf16", description="bf16 mixed precision (fp32 master weights) or pure fp32."
+    )
+    overlap_comm: bool = Field(
+        default=True, description="Overlap gradient reduction with backward."
+    )
+    contiguous_gradients: bool = Field(
+        default=True, description="Copy gradients into one buffer to avoid fragmentation."
+    )
+    prefetch_bucket_size: int = Field(
+        default=50_000_000, gt=0, description="ZeRO-3: parameters (elements) fetched ahead."
+    )
+    reduce_bucket_size: int = Field(
+        default=500_000_000, gt=0, description="Elements reduced at once in gradient reduction."
+    )
+    param_persistence_threshold: int = Field(
+        default=100_000, ge=0, description="ZeRO-3: parameters smaller than this stay unsharded."
+    )
+    max_live_parameters: int = Field(
+        default=1_000_000_000, gt=0, description="ZeRO-3: most gathered parameters held at once."
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        default="none", description="Keep optimizer states (and step) in CPU memory."
+    )
+    offload_params: Literal["none", "cpu"] = Field(
+        default="none", description="ZeRO-3: keep parameter shards in CPU memory."
+    )
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute each block's activations in backward."
+    )
+    compile: bool = Field(default=False, description="torch.compile each transformer block.")
+    zero_hpz_partition_size: int = Field(
+        default=1, ge=1, description="ZeRO++ hpZ: secondary weight shard group size (GPUs/node)."
+    )
+    zero_quantized_weights: bool = Field(
+        default=False, description="ZeRO++ qwZ: int8-quantised weight all-gather."
+    )
+    zero_quantized_gradients: bool = Field(
+        default=False, description="ZeRO++ qgZ: int4-quantised gradient reduce-scatter."
+    )
+
+    @model_validator(mode="after")
+    def _check_stage(self) -> ParallelSpec:
+        needs3 = {
+            "offload_params": self.offload_params != "none",
+            "zero_hpz_partition_size": self.zero_hpz_partition_size > 1,
+            "zero_quantized_weights": self.zero_quantized_weights,
+            "zero_quantized_gradients": self.zero_quantized_gradients,
+        }
+        for field, used in needs3.items():
+            if used and self.zero_stage != 3:
+                raise _field_error(field, f"needs zero_stage 3 (got {self.zero_stage})")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise _field_error("offload_optimizer", "needs zero_stage 1, 2 or 3")
+        return self
+
+
+def _field_error(field: str, message: str) -> ValidationError:
+    err = InitErrorDetails(type=PydanticCustomError("parallel", message), loc=(field,), input=None)
+    return ValidationError.from_exception_data("ParallelSpec", [err])
+
+
+def build_deepspeed_config(
+    parallel: ParallelSpec,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    grad_clip: float | None = 1.0,
+    optimizer: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+    steps_per_print: int = 1_000_000,
+) -> dict[str, Any]:
+    """A DeepSpeed config dict for ``parallel`` and the batch shape.
+
+    Args:
+        parallel: the typed parallelism section.
+        micro_batch_size: sequences per rank per forward.
+        grad_accum_steps: micro-batches per optimizer step.
+        world_size: data-parallel ranks; DeepSpeed checks train_batch_size against it.
+        grad_clip: global gradient-norm clip; None or 0 disables it.
+        optimizer: DeepSpeed ``optimizer`` section (e.g. ``{"type": "AdamW", "params":
+            {...}}``); None when the caller passes a torch optimizer to ``initialize``.
+        scheduler: DeepSpeed ``scheduler`` section, or None.
+        steps_per_print: DeepSpeed's own logging interval (crucible logs its own metrics).
+    """
+    for name, value in [
+        ("micro_batch_size", micro_batch_size),
+        ("grad_accum_steps", grad_accum_steps),
+        ("world_size", world_size),
+    ]:
+        if value < 1:
+            raise CrucibleError(f"{name} must be at least 1, got {value}")
+    zero: dict[str, Any] = {
+        "stage": parallel.zero_stage,
+        "overlap_comm": parallel.overlap_comm,
+        "contiguous_gradients": parallel.contiguous_gradients,
+        "reduce_bucket_size": parallel.reduce_bucket_size,
+    }
+    if parallel.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": parallel.offload_optimizer, "pin_memory": True}
+    if parallel.zero_stage == 3:
+        zero |= {
+            "stage3_prefetch_bucket_size": parallel.prefetch_bucket_size,
+            "stage3_param_persistence_threshold": parallel.param_persistence_threshold,
+            "stage3_max_live_parameters": parallel.max_live_parameters,
+            # Checkpoints keep every rank's shard; exports gather them (see jobs/export).
+            "stage3_gather_16bit_weights_on_model_save": False,
+            "zero_hpz_partition_size": parallel.zero_hpz_partition_size,
+            "zero_quantized_weights": parallel.zero_quantized_weights,
+            "zero_quantized_gradients": parallel.zero_quantized_gradients,
+        }
+        if parallel.offload_params != "none":
+            zero["offload_param"] = {"device": parallel.offload_params, "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": float(grad_clip or 0.0),
+        "bf16": {"enabled": parallel.precision == "bf16"},
+        "zero_optimization": zero,
+        "steps_per_print": steps_per_print,
+        "wall_clock_breakdown": False,
+    }
+    if optimizer is not None:
+        config["optimizer"] = optimizer
+    if scheduler is not None:
+        config["scheduler"] = scheduler
+    return config
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    # Non-reentrant checkpointing: works with keyword args, ZeRO-3's parameter hooks and
+    # torch.compile, and does not need inputs that require grad.
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def set_activation_checkpointing(model: GPT, enabled: bool) -> GPT:
+    """Recompute every block's activations in backward (or stop doing so).
+
+    Wraps each block's ``forward`` in place rather than the module, so parameter names and
+    state dicts stay exactly those of the plain model.
+
+    Args:
+        model: a :class:`GPT`.
+        enabled: True to checkpoint every block, False to undo it.
+    """
+    for block in model.blocks:
+        block.__dict__.pop("forward", None)  # undo an earlier wrap
+        if enabled:
+            block.forward = functools.partial(_checkpointed, block.forward)
+    return model
+
+
+def parallelize(model: GPT, parallel: ParallelSpec) -> GPT:
+    """Apply activation checkpointing, then ``torch.compile``, per block, in place.
+
+    Order (as torchtitan's parallelize): checkpointing first, so each compiled block
+    contains its checkpoint region and the recomputation is compiled too; compile per block
+    rather than the whole model, which keeps compile time flat in depth (every block has the
+    same graph) and lets ZeRO-3's per-module gather/release hooks run between blocks. The
+    result is then handed to ``deepspeed.initialize`` (with :func:`build_deepspeed_config`),
+    which shards it last.
+
+    Args:
+        model: a :class:`GPT` (plain, or built under :func:`build_zero3_model`).
+        parallel: the typed parallelism section.
+    """
+    if parallel.activation_checkpointing:
+        set_activation_checkpointing(model, True)
+    if parallel.compile:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def build_zero3_model(
+    cfg: ModelConfig, ds_config: dict[str, Any], seed: int = 0, init: bool = True
+) -> GPT:
+    """Construct a :class:`GPT` already partitioned across ranks by ``deepspeed.zero.Init``.
+
+    Each parameter is sharded as soon as its module is built, so no rank holds the full
+    model. With ``init``, parameters are gathered one at a time, initialised on rank 0 with
+    :func:`crucible.model.gpt.init_parameter` (the same values :func:`init_weights` gives
+    with the same seed on the same device type), and re-partitioned.
+
+    Args:
+        cfg: the model shape.
+        ds_config: the DeepSpeed config (from :func:`build_deepspeed_config`), ZeRO stage 3.
+        seed: initialisation seed.
+        init: initialise weights (False leaves DeepSpeed's default values, for loading).
+    """
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from crucible.model.gpt import GPT, init_parameter
+
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        raise CrucibleError("build_zero3_model needs a DeepSpeed config with ZeRO stage 3")
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = GPT(cfg)
+    if init:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        gen = None
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    if gen is None:
+                        gen = torch.Generator(device=p.device).manual_seed(seed)
+                    init_parameter(name, p, cfg, gen)
+    return model
