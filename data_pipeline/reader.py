@@ -1,0 +1,311 @@
+"""The training reader: memory-mapped shards, a global sample order that is a pure function of
+(seed, epoch, number of samples), and per-rank slices of every global batch.
+
+Samples form one endless stream: stream position ``p`` is sample ``perm(seed, p // N)[p % N]``
+of the split (``N`` samples, one numpy permutation per epoch). Global batch ``b`` is stream
+positions ``[b·G, (b+1)·G)``; data-parallel rank ``r`` of ``W`` takes the contiguous slice
+``[b·G + r·G/W, b·G + (r+1)·G/W)``. So the reader's whole state is the number of samples
+consumed, and the global batches are the same for any ``W`` that divides ``G``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from crucible.data_pipeline.shards.manifest import (
+    Manifest,
+    check_tokenizer,
+    read_manifest,
+    verify_shards,
+)
+from crucible.errors import CrucibleError
+
+IGNORE_INDEX = -100  # label value torch's cross_entropy skips (padding, held-out filler)
+
+
+class SplitView:
+    """Random access by index to the rows of one split, memory-mapped (no copy until read)."""
+
+    def __init__(self, shards_dir: str | Path, manifest: Manifest, split: str = "train") -> None:
+        """Map every shard file of ``split``.
+
+        Args:
+            shards_dir: The shard directory.
+            manifest: Its manifest (already verified by the caller when it wants checks).
+            split: ``train`` or ``heldout``.
+        """
+        d = Path(shards_dir)
+        self.row_len = manifest.row_len
+        self._tokens: list[np.ndarray] = []  # (rows, row_len) views into the mapped files
+        self._length: list[np.ndarray] = []
+        self._start_offsets: list[np.ndarray] = []
+        self._start_values: list[np.ndarray] = []
+        self._batches: list[pa.RecordBatch] = []
+        sizes = []
+        for shard in manifest.split(split).shards:
+            reader = pa.ipc.open_stream(pa.memory_map(str(d / shard.file)))
+            for rb in reader:
+                toks = rb.column("tokens")
+                self._tokens.append(toks.flatten().to_numpy().reshape(-1, self.row_len))
+                self._length.append(rb.column("length").to_numpy())
+                starts = rb.column("doc_starts")
+                self._start_offsets.append(starts.offsets.to_numpy())
+                self._start_values.append(starts.values.to_numpy())
+                self._batches.append(rb)
+                sizes.append(rb.num_rows)
+        self._first = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.num_samples = int(self._first[-1])
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self.num_samples:
+            raise CrucibleError(
+                f"sample {index} is out of range: the split has {self.num_samples} samples"
+            )
+        c = int(np.searchsorted(self._first, index, side="right")) - 1
+        return c, index - int(self._first[c])
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``indices``: ``tokens`` (B, row_len) int64, ``length`` (B,), ``doc_index`` (B, row_len).
+
+        ``doc_index`` numbers the documents within each row (equal values: same document;
+        -1: padding), so attention can be masked across documents.
+
+        Args:
+            indices: Sample indices of the split.
+        """
+        B, L = len(indices), self.row_len
+        tokens = np.empty((B, L), self._tokens[0].dtype if self._tokens else np.uint16)
+        length = np.empty(B, np.int64)
+        marks = np.zeros((B, L), np.int32)
+        for i, index in enumerate(indices):
+            c, r = self._locate(int(index))
+            tokens[i] = self._tokens[c][r]
+            length[i] = self._length[c][r]
+            off = self._start_offsets[c]
+            marks[i, self._start_values[c][off[r] : off[r + 1]]] = 1
+        doc_index = np.cumsum(marks, axis=1, dtype=np.int32)
+        doc_index[np.arange(L)[None, :] >= length[:, None]] = -1
+        return {"tokens": tokens.astype(np.int64), "length": length, "doc_index": doc_index}
+
+    def doc_ids(self, index: int) -> list[str]:
+        """Ids of the documents whose tokens sample ``index`` holds, in order (its lineage).
+
+        Args:
+            index: Sample index of the split.
+        """
+        c, r = self._locate(index)
+        return self._batches[c].column("doc_ids")[r].as_py()
+
+    def row_id(self, index: int) -> int:
+        """Position of sample ``index`` in packing order (before the build-time shuffle).
+
+        Args:
+            index: Sample index of the split.
+        """
+        c, r = self._locate(index)
+        return int(self._batches[c].column("row_id")[r].as_py())
+
+
+@lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The order of the samples in ``epoch``: a pure function of its arguments.
+
+    Args:
+        seed: Reader seed.
+        epoch: Epoch number.
+        num_samples: Samples in the split.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    order.flags.writeable = False
+    return order
+
+
+class TrainingReader:
+    """Deterministic, resumable, world-size-independent batches of one shard split."""
+
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        split: str = "train",
+        verify: str = "auto",
+        allow_manifest_change: bool = False,
+        tokenizer_fingerprint: str | None = None,
+    ) -> None:
+        """Open, verify and map a shard set.
+
+        Args:
+            shards_dir: Directory holding ``manifest.json``.
+            global_batch_size: Samples per optimizer step over all data-parallel ranks.
+            rank: This data-parallel rank.
+            world_size: Number of data-parallel ranks; must divide ``global_batch_size``.
+            seed: Seed of the per-epoch sample order.
+            split: ``train`` or ``heldout``.
+            verify: ``size``, ``sha256`` or ``auto`` (sha256 for sets up to 2 GiB).
+            allow_manifest_change: Resume onto a different shard set without an error.
+            tokenizer_fingerprint: When given, shards of any other tokenizer are refused.
+        """
+        if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
+            raise CrucibleError(
+                f"global batch size {global_batch_size} is not a positive multiple of the "
+                f"data-parallel size {world_size}; make it one"
+            )
+        if not 0 <= rank < world_size:
+            raise CrucibleError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.shards_dir = Path(shards_dir)
+        self.manifest = read_manifest(self.shards_dir)
+        if tokenizer_fingerprint is not None:
+            check_tokenizer(self.manifest, tokenizer_fingerprint, self.shards_dir)
+        verify_shards(self.shards_dir, self.manifest, verify)
+        self.view = SplitView(self.shards_dir, self.manifest, split)
+        if self.view.num_samples == 0:
+            raise CrucibleError(f"split {split!r} of {self.shards_dir} is empty")
+        self.split = split
+        self.global_batch_size = global_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = global_batch_size // world_size
+        self.seed = seed
+        self.allow_manifest_change = allow_manifest_change
+        self.samples_consumed = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split (one epoch)."""
+        return self.view.num_samples
+
+    @property
+    def seq_len(self) -> int:
+        """Model context: inputs and labels have this length."""
+        return self.manifest.seq_len
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next sample comes from."""
+        return self.samples_consumed // self.num_samples
+
+    @property
+    def manifest_fingerprint(self) -> str:
+        """Fingerprint of the shard set being read."""
+        return self.manifest.fingerprint
+
+    def stream_indices(self, start: int, count: int) -> np.ndarray:
+        """Sample indices at stream positions ``[start, start + count)``, across epochs.
+
+        Args:
+            start: First stream position.
+            count: Number of positions.
+        """
+        pos = np.arange(start, start + count, dtype=np.int64)
+        out = np.empty(count, np.int64)
+        n = self.num_samples
+        for e in np.unique(pos // n):
+            sel = pos // n == e
+            out[sel] = epoch_order(self.seed, int(e), n)[pos[sel] % n]
+        return out
+
+    def global_batch_indices(self, batch: int) -> np.ndarray:
+        """Sample indices of global batch ``batch`` (all ranks, in rank order).
+
+        Args:
+            batch: Global batch number since the start of training.
+        """
+        return self.stream_indices(batch * self.global_batch_size, self.global_batch_size)
+
+    def next_batch(self) -> dict[str, Any]:
+        """This rank's slice of the next global batch, as torch tensors; advances the state.
+
+        Returns:
+            ``input_ids`` and ``labels`` (B, seq_len) int64 (labels shifted by one, ``-100``
+            on padding), ``doc_index`` (B, seq_len) int32 (document number within the row, -1
+            on padding: mask attention where it differs), ``sample_index`` (B,) int64.
+        """
+        first = self.samples_consumed + self.rank * self.local_batch_size
+        indices = self.stream_indices(first, self.local_batch_size)
+        self.samples_consumed += self.global_batch_size
+        return self.to_tensors(indices)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Endless batches (the training loop decides when to stop)."""
+        while True:
+            yield self.next_batch()
+
+    def to_tensors(self, indices: np.ndarray, keep: np.ndarray | None = None) -> dict[str, Any]:
+        """Samples ``indices`` as training tensors (see :meth:`next_batch`).
+
+        Args:
+            indices: Sample indices of the split.
+            keep: Optional per-sample mask; samples with ``False`` get all labels ``-100``.
+        """
+        import torch
+
+        rows = self.view.rows(indices)
+        tokens, length = rows["tokens"], rows["length"]
+        labels = tokens[:, 1:].copy()
+        labels[np.arange(1, self.view.row_len)[None, :] >= length[:, None]] = IGNORE_INDEX
+        if keep is not None:
+            labels[~keep] = IGNORE_INDEX
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+            "labels": torch.from_numpy(labels),
+            "doc_index": torch.from_numpy(np.ascontiguousarray(rows["doc_index"][:, :-1])),
+            "sample_index": torch.from_numpy(np.asarray(indices, np.int64)),
+        }
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        """One pass over the split in storage order, as this rank's slices of global batches.
+
+        Every rank gets the same number of batches (needed by collective forward passes):
+        the last global batch is filled up from the start of the split with samples whose
+        labels are all ``-100``, so each sample counts in the loss exactly once.
+        """
+        n, G = self.num_samples, self.global_batch_size
+        for b in range(-(-n // G)):
+            pos = np.arange(b * G, (b + 1) * G)[self.rank * self.local_batch_size :][
+                : self.local_batch_size
+            ]
+            yield self.to_tensors(pos % n, keep=pos < n)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reader's whole position: ``samples_consumed`` (+ seed, epoch, manifest fingerprint)."""
+        return {
+            "samples_consumed": self.samples_consumed,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "manifest_fingerprint": self.manifest_fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``; a different shard set is an error unless allowed.
+
+        Args:
+            state: From :meth:`state_dict`, possibly saved with another world size.
+        """
+        missing = {"samples_consumed", "seed", "manifest_fingerprint"} - set(state)
+        if missing:
+            raise CrucibleError(
+                f"reader state lacks {', '.join(sorted(missing))}; it is not a reader state"
+            )
+        if (
+            state["manifest_fingerprint"] != self.manifest_fingerprint
+            and not self.allow_manifest_change
+        ):
+            raise CrucibleError(
+                f"the checkpoint was trained on shards {state['manifest_fingerprint'][:16]}…, but "
+                f"{self.shards_dir} holds shards {self.manifest_fingerprint[:16]}…; point the run at "
+                "its original shards, or set allow_manifest_change to continue on these"
+            )
+        if int(state["seed"]) != self.seed:
+            raise CrucibleError(
+                f"the checkpoint's data seed is {state['seed']} but the reader's is {self.seed}; "
+                "resume with the same seed"
+            )
+        self.samples_consumed = int(state["samples_consumed"])
