@@ -1,0 +1,1 @@
+"""Dedup: exact (text hashes) and fuzzy (MinHash LSH + distributed connected components)."""

@@ -1,0 +1,38 @@
+"""The unit that flows between steps: a document, and the record of one that was dropped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# A document's dedup key packs (input part index, position in part): the smallest key in a
+# duplicate cluster is the document read first, which makes the survivor deterministic.
+ROW_BITS = 32
+
+
+def make_key(part: int, row: int) -> int:
+    """The int64 dedup key of the ``row``-th document read from input part ``part``."""
+    return (part << ROW_BITS) | row
+
+
+@dataclass(slots=True)
+class Document:
+    """One document: a stable id, its text and where it came from."""
+
+    id: str
+    text: str
+    source: str
+    url: str | None = None
+    language: str | None = None
+    language_score: float | None = None
+    key: int = 0
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
+class Exclusion:
+    """A dropped document (or unreadable input): which rule fired, for audit."""
+
+    id: str
+    source: str
+    rule: str
+    text: str | None = None

@@ -1,0 +1,146 @@
+"""Input discovery and byte streams that survive truncated or corrupt compressed files."""
+
+from __future__ import annotations
+
+import glob
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import zstandard
+
+from crucible.data_pipeline.step import StepStats
+from crucible.errors import CrucibleError
+
+CHUNK = 1 << 20
+SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet")
+SUFFIXES += (".warc", ".warc.gz", ".wet", ".wet.gz", ".warc.wet", ".warc.wet.gz")
+
+
+def input_format(path: str) -> str:
+    """``jsonl``, ``parquet``, ``warc`` or ``wet`` from a file name."""
+    name = path.lower()
+    if name.endswith((".wet", ".wet.gz")):
+        return "wet"
+    if name.endswith((".warc", ".warc.gz")):
+        return "warc"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "jsonl"
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Files named by ``patterns`` (files, directories, globs), sorted, without repeats.
+
+    Args:
+        patterns: paths, directories (searched recursively for known suffixes) or globs.
+
+    Raises:
+        CrucibleError: a pattern matches nothing.
+    """
+    found: set[str] = set()
+    for pattern in patterns:
+        p = Path(pattern).expanduser()
+        if p.is_dir():
+            matches = [
+                str(f.resolve())
+                for f in p.rglob("*")
+                if f.is_file() and f.name.lower().endswith(SUFFIXES)
+            ]
+        elif p.is_file():
+            matches = [str(p.resolve())]
+        else:
+            matches = [
+                str(Path(m).resolve())
+                for m in glob.glob(str(p), recursive=True)
+                if os.path.isfile(m)
+            ]
+        if not matches:
+            raise CrucibleError(
+                f"data input {pattern!r} matches no file; check the path in data.inputs"
+            )
+        found.update(matches)
+    return sorted(found)
+
+
+def _raw_chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+def _zstd_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
+    dctx = zstandard.ZstdDecompressor()
+    d = dctx.decompressobj()
+    fed = False
+    try:
+        for chunk in _raw_chunks(path):
+            while chunk:
+                fed = True
+                yield d.decompress(chunk)
+                if d.eof:
+                    chunk = d.unused_data
+                    d = dctx.decompressobj()
+                    fed = False
+                else:
+                    chunk = b""
+    except zstandard.ZstdError:
+        stats.counters["corrupt_compressed_file"] += 1
+        return
+    if fed and not d.eof:
+        stats.counters["truncated_file"] += 1
+
+
+def byte_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
+    """Decompressed bytes of ``path`` in chunks; truncation/corruption counted, never raised."""
+    name = path.lower()
+    if name.endswith(".gz"):
+        return _gzip_chunks(path, stats)
+    if name.endswith(".zst"):
+        return _zstd_chunks(path, stats)
+    return _raw_chunks(path)
+
+
+def _gzip_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
+    d = zlib.decompressobj(47)
+    fed = False
+    try:
+        for chunk in _raw_chunks(path):
+            while chunk:
+                fed = True
+                yield d.decompress(chunk)
+                if d.eof:
+                    chunk = d.unused_data
+                    d = zlib.decompressobj(47)
+                    fed = False
+                else:
+                    chunk = b""
+    except zlib.error:
+        stats.counters["corrupt_compressed_file"] += 1
+        return
+    if fed and not d.eof:
+        yield d.flush()
+        stats.counters["truncated_file"] += 1
+
+
+def iter_lines(path: str, stats: StepStats) -> Iterator[tuple[int, bytes]]:
+    """``(byte offset, line)`` of every line of the decompressed file, newline stripped."""
+    pending: list[bytes] = []  # pieces of a line longer than a chunk: joined once, not re-copied
+    base = 0  # offset in the decompressed stream of the line being assembled
+    for chunk in byte_chunks(path, stats):
+        start = 0
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            if pending:
+                pending.append(chunk[start:nl])
+                line = b"".join(pending)
+                pending = []
+            else:
+                line = chunk[start:nl]
+            yield base, line
+            base += len(line) + 1
+            start = nl + 1
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        yield base, b"".join(pending)

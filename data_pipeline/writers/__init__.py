@@ -1,0 +1,1 @@
+"""Writers: clean documents and exclusions as Parquet, JSON, all committed atomically."""
