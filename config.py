@@ -61,10 +61,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise CrucibleError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _parse_scalar(raw)
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -76,6 +73,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    """A ``--set`` value as YAML would read it, plus floats like 3e-4 (YAML 1.1 misses them)."""
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
+        except ValueError:
+            return value
+    return value
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

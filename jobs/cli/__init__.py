@@ -29,7 +29,9 @@ app.add_typer(spec.app, name="spec")
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``crucible`` script."""
     try:
-        app(args=argv, prog_name="crucible", standalone_mode=False)
+        rc = app(args=argv, prog_name="crucible", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except CrucibleError as e:
         for line in str(e).splitlines() or ["error"]:
             print(f"error: {line}", file=sys.stderr)

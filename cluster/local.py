@@ -1,0 +1,532 @@
+"""The local embedded cluster: a token-authenticated Ray head and a Prometheus beside it.
+
+``up`` starts ``ray start --head --block`` and ``prometheus`` as children in their own
+sessions, waits until both answer, and records their pids (with process start times, so a
+recycled pid is never mistaken for ours) in ``<state>/cluster.json``. ``down`` stops exactly
+those processes and their descendants, never anything found by name. The Ray auth token is
+generated into ``<state>/auth_token`` with mode 0600; it is passed to Ray as a path
+(``RAY_AUTH_TOKEN_PATH``), so it never appears in a command line, an environment listing or
+a log.
+
+Ray's user-facing HTTP services (dashboard and Jobs API, client server) and Prometheus bind to
+127.0.0.1. Ray's internal gRPC services (GCS, raylet, object manager) bind to the node address
+Ray picks itself (Ray maps a loopback ``--node-ip-address`` to the routable one) and are
+protected by the same token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+from crucible.errors import CrucibleError
+
+HOST = "127.0.0.1"
+STATE_FILE = "cluster.json"
+TOKEN_FILE = "auth_token"
+# Ray puts unix sockets under its temp dir; their paths must stay under 107 bytes.
+_MAX_RAY_TEMP_DIR = 60
+
+
+def default_state_dir() -> Path:
+    """``$CRUCIBLE_HOME/cluster`` or ``~/.crucible/cluster``."""
+    home = os.environ.get("CRUCIBLE_HOME")
+    return (Path(home) if home else Path.home() / ".crucible") / "cluster"
+
+
+@dataclass
+class Ports:
+    """The fixed ports of the local cluster (all on 127.0.0.1 where Ray allows it)."""
+
+    gcs: int = 6379
+    dashboard: int = 8265
+    client_server: int = 10001
+    metrics_export: int = 8090
+    dashboard_agent: int = 52365
+    prometheus: int = 9090
+    crucible_metrics_base: int = 9400
+
+
+@dataclass
+class Proc:
+    """A process ``up`` started: pid plus create time, to never signal a recycled pid."""
+
+    name: str
+    pid: int
+    create_time: float
+
+    def handle(self) -> psutil.Process | None:
+        try:
+            p = psutil.Process(self.pid)
+            if abs(p.create_time() - self.create_time) < 1.0:
+                return p
+        except psutil.Error:
+            pass
+        return None
+
+
+@dataclass
+class ClusterState:
+    """What ``<state>/cluster.json`` records about a running local cluster."""
+
+    state_dir: str
+    ports: Ports
+    procs: list[Proc] = field(default_factory=list)
+    started_at: float = 0.0
+    num_cpus: int | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{HOST}:{self.ports.dashboard}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{HOST}:{self.ports.prometheus}"
+
+    @property
+    def token_path(self) -> Path:
+        return Path(self.state_dir) / TOKEN_FILE
+
+    def alive(self) -> list[Proc]:
+        return [p for p in self.procs if p.handle() is not None]
+
+
+def load_state(state_dir: Path) -> ClusterState | None:
+    """The recorded state of the cluster in ``state_dir``, or None if none was started."""
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return ClusterState(
+            state_dir=raw["state_dir"],
+            ports=Ports(**raw["ports"]),
+            procs=[Proc(**p) for p in raw.get("procs", [])],
+            started_at=raw.get("started_at", 0.0),
+            num_cpus=raw.get("num_cpus"),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CrucibleError(
+            f"{path} is unreadable ({e}); stop any processes it listed and remove the file"
+        ) from None
+
+
+def _save_state(state: ClusterState) -> None:
+    path = Path(state.state_dir) / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state), indent=2))
+    tmp.replace(path)
+
+
+def ensure_token(state_dir: Path) -> Path:
+    """Create the auth token file (mode 0600) if missing; return its path."""
+    path = state_dir / TOKEN_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise CrucibleError(f"{path} is readable by others (mode {mode:o}); run chmod 600 {path}")
+    return path
+
+
+def read_token(path: Path) -> str:
+    """Read a token file; the token itself is never printed."""
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise CrucibleError(f"cannot read the Ray auth token at {path}: {e.strerror}") from None
+
+
+def auth_headers(token_path: Path) -> dict[str, str]:
+    """HTTP headers that authenticate to a token-protected Ray dashboard."""
+    return {"Authorization": f"Bearer {read_token(token_path)}"}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Ray's GCS and metrics agent bind to all interfaces: refuse those ports taken there too.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port that is free on 127.0.0.1 now (for tests and ad-hoc servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _check_ports(ports: Ports) -> None:
+    for name, port in asdict(ports).items():
+        if name == "crucible_metrics_base":
+            continue
+        if not _port_free(port):
+            flag = "--" + name.replace("_", "-") + "-port"
+            raise CrucibleError(
+                f"port {port} ({name.replace('_', ' ')}) is already in use; "
+                f"free it or choose another with {flag}"
+            )
+
+
+def _find_ray() -> str:
+    ray = Path(sys.executable).parent / "ray"
+    if ray.exists():
+        return str(ray)
+    found = shutil.which("ray")
+    if not found:
+        raise CrucibleError("the `ray` command is not installed; pip install 'ray[default]'")
+    return found
+
+
+def find_prometheus(binary: str | None = None) -> str:
+    """The prometheus binary: the given path, $CRUCIBLE_PROMETHEUS, or the one on PATH."""
+    candidate = binary or os.environ.get("CRUCIBLE_PROMETHEUS") or shutil.which("prometheus")
+    if not candidate or not Path(candidate).exists():
+        raise CrucibleError(
+            "prometheus is not installed; install it (Debian/Ubuntu: apt-get install "
+            "prometheus) or pass --prometheus-bin PATH"
+        )
+    return candidate
+
+
+def _wait_http(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    what: str,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise CrucibleError(
+                f"{what} exited with code {proc.returncode} while starting; see {log}"
+                + (f" (last line: {tail[-1].strip()})" if tail else "")
+            )
+        try:
+            r = requests.get(url, headers=headers, timeout=2)
+            if r.status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise CrucibleError(f"{what} did not answer at {url} within {timeout:.0f}s; see {log}")
+
+
+def prometheus_config(state: ClusterState, scrape_interval_s: float = 5.0) -> str:
+    """The generated Prometheus config: Ray's targets and crucible's exporters, by file SD."""
+    state_dir = Path(state.state_dir)
+    ray_sd = state_dir / "ray" / "prom_metrics_service_discovery.json"
+    crucible_sd = state_dir / "prometheus" / "crucible_targets.json"
+    rules = state_dir / "prometheus" / "rules" / "*.yml"
+    interval = f"{scrape_interval_s:g}s"
+    return (
+        "# Generated by `crucible cluster up`; rewritten at every start.\n"
+        "global:\n"
+        f"  scrape_interval: {interval}\n"
+        f"  evaluation_interval: {interval}\n"
+        "rule_files:\n"
+        f"  - '{rules}'\n"
+        "scrape_configs:\n"
+        "  - job_name: ray\n"
+        "    file_sd_configs:\n"
+        f"      - files: ['{ray_sd}']\n"
+        # Ray lists its exporters under the node's routable address; on the local cluster
+        # they also listen on loopback, where Prometheus scrapes them.
+        "    relabel_configs:\n"
+        "      - source_labels: [__address__]\n"
+        "        regex: '.+:([0-9]+)'\n"
+        "        target_label: __address__\n"
+        f"        replacement: '{HOST}:$1'\n"
+        "  - job_name: crucible\n"
+        "    file_sd_configs:\n"
+        f"      - files: ['{crucible_sd}']\n"
+        "  - job_name: prometheus\n"
+        "    static_configs:\n"
+        f"      - targets: ['{HOST}:{state.ports.prometheus}']\n"
+    )
+
+
+def up(
+    state_dir: Path | None = None,
+    ports: Ports | None = None,
+    num_cpus: int | None = None,
+    prometheus_bin: str | None = None,
+    timeout: float = 120.0,
+) -> tuple[ClusterState, bool]:
+    """Start the local cluster; return its state and whether it was started now.
+
+    A cluster already running in ``state_dir`` is left as it is (returned with False).
+    """
+    state_dir = (state_dir or default_state_dir()).expanduser().resolve()
+    existing = load_state(state_dir)
+    if existing is not None and existing.alive():
+        return existing, False
+    ports = ports or Ports()
+    ray_temp = state_dir / "ray"
+    if len(str(ray_temp)) > _MAX_RAY_TEMP_DIR:
+        raise CrucibleError(
+            f"state directory {state_dir} is too long for Ray's socket paths; "
+            f"use a shorter one with --state-dir or $CRUCIBLE_HOME"
+        )
+    prom = find_prometheus(prometheus_bin)
+    ray = _find_ray()
+    _check_ports(ports)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "prometheus" / "rules").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CrucibleError(f"cannot create the state directory {state_dir}: {e.strerror}") from None
+    os.chmod(state_dir, 0o700)
+    token_path = ensure_token(state_dir)
+    state = ClusterState(
+        state_dir=str(state_dir), ports=ports, started_at=time.time(), num_cpus=num_cpus
+    )
+
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAY_USAGE_STATS_ENABLED="0",
+        # Workers started by this cluster find crucible's state (for metrics discovery).
+        CRUCIBLE_CLUSTER_STATE=str(state_dir),
+    )
+    env.pop("RAY_AUTH_TOKEN", None)
+    cmd = [
+        ray, "start", "--head", "--block",
+        "--node-ip-address", HOST,
+        "--port", str(ports.gcs),
+        "--dashboard-host", HOST,
+        "--dashboard-port", str(ports.dashboard),
+        "--ray-client-server-port", str(ports.client_server),
+        "--metrics-export-port", str(ports.metrics_export),
+        "--dashboard-agent-listen-port", str(ports.dashboard_agent),
+        "--temp-dir", str(ray_temp),
+        "--disable-usage-stats",
+        "--log-style", "record",
+    ]  # fmt: skip
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    ray_log = state_dir / "ray.log"
+    with open(ray_log, "ab") as log:
+        ray_proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )  # fmt: skip
+    state.procs.append(Proc("ray", ray_proc.pid, psutil.Process(ray_proc.pid).create_time()))
+    _save_state(state)
+    try:
+        _wait_http(
+            f"{state.dashboard_url}/api/version", ray_proc, ray_log, "ray head", timeout,
+            headers=auth_headers(token_path),
+        )  # fmt: skip
+        _wait_ray_sd(ray_temp, timeout)
+
+        prom_dir = state_dir / "prometheus"
+        crucible_sd = prom_dir / "crucible_targets.json"
+        if not crucible_sd.exists():
+            crucible_sd.write_text("[]\n")
+        (prom_dir / "prometheus.yml").write_text(prometheus_config(state))
+        prom_log = state_dir / "prometheus.log"
+        with open(prom_log, "ab") as log:
+            prom_proc = subprocess.Popen(
+                [
+                    prom,
+                    f"--config.file={prom_dir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={prom_dir / 'data'}",
+                    f"--web.listen-address={HOST}:{ports.prometheus}",
+                    "--web.enable-lifecycle",
+                    "--storage.tsdb.retention.time=30d",
+                ],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        state.procs.append(
+            Proc("prometheus", prom_proc.pid, psutil.Process(prom_proc.pid).create_time())
+        )
+        _save_state(state)
+        _wait_http(
+            f"{state.prometheus_url}/-/ready", prom_proc, prom_log, "prometheus", timeout
+        )
+    except BaseException:
+        _stop_procs(state)
+        _save_state(state)
+        raise
+    return state, True
+
+
+def _wait_ray_sd(ray_temp: Path, timeout: float) -> None:
+    sd = ray_temp / "prom_metrics_service_discovery.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not sd.exists():
+        time.sleep(0.5)
+
+
+def _descendants(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return p.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _stop_procs(state: ClusterState, timeout: float = 30.0) -> list[int]:
+    """Stop every recorded process and its descendants; return pids that had to be killed."""
+    killed: list[int] = []
+    # Prometheus first (it scrapes Ray), then Ray; each root with what it spawned.
+    for rec in sorted(state.procs, key=lambda r: r.name != "prometheus"):
+        root = rec.handle()
+        if root is None:
+            continue
+        family = [root, *_descendants(root)]
+        with contextlib.suppress(psutil.Error):
+            root.send_signal(signal.SIGTERM)
+        alive = _wait_gone(family, timeout)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+                killed.append(p.pid)
+        _wait_gone(alive, 5)
+    state.procs = []
+    return killed
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited; return the ones still running after ``timeout``.
+
+    A process that exited but whose parent has not reaped it yet (a zombie: the parent may be
+    the very process calling ``down``) counts as gone, and is reaped here if it is our child.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    with contextlib.suppress(ChildProcessError, OSError):
+                        os.waitpid(p.pid, os.WNOHANG)
+                    continue
+                alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def down(state_dir: Path | None = None) -> tuple[ClusterState | None, int]:
+    """Stop the local cluster in ``state_dir``; return its former state and processes stopped."""
+    state_dir = (state_dir or default_state_dir()).expanduser().resolve()
+    state = load_state(state_dir)
+    if state is None:
+        return None, 0
+    n = len(state.alive())
+    _stop_procs(state)
+    _save_state(state)
+    return state, n
+
+
+def status(state_dir: Path | None = None) -> dict[str, Any]:
+    """Health of the local cluster: processes, Ray, Prometheus targets, jobs."""
+    state_dir = (state_dir or default_state_dir()).expanduser().resolve()
+    state = load_state(state_dir)
+    info: dict[str, Any] = {"state_dir": str(state_dir), "running": False}
+    if state is None:
+        return info
+    alive = {p.name for p in state.alive()}
+    info.update(
+        running=bool(alive),
+        processes={p.name: (p.pid if p.name in alive else None) for p in state.procs},
+        dashboard=state.dashboard_url,
+        prometheus=state.prometheus_url,
+        ray_address=_ray_address(state),
+        started_at=state.started_at,
+    )
+    if "ray" in alive:
+        info["ray"] = _ray_health(state)
+    if "prometheus" in alive:
+        info["targets"] = prometheus_targets(state.prometheus_url)
+    return info
+
+
+def _ray_address(state: ClusterState) -> str:
+    """The GCS address Ray registered (its node address, not necessarily loopback)."""
+    current = Path(state.state_dir) / "ray" / "ray_current_cluster"
+    try:
+        return current.read_text().strip()
+    except OSError:
+        return f"{HOST}:{state.ports.gcs}"
+
+
+def _ray_health(state: ClusterState) -> dict[str, Any]:
+    headers = auth_headers(state.token_path)
+    out: dict[str, Any] = {}
+    try:
+        r = requests.get(f"{state.dashboard_url}/api/jobs/", headers=headers, timeout=5)
+        r.raise_for_status()
+        jobs = r.json()
+        out["healthy"] = True
+        out["jobs"] = [
+            {
+                "id": j.get("submission_id") or j.get("job_id"),
+                "status": j.get("status"),
+                "entrypoint": j.get("entrypoint", "")[:80],
+            }
+            for j in jobs
+            if j.get("status") in ("PENDING", "RUNNING")
+        ]
+    except (requests.RequestException, ValueError) as e:
+        out["healthy"] = False
+        out["error"] = type(e).__name__
+    try:
+        r = requests.get(f"{state.dashboard_url}/api/v0/nodes", headers=headers, timeout=5)
+        nodes = r.json()["data"]["result"]["result"]
+        out["nodes"] = sum(1 for n in nodes if n.get("state") == "ALIVE")
+    except (requests.RequestException, ValueError, KeyError):
+        pass
+    return out
+
+
+def prometheus_targets(prometheus_url: str) -> list[dict[str, str]]:
+    """Active scrape targets of a Prometheus: job, address, health."""
+    try:
+        r = requests.get(f"{prometheus_url}/api/v1/targets", timeout=5)
+        r.raise_for_status()
+        active = r.json()["data"]["activeTargets"]
+    except (requests.RequestException, ValueError, KeyError):
+        return []
+    return [
+        {
+            "job": t["labels"].get("job", ""),
+            "instance": t["labels"].get("instance", ""),
+            "health": t.get("health", "unknown"),
+        }
+        for t in active
+    ]

@@ -1,0 +1,155 @@
+"""The local embedded cluster, for real: Ray head with token auth, Prometheus, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from crucible.cluster import local
+from crucible.cluster.spec import ClusterSpec
+from crucible.errors import CrucibleError
+from crucible.jobs.client import JobsClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import free_ports, short_tmpdir  # noqa: E402
+
+
+def crucible_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "crucible", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_lifecycle_submit_auth_prometheus_and_down() -> None:
+    """up → job through the crucible client → 401 without token → Prometheus sees Ray → down."""
+    state_dir = short_tmpdir("crl") / "cluster"
+    ports = free_ports()
+    state, started = local.up(state_dir, ports, num_cpus=1)
+    try:
+        assert started
+        token = (state_dir / "auth_token").read_text()
+        assert (state_dir / "auth_token").stat().st_mode & 0o777 == 0o600
+        # The token never reaches a command line of a process we started.
+        for rec in state.procs:
+            p = rec.handle()
+            assert p is not None
+            for proc in [p, *p.children(recursive=True)]:
+                try:
+                    assert token not in " ".join(proc.cmdline())
+                    assert token not in "".join(proc.environ().values())
+                except psutil.NoSuchProcess:
+                    pass
+
+        # A second `up` says so and changes nothing.
+        again, started_again = local.up(state_dir, ports)
+        assert not started_again and [p.pid for p in again.procs] == [p.pid for p in state.procs]
+        r = crucible_cli("cluster", "up", "--state-dir", str(state_dir))
+        assert r.returncode == 0 and "already running" in r.stdout
+
+        # A real job through the crucible client; its logs come back.
+        client = JobsClient.for_cluster(ClusterSpec(state_dir=state_dir))
+        job = client.submit(
+            f"{client.python()} -c \"import ray; ray.init(); "
+            f"print('answer', ray.get(ray.remote(lambda: 6 * 7).remote()))\""
+        )
+        assert client.wait(job, timeout=180).name == "SUCCEEDED"
+        assert "answer 42" in client.logs(job)
+
+        # Without the token the Jobs API refuses; with a wrong one too.
+        url = f"{state.dashboard_url}/api/jobs/"
+        assert requests.get(url, timeout=10).status_code == 401
+        bad = {"Authorization": "Bearer " + "0" * 64}
+        assert requests.get(url, headers=bad, timeout=10).status_code in (401, 403)
+        assert requests.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        # The dashboard and Prometheus listen on loopback only.
+        listening = {
+            (c.laddr.ip, c.laddr.port)
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
+        for port in (ports.dashboard, ports.prometheus):
+            assert {ip for ip, p in listening if p == port} == {"127.0.0.1"}
+
+        # Prometheus scrapes Ray's metrics: a `ray` target reports up.
+        deadline = time.monotonic() + 60
+        targets: list[dict[str, str]] = []
+        while time.monotonic() < deadline:
+            targets = local.prometheus_targets(state.prometheus_url)
+            if any(t["job"] == "ray" and t["health"] == "up" for t in targets):
+                break
+            time.sleep(1)
+        assert any(t["job"] == "ray" and t["health"] == "up" for t in targets), targets
+
+        r = crucible_cli("cluster", "status", "--state-dir", str(state_dir))
+        assert r.returncode == 0 and "ray health" in r.stdout and "ok" in r.stdout
+
+        family = []
+        for rec in state.procs:
+            p = rec.handle()
+            assert p is not None
+            family += [p, *p.children(recursive=True)]
+        assert len(family) > 5
+    finally:
+        r = crucible_cli("cluster", "down", "--state-dir", str(state_dir))
+    assert r.returncode == 0 and "stopped" in r.stdout
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == []
+    assert crucible_cli("cluster", "status", "--state-dir", str(state_dir)).returncode == 1
+    shutil.rmtree(state_dir.parent, ignore_errors=True)
+
+
+def test_port_taken_is_a_clear_error(tmp_path: Path) -> None:
+    ports = free_ports()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.dashboard))
+        s.listen()
+        state_dir = short_tmpdir("crp") / "cluster"
+        r = crucible_cli(
+            "cluster", "up", "--state-dir", str(state_dir),
+            "--dashboard-port", str(ports.dashboard), "--gcs-port", str(ports.gcs),
+            "--prometheus-port", str(ports.prometheus),
+        )  # fmt: skip
+    assert r.returncode == 2
+    assert f"port {ports.dashboard} (dashboard) is already in use" in r.stderr
+    assert "--dashboard-port" in r.stderr and "Traceback" not in r.stderr
+    assert local.load_state(state_dir) is None
+
+
+def test_missing_prometheus_binary_is_a_clear_error() -> None:
+    state_dir = short_tmpdir("crm") / "cluster"
+    r = crucible_cli(
+        "cluster", "up", "--state-dir", str(state_dir), "--prometheus-bin", "/nonexistent/prom"
+    )
+    assert r.returncode == 2 and "prometheus is not installed" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unreachable_address_is_a_clear_error() -> None:
+    port = local.free_port()
+    with pytest.raises(CrucibleError, match=f"127.0.0.1:{port} does not answer"):
+        JobsClient.for_cluster(ClusterSpec(address=f"http://127.0.0.1:{port}"))
+    with pytest.raises(CrucibleError, match="no local cluster is running"):
+        JobsClient.for_cluster(ClusterSpec(state_dir=short_tmpdir("crn")))
+    with pytest.raises(CrucibleError, match="is not 'local' or a dashboard URL"):
+        JobsClient.for_cluster(ClusterSpec(address="ray://x:10001"))
+
+
+def test_session_cluster_accepts_jobs(local_cluster: local.ClusterState) -> None:
+    client = JobsClient.for_cluster(ClusterSpec(state_dir=Path(local_cluster.state_dir)))
+    job = client.submit(f"{client.python()} -c \"print('hello from a job')\"")
+    assert client.wait(job, timeout=120).name == "SUCCEEDED"
+    assert "hello from a job" in client.logs(job)

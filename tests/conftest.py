@@ -1,0 +1,66 @@
+"""Suite-wide fixtures: a real local cluster (Ray head + Prometheus) shared by the session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crucible.cluster import local
+
+
+def _ensure_prometheus() -> None:
+    """Tests use a real Prometheus: install the Debian package where it is missing."""
+    if shutil.which("prometheus"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.fail("prometheus is not installed and cannot be installed here (need root + apt)")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "prometheus"],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+
+
+def free_ports() -> local.Ports:
+    """A full set of ports that are free now, so tests never collide with a user's cluster."""
+    names = ["gcs", "dashboard", "client_server", "metrics_export", "dashboard_agent", "prometheus"]
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        p = local.free_port()
+        if p not in ports.values():
+            ports[names[len(ports)]] = p
+    return local.Ports(**ports, crucible_metrics_base=local.free_port())
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """A short directory under /tmp: Ray's unix socket paths must stay short."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[local.ClusterState]:
+    """One local cluster for the whole session, on free ports, in a private state dir."""
+    _ensure_prometheus()
+    state_dir = short_tmpdir("crt")
+    state, started = local.up(state_dir / "cluster", free_ports(), num_cpus=2)
+    assert started
+    try:
+        yield state
+    finally:
+        local.down(Path(state.state_dir))
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_env(local_cluster: local.ClusterState, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point `crucible` (in-process and subprocesses) at the session cluster."""
+    home = Path(local_cluster.state_dir).parent
+    monkeypatch.setenv("CRUCIBLE_HOME", str(home))
+    return home
