@@ -21,7 +21,7 @@ class ReaderSpec(StrictModel):
     id_key: str = Field("id", description="Field holding a document id; derived when absent.")
     url_key: str = Field("url", description="Field holding the document URL, if any.")
     max_doc_bytes: int = Field(
-        100 * 1024 * 1024 + 1,
+        256 * 1024 * 1024,
         ge=1,
         description="Documents larger than this (UTF-8 bytes) are excluded as read/too_large.",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 import zlib
 from collections.abc import Iterator
@@ -144,3 +145,32 @@ def iter_lines(path: str, stats: StepStats) -> Iterator[tuple[int, bytes]]:
             pending.append(chunk[start:])
     if pending:
         yield base, b"".join(pending)
+
+
+class ChunkStream(io.RawIOBase):
+    """A readable file object over an iterator of byte chunks (for warcio)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        """Always readable."""
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Fill ``b`` from the next chunks; 0 at the end."""
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = nxt
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def open_decompressed(path: str, stats: StepStats) -> io.BufferedReader:
+    """``path`` decompressed (gzip/zstd by suffix) as a buffered binary file object."""
+    return io.BufferedReader(ChunkStream(byte_chunks(path, stats)), buffer_size=CHUNK)

@@ -23,6 +23,7 @@ class Reader:
         self.spec = spec
         self.stats = StepStats()
         self.exclusions: list[Exclusion] = []
+        self._lost: dict[str, int] = {}
 
     def run(self, path: str, part: int) -> Iterator[Document]:
         """Documents of ``path``; each gets the dedup key ``(part, position)``.
@@ -51,4 +52,10 @@ class Reader:
             st.docs_out += 1
             st.bytes_out += doc.nbytes
             yield doc
+        for lost in ("truncated_file", "corrupt_compressed_file"):
+            if st.counters.get(lost, 0) > self._lost.get(lost, 0):
+                # the unreadable tail of a file: one record for audit (documents unknown)
+                self._lost[lost] = st.counters[lost]
+                st.dropped[lost] += 1
+                self.exclusions.append(Exclusion(f"{path}#{lost}", path, f"read/{lost}"))
         st.docs_in = st.docs_out + sum(st.dropped.values())

@@ -11,6 +11,7 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
 from crucible.data_pipeline.document import Document, Exclusion
+from crucible.data_pipeline.readers.files import open_decompressed
 from crucible.data_pipeline.spec import ReaderSpec
 from crucible.data_pipeline.step import StepStats
 
@@ -41,7 +42,8 @@ def read_warc(
         exclusions.append(Exclusion(rid, path, f"read/{rule}"))
 
     wanted = "conversion" if wet else "response"
-    with open(path, "rb") as f:
+    # decompressing ourselves (not in warcio) is what detects and counts a truncated .gz
+    with open_decompressed(path, stats) as f:
         records = ArchiveIterator(f, arc2warc=True)
         while True:
             try:
@@ -51,12 +53,12 @@ def read_warc(
             except (ArchiveLoadFailed, EOFError, zlib.error, ValueError, OSError):
                 # warcio cannot resynchronise after a broken header or a truncated member:
                 # what was read so far is kept, the rest is counted as lost.
-                bad(f"{path}#{f.tell()}", "broken_warc")
+                bad(f"{path}#{records.offset}", "broken_warc")
                 break
             if record.rec_type != wanted:
                 stats.counters[f"skipped_{record.rec_type}_records"] += 1
                 continue
-            rid = record.rec_headers.get_header("WARC-Record-ID") or f"{path}#{f.tell()}"
+            rid = record.rec_headers.get_header("WARC-Record-ID") or f"{path}#{records.offset}"
             url = record.rec_headers.get_header("WARC-Target-URI")
             if not wet:
                 ctype = (

@@ -117,3 +117,17 @@ def test_token_dtype_picks_the_smallest_that_fits() -> None:
     assert token_dtype(100, "uint32") == pa.uint32()
     with pytest.raises(CrucibleError, match="uint16 cannot hold"):
         token_dtype(70000, "uint16")
+
+
+def test_special_token_text_inside_a_document_stays_text() -> None:
+    tok = train_tokenizer(["plain words here"] * 50, TokenizerTrainSpec(vocab_size=300))
+    text = "before <|endoftext|> after"
+    rows = list(
+        encode_and_pack(tok, [(["a", "b"], [text, "next"])], 64, EOS, pa.uint16(), PackStats())
+    )
+    table = pa.Table.from_batches(rows)
+    tokens = table.column("tokens").to_pylist()[0][: table.column("length").to_pylist()[0]]
+    assert tokens.count(EOS) == 2  # only the two separators
+    assert tok.encode_special_tokens is False  # the caller's tokenizer is left as it was
+    got = unpack_rows(table)
+    assert tok.decode(got[0][1].tolist(), skip_special_tokens=False) == text

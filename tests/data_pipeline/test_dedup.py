@@ -1,0 +1,85 @@
+"""MinHash LSH recall/precision against exact Jaccard, connected components against union-find."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from crucible.data_pipeline.dedup.components import components_local, components_union_find
+from crucible.data_pipeline.dedup.exact import exact_duplicates, text_hash
+from crucible.data_pipeline.dedup.lsh import bucket_edges, explode_bands
+from crucible.data_pipeline.dedup.minhash import band_keys, signature, simplify
+from crucible.data_pipeline.sample import jaccard, make_text, near_duplicate
+from crucible.data_pipeline.spec import MinHashSpec
+
+
+def test_signature_estimates_jaccard() -> None:
+    rng = random.Random(1)
+    spec = MinHashSpec(num_bands=32, rows_per_band=8)
+    for target in (0.3, 0.6, 0.9):
+        a = make_text(rng, "en", 600)
+        b = near_duplicate(rng, a, target)
+        est = float((signature(a, spec) == signature(b, spec)).mean())
+        assert abs(est - jaccard(a, b)) < 0.1
+    assert simplify("Hello, World! 2024") == "hello world 0"
+
+
+def test_exact_duplicates_keep_smallest_key() -> None:
+    h = [text_hash(t) for t in ("a", "b", "a", "c", "a", "b")]
+    out = exact_duplicates({"key": np.array([5, 1, 3, 9, 0, 7]), "text_hash": np.array(h)})
+    got = dict(zip(out["key"].tolist(), out["dup_of"].tolist(), strict=True))
+    assert got == {3: 0, 5: 0, 7: 1}
+
+
+def test_minhash_recall_precision_vs_exact_jaccard() -> None:
+    """Planted near-duplicates at spread Jaccard, exact duplicates, unrelated documents."""
+    rng = random.Random(3)
+    spec = MinHashSpec()
+    texts: list[str] = []
+    for _ in range(150):
+        texts.append(make_text(rng, "en", rng.randint(150, 400)))
+    for _ in range(150):
+        src = rng.randrange(150)
+        texts.append(near_duplicate(rng, texts[src], rng.uniform(0.5, 1.0)))
+    for _ in range(20):
+        texts.append(texts[rng.randrange(150)])
+    n = len(texts)
+    keys = np.arange(n, dtype=np.int64)
+    bands = [band_keys(signature(t, spec), spec) for t in texts]
+    edges = bucket_edges(explode_bands({"key": keys, "bands": np.array(bands, dtype=object)}))
+    found = {(int(a), int(b)) for a, b in zip(edges["a"], edges["b"], strict=True)}
+    labels, _ = components_local(edges)
+    predicted_pairs = set()
+    root = dict(zip(labels["key"].tolist(), labels["root"].tolist(), strict=True))
+    for i in range(n):
+        for j in range(i + 1, n):
+            if root.get(i, i) == root.get(j, j):
+                predicted_pairs.add((i, j))
+    truth = {
+        (i, j) for i in range(n) for j in range(i + 1, n) if jaccard(texts[i], texts[j]) >= 0.8
+    }
+    assert truth, "the corpus must contain true near-duplicate pairs"
+    recall = len(truth & predicted_pairs) / len(truth)
+    # a predicted pair is wrong only if it is dissimilar: pairs in the 0.6-0.8 band are fair
+    dissimilar = {p for p in predicted_pairs if jaccard(texts[p[0]], texts[p[1]]) < 0.5}
+    assert recall >= 0.95, recall
+    assert len(dissimilar) / max(len(predicted_pairs), 1) <= 0.02
+    assert found  # edges exist
+
+
+def test_distributed_components_equal_union_find() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        n = int(rng.integers(50, 3000))
+        m = int(rng.integers(10, 3000))
+        a, b = rng.integers(0, n, m), rng.integers(0, n, m)
+        chain = rng.permutation(n)[: n // 3]  # long paths need many rounds
+        a = np.concatenate([a, chain[:-1]])
+        b = np.concatenate([b, chain[1:]])
+        keep = a != b
+        edges = {"a": a[keep], "b": b[keep]}
+        labels, _ = components_local(edges)
+        got = dict(zip(labels["key"].tolist(), labels["root"].tolist(), strict=True))
+        expected = {k: r for k, r in components_union_find(edges).items() if k != r}
+        assert got == expected
