@@ -303,7 +303,9 @@ def up(
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "prometheus" / "rules").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CrucibleError(f"cannot create the state directory {state_dir}: {e.strerror}") from None
+        raise CrucibleError(
+            f"cannot create the state directory {state_dir}: {e.strerror}"
+        ) from None
     os.chmod(state_dir, 0o700)
     token_path = ensure_token(state_dir)
     state = ClusterState(
@@ -373,9 +375,7 @@ def up(
             Proc("prometheus", prom_proc.pid, psutil.Process(prom_proc.pid).create_time())
         )
         _save_state(state)
-        _wait_http(
-            f"{state.prometheus_url}/-/ready", prom_proc, prom_log, "prometheus", timeout
-        )
+        _wait_http(f"{state.prometheus_url}/-/ready", prom_proc, prom_log, "prometheus", timeout)
     except BaseException:
         _stop_procs(state)
         _save_state(state)

@@ -137,8 +137,7 @@ class JobsClient:
         except RuntimeError as e:
             if "does not exist" in str(e) or "404" in str(e):
                 raise CrucibleError(
-                    f"no job {job_id!r} on {self.target.dashboard_url}; "
-                    "see `crucible jobs list`"
+                    f"no job {job_id!r} on {self.target.dashboard_url}; see `crucible jobs list`"
                 ) from None
             raise
 

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from crucible.cluster.spec import ClusterSpec
 from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, validate
+from crucible.data_pipeline.spec import DataSpec
+from crucible.model.config import ModelSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -26,6 +28,8 @@ class RunSpec(StrictModel):
     kind: Literal["data", "train"] = Field(description="The job to run.")
     name: str = Field(description="Stable run name; the run directory is <storage>/<name>.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Where it runs.")
+    data: DataSpec | None = Field(None, description="Raw text to documents and shards.")
+    model: ModelSpec | None = Field(None, description="The GPT to train and how it is sharded.")
 
     @field_validator("name")
     @classmethod
@@ -35,6 +39,14 @@ class RunSpec(StrictModel):
                 "use letters, digits, '.', '_' or '-' (at most 100, not starting with a dot)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _sections_for_kind(self) -> RunSpec:
+        if self.kind == "data" and self.data is None:
+            raise ValueError("a data job needs a `data:` section (at least data.inputs)")
+        if self.kind == "train" and self.model is None:
+            raise ValueError("a train job needs a `model:` section (e.g. model.preset: tiny)")
+        return self
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import crucible
 
@@ -17,7 +17,9 @@ SUBPACKAGES = ["cluster", "model", "data_pipeline", "jobs", "monitoring"]
 
 
 def test_every_source_folder_is_a_listed_package() -> None:
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = {"crucible"}
     for top in SUBPACKAGES:
         for init in (ROOT / top).rglob("__init__.py"):
@@ -45,7 +47,10 @@ def test_wheel_holds_only_the_crucible_package(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("crucible-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
-    assert tops == {"crucible", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
+    assert tops == {
+        "crucible",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
     for sub in SUBPACKAGES:
         assert f"crucible/{sub}/__init__.py" in names
     assert not any(n.startswith("crucible/tests/") or n.startswith("crucible/.venv") for n in names)

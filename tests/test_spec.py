@@ -13,6 +13,8 @@ from crucible.config import apply_overrides
 from crucible.errors import CrucibleError
 from crucible.jobs.spec import RunSpec, dump_spec, load_spec, parse_spec, write_resolved
 
+DATA = "data:\n  inputs: [corpus/]\n"
+
 
 def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "spec.yaml"
@@ -21,7 +23,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_valid_spec_round_trips(tmp_path: Path) -> None:
-    p = write(tmp_path, "kind: data\nname: run-1\ncluster:\n  storage: /data/runs\n")
+    p = write(tmp_path, "kind: data\nname: run-1\ncluster:\n  storage: /data/runs\n" + DATA)
     spec = load_spec(p)
     assert spec.kind == "data" and spec.cluster.storage == "/data/runs"
     again = parse_spec(yaml.safe_load(dump_spec(spec)))
@@ -31,7 +33,7 @@ def test_valid_spec_round_trips(tmp_path: Path) -> None:
 
 
 def test_unknown_key_names_path_and_closest(tmp_path: Path) -> None:
-    p = write(tmp_path, "kind: data\nname: r\ncluster:\n  adress: local\n")
+    p = write(tmp_path, "kind: data\nname: r\ncluster:\n  adress: local\n" + DATA)
     with pytest.raises(CrucibleError) as e:
         load_spec(p)
     msg = str(e.value)
@@ -40,7 +42,7 @@ def test_unknown_key_names_path_and_closest(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key_lists_valid_keys(tmp_path: Path) -> None:
-    p = write(tmp_path, "kind: data\nname: r\nzzz: 1\n")
+    p = write(tmp_path, "kind: data\nname: r\nzzz: 1\n" + DATA)
     with pytest.raises(CrucibleError, match=r"unknown key zzz \(valid keys here: kind, name"):
         load_spec(p)
 
@@ -49,16 +51,31 @@ def test_wrong_type_and_value_name_path_value_and_allowed(tmp_path: Path) -> Non
     p = write(tmp_path, "kind: finetune\nname: r\n")
     with pytest.raises(CrucibleError) as e:
         load_spec(p)
-    assert "kind = \"finetune\" is invalid" in str(e.value)
+    assert 'kind = "finetune" is invalid' in str(e.value)
     assert "'data' or 'train'" in str(e.value)
-    p = write(tmp_path, "kind: data\nname: 'bad name!'\n")
+    p = write(tmp_path, "kind: data\nname: 'bad name!'\n" + DATA)
     with pytest.raises(CrucibleError, match=r"name = \"bad name!\" is invalid: use letters"):
         load_spec(p)
 
 
 def test_missing_field(tmp_path: Path) -> None:
     with pytest.raises(CrucibleError, match="name is required"):
-        load_spec(write(tmp_path, "kind: data\n"))
+        load_spec(write(tmp_path, "kind: data\n" + DATA))
+    with pytest.raises(CrucibleError, match="a data job needs a `data:` section"):
+        load_spec(write(tmp_path, "kind: data\nname: r\n"))
+
+
+def test_sections_are_validated_by_their_owners(tmp_path: Path) -> None:
+    bad_model = "kind: train\nname: r\nmodel:\n  preset: gpt3-175\n"
+    with pytest.raises(
+        CrucibleError, match=r"model.preset = \"gpt3-175\" is invalid: unknown preset"
+    ):
+        load_spec(write(tmp_path, bad_model))
+    bad_data = "kind: data\nname: r\ndata:\n  inputs: [x]\n  dedup:\n    minhsh: {}\n"
+    with pytest.raises(
+        CrucibleError, match="unknown key data.dedup.minhsh; did you mean data.dedup.minhash"
+    ):
+        load_spec(write(tmp_path, bad_data))
 
 
 @pytest.mark.parametrize(
@@ -80,7 +97,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_overrides_apply_and_validate(tmp_path: Path) -> None:
-    p = write(tmp_path, "kind: data\nname: r\n")
+    p = write(tmp_path, "kind: data\nname: r\n" + DATA)
     spec = load_spec(p, ["cluster.storage=/x", "name=r2"])
     assert spec.cluster.storage == "/x" and spec.name == "r2"
     with pytest.raises(CrucibleError, match="unknown key cluster.storag"):
@@ -97,7 +114,7 @@ def test_override_values_are_typed() -> None:
 
 
 def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path: Path) -> None:
-    p = write(tmp_path, "kind: data\nname: r\ncluster:\n  adress: local\n")
+    p = write(tmp_path, "kind: data\nname: r\ncluster:\n  adress: local\n" + DATA)
     r = subprocess.run(
         [sys.executable, "-m", "crucible", "spec", "check", str(p)],
         capture_output=True,
@@ -111,7 +128,7 @@ def test_cli_reports_user_errors_in_one_line_without_traceback(tmp_path: Path) -
 
 
 def test_cli_prints_resolved_spec(tmp_path: Path) -> None:
-    p = write(tmp_path, "kind: train\nname: r\n")
+    p = write(tmp_path, "kind: train\nname: r\nmodel:\n  preset: tiny\n")
     r = subprocess.run(
         [sys.executable, "-m", "crucible", "spec", "check", str(p), "--set", "cluster.storage=/s"],
         capture_output=True,

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from crucible.errors import CrucibleError
-from crucible.jobs.cli import cluster, spec
+from crucible.jobs.cli import cluster, data, demo, jobs, model, spec
 
 app = typer.Typer(
     name="crucible",
@@ -23,7 +23,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(cluster.app, name="cluster")
+app.add_typer(data.app, name="data")
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(model.app, name="model")
 app.add_typer(spec.app, name="spec")
+app.command("demo")(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,7 +84,9 @@ def status(state_dir: Path | None = StateDir) -> None:
         raise typer.Exit(1)
     table = Table(show_header=False, box=None)
     table.add_row("state dir", info["state_dir"])
-    table.add_row("up since", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started_at"])))
+    table.add_row(
+        "up since", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started_at"]))
+    )
     for name, pid in info["processes"].items():
         table.add_row(name, f"pid {pid}" if pid else "[red]not running[/]")
     table.add_row("dashboard / Jobs API", info["dashboard"])

@@ -20,7 +20,7 @@ from crucible.errors import CrucibleError
 from crucible.jobs.client import JobsClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import free_ports, short_tmpdir  # noqa: E402
+from conftest import free_ports, short_tmpdir
 
 
 def crucible_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -63,7 +63,7 @@ def test_lifecycle_submit_auth_prometheus_and_down() -> None:
         # A real job through the crucible client; its logs come back.
         client = JobsClient.for_cluster(ClusterSpec(state_dir=state_dir))
         job = client.submit(
-            f"{client.python()} -c \"import ray; ray.init(); "
+            f'{client.python()} -c "import ray; ray.init(); '
             f"print('answer', ray.get(ray.remote(lambda: 6 * 7).remote()))\""
         )
         assert client.wait(job, timeout=180).name == "SUCCEEDED"

@@ -1,0 +1,86 @@
+"""``crucible data run|stats|inspect|trace``: the data job and what it produced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from crucible.errors import CrucibleError
+from crucible.jobs.spec import load_spec
+
+app = typer.Typer(help="Raw web text to clean documents and training shards.", no_args_is_help=True)
+
+SetOption = typer.Option([], "--set", help="Override a spec value: key.path=value (repeatable).")
+
+
+@app.command("run")
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="A spec with kind: data."),
+    set_: list[str] = SetOption,
+    local: bool = typer.Option(
+        False, "--local", help="Run in this process (no cluster), for debugging."
+    ),
+    detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
+) -> None:
+    """Run the data job of SPEC: on the cluster as a Ray job, or in-process with --local."""
+    from crucible.jobs.runs import absolutize, prepare_run
+
+    spec = absolutize(load_spec(spec_path, set_))
+    if spec.kind != "data":
+        raise CrucibleError(
+            f"{spec_path} has kind: {spec.kind}; `crucible data run` needs kind: data"
+        )
+    if local:
+        from crucible.data_pipeline.report import format_stats
+        from crucible.data_pipeline.run import run_pipeline
+
+        assert spec.data is not None
+        d = prepare_run(spec)
+        run_pipeline(spec.data, d, executor="local")
+        typer.echo(format_stats(d))
+        typer.echo(f"run directory: {d}")
+        return
+    from crucible.jobs.submit import follow, submit_run
+
+    client, job_id, d = submit_run(spec)
+    typer.echo(f"submitted job {job_id} for run {spec.name} (run directory {d})")
+    if detach:
+        return
+    rc = follow(client, job_id)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command("stats")
+def stats(
+    run: str = typer.Argument(..., help="A data run: its name (under runs/) or directory."),
+    storage: str | None = typer.Option(None, help="Storage root the run name is under."),
+) -> None:
+    """Documents and bytes per step, drops per rule, duplicate clusters, languages."""
+    from crucible.data_pipeline.report import format_stats
+    from crucible.jobs.runs import find_run
+
+    typer.echo(format_stats(find_run(run, storage)))
+
+
+@app.command("inspect")
+def inspect(
+    shards: Path = typer.Argument(..., help="A training shard directory (with manifest.json)."),
+) -> None:
+    """Totals, a decoded sample and the checksum status of a shard set."""
+    from crucible.data_pipeline.shards.inspect import inspect_shards
+
+    typer.echo(inspect_shards(shards))
+
+
+@app.command("trace")
+def trace(
+    shards: Path = typer.Argument(..., help="A training shard directory."),
+    index: int = typer.Argument(..., help="Sample index (row of the split)."),
+    split: str = typer.Option("train", help="train or heldout."),
+) -> None:
+    """The ids of the documents a training sample was packed from."""
+    from crucible.data_pipeline.shards.inspect import format_trace
+
+    typer.echo(format_trace(shards, index, split))

@@ -1,0 +1,69 @@
+"""Submitting a run as a Ray job and following it to the end."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from crucible.errors import CrucibleError
+from crucible.jobs.client import JobsClient
+from crucible.jobs.runs import prepare_run
+from crucible.jobs.spec import RunSpec
+
+ACTIVE = {"PENDING", "RUNNING"}
+
+
+def active_job(client: JobsClient, run_name: str) -> str | None:
+    """The submission id of a pending/running job of ``run_name`` on the cluster, if any."""
+    for job in client.list():
+        meta = job.metadata or {}
+        if meta.get("crucible_run") == run_name and str(job.status) in ACTIVE | {
+            f"JobStatus.{s}" for s in ACTIVE
+        }:
+            return job.submission_id
+    return None
+
+
+def submit_run(spec: RunSpec, resume: bool = False) -> tuple[JobsClient, str, Path]:
+    """Prepare the run directory and submit the run's job; return (client, job id, run dir)."""
+    client = JobsClient.for_cluster(spec.cluster)
+    running = active_job(client, spec.name)
+    if running:
+        raise CrucibleError(
+            f"run {spec.name!r} is already running as job {running}; "
+            f"follow it with `crucible jobs logs {running} --follow`"
+        )
+    run_dir = prepare_run(spec, resume=resume)
+    history = run_dir / "jobs.jsonl"
+    attempt = sum(1 for _ in history.open()) if history.exists() else 0
+    submission_id = f"crucible-{spec.name}-{attempt}-{int(time.time())}"
+    entrypoint = f"{client.python()} -m crucible.jobs.entry {shlex.quote(str(run_dir))}"
+    job_id = client.submit(
+        entrypoint,
+        submission_id=submission_id,
+        metadata={"crucible_run": spec.name, "crucible_kind": spec.kind, "run_dir": str(run_dir)},
+    )
+    with history.open("a") as f:
+        f.write(json.dumps({"job": job_id, "submitted_at": time.time()}) + "\n")
+    return client, job_id, run_dir
+
+
+def follow(client: JobsClient, job_id: str) -> int:
+    """Print the job's logs as they come; return 0 if it succeeded, 1 otherwise.
+
+    Ctrl-C stops following; the job keeps running.
+    """
+    try:
+        for chunk in client.follow(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (`crucible jobs stop {job_id}`)")
+        return 130
+    status = client.status(job_id)
+    name = getattr(status, "value", str(status))
+    print(f"job {job_id}: {name}")
+    return 0 if name == "SUCCEEDED" else 1
