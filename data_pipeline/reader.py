@@ -44,8 +44,6 @@ class SplitView:
         self.row_len = manifest.row_len
         self._tokens: list[np.ndarray] = []  # (rows, row_len) views into the mapped files
         self._length: list[np.ndarray] = []
-        self._start_offsets: list[np.ndarray] = []
-        self._start_values: list[np.ndarray] = []
         self._batches: list[pa.RecordBatch] = []
         sizes = []
         for shard in manifest.split(split).shards:
@@ -54,44 +52,36 @@ class SplitView:
                 toks = rb.column("tokens")
                 self._tokens.append(toks.flatten().to_numpy().reshape(-1, self.row_len))
                 self._length.append(rb.column("length").to_numpy())
-                starts = rb.column("doc_starts")
-                self._start_offsets.append(starts.offsets.to_numpy())
-                self._start_values.append(starts.values.to_numpy())
                 self._batches.append(rb)
                 sizes.append(rb.num_rows)
         self._first = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.num_samples = int(self._first[-1])
 
-    def _locate(self, index: int) -> tuple[int, int]:
-        if not 0 <= index < self.num_samples:
+    def _locate(self, indices: np.ndarray) -> tuple[list[int], list[int]]:
+        """(record batch, row within it) of each index."""
+        idx = np.asarray(indices, np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
             raise CrucibleError(
-                f"sample {index} is out of range: the split has {self.num_samples} samples"
+                f"sample {bad} is out of range: the split has {self.num_samples} samples"
             )
-        c = int(np.searchsorted(self._first, index, side="right")) - 1
-        return c, index - int(self._first[c])
+        c = np.searchsorted(self._first, idx, side="right") - 1
+        return c.tolist(), (idx - self._first[c]).tolist()
 
-    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows ``indices``: ``tokens`` (B, row_len) int64, ``length`` (B,), ``doc_index`` (B, row_len).
-
-        ``doc_index`` numbers the documents within each row (equal values: same document;
-        -1: padding), so attention can be masked across documents.
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``indices``: tokens (B, row_len) int64 and their real lengths (B,) int64.
 
         Args:
             indices: Sample indices of the split.
         """
-        B, L = len(indices), self.row_len
+        chunks, rows = self._locate(indices)
+        B, L = len(chunks), self.row_len
         tokens = np.empty((B, L), self._tokens[0].dtype if self._tokens else np.uint16)
         length = np.empty(B, np.int64)
-        marks = np.zeros((B, L), np.int32)
-        for i, index in enumerate(indices):
-            c, r = self._locate(int(index))
-            tokens[i] = self._tokens[c][r]
+        for i, (c, r) in enumerate(zip(chunks, rows, strict=True)):
+            tokens[i] = self._tokens[c][r]  # the only copy out of the mapped file
             length[i] = self._length[c][r]
-            off = self._start_offsets[c]
-            marks[i, self._start_values[c][off[r] : off[r + 1]]] = 1
-        doc_index = np.cumsum(marks, axis=1, dtype=np.int32)
-        doc_index[np.arange(L)[None, :] >= length[:, None]] = -1
-        return {"tokens": tokens.astype(np.int64), "length": length, "doc_index": doc_index}
+        return tokens.astype(np.int64), length
 
     def doc_ids(self, index: int) -> list[str]:
         """Ids of the documents whose tokens sample ``index`` holds, in order (its lineage).
@@ -99,7 +89,7 @@ class SplitView:
         Args:
             index: Sample index of the split.
         """
-        c, r = self._locate(index)
+        (c,), (r,) = self._locate(np.array([index]))
         return self._batches[c].column("doc_ids")[r].as_py()
 
     def row_id(self, index: int) -> int:
@@ -108,7 +98,7 @@ class SplitView:
         Args:
             index: Sample index of the split.
         """
-        c, r = self._locate(index)
+        (c,), (r,) = self._locate(np.array([index]))
         return int(self._batches[c].column("row_id")[r].as_py())
 
 
@@ -140,6 +130,7 @@ class TrainingReader:
         verify: str = "auto",
         allow_manifest_change: bool = False,
         tokenizer_fingerprint: str | None = None,
+        doc_index: bool = True,
     ) -> None:
         """Open, verify and map a shard set.
 
@@ -153,6 +144,7 @@ class TrainingReader:
             verify: ``size``, ``sha256`` or ``auto`` (sha256 for sets up to 2 GiB).
             allow_manifest_change: Resume onto a different shard set without an error.
             tokenizer_fingerprint: When given, shards of any other tokenizer are refused.
+            doc_index: Also return ``doc_index`` (for attention masking across documents).
         """
         if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
             raise CrucibleError(
@@ -175,6 +167,7 @@ class TrainingReader:
         self.local_batch_size = global_batch_size // world_size
         self.seed = seed
         self.allow_manifest_change = allow_manifest_change
+        self.doc_index = doc_index
         self.samples_consumed = 0
 
     @property
@@ -226,7 +219,8 @@ class TrainingReader:
         Returns:
             ``input_ids`` and ``labels`` (B, seq_len) int64 (labels shifted by one, ``-100``
             on padding), ``doc_index`` (B, seq_len) int32 (document number within the row, -1
-            on padding: mask attention where it differs), ``sample_index`` (B,) int64.
+            on padding: mask attention where it differs; absent when ``doc_index=False``),
+            ``sample_index`` (B,) int64.
         """
         first = self.samples_consumed + self.rank * self.local_batch_size
         indices = self.stream_indices(first, self.local_batch_size)
@@ -247,18 +241,29 @@ class TrainingReader:
         """
         import torch
 
-        rows = self.view.rows(indices)
-        tokens, length = rows["tokens"], rows["length"]
-        labels = tokens[:, 1:].copy()
-        labels[np.arange(1, self.view.row_len)[None, :] >= length[:, None]] = IGNORE_INDEX
-        if keep is not None:
-            labels[~keep] = IGNORE_INDEX
-        return {
-            "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+        tokens, length = self.view.rows(indices)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]  # views of one array, as plain slicing gives
+        padded = length < self.view.row_len
+        if padded.any() or keep is not None:
+            labels = labels.copy()
+            labels[np.arange(1, self.view.row_len)[None, :] >= length[:, None]] = IGNORE_INDEX
+            if keep is not None:
+                labels[~keep] = IGNORE_INDEX
+        out = {
+            "input_ids": torch.from_numpy(inputs),
             "labels": torch.from_numpy(labels),
-            "doc_index": torch.from_numpy(np.ascontiguousarray(rows["doc_index"][:, :-1])),
             "sample_index": torch.from_numpy(np.asarray(indices, np.int64)),
         }
+        if self.doc_index:
+            # Documents are separated by EOS, and text never encodes to EOS (packing encodes
+            # special tokens as plain text), so a new document starts after every EOS.
+            eos = inputs == self.manifest.tokenizer.eos_id
+            doc = np.cumsum(eos, axis=1, dtype=np.int32)
+            doc -= eos
+            if padded.any():
+                doc[np.arange(self.view.row_len - 1)[None, :] >= length[:, None]] = -1
+            out["doc_index"] = torch.from_numpy(doc)
+        return out
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         """One pass over the split in storage order, as this rank's slices of global batches.

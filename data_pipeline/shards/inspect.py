@@ -47,8 +47,8 @@ def inspect_shards(
     if not problems and m.splits["train"].rows:
         view = SplitView(d, m, "train")
         i = min(sample, view.num_samples - 1)
-        row = view.rows([i])
-        ids = row["tokens"][0][: int(row["length"][0])].tolist()
+        tokens, length = view.rows([i])
+        ids = tokens[0][: int(length[0])].tolist()
         text = load_tokenizer(d / tk.file).decode(ids, skip_special_tokens=False)
         cut = text[:max_chars] + ("…" if len(text) > max_chars else "")
         lines.append(f"sample {i}    documents {', '.join(view.doc_ids(i))}")

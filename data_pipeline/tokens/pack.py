@@ -93,10 +93,9 @@ def encode_texts(
     keep = [i for i, t in enumerate(texts) if t]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster
     encs = encode([texts[i] for i in keep], add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-    tokens = np.fromiter(
-        chain.from_iterable(e.ids for e in encs), dtype=np.uint32, count=int(lengths.sum())
-    )
+    id_lists = [e.ids for e in encs]  # each access builds a new Python list: once
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    tokens = np.fromiter(chain.from_iterable(id_lists), dtype=np.uint32, count=int(lengths.sum()))
     nonzero = lengths > 0  # e.g. text the normaliser strips to nothing
     ids = [doc_ids[i] for i, nz in zip(keep, nonzero, strict=True) if nz]
     stats.documents += len(texts)
@@ -214,6 +213,10 @@ def encode_and_pack(
         dtype: Token storage type.
         stats: Updated with every counter.
     """
+    if not tok.encode_special_tokens:
+        # A document's text that spells "<|endoftext|>" must not become a separator.
+        tok = Tokenizer.from_str(tok.to_str())
+        tok.encode_special_tokens = True
     encoded = (encode_texts(tok, ids, texts, stats) for ids, texts in documents)
     yield from pack_documents(encoded, seq_len, eos_id, dtype, stats)
 
