@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -28,7 +29,7 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}/data-{index:05d}-of-{count:05d}.arrow"
 
 
-def features_json(schema: pa.Schema) -> dict:
+def features_json(schema: pa.Schema) -> dict[str, Any]:
     """The ``datasets`` features of ``schema``, as ``dataset_info.json`` stores them.
 
     Args:
@@ -63,7 +64,7 @@ def write_split_metadata(
     """
     info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
     (split_dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
-    state = {
+    state: dict[str, object] = {
         "_data_files": [{"filename": f} for f in files],
         "_fingerprint": hashlib.sha256("".join(digests).encode()).hexdigest()[:16],
         "_format_columns": None,

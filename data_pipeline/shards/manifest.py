@@ -19,7 +19,7 @@ from crucible.config import StrictModel
 from crucible.errors import CrucibleError
 
 MANIFEST = "manifest.json"
-FORMAT = "crucible-shards/1"
+FORMAT: Literal["crucible-shards/1"] = "crucible-shards/1"
 AUTO_SHA256_MAX_BYTES = 2 << 30  # verify="auto" hashes sets up to 2 GiB, else checks sizes
 
 
@@ -181,7 +181,9 @@ def shard_problems(shards_dir: str | Path, manifest: Manifest, mode: str = "auto
     d = Path(shards_dir)
     how = resolve_verify(mode, manifest)
     tok = manifest.tokenizer
-    files = [(s.file, s.bytes, s.sha256) for sp in manifest.splits.values() for s in sp.shards]
+    files: list[tuple[str, int | None, str]] = [
+        (s.file, s.bytes, s.sha256) for sp in manifest.splits.values() for s in sp.shards
+    ]
     files.append((tok.file, None, tok.sha256))
     problems = []
     for name, size, digest in files:

@@ -95,6 +95,8 @@ def test_resume_after_k_batches_yields_exactly_the_uninterrupted_batches(shards)
 def test_labels_are_shifted_inputs_and_doc_index_follows_eos(shards) -> None:
     rd = TrainingReader(shards, G)
     eos = rd.manifest.tokenizer.eos_id
+    files = [shards / s.file for s in rd.manifest.splits["train"].shards]
+    table = pa.concat_tables(pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files)
     for _ in range(rd.num_samples // G):
         b = rd.next_batch()
         x, y, d = b["input_ids"], b["labels"], b["doc_index"]
@@ -105,6 +107,11 @@ def test_labels_are_shifted_inputs_and_doc_index_follows_eos(shards) -> None:
         step = d[:, 1:] - d[:, :-1]
         assert torch.all(x[:, :-1][step == 1] == eos)
         assert torch.all((step == 0) | (step == 1) | (d[:, 1:] == -1))
+        # and exactly where the stored doc_starts say (position 0 needs no step)
+        for row, idx in zip(step, b["sample_index"].tolist(), strict=True):
+            starts = table.slice(idx, 1).column("doc_starts").to_pylist()[0]
+            want = [s - 1 for s in starts if 0 < s < 16]
+            assert torch.nonzero(row == 1).flatten().tolist() == want
 
 
 def test_heldout_pass_counts_every_sample_once_on_every_rank_count(shards) -> None:
@@ -167,3 +174,8 @@ def test_shards_of_another_tokenizer_are_refused_with_both_fingerprints(shards) 
         CrucibleError, match=f"encoded with tokenizer {fp}, but this run uses tokenizer 0123abcd"
     ):
         TrainingReader(shards, G, tokenizer_fingerprint="0123abcd")
+
+
+def test_doc_index_can_be_left_out(shards) -> None:
+    b = TrainingReader(shards, G, doc_index=False).next_batch()
+    assert set(b) == {"input_ids", "labels", "sample_index"}
