@@ -34,7 +34,9 @@ def absolutize(spec: RunSpec, base: Path | None = None) -> RunSpec:
         return str(base / p)
 
     data["cluster"]["storage"] = fix(data["cluster"]["storage"])
-    if data.get("data"):
+    if spec.kind == "train":
+        data["data"]["shards"] = fix(data["data"]["shards"])
+    else:
         data["data"]["inputs"] = [fix(p) for p in data["data"]["inputs"]]
         shards = data["data"].get("shards") or {}
         tok = shards.get("tokenizer") or {}

@@ -7,29 +7,29 @@ saved with each run.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from crucible.cluster.spec import ClusterSpec
 from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, validate
+from crucible.errors import CrucibleError
 from crucible.data_pipeline.spec import DataSpec
+from crucible.jobs.train.spec import CheckpointSpec, OptimSpec, TrainDataSpec, TrainSpec
 from crucible.model.config import ModelSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class RunSpec(StrictModel):
-    """A whole run: what kind of job, its name, and its sections."""
+class _RunBase(StrictModel):
+    """What every run has: its kind, a stable name, and where it runs."""
 
-    kind: Literal["data", "train"] = Field(description="The job to run.")
     name: str = Field(description="Stable run name; the run directory is <storage>/<name>.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Where it runs.")
-    data: DataSpec | None = Field(None, description="Raw text to documents and shards.")
-    model: ModelSpec | None = Field(None, description="The GPT to train and how it is sharded.")
 
     @field_validator("name")
     @classmethod
@@ -40,24 +40,52 @@ class RunSpec(StrictModel):
             )
         return v
 
-    @model_validator(mode="after")
-    def _sections_for_kind(self) -> RunSpec:
-        if self.kind == "data" and self.data is None:
-            raise ValueError("a data job needs a `data:` section (at least data.inputs)")
-        if self.kind == "train" and self.model is None:
-            raise ValueError("a train job needs a `model:` section (e.g. model.preset: tiny)")
-        return self
+
+class DataRunSpec(_RunBase):
+    """A data job: raw text to clean documents and training shards."""
+
+    kind: Literal["data"] = Field(description="The job to run.")
+    data: DataSpec = Field(description="Inputs, filters, dedup and shards.")
+
+
+class TrainRunSpec(_RunBase):
+    """A train job: a GPT trained with DeepSpeed ZeRO-3 on Ray Train workers."""
+
+    kind: Literal["train"] = Field(description="The job to run.")
+    model: ModelSpec = Field(description="The GPT to train and how it is sharded.")
+    data: TrainDataSpec = Field(description="The training shards and their order.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedule.")
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Checkpoint frequency and retention."
+    )
+    train: TrainSpec = Field(description="Workers and the training budget.")
+
+
+RunSpec = DataRunSpec | TrainRunSpec
+KINDS: dict[str, type[DataRunSpec] | type[TrainRunSpec]] = {
+    "data": DataRunSpec,
+    "train": TrainRunSpec,
+}
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
     """Load a spec file, apply ``--set`` overrides and validate it strictly."""
     data = apply_overrides(load_yaml(path), overrides or [])
-    return validate(RunSpec, data, source=str(path))
+    return parse_spec(data, source=str(path))
 
 
 def parse_spec(data: dict[str, Any], source: str = "spec") -> RunSpec:
-    """Validate an in-memory spec mapping."""
-    return validate(RunSpec, data, source=source)
+    """Validate an in-memory spec mapping as the spec class of its ``kind``."""
+    kind = data.get("kind")
+    if kind is None:
+        raise CrucibleError(f"{source}: kind is required (one of: {', '.join(KINDS)})")
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise CrucibleError(
+            f"{source}: kind = {json.dumps(kind, default=str)} is invalid: "
+            f"use one of {', '.join(KINDS)}"
+        )
+    return validate(cls, data, source=source)
 
 
 def dump_spec(spec: RunSpec) -> str:

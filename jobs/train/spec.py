@@ -1,0 +1,92 @@
+"""The sections of a train spec owned by the train job: ``data``, ``optim``, ``checkpoint``,
+``train`` (workers and budget)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from crucible.config import StrictModel
+
+
+class TrainDataSpec(StrictModel):
+    """The ``data:`` section of a train spec: which shards, in which order."""
+
+    shards: Path = Field(description="Training shard directory (with manifest.json).")
+    seed: int = Field(0, description="Seed of the global sample order.")
+    verify: Literal["size", "sha256", "auto"] = Field(
+        "auto", description="Shard checks on open: size always; sha256 for small sets on auto."
+    )
+    allow_manifest_change: bool = Field(
+        False,
+        description="Resume even if the shards' manifest differs from the checkpoint's.",
+    )
+    mask_cross_document: bool = Field(
+        False, description="Restrict attention to tokens of the same document in packed rows."
+    )
+
+
+class OptimSpec(StrictModel):
+    """AdamW, the learning-rate schedule, batch and clipping."""
+
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr.")
+    schedule: Literal["cosine", "constant", "wsd"] = Field(
+        "cosine", description="After warmup: cosine decay, constant, or warmup-stable-decay."
+    )
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="WSD only: fraction of steps in the final decay."
+    )
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: none).")
+    global_batch_size: int = Field(
+        32, ge=1, description="Sequences per optimizer step, over all data-parallel ranks."
+    )
+    micro_batch_size: int = Field(
+        4, ge=1, description="Sequences per rank per forward/backward (accumulated)."
+    )
+
+
+class CheckpointSpec(StrictModel):
+    """When checkpoints are written and which are kept."""
+
+    every_steps: int = Field(100, ge=1, description="Save a checkpoint every N steps.")
+    keep_last: int = Field(3, ge=1, description="Keep the newest K checkpoints ...")
+    keep_every: int | None = Field(
+        None, ge=1, description="... plus every checkpoint whose step is a multiple of M."
+    )
+    verify: Literal["sha256", "size"] = Field(
+        "sha256", description="How checkpoint files are checked on load."
+    )
+
+
+class TrainSpec(StrictModel):
+    """Workers and the training budget."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool | None = Field(
+        None, description="GPU workers (NCCL); null: use GPUs when the cluster has them."
+    )
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps.")
+    max_tokens: float | None = Field(
+        None, gt=0, description="Or stop after this many training tokens."
+    )
+    eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: never).")
+    eval_batches: int = Field(4, ge=1, description="Held-out batches per evaluation.")
+    max_failures: int = Field(
+        3, ge=0, description="Worker-group restarts from the last checkpoint before giving up."
+    )
+    seed: int = Field(0, description="Seed of weight init and dropout.")
+    log_every: int = Field(1, ge=1, description="Log a step line every N steps.")
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> TrainSpec:
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set train.max_steps or train.max_tokens")
+        return self
