@@ -309,5 +309,6 @@ def _run(executor: Executor, fn: Callable[[dict], dict], jobs: list[dict]) -> li
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     items = [{"seq": i, **j} for i, j in enumerate(jobs)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    out = ds.map(lambda row: {"seq": row["seq"], **fn({k: row[k] for k in jobs[0]})}).take_all()
+    keys = list(jobs[0])  # the closure carries the key names only, not a job's payload
+    out = ds.map(lambda row: {"seq": row["seq"], **fn({k: row[k] for k in keys})}).take_all()
     return [{k: v for k, v in r.items() if k != "seq"} for r in sorted(out, key=lambda r: r["seq"])]

@@ -177,13 +177,16 @@ def test_ray_executor_builds_the_same_shards_as_local(
     import ray
 
     _, local_manifest = shard_set
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # another fixture of the session may hold Ray already
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         m = build_shards(
             documents[0], ShardSpec.model_validate(spec_dict), tmp_path / "shards", "ray", "spec-1"
         )
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert m.fingerprint == local_manifest.fingerprint
     assert json.loads((tmp_path / "shards" / "dataset_dict.json").read_text()) == {
         "splits": ["train", "heldout"]
