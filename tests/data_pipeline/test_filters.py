@@ -31,7 +31,20 @@ def words(n: int, w: str = "word") -> str:
 
 
 def prose(n: int) -> str:
-    base = ["the", "cat", "and", "the", "dog", "went", "to", "the", "river", "with", "their", "friends"]
+    base = [
+        "the",
+        "cat",
+        "and",
+        "the",
+        "dog",
+        "went",
+        "to",
+        "the",
+        "river",
+        "with",
+        "their",
+        "friends",
+    ]
     return " ".join(base[i % len(base)] for i in range(n))
 
 

@@ -1,0 +1,186 @@
+"""Ray Data executor: the same stages as the in-process executor, distributed.
+
+- filter / final: one Ray Data task per input part (streamed, a few in flight per CPU);
+- exact dedup: ``groupby("text_hash").map_groups`` (a hash-partitioned shuffle);
+- MinHash: band keys exploded, ``groupby("bucket")`` for the edges, then large-star /
+  small-star rounds, each a ``groupby("a").map_groups``, until the edge checksum is stable.
+No task ever holds every edge or every document.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crucible.data_pipeline.dedup.components import (
+    both_directions,
+    checksum,
+    labels_from_stars,
+    large_star,
+    small_star,
+)
+from crucible.data_pipeline.dedup.exact import exact_duplicates
+from crucible.data_pipeline.dedup.lsh import bucket_edges, explode_bands
+from crucible.data_pipeline.dedup.results import commit_dir, with_part
+from crucible.data_pipeline.spec import DataSpec
+from crucible.data_pipeline.stages import filter_part, finalize_part
+
+
+def _ensure_ray() -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        # inside a Ray job RAY_ADDRESS names the cluster; otherwise start a private local one
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+    return ray
+
+
+def _write_partitioned(ds: Any, final_dir: Path) -> None:
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ds = ds.map_batches(with_part, batch_format="numpy")
+    if ds.count():
+        ds.write_parquet(str(tmp), partition_cols=["part"])
+    commit_dir(tmp, final_dir)
+
+
+class RayExecutor:
+    """Runs the pipeline's stages on Ray Data."""
+
+    name = "ray"
+
+    def __init__(self, num_workers: int | None = None) -> None:
+        self.ray = _ensure_ray()
+        self.num_workers = num_workers
+        # one shuffle partition per CPU: each groupby is a hash-partitioned shuffle
+        self.partitions = max(int(self.ray.cluster_resources().get("CPU", 1)), 1)
+
+    def _per_part(self, items: list[dict[str, Any]], fn: Callable[[dict], dict]) -> Any:
+        import ray.data
+
+        ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+        return ds.map(fn, num_cpus=1, concurrency=self.num_workers)
+
+    def filter_parts(
+        self,
+        items: list[tuple[int, str]],
+        spec: DataSpec,
+        run_dir: Path,
+        on_done: Callable[[int, dict[str, Any]], None],
+    ) -> None:
+        """Filter each ``(part, path)`` in a Ray Data task; ``on_done`` as each finishes."""
+        if not items:
+            return
+        blob = spec.model_dump_json()
+
+        def run(row: dict[str, Any]) -> dict[str, Any]:
+            import json
+
+            s = DataSpec.model_validate_json(blob)
+            stats = filter_part(int(row["part"]), row["path"], s, Path(row["run_dir"]))
+            return {"part": row["part"], "stats": json.dumps(stats)}
+
+        rows = [{"part": p, "path": path, "run_dir": str(run_dir)} for p, path in items]
+        self._drain(self._per_part(rows, run), on_done)
+
+    @staticmethod
+    def _drain(ds: Any, on_done: Callable[[int, dict[str, Any]], None]) -> None:
+        import json
+
+        for row in ds.iter_rows():
+            on_done(int(row["part"]), json.loads(row["stats"]))
+
+    def exact_dedup(self, files: list[Path], out_dir: Path) -> dict[str, Any]:
+        """Global exact dedup with a hash-partitioned groupby on the text hash."""
+        import ray.data
+
+        ds = ray.data.read_parquet([str(f) for f in files], columns=["key", "text_hash"])
+        dups = ds.groupby("text_hash", num_partitions=self.partitions).map_groups(
+            exact_duplicates, batch_format="numpy"
+        )
+        dups = dups.materialize()
+        _write_partitioned(dups, out_dir)
+        return {"duplicates": int(dups.count())}
+
+    def fuzzy_dedup(self, files: list[Path], out_dir: Path, spec: DataSpec) -> dict[str, Any]:
+        """LSH buckets -> star edges -> large-star/small-star rounds -> ``{key, root}``."""
+        import ray.data
+
+        ds = ray.data.read_parquet([str(f) for f in files], columns=["key", "bands"])
+        rows = ds.map_batches(explode_bands, batch_format="numpy")
+        edges = rows.groupby("bucket", num_partitions=self.partitions).map_groups(
+            bucket_edges, batch_format="numpy"
+        )
+        edges = edges.materialize()
+        n_edges = edges.count()
+        cur, prev, rounds = edges, None, 0
+        if n_edges:
+            for rnd in range(1, spec.dedup.minhash.max_rounds + 1):
+                rounds = rnd
+                cur = (
+                    cur.map_batches(both_directions, batch_format="numpy")
+                    .groupby("a", num_partitions=self.partitions)
+                    .map_groups(large_star, batch_format="numpy")
+                    .groupby("a", num_partitions=self.partitions)
+                    .map_groups(small_star, batch_format="numpy")
+                    .materialize()
+                )
+                sums = cur.map_batches(checksum, batch_format="numpy").take_all()
+                key = (
+                    sum(int(r["n"]) for r in sums),
+                    int(np.array([r["h"] for r in sums], dtype=np.uint64).sum(dtype=np.uint64)),
+                )
+                if key == prev:
+                    break
+                prev = key
+            else:
+                raise RuntimeError("connected components did not converge")
+        labels = cur.map_batches(labels_from_stars, batch_format="numpy") if n_edges else None
+        hist: dict[str, int] = {}
+        n_dups = 0
+        if labels is not None:
+            labels = labels.materialize()
+            n_dups = labels.count()
+            sizes = labels.groupby("root", num_partitions=self.partitions).count().take_all()
+            counts: dict[int, int] = {}
+            for r in sizes:
+                size = int(r["count()"]) + 1
+                counts[size] = counts.get(size, 0) + 1
+            hist = {str(k): v for k, v in sorted(counts.items())}
+            _write_partitioned(labels.select_columns(["key", "root"]), out_dir)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            "edges": int(n_edges),
+            "rounds": rounds,
+            "duplicates": n_dups,
+            "cluster_sizes": hist,
+        }
+
+    def finalize_parts(
+        self,
+        parts: list[int],
+        spec: DataSpec,
+        run_dir: Path,
+        on_done: Callable[[int, dict[str, Any]], None],
+    ) -> None:
+        """Write each part's documents and exclusions in a Ray Data task."""
+        if not parts:
+            return
+        blob = spec.model_dump_json()
+
+        def run(row: dict[str, Any]) -> dict[str, Any]:
+            import json
+
+            s = DataSpec.model_validate_json(blob)
+            stats = finalize_part(int(row["part"]), s, Path(row["run_dir"]))
+            return {"part": row["part"], "stats": json.dumps(stats)}
+
+        rows = [{"part": p, "run_dir": str(run_dir)} for p in parts]
+        self._drain(self._per_part(rows, run), on_done)
