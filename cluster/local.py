@@ -181,12 +181,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Ray's workers take ports from this range (Ray's defaults); fixed ports must stay outside.
+WORKER_PORTS = range(10002, 20000)
+
+
 def _check_ports(ports: Ports) -> None:
+    seen: dict[int, str] = {}
     for name, port in asdict(ports).items():
         if name == "crucible_metrics_base":
             continue
+        flag = "--" + name.replace("_", "-") + "-port"
+        if port in WORKER_PORTS:
+            raise CrucibleError(
+                f"{flag} {port} is inside Ray's worker port range 10002-19999; choose a port "
+                "outside it"
+            )
+        if port in seen:
+            raise CrucibleError(f"{flag} {port} is also the {seen[port]} port; choose another")
+        seen[port] = name.replace("_", " ")
         if not _port_free(port):
-            flag = "--" + name.replace("_", "-") + "-port"
             raise CrucibleError(
                 f"port {port} ({name.replace('_', ' ')}) is already in use; "
                 f"free it or choose another with {flag}"

@@ -35,7 +35,7 @@ def format_stats(run_dir: str | Path) -> str:
         f"data run {run_dir}: {stats['inputs']} input files, {stats.get('seconds', 0):.1f} s "
         f"({stats.get('executor', '?')} executor)",
         f"  documents {t['docs_in']:,} -> {t['docs_out']:,}   "
-        f"bytes {_mb(t['bytes_in'])} -> {_mb(t['bytes_out'])}",
+        f"input {_mb(t['bytes_in'])} on disk -> {_mb(t['bytes_out'])} of clean text",
         "",
         f"  {'step':<18}{'docs in':>12}{'docs out':>12}{'kept':>8}{'bytes out':>14}",
     ]

@@ -43,7 +43,6 @@ def demo(
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Cluster state directory."),
 ) -> None:
     """Run the main job end to end on the local embedded cluster and summarise it."""
-    from crucible.data_pipeline.report import format_stats
     from crucible.data_pipeline.sample import generate_corpus
     from crucible.jobs.runs import absolutize
     from crucible.jobs.spec import parse_spec
@@ -82,7 +81,11 @@ def demo(
         raise typer.Exit(rc)
 
     console.rule("summary")
-    console.print(format_stats(run_dir))
+    stats = json.loads((run_dir / "stats.json").read_text())
+    console.print(
+        f"documents: {stats['totals']['docs_in']:,} read -> {stats['totals']['docs_out']:,} kept "
+        f"(drops by rule and duplicate clusters above; `crucible data stats {run_dir}`)"
+    )
     manifest = run_dir / "shards" / "manifest.json"
     if manifest.exists():
         m = json.loads(manifest.read_text())
