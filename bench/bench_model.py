@@ -3,7 +3,8 @@
 The reference is a GPT-2 written the simplest way (explicit q·kᵀ, mask, softmax, ·v; one
 Linear per projection; nothing fused), with the same shapes and dtype. Both run in this
 process, interleaved step by step so that a noisy, shared machine slows both alike; the
-median step time gives tokens/s and the ratio. On a GPU with a known peak, MFU uses
+fastest step of each (least disturbed by other load, as timeit advises) gives tokens/s and
+the ratio. On a GPU with a known peak, MFU uses
 crucible's own ``model_flops_per_token`` (6N + 12LHQT).
 
     python bench/bench_model.py            # ~5 min on 2 CPU cores
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import torch
@@ -87,7 +87,7 @@ def _step(fn, tokens: torch.Tensor, params: list[nn.Parameter], device: str) -> 
 def bench_case(
     name: str, cfg: ModelConfig, batch: int, seq: int, steps: int, device: str, dtype: torch.dtype
 ) -> dict:
-    """Median forward+backward time of crucible's GPT and the reference on one shape."""
+    """Fastest forward+backward time of crucible's GPT and the reference on one shape."""
     ours = init_weights(build_model(cfg, device="meta"), seed=0, device=device).to(dtype).train()
     ref = RefGPT(cfg).to(device=device, dtype=dtype).train()
     assert sum(p.numel() for p in ref.parameters()) == num_params(cfg)  # same shapes
@@ -102,10 +102,10 @@ def bench_case(
             t = _step(fn, tokens, params, device)
             if i >= 2:
                 times[key].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     row = dict(case=name, params=num_params(cfg), batch=batch, seq=seq)
-    row |= {f"{k}_tok_s": batch * seq / t for k, t in med.items()}
-    row["ratio"] = med["reference"] / med["crucible"]
+    row |= {f"{k}_tok_s": batch * seq / t for k, t in best.items()}
+    row["ratio"] = best["reference"] / best["crucible"]
     peak = next(
         (
             v

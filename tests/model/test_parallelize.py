@@ -125,3 +125,23 @@ def test_zero3_trains_on_two_cpu_ranks(tmp_path: Path) -> None:
         for name, full in r["full"].items():
             assert r["local"][name] == (full + 1) // 2, name
     assert sum(ranks[0]["full"].values()) == 141_056  # the tiny preset's num_params
+
+
+@pytest.mark.slow
+def test_parallelize_compile_after_checkpointing_same_loss_and_grads(
+    gpt_cfg: ModelConfig, make_model
+) -> None:
+    model = make_model(gpt_cfg).train()
+    tokens = torch.randint(0, gpt_cfg.vocab_size, (2, 16))
+    loss = model(tokens, tokens)[1]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    names = list(model.state_dict())
+    parallelize(model, ParallelSpec(activation_checkpointing=True, compile=True))
+    compiled = model(tokens, tokens)[1]
+    compiled.backward()
+    torch.testing.assert_close(compiled, loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6)
+    assert list(model.state_dict()) == names  # compiled in place: checkpoints unchanged
