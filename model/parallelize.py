@@ -81,14 +81,17 @@ class ParallelSpec(StrictModel):
         }
         for field, used in needs3.items():
             if used and self.zero_stage != 3:
-                raise _field_error(field, f"needs zero_stage 3 (got {self.zero_stage})")
+                value = getattr(self, field)
+                raise _field_error(field, value, f"needs zero_stage 3 (got {self.zero_stage})")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise _field_error("offload_optimizer", "needs zero_stage 1, 2 or 3")
+            raise _field_error(
+                "offload_optimizer", self.offload_optimizer, "needs zero_stage 1, 2 or 3"
+            )
         return self
 
 
-def _field_error(field: str, message: str) -> ValidationError:
-    err = InitErrorDetails(type=PydanticCustomError("parallel", message), loc=(field,), input=None)
+def _field_error(field: str, value: Any, message: str) -> ValidationError:
+    err = InitErrorDetails(type=PydanticCustomError("parallel", message), loc=(field,), input=value)
     return ValidationError.from_exception_data("ParallelSpec", [err])
 
 

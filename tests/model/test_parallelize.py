@@ -82,7 +82,7 @@ def test_batch_sizes_must_be_positive() -> None:
     ],
 )
 def test_invalid_parallel_spec_names_field(data: dict, field: str) -> None:
-    with pytest.raises(CrucibleError, match=rf"parallel: {field} "):
+    with pytest.raises(CrucibleError, match=rf"parallel: {field} = (?!null)"):
         validate(ParallelSpec, data, source="parallel")
 
 
