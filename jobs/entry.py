@@ -24,6 +24,10 @@ def run(run_dir: Path, executor: str = "ray") -> int:
         run_pipeline(spec.data, run_dir, executor=executor)  # type: ignore[arg-type]
         print(format_stats(run_dir), flush=True)
         return 0
+    if spec.kind == "train":
+        from crucible.jobs.train.run import run_train
+
+        return run_train(run_dir)
     raise CrucibleError(f"jobs of kind {spec.kind!r} are not runnable by this crucible version")
 
 

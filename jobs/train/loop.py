@@ -1,0 +1,379 @@
+"""The per-worker train function that Ray Train's ``TorchTrainer`` runs on every rank.
+
+Each worker: fixes its threads and kernels for determinism, builds the GPT sharded under
+ZeRO-3 and wraps it with ``deepspeed.initialize`` (config from :mod:`.plan`), resumes from the
+newest valid checkpoint if there is one, then for each optimizer step reads its slice of the
+global batch from the :class:`TrainingReader`, runs ``grad_accum_steps`` micro-batches, sets
+the LR from :func:`lr_at`, and reports loss, LR, grad norm, tokens and step time. The same
+function runs after a worker-group restart, so recovery is just "start again".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from crucible.jobs.train import checkpoint as ckpt
+from crucible.jobs.train.plan import TrainPlan, make_plan
+from crucible.jobs.train.schedule import lr_at
+from crucible.jobs.train.state import make_deterministic, rng_state, seed_everything, set_rng_state
+
+METRICS = "metrics.jsonl"
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one JSON record to ``<run_dir>/metrics.jsonl`` (rank 0 only calls this).
+
+    Args:
+        run_dir: the run directory.
+        record: plain data; floats keep their exact value (JSON uses repr).
+    """
+    with (run_dir / METRICS).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def say(message: str) -> None:
+    """A line in the job log (bypasses Ray Train's print patch, which would log it twice)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_ray_train() -> None:
+    # Ray Train logs every ray.train.report at INFO; the step line already says it all.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices, not biases, norm scales or position tables (GPT-3)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = (getattr(p, "ds_shape", None) or p.shape).__len__() >= 2
+        (decay if is_matrix and "pos_emb" not in name else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def choose_checkpoint(root: Path, mode: str, rank: int, world: int) -> Path | None:
+    """The newest checkpoint that every rank agrees verifies; ranks split the hashing.
+
+    Args:
+        root: the checkpoints directory.
+        mode: ``sha256`` or ``size``.
+        rank: this rank.
+        world: number of ranks.
+    """
+    for step in reversed(ckpt.committed_steps(root)):
+        path = ckpt.step_path(root, step)
+        try:
+            entries = sorted(ckpt.read_manifest(path)["files"])
+        except (OSError, ValueError, KeyError):
+            entries = []
+        mine = [f for i, f in enumerate(entries) if i % world == rank]
+        bad = [b for b in _all_gather(ckpt.verify(path, mode, mine)) if b]
+        if not bad:
+            return path
+        if rank == 0:
+            say(f"warning: skipping checkpoint {path.name}: {bad[0]}")
+    return None
+
+
+def build_engine(spec: Any, plan: TrainPlan, universal: bool = False) -> Any:
+    """The model built sharded under ZeRO-3 (or plain below stage 3), wrapped by DeepSpeed.
+
+    Args:
+        spec: the train spec.
+        plan: this world size's plan (holds the DeepSpeed config).
+        universal: configure DeepSpeed to load a universal (world-size-free) checkpoint.
+    """
+    import deepspeed
+
+    from crucible.model.gpt import build_model, init_weights
+    from crucible.model.parallelize import build_zero3_model, parallelize
+
+    cfg = spec.model.resolve()
+    config = dict(plan.ds_config)
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
+    if spec.model.parallel.zero_stage == 3:
+        model = build_zero3_model(cfg, config, seed=spec.train.seed)
+    else:
+        model = init_weights(build_model(cfg), seed=spec.train.seed)
+    model = parallelize(model, spec.model.parallel)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, spec.optim.weight_decay),
+        config=config,
+    )
+    return engine
+
+
+def _micro_batches(batch: dict[str, Any], micro: int, device: torch.device) -> list[dict]:
+    n = batch["input_ids"].shape[0]
+    return [{k: v[i : i + micro].to(device) for k, v in batch.items()} for i in range(0, n, micro)]
+
+
+def evaluate(engine: Any, reader: Any, batches: int, plan: TrainPlan, doc_mask: bool) -> float:
+    """Token-weighted held-out loss over the first ``batches`` global batches of the split.
+
+    Args:
+        engine: the DeepSpeed engine.
+        reader: a held-out :class:`TrainingReader` of this rank.
+        batches: global batches to evaluate.
+        plan: the plan (micro-batch size).
+        doc_mask: attend within documents only.
+    """
+    device = engine.device
+    total = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for batch in islice(reader.eval_batches(), batches):
+            for mb in _micro_batches(batch, plan.micro_batch_size, device):
+                logits, _ = engine(
+                    mb["input_ids"], doc_ids=mb.get("doc_index") if doc_mask else None
+                )
+                labels = mb["labels"]
+                loss = F.cross_entropy(
+                    logits.float().view(-1, logits.size(-1)),
+                    labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                total += torch.stack([loss.double().cpu(), (labels != -100).sum().double().cpu()])
+    engine.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def save(
+    engine: Any,
+    root: Path,
+    step: int,
+    state: dict[str, Any],
+    rank: int,
+    world: int,
+) -> ckpt.SaveStats:
+    """Save every rank's shards + RNG state and commit the checkpoint (see :mod:`.checkpoint`).
+
+    Args:
+        engine: the DeepSpeed engine.
+        root: the checkpoints directory.
+        step: optimizer steps taken.
+        state: crucible's state (rank 0's is written).
+        rank: this rank.
+        world: number of ranks.
+    """
+    t0 = time.perf_counter()
+    tmp = root / f"step-{step}.tmp"
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt's partial save
+        (tmp / "crucible_state").mkdir(parents=True)
+        ckpt.write_json_durable(tmp / ckpt.STATE, state)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=ckpt.DS_TAG, save_latest=False)
+    torch.save(rng_state(), tmp / "crucible_state" / f"rank-{rank}.pt")
+    dist.barrier()  # every rank's files are written before anyone hashes
+    files = ckpt.hash_own_files(tmp, rank, world)
+    gathered = _all_gather(files)
+    nbytes = sum(v["bytes"] for part in gathered for v in part.values())
+    if rank == 0:
+        merged = {k: v for part in gathered for k, v in part.items()}
+        ckpt.commit(root, step, merged, world)
+    dist.barrier()
+    return ckpt.SaveStats(step, ckpt.step_path(root, step), nbytes, time.perf_counter() - t0)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: train (or resume) the run in ``config['run_dir']``.
+
+    Args:
+        config: ``run_dir`` (str), ``use_gpu`` (bool).
+    """
+    use_gpu = bool(config["use_gpu"])
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
+    import ray.train
+
+    from crucible.data_pipeline.reader import TrainingReader
+    from crucible.jobs.runs import load_run_spec
+
+    run_dir = Path(config["run_dir"])
+    spec = load_run_spec(run_dir)
+    _quiet_ray_train()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    make_deterministic(int(spec.train.cpus_per_worker))
+    (run_dir / "workers").mkdir(exist_ok=True)
+    (run_dir / "workers" / f"rank-{rank}.pid").write_text(str(os.getpid()))
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    o, t = spec.optim, spec.train
+    reader = TrainingReader(
+        spec.data.shards,
+        o.global_batch_size,
+        rank=rank,
+        world_size=world,
+        seed=spec.data.seed,
+        verify="size",  # the driver checked contents once; workers only check sizes
+        allow_manifest_change=spec.data.allow_manifest_change,
+        doc_index=spec.data.mask_cross_document,
+    )
+    plan = make_plan(spec, world, seq_len=reader.seq_len, use_gpu=use_gpu)
+    root = run_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    chosen = choose_checkpoint(root, spec.checkpoint.verify, rank, world)
+    state = ckpt.read_state(chosen) if chosen else None
+    reshard = state is not None and state["world_size"] != world
+    engine = build_engine(spec, plan, universal=reshard)
+    step, ledger = 0, {"worker_seconds": 0.0, "gpu_seconds": 0.0}
+    seed_everything(t.seed * 100_003 + rank)
+    if chosen is not None and state is not None:
+        t_load = time.perf_counter()
+        src = root / "universal" / chosen.name if reshard else chosen
+        engine.load_checkpoint(
+            str(src), tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        step, ledger = int(state["step"]), dict(state["ledger"])
+        if reshard:  # RNG streams are per rank: derive new ones from (seed, step, rank)
+            seed_everything((t.seed * 100_003 + step) * 1_009 + rank)
+        else:
+            set_rng_state(
+                torch.load(chosen / "crucible_state" / f"rank-{rank}.pt", weights_only=False)
+            )
+        reader.load_state_dict(state["reader"])
+        seconds = time.perf_counter() - t_load
+        if rank == 0:
+            nbytes = ckpt.read_manifest(chosen)["total_bytes"]
+            say(
+                f"resumed from {chosen.name} (world size {state['world_size']} → {world}) in "
+                f"{seconds:.2f} s ({nbytes / seconds / 1e6:.1f} MB/s)"
+            )
+            append_metrics(
+                run_dir,
+                {"kind": "resume", "step": step, "from": str(chosen), "world_size": world,
+                 "from_world_size": state["world_size"], "load_seconds": seconds,
+                 "bytes": nbytes},
+            )  # fmt: skip
+    heldout = None
+    if t.eval_every:
+        heldout = TrainingReader(
+            spec.data.shards, o.global_batch_size, rank=rank, world_size=world, split="heldout",
+            verify="size", doc_index=spec.data.mask_cross_document,
+        )  # fmt: skip
+    device = engine.device
+    t_attempt = time.perf_counter()
+    ledger_base = dict(ledger)
+    if rank == 0:
+        say(
+            f"training {spec.name}: steps {step}→{plan.total_steps}, {world} workers, "
+            f"micro-batch {plan.micro_batch_size} × {plan.grad_accum_steps} accumulation"
+        )
+    while step < plan.total_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, o, plan.total_steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        batch_index = reader.samples_consumed // o.global_batch_size
+        batch = reader.next_batch()
+        loss_sum = torch.zeros((), dtype=torch.float32)
+        for mb in _micro_batches(batch, plan.micro_batch_size, device):
+            doc = mb.get("doc_index") if spec.data.mask_cross_document else None
+            _, loss = engine(mb["input_ids"], mb["labels"], doc_ids=doc)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float().cpu()
+        loss_avg = loss_sum / plan.grad_accum_steps
+        dist.all_reduce(loss_avg)
+        loss_val = float(loss_avg) / world
+        if not math.isfinite(loss_val):
+            if rank == 0:
+                last = ckpt.latest_valid(root, "size")
+                ckpt.write_json_durable(
+                    run_dir / "nan.json",
+                    {"step": step + 1, "batch_index": batch_index, "loss": str(loss_val),
+                     "samples": [batch_index * o.global_batch_size,
+                                 (batch_index + 1) * o.global_batch_size],
+                     "last_checkpoint": str(last) if last else None},
+                )  # fmt: skip
+            return
+        step += 1
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        seconds = time.perf_counter() - t0
+        record = {
+            "kind": "step",
+            "step": step,
+            "loss": loss_val,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": plan.tokens_per_step,
+            "step_seconds": seconds,
+            "tokens_per_s": plan.tokens_per_step / seconds,
+        }
+        if heldout is not None and step % t.eval_every == 0:
+            record["heldout_loss"] = evaluate(
+                engine, heldout, t.eval_batches, plan, spec.data.mask_cross_document
+            )
+        if rank == 0:
+            append_metrics(run_dir, record | {"time": time.time()})
+            if step % t.log_every == 0 or step == plan.total_steps:
+                held = f" heldout {record['heldout_loss']:.4f}" if "heldout_loss" in record else ""
+                say(
+                    f"step {step}/{plan.total_steps} loss {loss_val:.4f}{held} lr {lr:.3e} "
+                    f"grad_norm {grad_norm:.3f} tokens {plan.tokens_per_step:,} "
+                    f"step {seconds:.3f}s {record['tokens_per_s']:,.0f} tok/s"
+                )
+        if step % t.log_every == 0 or step == plan.total_steps:
+            ray.train.report({k: v for k, v in record.items() if k != "kind"})
+        if step % spec.checkpoint.every_steps == 0 or step == plan.total_steps:
+            elapsed = time.perf_counter() - t_attempt
+            ledger = {
+                "worker_seconds": ledger_base["worker_seconds"] + elapsed * world,
+                "gpu_seconds": ledger_base["gpu_seconds"] + (elapsed * world if use_gpu else 0.0),
+            }
+            state = {
+                "step": step,
+                "samples_consumed": reader.samples_consumed,
+                "reader": reader.state_dict(),
+                "world_size": world,
+                "total_steps": plan.total_steps,
+                "ledger": ledger,
+                "spec": spec.model_dump(mode="json"),
+            }
+            stats = save(engine, root, step, state, rank, world)
+            if rank == 0:
+                deleted = ckpt.retain(root, spec.checkpoint.keep_last, spec.checkpoint.keep_every)
+                say(
+                    f"checkpoint {stats.path.name}: {stats.bytes / 1e6:.2f} MB in "
+                    f"{stats.seconds:.2f} s ({stats.bytes_per_s / 1e6:.1f} MB/s)"
+                    + (f"; removed {', '.join(f'step-{s}' for s in deleted)}" if deleted else "")
+                )
+                append_metrics(
+                    run_dir,
+                    {"kind": "checkpoint", "step": step, "bytes": stats.bytes,
+                     "save_seconds": stats.seconds, "path": str(stats.path)},
+                )  # fmt: skip

@@ -1,0 +1,206 @@
+"""The driver of a train job: checks, then one Ray Train ``TorchTrainer`` over the workers.
+
+Runs inside the Ray job (``python -m crucible.jobs.entry RUN_DIR``). Everything that can be
+checked before any worker starts is checked here, once, with one-line errors: the shards
+exist, match the model's vocabulary and context and pass their checksums; the cluster can
+ever provide the workers asked for (Ray would otherwise wait for them forever); a checkpoint
+written with another world size is converted to DeepSpeed's universal format.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from crucible.errors import CrucibleError
+from crucible.jobs.runs import load_run_spec
+from crucible.jobs.train import checkpoint as ckpt
+
+
+def check_shards(spec: Any) -> Any:
+    """Open the shards as the workers will, with full checks; return the manifest.
+
+    Args:
+        spec: the train spec.
+
+    Raises:
+        CrucibleError: missing/corrupt shards, or token ids or rows the model cannot take.
+    """
+    from crucible.data_pipeline.reader import TrainingReader
+
+    reader = TrainingReader(
+        spec.data.shards,
+        spec.optim.global_batch_size,
+        seed=spec.data.seed,
+        verify=spec.data.verify,
+        allow_manifest_change=spec.data.allow_manifest_change,
+    )
+    cfg = spec.model.resolve()
+    vocab = reader.manifest.tokenizer.vocab_size
+    if vocab > cfg.vocab_size:
+        raise CrucibleError(
+            f"shards {spec.data.shards} use a {vocab}-token vocabulary but the model has "
+            f"vocab_size {cfg.vocab_size}; set model.vocab_size to at least {vocab}"
+        )
+    if reader.seq_len > cfg.max_seq_len:
+        raise CrucibleError(
+            f"shards {spec.data.shards} hold {reader.seq_len}-token rows but the model's "
+            f"max_seq_len is {cfg.max_seq_len}; raise it or repack the shards"
+        )
+    return reader.manifest
+
+
+def decide_gpu(spec: Any, resources: dict[str, float]) -> bool:
+    """GPU workers if the spec says so, or (``use_gpu: null``) if the cluster has GPUs.
+
+    Args:
+        spec: the train spec.
+        resources: ``ray.cluster_resources()``.
+    """
+    if spec.train.use_gpu is not None:
+        return bool(spec.train.use_gpu)
+    return resources.get("GPU", 0) > 0
+
+
+def check_resources(spec: Any, resources: dict[str, float], use_gpu: bool) -> None:
+    """Refuse a run the cluster can never schedule, instead of waiting forever.
+
+    Args:
+        spec: the train spec.
+        resources: ``ray.cluster_resources()`` (totals, not what is free now).
+        use_gpu: whether workers need a GPU each.
+    """
+    t = spec.train
+    need = {"CPU": t.num_workers * t.cpus_per_worker}
+    if use_gpu:
+        need["GPU"] = t.num_workers
+    short = {k: v for k, v in need.items() if resources.get(k, 0) < v}
+    if short:
+        have = ", ".join(f"{resources.get(k, 0):g} {k}" for k in short)
+        want = ", ".join(f"{v:g} {k}" for k, v in short.items())
+        raise CrucibleError(
+            f"the run needs {want} ({t.num_workers} workers) but the cluster has {have}; "
+            "lower train.num_workers / train.cpus_per_worker or add nodes"
+        )
+
+
+def prepare_reshard(root: Path, mode: str, world: int) -> Path | None:
+    """Convert the checkpoint the workers will resume from to DeepSpeed's universal format
+    when it was written with another world size; return the converted directory.
+
+    Args:
+        root: the checkpoints directory.
+        mode: checkpoint verification mode.
+        world: the world size of this attempt.
+    """
+    chosen = ckpt.latest_valid(root, mode)
+    if chosen is None:
+        return None
+    saved = ckpt.read_state(chosen)["world_size"]
+    if saved == world:
+        return None
+    from crucible.jobs.train.reshard import to_universal
+
+    out = root / "universal" / chosen.name
+    t0 = time.perf_counter()
+    to_universal(chosen, out)
+    print(
+        f"converted {chosen.name} ({saved} ranks) to a universal checkpoint for {world} "
+        f"ranks in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+    return out
+
+
+def run_train(run_dir: Path) -> int:
+    """Train (or resume) the run in ``run_dir`` on the Ray cluster this process is attached
+    to; return an exit code.
+
+    Args:
+        run_dir: the run directory (holding ``spec.resolved.yaml``).
+
+    Raises:
+        CrucibleError: bad shards, too few resources, or a NaN loss.
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from crucible.jobs.train.loop import train_loop_per_worker
+
+    spec = load_run_spec(run_dir)
+    assert spec.kind == "train"
+    check_shards(spec)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    resources = ray.cluster_resources()
+    use_gpu = decide_gpu(spec, resources)
+    check_resources(spec, resources, use_gpu)
+    (run_dir / "nan.json").unlink(missing_ok=True)
+    root = run_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    prepare_reshard(root, spec.checkpoint.verify, spec.train.num_workers)
+    attempts = run_dir / "ray"
+    attempt = len(list(attempts.glob("attempt-*"))) if attempts.exists() else 0
+    t = spec.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run_dir": str(run_dir), "use_gpu": use_gpu},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            storage_path=str(attempts),
+            name=f"attempt-{attempt}",
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    trainer.fit()
+    nan = run_dir / "nan.json"
+    if nan.exists():
+        info = json.loads(nan.read_text())
+        raise CrucibleError(
+            f"loss became {info['loss']} at step {info['step']} (global batch "
+            f"{info['batch_index']}, samples {info['samples'][0]}–{info['samples'][1] - 1}); "
+            f"stopped; last good checkpoint: {info['last_checkpoint']}"
+        )
+    print(summarize(run_dir, time.perf_counter() - t0), flush=True)
+    return 0
+
+
+def summarize(run_dir: Path, seconds: float) -> str:
+    """A short end-of-run summary from ``metrics.jsonl`` and the latest checkpoint.
+
+    Args:
+        run_dir: the run directory.
+        seconds: wall time of this job's training.
+    """
+    steps, saves = [], []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        rec = json.loads(line)
+        (steps if rec["kind"] == "step" else saves if rec["kind"] == "checkpoint" else []).append(
+            rec
+        )
+    latest = ckpt.latest_valid(run_dir / "checkpoints", "size")
+    lines = [f"trained in {seconds:.1f} s"]
+    if steps:
+        last = steps[-1]
+        tps = sum(r["tokens"] for r in steps) / sum(r["step_seconds"] for r in steps)
+        lines.append(f"step {last['step']}: loss {last['loss']:.4f}; {tps:,.0f} tokens/s")
+    if saves:
+        mbps = sum(r["bytes"] for r in saves) / sum(r["save_seconds"] for r in saves) / 1e6
+        lines.append(f"checkpoint saves: {len(saves)}, {mbps:.1f} MB/s")
+    if latest is not None:
+        ledger = ckpt.read_state(latest)["ledger"]
+        lines.append(
+            f"latest checkpoint: {latest}; worker-hours {ledger['worker_seconds'] / 3600:.4f}"
+        )
+    lines.append(f"metrics: {path}")
+    return "\n".join(lines)
