@@ -1,0 +1,415 @@
+"""Crucible's Prometheus metrics and the two facades jobs call: :class:`TrainMetrics` and
+:class:`DataMetrics`.
+
+Names follow Prometheus conventions: one ``crucible_`` prefix, base units (seconds, bytes,
+FLOP/s), ``_total`` counters, ratios in 0–1. The labels ``run``, ``job`` and ``rank`` are not
+set here: they are target labels from discovery (see :mod:`.exporter`), so every series of a
+process carries them. Global quantities (tokens, loss, MFU) are recorded by rank 0 only, so
+``sum by (run)`` counts them once; per-device ones (step time, data wait, memory, NVML) by
+every rank.
+
+Every facade method is cheap (a few dict updates) and exception-safe: a metrics bug is logged
+once and never reaches the training loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Step times from 10 ms (tiny CPU models) to 10 min (huge global batches), ~1.6× apart.
+STEP_BUCKETS = tuple(round(0.01 * 1.6**i, 4) for i in range(30))
+
+
+def _safe(fn: F) -> F:
+    """Run ``fn``; on any exception log once (per method) and return None."""
+    warned = False
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nonlocal warned
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            if not warned:
+                warned = True
+                log.exception("metrics: %s failed; further failures are silent", fn.__name__)
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _finite(x: float | None) -> float:
+    return float(x) if x is not None else math.nan
+
+
+class TrainMetrics:
+    """What a training rank reports: call ``on_step`` after every optimizer step.
+
+    MFU follows PaLM (Chowdhery et al. 2022, app. B): model FLOPs per token (no
+    recomputation) × tokens/s ÷ (devices × peak FLOP/s per device). Hardware FLOP/s add the
+    recomputed forward when activation checkpointing is on.
+
+    Args:
+        model_flops_per_token: ``crucible.model.accounting.model_flops_per_token(cfg, seq_len)``.
+        hardware_flops_per_token: ``hardware_flops_per_token(cfg, seq_len, recompute)``.
+        num_devices: data-parallel devices (world size) sharing each step's tokens.
+        peak_flops_per_device: the device's peak (``peak.device_peak_flops()[1]``).
+        rank: this worker's rank; global metrics are recorded by rank 0 only.
+        total_steps: the run's step budget (for progress), if known.
+        total_tokens: the run's token budget, if known.
+        gpu_budget_seconds: device-second budget the cost alert compares against, if any.
+        registry: where the metrics live (default: a fresh registry for this object).
+    """
+
+    def __init__(
+        self,
+        model_flops_per_token: float,
+        hardware_flops_per_token: float,
+        num_devices: int,
+        peak_flops_per_device: float,
+        rank: int = 0,
+        total_steps: int | None = None,
+        total_tokens: float | None = None,
+        gpu_budget_seconds: float | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.model_flops_per_token = float(model_flops_per_token)
+        self.hardware_flops_per_token = float(hardware_flops_per_token)
+        self.num_devices = max(1, int(num_devices))
+        self.peak = float(peak_flops_per_device)
+        self.is_global = rank == 0
+        self._restarts = 0
+        self._cuda = _cuda_available()
+        ProcessCollector(registry=r, namespace="crucible")
+
+        self.tokens = Counter("crucible_train_tokens", "Training tokens processed.", registry=r)
+        self.samples = Counter(
+            "crucible_train_samples", "Training sequences processed.", registry=r
+        )
+        self.steps = Counter("crucible_train_steps", "Optimizer steps taken.", registry=r)
+        self.step = Gauge(
+            "crucible_train_step", "Optimizer steps done so far in the run.", registry=r
+        )
+        self.step_seconds = Histogram(
+            "crucible_train_step_seconds", "Wall time of one optimizer step.",
+            buckets=STEP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.data_wait = Counter(
+            "crucible_train_data_wait_seconds", "Time steps waited for their batch.", registry=r
+        )
+        self.loss = Gauge("crucible_train_loss", "Training loss of the last step.", registry=r)
+        self.heldout = Gauge("crucible_train_heldout_loss", "Last held-out loss.", registry=r)
+        self.lr = Gauge(
+            "crucible_train_learning_rate", "Learning rate of the last step.", registry=r
+        )
+        self.grad_norm = Gauge("crucible_train_grad_norm", "Global gradient norm.", registry=r)
+        self.model_flops = Gauge(
+            "crucible_train_model_flops_per_second",
+            "Model FLOP/s per device (PaLM count, no recomputation), last step.", registry=r,
+        )  # fmt: skip
+        self.hw_flops = Gauge(
+            "crucible_train_hardware_flops_per_second",
+            "Executed FLOP/s per device incl. recomputation, last step.", registry=r,
+        )  # fmt: skip
+        self.mfu = Gauge(
+            "crucible_train_mfu_ratio", "Model FLOPs utilisation, last step.", registry=r
+        )
+        self.last_step_time = Gauge(
+            "crucible_train_last_step_timestamp_seconds", "Unix time of the last step.", registry=r
+        )
+        self.restarts = Counter(
+            "crucible_train_restarts", "Worker-group restarts of this run.", registry=r
+        )
+        self.ckpt_save = Counter(
+            "crucible_checkpoint_save_seconds", "Time spent saving checkpoints.", registry=r
+        )
+        self.ckpt_bytes = Counter(
+            "crucible_checkpoint_saved_bytes", "Bytes written to checkpoints.", registry=r
+        )
+        self.ckpt_saves = Counter("crucible_checkpoint_saves", "Checkpoints committed.", registry=r)
+        self.ckpt_load = Counter(
+            "crucible_checkpoint_load_seconds", "Time spent loading checkpoints.", registry=r
+        )
+        self.ckpt_load_bytes = Counter(
+            "crucible_checkpoint_loaded_bytes", "Bytes read from checkpoints.", registry=r
+        )
+        self.ckpt_time = Gauge(
+            "crucible_checkpoint_last_timestamp_seconds",
+            "Unix time the last checkpoint was committed.", registry=r,
+        )  # fmt: skip
+        self.ckpt_step = Gauge(
+            "crucible_checkpoint_last_step", "Step of the last committed checkpoint.", registry=r
+        )
+        if self._cuda:
+            self.mem_alloc = Gauge(
+                "crucible_device_memory_allocated_bytes", "torch.cuda allocated memory.", registry=r
+            )
+            self.mem_peak = Gauge(
+                "crucible_device_memory_peak_bytes", "torch.cuda peak allocated memory.", registry=r
+            )
+            from crucible.monitoring.nvml import nvml_collector
+
+            nvml = nvml_collector()
+            if nvml is not None:
+                r.register(nvml)
+        constants = {
+            "crucible_train_model_flops_per_token": (
+                "Model FLOPs per token (6N + 12LHQT).", self.model_flops_per_token),
+            "crucible_device_peak_flops": ("Peak FLOP/s of one device.", self.peak),
+            "crucible_train_devices": ("Devices training this run.", float(self.num_devices)),
+        }  # fmt: skip
+        if self.is_global:
+            if total_steps is not None:
+                constants["crucible_train_target_steps"] = ("Step budget.", float(total_steps))
+            if total_tokens is not None:
+                constants["crucible_train_target_tokens"] = ("Token budget.", float(total_tokens))
+            if gpu_budget_seconds is not None:
+                constants["crucible_gpu_budget_seconds"] = (
+                    "Device-seconds budget of the run.", float(gpu_budget_seconds))  # fmt: skip
+        for name, (doc, value) in constants.items():
+            Gauge(name, doc, registry=r).set(value)
+
+    @_safe
+    def on_step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float | None,
+        tokens: int,
+        samples: int,
+        step_seconds: float,
+        data_wait_seconds: float = 0.0,
+    ) -> None:
+        """Record one optimizer step.
+
+        Args:
+            step: steps done after this one.
+            loss: the step's (all-reduced) training loss.
+            lr: learning rate used.
+            grad_norm: global gradient norm (None if unknown).
+            tokens: tokens in the global batch of this step.
+            samples: sequences in the global batch.
+            step_seconds: wall time of the step, data wait included.
+            data_wait_seconds: part of ``step_seconds`` spent waiting for the batch.
+        """
+        self.step_seconds.observe(step_seconds)
+        self.data_wait.inc(max(0.0, data_wait_seconds))
+        if self._cuda:
+            import torch
+
+            self.mem_alloc.set(torch.cuda.memory_allocated())
+            self.mem_peak.set(torch.cuda.max_memory_allocated())
+        if not self.is_global:
+            return
+        self.tokens.inc(tokens)
+        self.samples.inc(samples)
+        self.steps.inc()
+        self.step.set(step)
+        self.loss.set(_finite(loss))
+        self.lr.set(lr)
+        self.grad_norm.set(_finite(grad_norm))
+        if step_seconds > 0:
+            tok_s_device = tokens / step_seconds / self.num_devices
+            self.model_flops.set(self.model_flops_per_token * tok_s_device)
+            self.hw_flops.set(self.hardware_flops_per_token * tok_s_device)
+            self.mfu.set(self.model_flops_per_token * tok_s_device / self.peak)
+        self.last_step_time.set(time.time())
+
+    @_safe
+    def on_eval(self, loss: float) -> None:
+        """Record a held-out loss.
+
+        Args:
+            loss: token-weighted held-out loss.
+        """
+        if self.is_global:
+            self.heldout.set(_finite(loss))
+
+    @_safe
+    def on_checkpoint(self, step: int, save_seconds: float, nbytes: int) -> None:
+        """Record a committed checkpoint.
+
+        Args:
+            step: the checkpoint's step.
+            save_seconds: time from start of save to commit.
+            nbytes: bytes written (all ranks).
+        """
+        if not self.is_global:
+            return
+        self.ckpt_save.inc(save_seconds)
+        self.ckpt_bytes.inc(nbytes)
+        self.ckpt_saves.inc()
+        self.ckpt_time.set(time.time())
+        self.ckpt_step.set(step)
+
+    @_safe
+    def on_load(self, load_seconds: float, nbytes: int) -> None:
+        """Record a checkpoint load (resume).
+
+        Args:
+            load_seconds: time to load and restore.
+            nbytes: checkpoint size.
+        """
+        if self.is_global:
+            self.ckpt_load.inc(load_seconds)
+            self.ckpt_load_bytes.inc(nbytes)
+
+    @_safe
+    def on_restart(self, restarts: int | None = None) -> None:
+        """Record that this attempt is a restart.
+
+        Args:
+            restarts: restarts of the run so far (e.g. attempt index - 1); the counter is
+                raised to this total. None counts one more.
+        """
+        if not self.is_global:
+            return
+        total = self._restarts + 1 if restarts is None else max(self._restarts, restarts)
+        self.restarts.inc(total - self._restarts)
+        self._restarts = total
+
+
+def train_metrics_for(
+    cfg: Any,
+    seq_len: int,
+    num_devices: int,
+    rank: int = 0,
+    recompute: bool = False,
+    peak_flops_per_device: float | None = None,
+    **kwargs: Any,
+) -> TrainMetrics:
+    """:class:`TrainMetrics` for a model shape; the device peak is looked up (or measured).
+
+    Args:
+        cfg: the ``ModelConfig`` being trained.
+        seq_len: training sequence length.
+        num_devices: data-parallel devices.
+        rank: this worker's rank.
+        recompute: activation checkpointing on (hardware FLOPs add a forward).
+        peak_flops_per_device: override the catalogue / CPU measurement.
+        **kwargs: passed to :class:`TrainMetrics` (total_steps, total_tokens, ...).
+    """
+    from crucible.model.accounting import hardware_flops_per_token, model_flops_per_token
+    from crucible.monitoring.peak import device_peak_flops
+
+    peak = peak_flops_per_device or device_peak_flops()[1]
+    return TrainMetrics(
+        model_flops_per_token(cfg, seq_len),
+        hardware_flops_per_token(cfg, seq_len, recompute),
+        num_devices,
+        peak,
+        rank=rank,
+        **kwargs,
+    )
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+class DataMetrics(Collector):
+    """The data pipeline's counters, exported from its cumulative per-step statistics.
+
+    The pipeline already merges ``{step: StepStats.to_dict()}`` as parts finish; passing
+    that mapping to :meth:`update` makes it the exported state (counters never go down:
+    the pipeline's totals only grow).
+
+    Args:
+        registry: where to register (default: a fresh registry, as ``.registry``).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._steps: dict[str, Any] = {}
+        self._dedup: dict[str, float] = {}
+        self._updated = 0.0
+        self.registry.register(self)
+
+    @_safe
+    def update(self, step_stats: dict[str, Any]) -> None:
+        """Replace the exported totals with the pipeline's merged per-step stats.
+
+        Args:
+            step_stats: ``{step name: {"docs_in", "docs_out", "bytes_in", "bytes_out",
+                "dropped": {rule: n}}}``; extra keys are ignored.
+        """
+        self._steps = {str(k): dict(v) for k, v in step_stats.items() if isinstance(v, dict)}
+        self._updated = time.time()
+
+    @_safe
+    def on_dedup(self, duplicates: int, cluster_sizes: dict[Any, int]) -> None:
+        """Record fuzzy-dedup results.
+
+        Args:
+            duplicates: documents that are members of a duplicate cluster.
+            cluster_sizes: ``{cluster size: number of clusters}``.
+        """
+        self._dedup = {
+            "clusters": float(sum(cluster_sizes.values())),
+            "duplicates": float(duplicates),
+        }
+        self._updated = time.time()
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Yield the ``crucible_data_*`` families from the last update."""
+        fams = {
+            key: CounterMetricFamily(f"crucible_data_{name}", doc, labels=["stage"])
+            for key, name, doc in [
+                ("docs_in", "documents_in", "Documents entering a pipeline step."),
+                ("docs_out", "documents_out", "Documents leaving a pipeline step."),
+                ("bytes_in", "bytes_in", "Text bytes entering a pipeline step."),
+                ("bytes_out", "bytes_out", "Text bytes leaving a pipeline step."),
+            ]
+        }
+        drops = CounterMetricFamily(
+            "crucible_data_dropped_documents", "Documents dropped, by step and rule.",
+            labels=["stage", "rule"],
+        )  # fmt: skip
+        for stage, s in self._steps.items():
+            for key, fam in fams.items():
+                fam.add_metric([stage], float(s.get(key, 0)))
+            for rule, n in (s.get("dropped") or {}).items():
+                drops.add_metric([stage, str(rule)], float(n))
+        yield from fams.values()
+        yield drops
+        if self._dedup:
+            yield GaugeMetricFamily(
+                "crucible_data_duplicate_clusters", "Near-duplicate clusters found.",
+                value=self._dedup["clusters"],
+            )  # fmt: skip
+            yield GaugeMetricFamily(
+                "crucible_data_duplicate_documents", "Documents in near-duplicate clusters.",
+                value=self._dedup["duplicates"],
+            )  # fmt: skip
+        if self._updated:
+            yield GaugeMetricFamily(
+                "crucible_data_last_update_timestamp_seconds", "Unix time of the last update.",
+                value=self._updated,
+            )  # fmt: skip
