@@ -1,0 +1,122 @@
+"""``crucible train run``, ``crucible resume`` and ``crucible export``: the train job, restarting
+a stopped run from its last valid checkpoint, and consolidated weights out of a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from crucible.errors import CrucibleError
+
+app = typer.Typer(
+    help="Train a GPT with DeepSpeed ZeRO-3 on Ray Train workers.", no_args_is_help=True
+)
+
+
+@app.callback()
+def _group() -> None:
+    """Train a GPT with DeepSpeed ZeRO-3 on Ray Train workers."""
+
+
+SetOption = typer.Option([], "--set", help="Override a spec value: key.path=value (repeatable).")
+
+
+def dry_run_text(spec: object) -> str:
+    """The resolved DeepSpeed config and per-rank plan of a train spec; needs no cluster,
+    no GPU and no shards (the sequence length comes from the shards' manifest when present,
+    else from the model's context).
+
+    Args:
+        spec: a validated train spec.
+    """
+    from crucible.data_pipeline.shards.manifest import read_manifest
+    from crucible.jobs.train.plan import format_plan, make_plan
+
+    seq_len = None
+    shards = Path(spec.data.shards)  # type: ignore[attr-defined]
+    if (shards / "manifest.json").exists():
+        seq_len = read_manifest(shards).seq_len
+    use_gpu = bool(spec.train.use_gpu)  # type: ignore[attr-defined]
+    plan = make_plan(spec, spec.train.num_workers, seq_len, use_gpu)  # type: ignore[arg-type, attr-defined]
+    note = "" if seq_len else f"\n(shards {shards} not found: sequence length from the model)"
+    return format_plan(spec, plan) + note  # type: ignore[arg-type]
+
+
+def _submit(spec: object, resume: bool, detach: bool) -> None:
+    from crucible.jobs.submit import follow, submit_run
+
+    client, job_id, d = submit_run(spec, resume=resume)  # type: ignore[arg-type]
+    typer.echo(f"submitted job {job_id} for run {spec.name} (run directory {d})")  # type: ignore[attr-defined]
+    if detach:
+        return
+    rc = follow(client, job_id)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command("run")
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="A spec with kind: train."),
+    set_: list[str] = SetOption,
+    detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate; print the DeepSpeed config and per-rank plan."
+    ),
+) -> None:
+    """Train SPEC on the cluster as a Ray job (Ray Train workers, DeepSpeed ZeRO-3)."""
+    from crucible.jobs.runs import absolutize
+    from crucible.jobs.spec import load_spec
+
+    spec = absolutize(load_spec(spec_path, set_))
+    if spec.kind != "train":
+        raise CrucibleError(
+            f"{spec_path} has kind: {spec.kind}; `crucible train run` needs kind: train"
+        )
+    if dry_run:
+        typer.echo(dry_run_text(spec))
+        return
+    _submit(spec, resume=False, detach=detach)
+
+
+def resume_cmd(
+    run: str = typer.Argument(..., help="A train run: its name (under --storage) or directory."),
+    set_: list[str] = SetOption,
+    storage: str | None = typer.Option(None, help="Storage root the run name is under."),
+    detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
+) -> None:
+    """Start a stopped or failed run again from its newest valid checkpoint.
+
+    ``--set train.num_workers=M`` resumes on another world size (same global batch and data
+    order; the checkpoint is converted to DeepSpeed's universal format).
+    """
+    from crucible.config import apply_overrides
+    from crucible.jobs.runs import find_run, load_run_spec
+    from crucible.jobs.spec import parse_spec
+
+    d = find_run(run, storage)
+    spec = load_run_spec(d)
+    if spec.kind != "train":
+        raise CrucibleError(f"run {d} is a {spec.kind} run; `crucible resume` resumes train runs")
+    if set_:
+        spec = parse_spec(apply_overrides(spec.model_dump(mode="json"), set_), source=str(d))
+    _submit(spec, resume=True, detach=detach)
+
+
+def export_cmd(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint (step-<N>), or a run directory (its newest valid checkpoint)."
+    ),
+    format: str = typer.Option("hf", "--format", help="hf (transformers directory) or torch."),
+    out: Path = typer.Option(..., "--out", help="Output directory (hf) or file (torch)."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16 weights."),
+) -> None:
+    """Gather a ZeRO-3 checkpoint's shards into consolidated weights (torch or HF format)."""
+    from crucible.jobs.train.export import export_checkpoint
+
+    if format not in ("hf", "torch"):
+        raise CrucibleError(f"--format {format!r} is not one of hf, torch")
+    if dtype not in ("fp32", "bf16"):
+        raise CrucibleError(f"--dtype {dtype!r} is not one of fp32, bf16")
+    path = export_checkpoint(checkpoint, format, out, dtype)  # type: ignore[arg-type]
+    typer.echo(f"wrote {format} weights ({dtype}) to {path}")

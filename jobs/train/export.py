@@ -1,0 +1,124 @@
+"""Export a ZeRO-3 checkpoint: every rank's shards gathered into one state dict, written as a
+torch file or a Hugging Face ``transformers`` directory.
+
+Consolidation is DeepSpeed's own (``get_fp32_state_dict_from_zero_checkpoint``, the fp32
+master weights, not the bf16 working copy); the HF conversion is ``crucible.model.hf``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from crucible.errors import CrucibleError
+from crucible.jobs.train import checkpoint as ckpt
+from crucible.model.config import ModelConfig
+from crucible.model.gpt import GPT, build_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A ``step-<N>`` directory from itself, a checkpoints directory or a run directory
+    (the newest valid checkpoint of the latter two).
+
+    Args:
+        path: what the user gave.
+
+    Raises:
+        CrucibleError: no valid checkpoint there.
+    """
+    path = Path(path)
+    if (path / ckpt.MANIFEST).exists() or (path / ckpt.STATE).exists():
+        bad = ckpt.verify(path, "sha256")
+        if bad:
+            raise CrucibleError(f"checkpoint {path} is not valid: {bad}")
+        return path
+    for root in (path / "checkpoints", path):
+        if ckpt.committed_steps(root):
+            found = ckpt.latest_valid(root, "sha256")
+            if found is None:
+                raise CrucibleError(f"no checkpoint under {root} verifies; see the warnings")
+            return found
+    raise CrucibleError(
+        f"{path} is not a checkpoint (step-<N> with manifest.json), a checkpoints directory "
+        "or a run directory with checkpoints"
+    )
+
+
+def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The full fp32 state dict of a ZeRO checkpoint and the model config it belongs to.
+
+    Args:
+        checkpoint: a committed ``step-<N>`` directory (verified by the caller).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from crucible.jobs.spec import parse_spec
+
+    state = ckpt.read_state(checkpoint)
+    spec = parse_spec(state["spec"], source=str(checkpoint / ckpt.STATE))
+    cfg = spec.model.resolve()  # type: ignore[union-attr]
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ckpt.DS_TAG)
+    return dict(sd), cfg
+
+
+def load_model(checkpoint: Path, dtype: str = "fp32") -> GPT:
+    """A plain :class:`GPT` holding a checkpoint's consolidated weights.
+
+    Args:
+        checkpoint: a ``step-<N>`` directory, checkpoints directory or run directory.
+        dtype: ``fp32`` or ``bf16``.
+    """
+    sd, cfg = consolidate(resolve_checkpoint(checkpoint))
+    model = build_model(cfg, device="meta")
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:  # assign=True loads each name separately; share them again
+        model.lm_head.weight = model.tok_emb.weight
+    return model.to(DTYPES[dtype]).eval()
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    fmt: Literal["torch", "hf"],
+    out: Path,
+    dtype: Literal["fp32", "bf16"] = "fp32",
+) -> Path:
+    """Write a checkpoint's consolidated weights to ``out``; return what was written.
+
+    ``torch``: ``out`` is a ``torch.save``'d state dict (GPT parameter names) with
+    ``<out>.config.json`` (the :class:`ModelConfig`) beside it. ``hf``: ``out`` is a
+    directory that ``AutoModelForCausalLM.from_pretrained`` loads (GPT-2 or LLaMA classes),
+    with the run's ``tokenizer.json`` when the shards have one.
+
+    Args:
+        checkpoint: a ``step-<N>`` directory, checkpoints directory or run directory.
+        fmt: ``torch`` or ``hf``.
+        out: output file (torch) or directory (hf).
+        dtype: ``fp32`` or ``bf16`` weights.
+    """
+    if dtype not in DTYPES:
+        raise CrucibleError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    path = resolve_checkpoint(checkpoint)
+    model = load_model(path, dtype)
+    out = Path(out)
+    if fmt == "torch":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, out)
+        out.with_name(out.name + ".config.json").write_text(
+            json.dumps(model.cfg.model_dump(mode="json"), indent=1)
+        )
+        return out
+    if fmt == "hf":
+        from crucible.model.hf import to_hf
+
+        to_hf(model).save_pretrained(out)
+        shards = Path(ckpt.read_state(path)["spec"]["data"]["shards"])
+        if (shards / "tokenizer.json").exists():
+            shutil.copy2(shards / "tokenizer.json", out / "tokenizer.json")
+        return out
+    raise CrucibleError(f"export format {fmt!r} is not one of torch, hf")
