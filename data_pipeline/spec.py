@@ -131,12 +131,33 @@ class MinHashSpec(StrictModel):
     num_bands: int = Field(14, ge=1, description="LSH bands (buckets).")
     rows_per_band: int = Field(8, ge=1, description="Hashes per band.")
     seed: int = Field(1, description="Seed of the permutation parameters.")
+    threshold: float = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="Minimum Jaccard of a duplicate pair: LSH candidates are checked against "
+        "it (0 keeps every candidate).",
+    )
+    verify: Literal["exact", "signature"] = Field(
+        "exact",
+        description="How candidates are checked: 'signature' compares the MinHash estimate "
+        "(fraction of equal signature values) with the threshold; 'exact' also computes the "
+        "exact shingle Jaccard of pairs whose estimate is within 3 standard errors of it.",
+    )
     max_rounds: int = Field(64, ge=1, description="Cap on connected-components rounds.")
 
     @property
     def num_perm(self) -> int:
         """Total number of permutations (bands x rows)."""
         return self.num_bands * self.rows_per_band
+
+    @property
+    def margin(self) -> float:
+        """Half-width of the band of estimates that get an exact check (0 for 'signature')."""
+        if self.verify == "signature":
+            return 0.0
+        t = self.threshold
+        return 3.0 * (t * (1.0 - t) / self.num_perm) ** 0.5
 
 
 class DedupSpec(StrictModel):

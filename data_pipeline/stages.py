@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crucible.data_pipeline.dedup.exact import text_hash
+from crucible.data_pipeline.dedup.lsh import compact_signature
 from crucible.data_pipeline.dedup.minhash import band_keys, signature
 from crucible.data_pipeline.document import ROW_BITS
 from crucible.data_pipeline.filters.c4 import C4
@@ -86,7 +87,7 @@ def work_paths(run_dir: Path) -> dict[str, Path]:
 
 def filter_part(part: int, path: str, spec: DataSpec, run_dir: Path) -> dict[str, Any]:
     """Read input ``path`` as part ``part`` through every step; write the survivors (with their
-    text hash and band keys), the exclusions and the part's stats (the marker, last).
+    text hash, band keys and compact signature), the exclusions and the part's stats (the marker, last).
 
     Args:
         part: index of the input in the sorted input list.
@@ -107,22 +108,24 @@ def filter_part(part: int, path: str, spec: DataSpec, run_dir: Path) -> dict[str
     keep_text, max_chars = spec.output.exclusion_text, spec.output.max_exclusion_text_chars
     holders = [reader, *steps]
 
-    def flush(batch: list, hashes: list, bands: list) -> None:
-        out.write(filtered_table(batch, hashes, bands))
+    def flush(batch: list, hashes: list, bands: list, sigs: list) -> None:
+        out.write(filtered_table(batch, hashes, bands, sigs))
         for h in holders:
             if h.exclusions:
                 exc.write(exclusions_table(h.exclusions, keep_text, max_chars))
                 h.exclusions.clear()
 
-    batch, hashes, bands = [], [], []
+    batch, hashes, bands, sigs = [], [], [], []
     for doc in docs:
         batch.append(doc)
         hashes.append(text_hash(doc.text))
-        bands.append(band_keys(signature(doc.text, mh), mh).tolist() if mh.enabled else [])
+        sig = signature(doc.text, mh) if mh.enabled else None
+        bands.append(band_keys(sig, mh).tolist() if sig is not None else [])
+        sigs.append(compact_signature(sig).tolist() if sig is not None else [])
         if len(batch) >= spec.reader.batch_size:
-            flush(batch, hashes, bands)
-            batch, hashes, bands = [], [], []
-    flush(batch, hashes, bands)
+            flush(batch, hashes, bands, sigs)
+            batch, hashes, bands, sigs = [], [], [], []
+    flush(batch, hashes, bands, sigs)
     out.commit()
     exc.commit()
     stats = {h.name: h.stats.to_dict() for h in holders}
@@ -151,7 +154,10 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Path) -> dict[str, Any]:
     """
     p = work_paths(run_dir)
     name = part_name(part)
-    table = pq.read_table(p["filtered"] / name, schema=FILTERED_SCHEMA)
+    # the dedup columns (bands, signature) are not needed here: read only what is written
+    table = pq.read_table(
+        p["filtered"] / name, columns=[*DOCUMENT_SCHEMA.names, "key"], schema=FILTERED_SCHEMA
+    )
     keys = table.column("key").to_numpy()
     nbytes = np.asarray(pc.binary_length(pc.cast(table.column("text"), pa.binary())), np.int64)
     exact = _dup_keys(p["dedup"] / "exact", part, "dup_of")

@@ -12,19 +12,79 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crucible.data_pipeline.dedup.components import components_local
 from crucible.data_pipeline.dedup.exact import exact_duplicates
 from crucible.data_pipeline.dedup.lsh import bucket_edges, explode_bands
 from crucible.data_pipeline.dedup.results import cluster_histogram, write_partitioned_local
+from crucible.data_pipeline.dedup.verify import (
+    attach_text,
+    doc_rows,
+    exact_edges,
+    pair_ends,
+    unique_pairs,
+)
 from crucible.data_pipeline.spec import DataSpec
 from crucible.data_pipeline.stages import filter_part, finalize_part
+
+_ROWS_PER_SLICE = 1 << 18  # bucket rows verified at once (each carries its signature)
 
 
 def _read(files: list[Path], columns: list[str]) -> pa.Table:
     tables = [pq.read_table(f, columns=columns) for f in files]
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
+
+def _list_matrix(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
+    """A column of equal-length lists as a 2-D array, without a Python loop per row."""
+    arr = column.combine_chunks()
+    if len(arr) == 0:
+        return np.zeros((0, 0), dtype=dtype)
+    return arr.flatten().to_numpy().astype(dtype, copy=False).reshape(len(arr), -1)
+
+
+def _verified_edges(
+    rows: dict[str, np.ndarray], sigs: np.ndarray, threshold: float, margin: float
+) -> dict:
+    """:func:`bucket_edges` over rows sorted by bucket, in slices of whole buckets, so only
+    one slice's signatures are copied onto bucket rows at a time."""
+    buckets = rows["bucket"]
+    out: dict[str, list[np.ndarray]] = {"a": [], "b": [], "sure": []}
+    s = 0
+    while s < buckets.size:
+        e = min(s + _ROWS_PER_SLICE, buckets.size)
+        # extend the slice to the end of its last bucket
+        e = int(np.searchsorted(buckets, buckets[e - 1], side="right"))
+        sl = slice(s, e)
+        got = bucket_edges(
+            {"bucket": buckets[sl], "key": rows["key"][sl], "signature": sigs[rows["row"][sl]]},
+            threshold,
+            margin,
+        )
+        for k, v in got.items():
+            out[k].append(v)
+        s = e
+    empty = {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "sure": np.zeros(0, bool)}
+    return {k: np.concatenate([empty[k], *v]) for k, v in out.items()}
+
+
+def _exact_check(files: list[Path], pairs: dict, n_grams: int, threshold: float) -> dict:
+    """:func:`exact_edges` of ``pairs`` (``kept``: exact Jaccard reaches ``threshold``); only
+    the texts of their documents are read."""
+    if pairs["a"].size == 0:
+        return {**pairs, "kept": np.zeros(0, bool)}
+    needed = pa.array(np.unique(np.concatenate([pairs["a"], pairs["b"]])))
+    docs = []
+    for f in files:
+        t = pq.read_table(f, columns=["key", "text"])
+        t = t.filter(pc.is_in(t["key"], value_set=needed))
+        docs.append(
+            doc_rows({"key": t["key"].to_numpy(), "text": t["text"].to_numpy(zero_copy_only=False)})
+        )
+    rows = {k: np.concatenate([d[k] for d in [pair_ends(pairs), *docs]]) for k in docs[0]}
+    return exact_edges(attach_text(rows), n_grams, threshold)
 
 
 class LocalExecutor:
@@ -53,18 +113,38 @@ class LocalExecutor:
         return {"duplicates": int(dups["key"].size)}
 
     def fuzzy_dedup(self, files: list[Path], out_dir: Path, spec: DataSpec) -> dict[str, Any]:
-        """MinHash LSH + connected components; write ``{key, root, part}`` of non-survivors."""
-        t = _read(files, ["key", "bands"])
+        """MinHash LSH + verification + connected components; write ``{key, root, part}`` of
+        non-survivors."""
+        t = _read(files, ["key", "bands", "signature"])
+        sigs = _list_matrix(t["signature"], np.uint32)
         rows = explode_bands(
-            {"key": t["key"].to_numpy(), "bands": t["bands"].to_numpy(zero_copy_only=False)}
+            {
+                "key": t["key"].to_numpy(),
+                "bands": _list_matrix(t["bands"], np.uint64),
+                "row": np.arange(t.num_rows),
+            }
         )
-        edges = bucket_edges(rows)
+        del t
+        order = np.argsort(rows["bucket"], kind="stable")
+        rows = {k: v[order] for k, v in rows.items()}
+        mh = spec.dedup.minhash
+        checked = _verified_edges(rows, sigs, mh.threshold, mh.margin)
+        del rows, sigs
+        sure = checked["sure"]
+        unsure = unique_pairs({"a": checked["a"][~sure], "b": checked["b"][~sure]})
+        exact = _exact_check(files, unsure, mh.n_grams, mh.threshold)
+        edges = {
+            "a": np.concatenate([checked["a"][sure], exact["a"][exact["kept"]]]),
+            "b": np.concatenate([checked["b"][sure], exact["b"][exact["kept"]]]),
+        }
         labels, rounds = components_local(edges, spec.dedup.minhash.max_rounds)
         if edges["a"].size == 0:
             labels, rounds = {"key": np.zeros(0, np.int64), "root": np.zeros(0, np.int64)}, 0
         write_partitioned_local(labels, out_dir)
         return {
             "edges": int(edges["a"].size),
+            "exact_checked": int(exact["a"].size),
+            "exact_kept": int(exact["kept"].sum()),
             "rounds": rounds,
             "duplicates": int(labels["key"].size),
             "cluster_sizes": cluster_histogram(labels["root"]),

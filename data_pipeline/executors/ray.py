@@ -2,13 +2,16 @@
 
 - filter / final: one Ray Data task per input part (streamed, a few in flight per CPU);
 - exact dedup: ``groupby("text_hash").map_groups`` (a hash-partitioned shuffle);
-- MinHash: band keys exploded, ``groupby("bucket")`` for the edges, then large-star /
-  small-star rounds, each a ``groupby("a").map_groups``, until the edge checksum is stable.
+- MinHash: band keys exploded (each row carrying its document's signature),
+  ``groupby("bucket")`` for the checked edges (pairs near the threshold get an exact check:
+  texts joined to pair ends by ``groupby("key")``, ends paired by ``groupby(["a", "b"])``),
+  then large-star / small-star rounds, each a ``groupby("a").map_groups``, until the edge checksum is stable.
 No task ever holds every edge or every document.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable
@@ -27,8 +30,33 @@ from crucible.data_pipeline.dedup.components import (
 from crucible.data_pipeline.dedup.exact import exact_duplicates
 from crucible.data_pipeline.dedup.lsh import bucket_edges, explode_bands
 from crucible.data_pipeline.dedup.results import commit_dir, with_part
+from crucible.data_pipeline.dedup.verify import (
+    attach_text,
+    doc_rows,
+    exact_edges,
+    pair_ends,
+    unique_pairs,
+)
 from crucible.data_pipeline.spec import DataSpec
 from crucible.data_pipeline.stages import filter_part, finalize_part
+
+_BUCKET_ROWS_PER_PARTITION = 250_000  # ~120 MB of bucket rows with 112-value signatures
+
+
+_TEXT_BYTES = 64 << 20  # filtered Parquet bytes per partition of the exact check's text shuffle
+
+
+def _select(batch: dict[str, np.ndarray], col: str, value: bool = True) -> dict[str, np.ndarray]:
+    """The ``{a, b}`` edges of a batch whose flag ``col`` equals ``value``."""
+    keep = np.asarray(batch[col], bool) == value
+    return {"a": np.asarray(batch["a"])[keep], "b": np.asarray(batch["b"])[keep]}
+
+
+def _num_rows(files: list[Path]) -> int:
+    """Rows of the Parquet ``files``, from their footers."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def _ensure_ray() -> Any:
@@ -112,11 +140,38 @@ class RayExecutor:
         """LSH buckets -> star edges -> large-star/small-star rounds -> ``{key, root}``."""
         import ray.data
 
-        ds = ray.data.read_parquet([str(f) for f in files], columns=["key", "bands"])
+        ds = ray.data.read_parquet([str(f) for f in files], columns=["key", "bands", "signature"])
         rows = ds.map_batches(explode_bands, batch_format="numpy")
-        edges = rows.groupby("bucket", num_partitions=self.partitions).map_groups(
-            bucket_edges, batch_format="numpy"
+        mh = spec.dedup.minhash
+        # each bucket row carries its signature: partitions grow with the corpus so that one
+        # reduce task's share (and so a worker's memory) stays the same size as the corpus grows
+        n_rows = _num_rows(files) * mh.num_bands
+        parts = max(self.partitions, -(-n_rows // _BUCKET_ROWS_PER_PARTITION))
+        checked = (
+            rows.groupby("bucket", num_partitions=parts)
+            .map_groups(
+                functools.partial(bucket_edges, threshold=mh.threshold, margin=mh.margin),
+                batch_format="numpy",
+            )
+            .materialize()
         )
+        edges = checked.map_batches(functools.partial(_select, col="sure"), batch_format="numpy")
+        unsure = (
+            checked.map_batches(
+                functools.partial(_select, col="sure", value=False), batch_format="numpy"
+            )
+            .map_batches(unique_pairs, batch_format="numpy")
+            .materialize()
+        )
+        n_unsure = unsure.count()
+        n_exact = 0
+        if n_unsure:
+            exact = self._exact_check(files, unsure, mh.n_grams, mh.threshold).materialize()
+            n_unsure = exact.count()  # distinct pairs (unsure repeats them across buckets)
+            kept = exact.map_batches(functools.partial(_select, col="kept"), batch_format="numpy")
+            kept = kept.materialize()
+            n_exact = kept.count()
+            edges = edges.union(kept)
         edges = edges.materialize()
         n_edges = edges.count()
         cur, prev, rounds = edges, None, 0
@@ -158,10 +213,30 @@ class RayExecutor:
             out_dir.mkdir(parents=True, exist_ok=True)
         return {
             "edges": int(n_edges),
+            "exact_checked": int(n_unsure),
+            "exact_kept": int(n_exact),
             "rounds": rounds,
             "duplicates": n_dups,
             "cluster_sizes": hist,
         }
+
+    def _exact_check(self, files: list[Path], pairs: Any, n_grams: int, threshold: float) -> Any:
+        """Exact Jaccard of ``pairs``: texts joined to pair ends by key, ends paired by pair."""
+        import ray.data
+
+        docs = ray.data.read_parquet([str(f) for f in files], columns=["key", "text"])
+        ends = pairs.map_batches(pair_ends, batch_format="numpy")
+        rows = ends.union(docs.map_batches(doc_rows, batch_format="numpy"))
+        parts = max(self.partitions, -(-sum(f.stat().st_size for f in files) // _TEXT_BYTES))
+        return (
+            rows.groupby("key", num_partitions=parts)
+            .map_groups(attach_text, batch_format="numpy")
+            .groupby(["a", "b"], num_partitions=parts)
+            .map_groups(
+                functools.partial(exact_edges, n_grams=n_grams, threshold=threshold),
+                batch_format="numpy",
+            )
+        )
 
     def finalize_parts(
         self,

@@ -27,10 +27,12 @@ DOCUMENT_SCHEMA = pa.schema(
         ("language_score", pa.float32()),
     ]
 )
-# Intermediate rows carry the dedup key, the exact-text hash and the LSH band keys.
+# Intermediate rows carry the dedup key, the exact-text hash, the LSH band keys and the
+# compact MinHash signature (candidate pairs are verified against it).
 FILTERED_SCHEMA = DOCUMENT_SCHEMA.append(pa.field("key", pa.int64()))
 FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("text_hash", pa.string()))
 FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("bands", pa.list_(pa.uint64())))
+FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("signature", pa.list_(pa.uint32())))
 EXCLUSION_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("rule", pa.string()), ("text", pa.string())]
 )
@@ -76,7 +78,12 @@ def exclusions_table(rows: list[Exclusion], keep_text: bool, max_chars: int) -> 
     )
 
 
-def filtered_table(docs: list[Document], hashes: list[str], bands: list[list[int]]) -> pa.Table:
+def filtered_table(
+    docs: list[Document],
+    hashes: list[str],
+    bands: list[list[int]],
+    signatures: list[list[int]],
+) -> pa.Table:
     """Surviving documents of a part, with their dedup columns."""
     return pa.table(
         {
@@ -89,6 +96,7 @@ def filtered_table(docs: list[Document], hashes: list[str], bands: list[list[int
             "key": [d.key for d in docs],
             "text_hash": hashes,
             "bands": bands,
+            "signature": signatures,
         },
         schema=FILTERED_SCHEMA,
     )

@@ -27,3 +27,6 @@ def test_ray_equals_local(corpus: dict[str, Any], ray_local: Any, tmp_path: Path
     for k in ("steps", "drops", "languages", "duplicate_clusters", "totals"):
         assert json.dumps(local[k], sort_keys=True) == json.dumps(ray[k], sort_keys=True), k
     assert ray["dedup"]["minhash"]["rounds"] >= 1
+    # candidates near the threshold took the exact check's two groupbys on Ray too
+    assert ray["dedup"]["minhash"]["exact_checked"] == local["dedup"]["minhash"]["exact_checked"]
+    assert ray["dedup"]["minhash"]["exact_checked"] > 0
