@@ -1,0 +1,212 @@
+"""Train job pieces that need no workers: LR schedule, checkpoint commit/verify/fallback and
+retention, the per-rank plan and ``--dry-run``, and the driver's up-front checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crucible.errors import CrucibleError
+from crucible.jobs.cli.train import app
+from crucible.jobs.train import checkpoint as ckpt
+from crucible.jobs.train.plan import make_plan
+from crucible.jobs.train.run import check_resources, check_shards
+from crucible.jobs.train.schedule import lr_at
+from crucible.jobs.train.spec import OptimSpec
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+# --- LR schedule -----------------------------------------------------------------------
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    o = OptimSpec(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    lrs = [lr_at(s, o, 100) for s in range(100)]
+    assert lrs[:10] == pytest.approx([1e-4 * (i + 1) for i in range(10)])
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in pairwise(lrs[10:]))  # monotone decay
+    mid = 10 + (89 // 2)
+    assert lrs[mid] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
+
+
+def test_constant_and_wsd() -> None:
+    const = OptimSpec(lr=2e-3, warmup_steps=4, schedule="constant")
+    assert [lr_at(s, const, 50) for s in (4, 20, 49)] == [2e-3] * 3
+    wsd = OptimSpec(lr=1e-3, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0)
+    lrs = [lr_at(s, wsd, 110) for s in range(110)]
+    assert lrs[10:90] == [1e-3] * 80  # stable phase: 100 post-warmup steps, last 20 decay
+    assert lrs[90] < 1e-3 and lrs[-1] == pytest.approx(0.0)
+    assert all(a > b for a, b in pairwise(lrs[90:]))
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+
+def _write_fake_save(root: Path, step: int, world: int, skip: str | None = None) -> Path:
+    """The files a ``world``-rank ZeRO-3 save leaves in ``step-<N>.tmp`` (real bytes)."""
+    tmp = root / f"step-{step}.tmp"
+    files = ["zero_to_fp32.py", "crucible_state/state.json"]
+    for r in range(world):
+        files += [
+            f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+            f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+            f"crucible_state/rank-{r}.pt",
+        ]
+    for i, rel in enumerate(files):
+        if rel == skip:
+            continue
+        p = tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes([step % 256, i]) * (1000 + 37 * i))
+    return tmp
+
+
+def _save(root: Path, step: int, world: int = 2) -> Path:
+    tmp = _write_fake_save(root, step, world)
+    files: dict = {}
+    for r in range(world):  # each rank hashes what it wrote
+        files |= ckpt.hash_own_files(tmp, r, world)
+    return ckpt.commit(root, step, files, world)
+
+
+def test_commit_writes_manifest_last_renames_and_points_latest(tmp_path: Path) -> None:
+    path = _save(tmp_path, 5)
+    assert path == tmp_path / "step-5" and not (tmp_path / "step-5.tmp").exists()
+    assert (tmp_path / "latest").read_text().strip() == "step-5"
+    manifest = ckpt.read_manifest(path)
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    for rel, entry in manifest["files"].items():
+        assert entry["bytes"] == (path / rel).stat().st_size
+        assert entry["sha256"] == ckpt.sha256_file(path / rel)
+    assert manifest["total_bytes"] == sum(e["bytes"] for e in manifest["files"].values())
+    assert ckpt.verify(path) is None
+
+
+def test_every_ranks_shards_must_be_present_to_commit(tmp_path: Path) -> None:
+    _save(tmp_path, 5)
+    lost = "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    tmp = _write_fake_save(tmp_path, 10, 2, skip=lost)
+    files = ckpt.hash_own_files(tmp, 0, 2) | ckpt.hash_own_files(tmp, 1, 2)
+    with pytest.raises(CrucibleError, match="zero_pp_rank_1_mp_rank_00_optim_states"):
+        ckpt.commit(tmp_path, 10, files, 2)
+    assert ckpt.committed_steps(tmp_path) == [5]
+    assert (tmp_path / "latest").read_text().strip() == "step-5"
+
+
+def test_truncated_shard_in_newest_falls_back_to_previous(tmp_path: Path, capsys) -> None:
+    _save(tmp_path, 5)
+    newest = _save(tmp_path, 10)
+    shard = newest / "ds" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert ckpt.latest_valid(tmp_path) == tmp_path / "step-5"
+    out = capsys.readouterr().out
+    assert "skipping checkpoint step-10" in out and str(shard) in out
+
+
+def test_same_size_corruption_is_caught_by_sha256_not_by_size(tmp_path: Path) -> None:
+    _save(tmp_path, 5)
+    newest = _save(tmp_path, 10)
+    shard = newest / "ds" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[7] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert ckpt.verify(newest, "size") is None
+    assert "sha256" in (ckpt.verify(newest, "sha256") or "")
+    assert ckpt.latest_valid(tmp_path, "sha256") == tmp_path / "step-5"
+
+
+def test_a_save_that_died_before_its_manifest_is_skipped(tmp_path: Path) -> None:
+    _save(tmp_path, 5)
+    _write_fake_save(tmp_path, 10, 2).rename(tmp_path / "step-10")  # renamed, no manifest
+    assert "manifest.json is missing" in (ckpt.verify(tmp_path / "step-10") or "")
+    assert ckpt.latest_valid(tmp_path) == tmp_path / "step-5"
+    _write_fake_save(tmp_path, 15, 2)  # an unfinished .tmp is never a candidate
+    assert ckpt.committed_steps(tmp_path) == [5, 10]
+
+
+def test_retention_keeps_last_k_plus_every_m(tmp_path: Path) -> None:
+    deleted = []
+    for step in range(5, 55, 5):
+        _save(tmp_path, step, world=1)
+        deleted += ckpt.retain(tmp_path, keep_last=2, keep_every=20)
+    assert ckpt.committed_steps(tmp_path) == [20, 40, 45, 50]
+    assert sorted(deleted) == [5, 10, 15, 25, 30, 35]
+    assert ckpt.latest_valid(tmp_path) == tmp_path / "step-50"
+
+
+def test_retention_without_keep_every(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, world=1)
+    ckpt.retain(tmp_path, keep_last=3, keep_every=None)
+    assert ckpt.committed_steps(tmp_path) == [2, 3, 4]
+
+
+# --- plan, dry run, up-front checks ----------------------------------------------------
+
+
+def test_plan_splits_the_global_batch(make_spec, tmp_path: Path) -> None:
+    spec = make_spec("p", tmp_path, optim={"global_batch_size": 24, "micro_batch_size": 3})
+    plan = make_plan(spec, 2, seq_len=64)
+    assert (plan.grad_accum_steps, plan.tokens_per_step, plan.total_steps) == (4, 24 * 64, 20)
+    assert plan.ds_config["train_batch_size"] == 24
+    assert plan.ds_config["optimizer"]["params"]["torch_adam"] is True
+    with pytest.raises(CrucibleError, match="multiple of optim.micro_batch_size 3 × 5 workers"):
+        make_plan(spec, 5, seq_len=64)
+
+
+def test_plan_from_token_budget(make_spec, tmp_path: Path) -> None:
+    spec = make_spec("p", tmp_path, train={"max_steps": None, "max_tokens": 10_000})
+    assert make_plan(spec, 2, seq_len=64).total_steps == math.ceil(10_000 / (16 * 64))
+
+
+def test_gpt3_175b_dry_run_on_this_machine() -> None:
+    r = CliRunner().invoke(app, ["run", str(EXAMPLES / "gpt3-175b.yaml"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "174,604,259,328 parameters" in r.output
+    assert "global 1536 sequences × 2048 tokens" in r.output
+    assert "micro-batch 2 × 1 accumulation steps × 768 ranks" in r.output
+    config = json.loads(r.output[r.output.index("{") : r.output.rindex("}") + 1])
+    assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"]
+    assert config["train_batch_size"] == 1536
+    assert "torch_adam" not in config["optimizer"]["params"]  # fused Adam on GPUs
+    # ZeRO paper: 16 bytes/param over 768 ranks for the model states.
+    assert "model states 3.39 GiB" in r.output
+
+
+def test_tiny_example_dry_run() -> None:
+    r = CliRunner().invoke(app, ["run", str(EXAMPLES / "train-tiny.yaml"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "micro-batch 4 × 2 accumulation steps × 2 ranks" in r.output
+
+
+def test_run_refuses_a_data_spec() -> None:
+    r = CliRunner().invoke(app, ["run", str(EXAMPLES / "data.yaml"), "--dry-run"])
+    assert isinstance(r.exception, CrucibleError) and "needs kind: train" in str(r.exception)
+
+
+def test_too_few_resources_is_an_error_not_a_hang(make_spec, tmp_path: Path) -> None:
+    spec = make_spec("r", tmp_path, train={"num_workers": 4})
+    with pytest.raises(CrucibleError, match=r"needs 4 CPU \(4 workers\) but the cluster has 2 CPU"):
+        check_resources(spec, {"CPU": 2.0}, use_gpu=False)
+    with pytest.raises(CrucibleError, match="4 GPU"):
+        check_resources(spec, {"CPU": 64.0, "GPU": 2.0}, use_gpu=True)
+    check_resources(spec, {"CPU": 4.0}, use_gpu=False)
+
+
+def test_shards_the_model_cannot_take_are_refused(make_spec, tmp_path: Path) -> None:
+    check_shards(make_spec("ok", tmp_path))
+    with pytest.raises(
+        CrucibleError, match=r"\d+-token vocabulary but the model has vocab_size 256"
+    ):
+        check_shards(make_spec("v", tmp_path, model={"vocab_size": 256}))
+    with pytest.raises(CrucibleError, match="max_seq_len is 32"):
+        check_shards(make_spec("s", tmp_path, model={"max_seq_len": 32}))
+    with pytest.raises(CrucibleError):
+        check_shards(make_spec("m", tmp_path, data={"shards": str(tmp_path / "nope")}))
