@@ -1,0 +1,184 @@
+"""``crucible plan``: memory, batch, time, GPU-hours, energy and cost of a run, before renting
+a GPU; ``crucible cluster config``: Ray cluster launcher / KubeRay configs sized from a plan.
+
+``crucible plan SPEC.yaml [--nodes N --gpu a100-80gb --set key=value]`` plans a train spec;
+``crucible plan --model gpt3-175b --nodes 128 --gpu a100-80gb --tokens 300e9`` plans a preset
+without a spec (ZeRO-3 unless ``--zero`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from crucible.cluster.planner import Plan, plan, plan_from_spec
+from crucible.cluster.report import plan_renderable
+from crucible.cluster.spec import ClusterSpec
+from crucible.config import validate
+from crucible.errors import CrucibleError
+from crucible.model.config import resolve_model
+from crucible.model.parallelize import ParallelSpec
+
+
+def _spec_overrides(
+    nodes: int | None, gpu: str | None, gpus_per_node: int | None, extra: list[str]
+) -> list[str]:
+    out = []
+    if nodes is not None:
+        out.append(f"cluster.nodes={nodes}")
+    if gpu is not None:
+        out.append(f"cluster.gpu={gpu}")
+    if gpus_per_node is not None:
+        out.append(f"cluster.gpus_per_node={gpus_per_node}")
+    return out + extra
+
+
+def make_plan(
+    spec_path: Path | None,
+    *,
+    model: str | None = None,
+    nodes: int | None = None,
+    gpu: str | None = None,
+    gpus_per_node: int | None = None,
+    tokens: float | None = None,
+    global_batch: int | None = None,
+    seq_len: int | None = None,
+    micro_batch: int | None = None,
+    zero: int | None = None,
+    checkpointing: bool | None = None,
+    zeropp: bool = False,
+    offload_optimizer: bool = False,
+    mfu: float | None = None,
+    overrides: list[str] | None = None,
+) -> Plan:
+    """The plan of a spec file, or of a preset given by flags (see :func:`plan_cmd`).
+
+    Args:
+        spec_path: a train spec YAML, or None to plan ``model`` from flags.
+        model: a preset name (flag mode).
+        nodes: nodes in the cluster.
+        gpu: accelerator type.
+        gpus_per_node: GPUs per node.
+        tokens: training tokens (flag mode; a spec uses train.max_tokens).
+        global_batch: sequences per step (flag mode).
+        seq_len: sequence length (default: the model's context).
+        micro_batch: micro-batch size (flag mode; None: the planner picks).
+        zero: ZeRO stage (flag mode).
+        checkpointing: activation checkpointing (flag mode; None: the planner picks).
+        zeropp: ZeRO++ hpZ (a node) + qwZ + qgZ (flag mode).
+        offload_optimizer: optimizer states in CPU memory (flag mode).
+        mfu: assumed MFU instead of the step-time model.
+        overrides: ``key.path=value`` overrides of the spec.
+    """
+    if spec_path is not None:
+        if model is not None:
+            raise CrucibleError("give either a spec file or --model, not both")
+        from crucible.jobs.spec import TrainRunSpec, load_spec
+
+        spec = load_spec(spec_path, _spec_overrides(nodes, gpu, gpus_per_node, overrides or []))
+        if not isinstance(spec, TrainRunSpec):
+            raise CrucibleError(f"{spec_path}: `crucible plan` needs a train spec (kind: train)")
+        extra = {"assumed_mfu": mfu} if mfu is not None else {}
+        if seq_len is not None:
+            extra["seq_len"] = seq_len
+        return plan_from_spec(spec, **extra)
+    if model is None:
+        raise CrucibleError("give a train spec file, or --model PRESET with --nodes and --gpu")
+    if tokens is None or global_batch is None:
+        raise CrucibleError("--model needs --tokens (e.g. 300e9) and --global-batch (sequences)")
+    cluster = validate(
+        ClusterSpec,
+        {
+            "gpu": gpu or "a100-80gb",
+            "nodes": nodes or 1,
+            **({"gpus_per_node": gpus_per_node} if gpus_per_node else {}),
+        },
+        source="cluster",
+    )
+    stage = 3 if zero is None else zero
+    parallel = validate(
+        ParallelSpec,
+        {
+            "zero_stage": stage,
+            "offload_optimizer": "cpu" if offload_optimizer else "none",
+            **(
+                {
+                    "zero_hpz_partition_size": cluster.num_gpus // cluster.nodes,
+                    "zero_quantized_weights": True,
+                    "zero_quantized_gradients": True,
+                }
+                if zeropp
+                else {}
+            ),
+        },
+        source="model.parallel",
+    )
+    return plan(
+        resolve_model(model, source="--model"),
+        cluster,
+        parallel,
+        global_batch_size=global_batch,
+        tokens=tokens,
+        seq_len=seq_len,
+        micro_batch_size=micro_batch,
+        activation_checkpointing=checkpointing,
+        assumed_mfu=mfu,
+        model_name=model,
+    )
+
+
+def plan_cmd(
+    spec: Path | None = typer.Argument(None, help="A train spec (YAML); or use --model."),
+    model: str | None = typer.Option(None, "--model", help="Preset to plan without a spec."),
+    nodes: int | None = typer.Option(None, "--nodes", help="Nodes (overrides cluster.nodes)."),
+    gpu: str | None = typer.Option(None, "--gpu", help="a100-40gb, a100-80gb, h100-sxm, h200."),
+    gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", help="GPUs per node."),
+    tokens: float | None = typer.Option(None, "--tokens", help="Training tokens (--model)."),
+    global_batch: int | None = typer.Option(
+        None, "--global-batch", help="Sequences per step (--model)."
+    ),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Sequence length."),
+    micro_batch: int | None = typer.Option(
+        None, "--micro-batch", help="Micro-batch (--model; default: fastest that fits)."
+    ),
+    zero: int | None = typer.Option(None, "--zero", help="ZeRO stage 1-3 (--model)."),
+    checkpointing: bool | None = typer.Option(
+        None, "--checkpointing/--no-checkpointing", help="Activation checkpointing (--model)."
+    ),
+    zeropp: bool = typer.Option(False, "--zeropp", help="ZeRO++ hpZ + qwZ + qgZ (--model)."),
+    offload_optimizer: bool = typer.Option(
+        False, "--offload-optimizer", help="Optimizer states in CPU memory (--model)."
+    ),
+    mfu: float | None = typer.Option(None, "--mfu", help="Assume this MFU (0-1) instead."),
+    set_: list[str] = typer.Option([], "--set", help="Spec override key.path=value."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Plan a run: memory per GPU, micro-batch, step time, MFU, days, GPU-hours, MWh, $."""
+    result = make_plan(
+        spec,
+        model=model,
+        nodes=nodes,
+        gpu=gpu,
+        gpus_per_node=gpus_per_node,
+        tokens=tokens,
+        global_batch=global_batch,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        zero=zero,
+        checkpointing=checkpointing,
+        zeropp=zeropp,
+        offload_optimizer=offload_optimizer,
+        mfu=mfu,
+        overrides=set_,
+    )
+    if as_json:
+        data = asdict(result) | {"feasible": result.feasible, "num_gpus": result.num_gpus}
+        typer.echo(json.dumps(data, indent=1, default=str))
+    else:
+        Console(width=120).print(plan_renderable(result))
+    if not result.feasible:
+        raise typer.Exit(1)
