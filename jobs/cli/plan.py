@@ -182,3 +182,121 @@ def plan_cmd(
         Console(width=120).print(plan_renderable(result))
     if not result.feasible:
         raise typer.Exit(1)
+
+
+def write_launch_config(
+    spec_path: Path,
+    target: str,
+    out_dir: Path,
+    *,
+    nodes: int | None = None,
+    gpu: str | None = None,
+    provider: str = "aws",
+    head_ip: str | None = None,
+    worker_ips: list[str] | None = None,
+    image: str = "",
+    namespace: str = "default",
+    token_secret: str = "crucible-ray-token",
+    storage_claim: str = "crucible-storage",
+    overrides: list[str] | None = None,
+) -> Path:
+    """Plan a train spec and write its Ray launcher YAML or KubeRay manifests.
+
+    Args:
+        spec_path: the train spec.
+        target: ``ray-launcher`` or ``kuberay``.
+        out_dir: directory for the written file.
+        nodes: overrides cluster.nodes.
+        gpu: overrides cluster.gpu.
+        provider: ray-launcher provider, ``aws`` or ``local``.
+        head_ip: local provider: the head machine.
+        worker_ips: local provider: one address per node.
+        image: KubeRay container image (with crucible installed).
+        namespace: Kubernetes namespace.
+        token_secret: Secret holding the Ray auth token under key ``auth_token``.
+        storage_claim: ReadWriteMany PersistentVolumeClaim for runs, shards, checkpoints.
+        overrides: ``key.path=value`` spec overrides.
+    """
+    import re
+
+    import yaml
+
+    from crucible.cluster.launch import LaunchOptions, kuberay_manifests, ray_launcher_config
+    from crucible.cluster.local import default_state_dir
+
+    if target not in ("ray-launcher", "kuberay"):
+        raise CrucibleError(f"--target {target!r} is invalid: use ray-launcher or kuberay")
+    from crucible.jobs.spec import load_spec
+
+    spec = load_spec(spec_path, _spec_overrides(nodes, gpu, None, overrides or []))
+    result = make_plan(spec_path, nodes=nodes, gpu=gpu, overrides=overrides)
+    if not result.feasible:
+        raise CrucibleError(
+            f"the plan for {spec_path} is not feasible ({result.problems[0]}); "
+            "run `crucible plan` and fix the spec first"
+        )
+    name = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")[:50] or "crucible"
+    if not name[0].isalpha():
+        name = f"c-{name}"[:50]
+    storage = spec.cluster.storage
+    mount = storage if storage.startswith("/") else "/mnt/crucible"
+    opts = LaunchOptions(
+        name=name,
+        provider=provider,
+        head_ip=head_ip,
+        worker_ips=list(worker_ips or []),
+        token_path=spec.cluster.token_path or default_state_dir() / "auth_token",
+        image=image,
+        namespace=namespace,
+        token_secret=token_secret,
+        storage_claim=storage_claim,
+        storage_mount=mount,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if target == "ray-launcher":
+        out = out_dir / f"{name}-ray-cluster.yaml"
+        text = yaml.safe_dump(ray_launcher_config(result, opts), sort_keys=False)
+    else:
+        out = out_dir / f"{name}-kuberay.yaml"
+        docs = kuberay_manifests(result, opts, f"{mount.rstrip('/')}/{spec.name}")
+        text = yaml.safe_dump_all(docs, sort_keys=False)
+    out.write_text(text)
+    return out
+
+
+def config_cmd(
+    spec: Path = typer.Argument(..., help="The train spec to plan and launch."),
+    target: str = typer.Option(..., "--target", help="ray-launcher or kuberay."),
+    out: Path = typer.Option(Path("."), "--out", help="Directory for the written file."),
+    nodes: int | None = typer.Option(None, "--nodes", help="Overrides cluster.nodes."),
+    gpu: str | None = typer.Option(None, "--gpu", help="Overrides cluster.gpu."),
+    provider: str = typer.Option("aws", "--provider", help="ray-launcher: aws or local."),
+    head_ip: str | None = typer.Option(None, "--head-ip", help="local provider: head address."),
+    worker_ip: list[str] = typer.Option([], "--worker-ip", help="local provider, per node."),
+    image: str = typer.Option("", "--image", help="KubeRay image with crucible installed."),
+    namespace: str = typer.Option("default", "--namespace", help="Kubernetes namespace."),
+    token_secret: str = typer.Option(
+        "crucible-ray-token", "--token-secret", help="Secret with key auth_token."
+    ),
+    storage_claim: str = typer.Option(
+        "crucible-storage", "--storage-claim", help="ReadWriteMany PVC for run directories."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Spec override key.path=value."),
+) -> None:
+    """Write a Ray cluster launcher YAML or KubeRay RayCluster + RayJob sized from the plan."""
+    path = write_launch_config(
+        spec,
+        target,
+        out,
+        nodes=nodes,
+        gpu=gpu,
+        provider=provider,
+        head_ip=head_ip,
+        worker_ips=worker_ip,
+        image=image,
+        namespace=namespace,
+        token_secret=token_secret,
+        storage_claim=storage_claim,
+        overrides=set_,
+    )
+    typer.echo(f"wrote {path}")
