@@ -102,14 +102,16 @@ class TrainMetrics:
         self._restarts = 0
         self._cuda = _cuda_available()
         ProcessCollector(registry=r, namespace="crucible")
+        # Global series live in rank 0's registry only; other ranks keep them unexported.
+        g = r if self.is_global else CollectorRegistry()
 
-        self.tokens = Counter("crucible_train_tokens", "Training tokens processed.", registry=r)
+        self.tokens = Counter("crucible_train_tokens", "Training tokens processed.", registry=g)
         self.samples = Counter(
-            "crucible_train_samples", "Training sequences processed.", registry=r
+            "crucible_train_samples", "Training sequences processed.", registry=g
         )
-        self.steps = Counter("crucible_train_steps", "Optimizer steps taken.", registry=r)
+        self.steps = Counter("crucible_train_steps", "Optimizer steps taken.", registry=g)
         self.step = Gauge(
-            "crucible_train_step", "Optimizer steps done so far in the run.", registry=r
+            "crucible_train_step", "Optimizer steps done so far in the run.", registry=g
         )
         self.step_seconds = Histogram(
             "crucible_train_step_seconds", "Wall time of one optimizer step.",
@@ -118,48 +120,48 @@ class TrainMetrics:
         self.data_wait = Counter(
             "crucible_train_data_wait_seconds", "Time steps waited for their batch.", registry=r
         )
-        self.loss = Gauge("crucible_train_loss", "Training loss of the last step.", registry=r)
-        self.heldout = Gauge("crucible_train_heldout_loss", "Last held-out loss.", registry=r)
+        self.loss = Gauge("crucible_train_loss", "Training loss of the last step.", registry=g)
+        self.heldout = Gauge("crucible_train_heldout_loss", "Last held-out loss.", registry=g)
         self.lr = Gauge(
-            "crucible_train_learning_rate", "Learning rate of the last step.", registry=r
+            "crucible_train_learning_rate", "Learning rate of the last step.", registry=g
         )
-        self.grad_norm = Gauge("crucible_train_grad_norm", "Global gradient norm.", registry=r)
+        self.grad_norm = Gauge("crucible_train_grad_norm", "Global gradient norm.", registry=g)
         self.model_flops = Gauge(
             "crucible_train_model_flops_per_second",
-            "Model FLOP/s per device (PaLM count, no recomputation), last step.", registry=r,
+            "Model FLOP/s per device (PaLM count, no recomputation), last step.", registry=g,
         )  # fmt: skip
         self.hw_flops = Gauge(
             "crucible_train_hardware_flops_per_second",
-            "Executed FLOP/s per device incl. recomputation, last step.", registry=r,
+            "Executed FLOP/s per device incl. recomputation, last step.", registry=g,
         )  # fmt: skip
         self.mfu = Gauge(
-            "crucible_train_mfu_ratio", "Model FLOPs utilisation, last step.", registry=r
+            "crucible_train_mfu_ratio", "Model FLOPs utilisation, last step.", registry=g
         )
         self.last_step_time = Gauge(
-            "crucible_train_last_step_timestamp_seconds", "Unix time of the last step.", registry=r
+            "crucible_train_last_step_timestamp_seconds", "Unix time of the last step.", registry=g
         )
         self.restarts = Counter(
-            "crucible_train_restarts", "Worker-group restarts of this run.", registry=r
+            "crucible_train_restarts", "Worker-group restarts of this run.", registry=g
         )
         self.ckpt_save = Counter(
-            "crucible_checkpoint_save_seconds", "Time spent saving checkpoints.", registry=r
+            "crucible_checkpoint_save_seconds", "Time spent saving checkpoints.", registry=g
         )
         self.ckpt_bytes = Counter(
-            "crucible_checkpoint_saved_bytes", "Bytes written to checkpoints.", registry=r
+            "crucible_checkpoint_saved_bytes", "Bytes written to checkpoints.", registry=g
         )
-        self.ckpt_saves = Counter("crucible_checkpoint_saves", "Checkpoints committed.", registry=r)
+        self.ckpt_saves = Counter("crucible_checkpoint_saves", "Checkpoints committed.", registry=g)
         self.ckpt_load = Counter(
-            "crucible_checkpoint_load_seconds", "Time spent loading checkpoints.", registry=r
+            "crucible_checkpoint_load_seconds", "Time spent loading checkpoints.", registry=g
         )
         self.ckpt_load_bytes = Counter(
-            "crucible_checkpoint_loaded_bytes", "Bytes read from checkpoints.", registry=r
+            "crucible_checkpoint_loaded_bytes", "Bytes read from checkpoints.", registry=g
         )
         self.ckpt_time = Gauge(
             "crucible_checkpoint_last_timestamp_seconds",
-            "Unix time the last checkpoint was committed.", registry=r,
+            "Unix time the last checkpoint was committed.", registry=g,
         )  # fmt: skip
         self.ckpt_step = Gauge(
-            "crucible_checkpoint_last_step", "Step of the last committed checkpoint.", registry=r
+            "crucible_checkpoint_last_step", "Step of the last committed checkpoint.", registry=g
         )
         if self._cuda:
             self.mem_alloc = Gauge(
@@ -173,13 +175,17 @@ class TrainMetrics:
             nvml = nvml_collector()
             if nvml is not None:
                 r.register(nvml)
-        constants = {
-            "crucible_train_model_flops_per_token": (
-                "Model FLOPs per token (6N + 12LHQT).", self.model_flops_per_token),
-            "crucible_device_peak_flops": ("Peak FLOP/s of one device.", self.peak),
-            "crucible_train_devices": ("Devices training this run.", float(self.num_devices)),
-        }  # fmt: skip
+        Gauge("crucible_device_peak_flops", "Peak FLOP/s of one device.", registry=r).set(self.peak)
+        constants: dict[str, tuple[str, float]] = {}
         if self.is_global:
+            constants["crucible_train_model_flops_per_token"] = (
+                "Model FLOPs per token (6N + 12LHQT).",
+                self.model_flops_per_token,
+            )
+            constants["crucible_train_devices"] = (
+                "Devices training this run.",
+                float(self.num_devices),
+            )
             if total_steps is not None:
                 constants["crucible_train_target_steps"] = ("Step budget.", float(total_steps))
             if total_tokens is not None:
