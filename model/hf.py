@@ -266,7 +266,7 @@ def to_hf(model: GPT) -> PreTrainedModel:
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     cfg = model.cfg
-    cls = GPT2LMHeadModel if hf_family(cfg) == "gpt2" else LlamaForCausalLM
+    cls: Any = GPT2LMHeadModel if hf_family(cfg) == "gpt2" else LlamaForCausalLM
     first = next(model.parameters())
     hf = cls(hf_config(cfg)).to(dtype=first.dtype)
     sd = {k: v.detach().clone() for k, v in state_dict_to_hf(model.state_dict(), cfg).items()}
