@@ -71,8 +71,8 @@ def open_location(uri: str | Path, endpoint_url: str | None = None) -> Location:
     text = str(uri)
     parsed = urlparse(text)
     if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme else text).expanduser().absolute()
-        return Location(pafs.LocalFileSystem(), path.as_posix(), path.as_posix())
+        local = Path(parsed.path if parsed.scheme else text).expanduser().absolute()
+        return Location(pafs.LocalFileSystem(), local.as_posix(), local.as_posix())
     if parsed.scheme != "s3":
         raise CrucibleError(f"storage {text!r}: use a local/NFS path or s3://bucket/prefix")
     if not parsed.netloc:
