@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from torch.utils.checkpoint import checkpoint
-
 from crucible.config import StrictModel
 from crucible.errors import CrucibleError
 
@@ -165,6 +163,8 @@ def build_deepspeed_config(
 
 
 def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint  # torch-free spec import path
+
     # Non-reentrant checkpointing: works with keyword args, ZeRO-3's parameter hooks and
     # torch.compile, and does not need inputs that require grad.
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
