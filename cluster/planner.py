@@ -363,6 +363,16 @@ def _timing(inp: _Inputs, micro: int, accum: int, ckpt: bool) -> dict[str, Any]:
         p.zero_quantized_weights,
         p.zero_quantized_gradients,
     )
+    if comm.inter_node_bytes and not acc.inter_node_bytes_per_s:
+        raise CrucibleError(
+            f"cluster.gpu {acc.name} has no inter-node bandwidth in the catalogue; set "
+            "cluster.gpu (e.g. a100-80gb) or cluster.nic_gbps_per_gpu to plan several nodes"
+        )
+    if comm.intra_node_bytes and not acc.intra_node_bytes_per_s:
+        raise CrucibleError(
+            f"cluster.gpu {acc.name} has no intra-node bandwidth in the catalogue; set "
+            "cluster.gpu (e.g. a100-80gb) or cluster.nvlink_gb_per_s"
+        )
     comm_s = comm.seconds(
         acc.inter_node_bytes_per_s * sm.network_efficiency,
         acc.intra_node_bytes_per_s * sm.nvlink_efficiency,
@@ -550,14 +560,20 @@ def _alternatives(inp: _Inputs, base: Plan) -> list[Alternative]:
     p, per_node = inp.parallel, inp.acc.gpus_per_node
     free = replace(inp, micro_batch_size=None, checkpointing=None)
     cands: list[tuple[str, _Inputs] | None] = []
+    # ZeRO++ on the spec's own batch shape, or on the planner's when that shape cannot run.
+    zpp_base = inp if base.feasible else free
     if p.zero_stage == 3 and inp.nodes > 1:
         hpz = {"zero_hpz_partition_size": per_node}
         q = {"zero_quantized_weights": True, "zero_quantized_gradients": True}
         if p.zero_hpz_partition_size == 1:
-            cands.append(_variant(inp, f"ZeRO++ hpZ (secondary shard of {per_node})", parallel=hpz))
+            cands.append(
+                _variant(zpp_base, f"ZeRO++ hpZ (secondary shard of {per_node})", parallel=hpz)
+            )
         if not (p.zero_quantized_weights and p.zero_quantized_gradients):
-            cands.append(_variant(inp, "ZeRO++ qwZ + qgZ (int8 weights, int4 grads)", parallel=q))
-        cands.append(_variant(inp, "ZeRO++ hpZ + qwZ + qgZ", parallel=hpz | q))
+            cands.append(
+                _variant(zpp_base, "ZeRO++ qwZ + qgZ (int8 weights, int4 grads)", parallel=q)
+            )
+        cands.append(_variant(zpp_base, "ZeRO++ hpZ + qwZ + qgZ", parallel=hpz | q))
     if inp.micro_batch_size is not None or inp.checkpointing is not None:
         cands.append(("micro-batch and checkpointing chosen by the planner", free))
     if inp.nodes > 1:
@@ -566,7 +582,7 @@ def _alternatives(inp: _Inputs, base: Plan) -> list[Alternative]:
     cands.append(
         _variant(
             free,
-            f"global batch {inp.global_batch_size * 2} (larger per-GPU batch)",
+            f"global batch {inp.global_batch_size * 2} (larger per-GPU batch; changes the recipe)",
             global_batch_size=inp.global_batch_size * 2,
         )
     )

@@ -297,3 +297,21 @@ def test_plan_from_a_train_spec_uses_its_sections():
     assert pl.feasible and not pl.notes
     other = plan_from_spec(_train_spec(96))
     assert other.notes and "train.num_workers: 768" in other.notes[0]
+
+
+def test_cpu_cluster_of_several_nodes_asks_for_the_gpu_type(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path))
+    from crucible.errors import CrucibleError
+
+    cluster = validate(ClusterSpec, {"gpu": "cpu", "nodes": 4})
+    with pytest.raises(CrucibleError, match="set cluster.gpu"):
+        plan(get_preset("gpt3-125m"), cluster, global_batch_size=8, tokens=1e6)
+    # One CPU "device": no communication, the measured peak sets the time.
+    local = plan(
+        get_preset("gpt3-125m"),
+        validate(ClusterSpec, {}),
+        global_batch_size=8,
+        tokens=1e6,
+        alternatives=False,
+    )
+    assert local.peak_measured and local.comm_seconds == 0 and local.bound == "compute"
