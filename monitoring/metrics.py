@@ -100,6 +100,7 @@ class TrainMetrics:
         self.peak = float(peak_flops_per_device)
         self.is_global = rank == 0
         self._restarts = 0
+        self.last_mfu: float | None = None  # for the loop's own log record
         self._cuda = _cuda_available()
         ProcessCollector(registry=r, namespace="crucible")
         # Global series live in rank 0's registry only; other ranks keep them unexported.
@@ -240,7 +241,8 @@ class TrainMetrics:
             tok_s_device = tokens / step_seconds / self.num_devices
             self.model_flops.set(self.model_flops_per_token * tok_s_device)
             self.hw_flops.set(self.hardware_flops_per_token * tok_s_device)
-            self.mfu.set(self.model_flops_per_token * tok_s_device / self.peak)
+            self.last_mfu = self.model_flops_per_token * tok_s_device / self.peak
+            self.mfu.set(self.last_mfu)
         self.last_step_time.set(time.time())
 
     @_safe

@@ -1,0 +1,162 @@
+"""``crucible report``: PNG charts and a Markdown summary of a run, for sharing.
+
+Charts (matplotlib, headless): loss (train and held-out) by step, throughput (tokens/s) by
+step with restarts marked, MFU by step where the records carry it, and cumulative GPU-hours
+by phase over time from the ledger. Written to ``<run_dir>/report/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes
+import matplotlib.pyplot as plt
+
+from crucible.monitoring.ledger import PHASES
+from crucible.monitoring.status import (
+    RunStatus,
+    as_number,
+    fmt_duration,
+    read_records,
+    run_status,
+)
+
+PHASE_COLORS = {
+    "productive": "#2ca02c", "lost": "#d62728", "uncommitted": "#ff9896",
+    "checkpoint": "#1f77b4", "data_wait": "#9467bd", "eval": "#17becf",
+    "startup": "#ff7f0e", "idle": "#7f7f7f",
+}  # fmt: skip
+
+
+def _series(steps: list[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in steps:
+        v = as_number(r.get(key))
+        if v is not None:
+            xs.append(int(r["step"]))
+            ys.append(v)
+    return xs, ys
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, price_per_device_hour: float | None = None) -> list[Path]:
+    """Write the charts and ``report.md`` into ``<run_dir>/report/``; return the files.
+
+    Args:
+        run_dir: the run directory.
+        price_per_device_hour: $ per GPU-hour for the cost line (omitted if None).
+    """
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    recs = read_records(run_dir)
+    st = run_status(run_dir)
+    files: list[Path] = []
+    steps = recs.steps
+    restarts = [int(as_number(r.get("step")) or 0) for r in recs.resumes]
+
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*_series(steps, "loss"), label="train", lw=1.2)
+        hx, hy = _series(steps, "heldout_loss")
+        if hx:
+            ax.plot(hx, hy, "o-", label="held-out", ms=3)
+        ax.set(xlabel="step", ylabel="loss", title=f"{st.run}: loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        files.append(_save(fig, out / "loss.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs, secs = _series(steps, "step_seconds")
+        toks = {int(r["step"]): as_number(r.get("tokens")) or 0.0 for r in steps}
+        ax.plot(xs, [toks[x] / s if s > 0 else 0 for x, s in zip(xs, secs, strict=True)], lw=1)
+        for i, s in enumerate(restarts):
+            ax.axvline(s, color="red", ls="--", lw=1, label="restart" if i == 0 else None)
+        ax.set(xlabel="step", ylabel="tokens / s", title=f"{st.run}: throughput")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if restarts:
+            ax.legend()
+        files.append(_save(fig, out / "throughput.png"))
+
+        mx, my = _series(steps, "mfu")
+        if mx:
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.plot(mx, [100 * v for v in my], lw=1)
+            ax.set(xlabel="step", ylabel="MFU (%)", title=f"{st.run}: model FLOPs utilisation")
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            files.append(_save(fig, out / "mfu.png"))
+
+    if st.ledger is not None and st.ledger.timeline:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        t0 = st.ledger.timeline[0][0] - 1e-9
+        totals = dict.fromkeys(PHASES, 0.0)
+        ts: list[float] = [0.0]
+        stacks: dict[str, list[float]] = {p: [0.0] for p in PHASES}
+        for t, phase, secs_ in st.ledger.timeline:
+            totals[phase] += secs_ / 3600
+            ts.append((t - t0) / 3600)
+            for p in PHASES:
+                stacks[p].append(totals[p])
+        used = [p for p in PHASES if totals[p] > 0]
+        ax.stackplot(ts, [stacks[p] for p in used], labels=used,
+                     colors=[PHASE_COLORS[p] for p in used], step="post")  # fmt: skip
+        ax.set(xlabel="wall time (h)", ylabel="device-hours (cumulative)",
+               title=f"{st.run}: GPU-hours by phase")  # fmt: skip
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(alpha=0.3)
+        files.append(_save(fig, out / "gpu_hours.png"))
+
+    md = out / "report.md"
+    md.write_text(_markdown(st, [f.name for f in files], price_per_device_hour))
+    files.append(md)
+    return files
+
+
+def _markdown(st: RunStatus, images: list[str], price: float | None) -> str:
+    def f(x: float | None, spec: str) -> str:
+        return "–" if x is None else format(x, spec)
+
+    rows = [
+        ("steps", f"{st.step}" + (f" / {st.total_steps:.0f}" if st.total_steps else "")),
+        ("tokens", f"{st.tokens:,.0f}" + (f" / {st.total_tokens:,.0f}" if st.total_tokens else "")),
+        ("progress", f(None if st.progress is None else 100 * st.progress, ".1f") + " %"),
+        ("loss (last)", f(st.loss, ".4f")),
+        ("held-out loss (last)", f(st.heldout_loss, ".4f")),
+        ("tokens/s (recent)", f(st.tokens_per_s, ",.0f")),
+        ("MFU (recent)", f(None if st.mfu is None else 100 * st.mfu, ".1f") + " %"),
+        ("last checkpoint", "–" if st.last_checkpoint_step is None
+         else f"step {st.last_checkpoint_step}"),
+        ("restarts", str(st.restarts)),
+    ]  # fmt: skip
+    lines = [f"# Run `{st.run}`", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    led = st.ledger
+    if led is not None:
+        lines += ["", "## GPU-hours", "", "| phase | device-hours | share |", "|---|---:|---:|"]
+        for phase, secs in led.seconds.items():
+            if secs > 0:
+                lines.append(f"| {phase} | {secs / 3600:.4f} | {secs / led.total_seconds:.1%} |")
+        lines.append(f"| **total** | **{led.gpu_hours:.4f}** | |")
+        lines += [
+            "",
+            f"Goodput {led.goodput:.1%} (productive ÷ all device time) over {led.attempts} "
+            f"attempt(s), {led.devices} device(s), wall time {fmt_duration(led.wall_seconds)}.",
+        ]
+        if price is not None:
+            lines.append(f"Cost at ${price:g}/GPU-hour: ${led.gpu_hours * price:,.2f}.")
+        if led.corrupt_lines:
+            lines.append(f"{led.corrupt_lines} unreadable ledger line(s) skipped.")
+    if st.corrupt_lines:
+        lines.append(f"{st.corrupt_lines} unreadable metrics line(s) skipped.")
+    lines += ["", *[f"![{Path(i).stem}]({i})" for i in images]]
+    return "\n".join(lines) + "\n"
