@@ -12,7 +12,7 @@ import sys
 import typer
 
 from crucible.errors import CrucibleError
-from crucible.jobs.cli import cluster, data, demo, jobs, model, spec
+from crucible.jobs.cli import cluster, data, demo, jobs, model, plan, spec
 
 app = typer.Typer(
     name="crucible",
@@ -28,6 +28,8 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(model.app, name="model")
 app.add_typer(spec.app, name="spec")
 app.command("demo")(demo.demo)
+app.command("plan")(plan.plan_cmd)
+cluster.app.command("config")(plan.config_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
