@@ -347,8 +347,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"grad_norm {grad_norm:.3f} tokens {plan.tokens_per_step:,} "
                     f"step {seconds:.3f}s {record['tokens_per_s']:,.0f} tok/s"
                 )
-        if step % t.log_every == 0 or step == plan.total_steps:
-            ray.train.report({k: v for k, v in record.items() if k != "kind"})
         if step % spec.checkpoint.every_steps == 0 or step == plan.total_steps:
             elapsed = time.perf_counter() - t_attempt
             ledger = {
@@ -377,3 +375,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     {"kind": "checkpoint", "step": step, "bytes": stats.bytes,
                      "save_seconds": stats.seconds, "path": str(stats.path)},
                 )  # fmt: skip
+            # Ray Train's report is a barrier that waits for the controller's next poll
+            # (every 2 s): once per checkpoint, not per step. Step metrics go to the job log
+            # and metrics.jsonl.
+            ray.train.report(
+                {k: v for k, v in record.items() if k != "kind"} | {"checkpoint": str(stats.path)}
+            )
