@@ -156,7 +156,8 @@ def test_every_panel_query_returns_series(prometheus: ClusterState, live_run: fl
     # checked by promtool's unit tests; their ratio holds at any window.)
     (tok,) = query(url, 'sum(rate(crucible_train_tokens_total{run="itest"}[10s]))') or [None]
     fed = STEP_TOKENS / STEP_S
-    assert 0.6 * fed < float(tok["value"][1]) < 1.1 * fed  # steps take a little over STEP_S
+    # Steps take a little over STEP_S (more on a loaded machine), never less.
+    assert 0.3 * fed < float(tok["value"][1]) < 1.1 * fed
     (tok1m,) = query(url, 'run:crucible_train_tokens:rate1m{run="itest"}') or [None]
     (mfu,) = query(url, 'run:crucible_train_mfu:ratio_rate1m{run="itest"}') or [None]
     assert float(mfu["value"][1]) == pytest.approx(
