@@ -370,6 +370,9 @@ def up(
         if not crucible_sd.exists():
             crucible_sd.write_text("[]\n")
         (prom_dir / "prometheus.yml").write_text(prometheus_config(state))
+        from crucible.monitoring.prometheus import install_rules
+
+        install_rules(state_dir)  # recording and alerting rules, loaded at start
         prom_log = state_dir / "prometheus.log"
         with open(prom_log, "ab") as log:
             prom_proc = subprocess.Popen(

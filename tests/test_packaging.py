@@ -53,6 +53,12 @@ def test_wheel_holds_only_the_crucible_package(tmp_path: Path) -> None:
     }
     for sub in SUBPACKAGES:
         assert f"crucible/{sub}/__init__.py" in names
+    for data in (
+        "crucible/monitoring/rules/crucible.yml",
+        "crucible/monitoring/dashboards/training.json",
+        "crucible/monitoring/grafana/provisioning/datasources/crucible.yml",
+    ):
+        assert data in names
     assert not any(n.startswith("crucible/tests/") or n.startswith("crucible/.venv") for n in names)
 
     # `pip install .` (non-editable) gives a working package and CLI.

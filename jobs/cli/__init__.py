@@ -12,7 +12,7 @@ import sys
 import typer
 
 from crucible.errors import CrucibleError
-from crucible.jobs.cli import cluster, data, demo, jobs, model, plan, spec
+from crucible.jobs.cli import cluster, data, demo, jobs, model, monitor, plan, spec
 
 app = typer.Typer(
     name="crucible",
@@ -29,6 +29,8 @@ app.add_typer(model.app, name="model")
 app.add_typer(spec.app, name="spec")
 app.command("demo")(demo.demo)
 app.command("plan")(plan.plan_cmd)
+app.command("monitor")(monitor.monitor_cmd)
+app.command("report")(monitor.report_cmd)
 cluster.app.command("config")(plan.config_cmd)
 
 
