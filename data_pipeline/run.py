@@ -99,6 +99,7 @@ def run_pipeline(
     ex = _executor(executor, spec)
     t0 = time.time()
     parts = list(range(len(inputs)))
+    metrics = _DataMonitor(run_dir.name)
 
     # 1. filter
     step_stats: dict[str, Any] = {}
@@ -115,6 +116,7 @@ def run_pipeline(
             nonlocal step_stats
             step_stats = merge_stats(step_stats, s)
             bar.update(1, step_stats)
+            metrics.update(step_stats)
 
         ex.filter_parts(todo, spec, run_dir, filtered)
 
@@ -137,6 +139,8 @@ def run_pipeline(
             )
             write_json_atomic(marker, s)
         dedup[kind] = s
+        if kind == "minhash":
+            metrics.on_dedup(s)
 
     # 4. final documents and exclusions per part
     final_stats: dict[str, Any] = {}
@@ -158,8 +162,55 @@ def run_pipeline(
     stats["executor"] = executor
     write_json_atomic(stats_path, stats)
     write_json_atomic(p["documents"] / "_SUCCESS", {"spec_hash": digest, **stats["totals"]})
+    metrics.update(stats["steps"])
     _build_shards(spec, run_dir, executor, digest)
+    metrics.close()
     return stats
+
+
+class _DataMonitor:
+    """Prometheus metrics of a data run, served while it runs on a crucible cluster.
+
+    Only when the job runs under a crucible cluster (``$CRUCIBLE_CLUSTER_STATE`` set) is an
+    exporter started and announced to its Prometheus; at the end it stays up one scrape
+    interval so the final totals are scraped. Metrics never stop the pipeline.
+    """
+
+    LINGER_S = 6.0  # the local cluster's scrape interval is 5 s
+
+    def __init__(self, run: str) -> None:
+        import os
+
+        self.port: int | None = None
+        self.dm: Any = None
+        if not os.environ.get("CRUCIBLE_CLUSTER_STATE"):
+            return
+        try:
+            from crucible.monitoring.exporter import start_exporter
+            from crucible.monitoring.metrics import DataMetrics
+
+            self.dm = DataMetrics()
+            self.port = start_exporter(run, "data", 0, self.dm.registry)
+        except Exception as e:  # metrics must never stop the pipeline
+            print(f"warning: data metrics disabled ({type(e).__name__}: {e})", flush=True)
+
+    def update(self, step_stats: dict[str, Any]) -> None:
+        if self.dm is not None:
+            self.dm.update(step_stats)
+
+    def on_dedup(self, minhash: dict[str, Any]) -> None:
+        if self.dm is not None:
+            sizes = minhash.get("cluster_sizes", {})
+            members = sum(int(k) * int(v) for k, v in sizes.items())
+            self.dm.on_dedup(members, sizes)
+
+    def close(self) -> None:
+        if self.port is None:
+            return
+        from crucible.monitoring.exporter import stop_exporter
+
+        time.sleep(self.LINGER_S)
+        stop_exporter(self.port)
 
 
 def _assemble(steps: dict[str, Any], dedup: dict[str, Any], digest: str, n: int) -> dict:

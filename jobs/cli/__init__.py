@@ -12,7 +12,7 @@ import sys
 import typer
 
 from crucible.errors import CrucibleError
-from crucible.jobs.cli import cluster, data, demo, jobs, model, monitor, plan, spec
+from crucible.jobs.cli import cluster, data, demo, jobs, model, monitor, plan, spec, train
 
 app = typer.Typer(
     name="crucible",
@@ -27,6 +27,9 @@ app.add_typer(data.app, name="data")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(model.app, name="model")
 app.add_typer(spec.app, name="spec")
+app.add_typer(train.app, name="train")
+app.command("resume")(train.resume_cmd)
+app.command("export")(train.export_cmd)
 app.command("demo")(demo.demo)
 app.command("plan")(plan.plan_cmd)
 app.command("monitor")(monitor.monitor_cmd)
