@@ -86,6 +86,49 @@ def check_resources(spec: Any, resources: dict[str, float], use_gpu: bool) -> No
         )
 
 
+def check_placement(spec: Any, nodes: list[dict[str, float]], use_gpu: bool) -> None:
+    """Refuse a placement the cluster's nodes can never satisfy (Ray would wait forever).
+
+    A worker's resources must fit on one node, so totals are not enough: two 1-CPU nodes
+    hold two 1-CPU workers, but not one 2-CPU worker, and STRICT_SPREAD needs one node
+    per worker.
+
+    Args:
+        spec: the train spec.
+        nodes: the resource totals of each alive node (``ray.nodes()[i]["Resources"]``).
+        use_gpu: whether workers need a GPU each.
+    """
+    t = spec.train
+    need = {"CPU": t.cpus_per_worker} | ({"GPU": 1.0} if use_gpu else {})
+    # How many workers each node can hold on its own.
+    fits = [int(min(node.get(k, 0) // v for k, v in need.items())) for node in nodes]
+    strategy = t.placement_strategy
+    # How many of the workers the placement can ever hold.
+    if strategy == "STRICT_SPREAD":
+        have = sum(f >= 1 for f in fits)
+        what = f"one node per worker, but {have} node(s) can hold a worker"
+    elif strategy == "STRICT_PACK":
+        have = max(fits, default=0)
+        what = f"all workers on one node, but the largest node holds {have}"
+    else:
+        have = sum(fits)
+        what = f"each worker within one node, and the nodes hold {have} in all"
+    if have < t.num_workers:
+        per = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        raise CrucibleError(
+            f"train.placement_strategy {strategy} with {t.num_workers} workers of {per} "
+            f"needs {what}; add nodes, lower train.num_workers / train.cpus_per_worker, "
+            "or choose another train.placement_strategy"
+        )
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """The resource totals of each alive node of the Ray cluster this process is attached to."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
 def prepare_reshard(root: Path, mode: str, world: int) -> Path | None:
     """Convert the checkpoint the workers will resume from to DeepSpeed's universal format
     when it was written with another world size; return the converted directory.
@@ -138,6 +181,7 @@ def run_train(run_dir: Path) -> int:
     resources = ray.cluster_resources()
     use_gpu = decide_gpu(spec, resources)
     check_resources(spec, resources, use_gpu)
+    check_placement(spec, alive_node_resources(), use_gpu)
     (run_dir / "nan.json").unlink(missing_ok=True)
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
@@ -153,6 +197,7 @@ def run_train(run_dir: Path) -> int:
             num_workers=t.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
+            placement_strategy=t.placement_strategy,
         ),
         run_config=RunConfig(
             storage_path=str(attempts),

@@ -73,6 +73,10 @@ class TrainSpec(StrictModel):
         None, description="GPU workers (NCCL); null: use GPUs when the cluster has them."
     )
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places workers on nodes (STRICT_SPREAD: one worker per node).",
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps.")
     max_tokens: float | None = Field(
         None, gt=0, description="Or stop after this many training tokens."
@@ -84,6 +88,16 @@ class TrainSpec(StrictModel):
     )
     seed: int = Field(0, description="Seed of weight init and dropout.")
     log_every: int = Field(1, ge=1, description="Log a step line every N steps.")
+    hang_timeout_s: float = Field(
+        1800,
+        ge=0,
+        description="No step progress for this long: every thread's stack is dumped to "
+        "workers/rank-<r>.stacks.log and the attempt fails (restart from the last "
+        "checkpoint). 0: no watchdog.",
+    )
+    gpu_hour_budget: float | None = Field(
+        None, gt=0, description="Device-hours the run may use; Prometheus alerts past it."
+    )
 
     @model_validator(mode="after")
     def _has_budget(self) -> TrainSpec:
