@@ -34,13 +34,16 @@ from crucible.jobs.spec import TrainRunSpec, parse_spec
 from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.run import check_placement
 
-# A dead node is declared dead after ~3 missed 0.5 s health checks instead of Ray's default
-# 5 × 3 s, so the restart does not wait on detection (read by the head's GCS at start).
-FAST_NODE_DEATH = {
+RAY_ENV = {
+    # A dead node is declared dead after ~3 missed 0.5 s health checks instead of Ray's
+    # default 5 × 3 s, so the restart does not wait on detection (read by the head's GCS).
     "RAY_health_check_initial_delay_ms": "1000",
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
+    # On SIGTERM a node first drains for up to 30 s (for Serve on Kubernetes); after a Ray
+    # Train job it never becomes idle, so the head would wait all 30 s at teardown.
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
 MAX_STEPS, EVERY, KILL_AFTER = 12, 4, 8
 
@@ -158,17 +161,20 @@ def join_node(state: local.ClusterState, name: str, temp_dir: Path) -> subproces
 
 def kill_node(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL a joined node: its ``ray start`` process group and every process under it."""
+    if proc.returncode is not None:
+        return  # already stopped and reaped: its pid (and group id) may belong to others now
     try:
         family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         family = []
+    # Not reaped yet, so the group id is still ours; its own session made pgid == pid.
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: pgid == pid
+        os.killpg(proc.pid, signal.SIGKILL)
     for p in family:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    psutil.wait_procs(family, timeout=10)
     proc.wait(timeout=10)
+    psutil.wait_procs(family, timeout=10)
 
 
 def alive_nodes(state: local.ClusterState) -> dict[str, str]:
@@ -210,21 +216,35 @@ def node_of(pid: int, roots: dict[str, int]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def placement(run_dir: Path, roots: dict[str, int], old: dict[int, int] | None = None):
+def wait_for(check: Callable[[], Any], what: str, done: threading.Event, timeout: float = 240):
+    """Poll ``check`` until it returns something truthy; fail if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: {'the job ended first' if done.is_set() else 'timed out'}")
+
+
+def placement(
+    run_dir: Path, roots: dict[str, int], done: threading.Event, old: dict[int, int] | None = None
+) -> tuple[dict[int, int], dict[int, str]]:
     """Wait for both ranks' live pids (other than ``old``) and their nodes; return
     ``({rank: pid}, {rank: node})``."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    def check() -> tuple[dict[int, int], dict[int, str]] | None:
         pids, where = {}, {}
         for rank in (0, 1):
             with contextlib.suppress(OSError, ValueError):
                 pids[rank] = int((run_dir / "workers" / f"rank-{rank}.pid").read_text())
             if rank in pids and (old is None or pids[rank] != old[rank]):
-                where[rank] = node_of(pids[rank], roots)
-        if len(where) == 2 and None not in where.values():
-            return pids, where
-        time.sleep(0.05)
-    raise AssertionError(f"workers of {run_dir.name} never appeared on known nodes")
+                node = node_of(pids[rank], roots)
+                if node is not None:
+                    where[rank] = node
+        return (pids, where) if len(where) == 2 else None
+
+    return wait_for(check, f"both workers of {run_dir.name} on known nodes", done)
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -282,26 +302,32 @@ def spread_spec(name: str, storage: Path, shards: Path) -> TrainRunSpec:
     return spec
 
 
-def train(spec: TrainRunSpec, during: Callable[[Path], None]) -> tuple[Path, str]:
-    """Submit ``spec`` as a Ray job with ``during(run_dir)`` in a thread; wait for both."""
+def train(spec: TrainRunSpec, during: Callable[[Path, threading.Event], None]) -> tuple[Path, str]:
+    """Submit ``spec`` as a Ray job, with ``during(run_dir, job_ended)`` in a thread; wait for
+    both; return (run dir, job log)."""
     from crucible.jobs.submit import submit_run
 
     client, job_id, run_dir = submit_run(spec)
+    ended = threading.Event()
     errors: list[BaseException] = []
 
     def watch() -> None:
         try:
-            during(run_dir)
+            during(run_dir, ended)
         except BaseException as e:  # re-raised in the test's thread
             errors.append(e)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    log = "".join(client.follow(job_id))
-    watcher.join(timeout=120)
+    try:
+        log = "".join(client.follow(job_id))
+    finally:
+        ended.set()
+        watcher.join(timeout=60)
+    assert str(client.status(job_id)).endswith("SUCCEEDED"), log[-5000:]
     if errors:
         raise errors[0]
-    assert str(client.status(job_id)).endswith("SUCCEEDED"), log[-5000:]
+    assert not watcher.is_alive()
     return run_dir, log
 
 
@@ -320,7 +346,7 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """The local cluster's head (1 CPU) plus node 'b'; joined nodes are stopped at the end."""
     home = _short_dir("crmn")
     monkeypatch.setenv("CRUCIBLE_HOME", str(home))
-    for k, v in FAST_NODE_DEATH.items():
+    for k, v in RAY_ENV.items():
         monkeypatch.setenv(k, v)
     nodes: dict[str, subprocess.Popen[bytes]] = {}
     state = None
@@ -350,33 +376,37 @@ def test_node_loss_resumes_bitwise_on_a_replacement_node(cluster, shards, tmp_pa
     state, roots = cluster["state"], cluster["roots"]
     seen: dict[str, Any] = {}
 
-    def watch_reference(run_dir: Path) -> None:
-        seen["ref"] = placement(run_dir, roots)[1]
+    def watch_reference(run_dir: Path, done: threading.Event) -> None:
+        seen["ref"] = placement(run_dir, roots, done)[1]
 
     ref_dir, _ = train(spread_spec("ref", tmp_path, shards), watch_reference)
     # STRICT_SPREAD: one rank on each 1-CPU node.
     assert set(seen["ref"].values()) == {"head", "b"}, seen["ref"]
 
-    def lose_node_b(run_dir: Path) -> None:
+    def lose_node_b(run_dir: Path, done: threading.Event) -> None:
         latest = run_dir / "checkpoints" / "latest"
-        deadline = time.monotonic() + 150
-        while not (latest.exists() and latest.read_text().strip() == f"step-{KILL_AFTER}"):
-            assert time.monotonic() < deadline, "no checkpoint was committed"
-            time.sleep(0.02)
-        pids, seen["before"] = placement(run_dir, roots)
+        wait_for(
+            lambda: latest.exists() and latest.read_text().strip() == f"step-{KILL_AFTER}",
+            f"checkpoint step-{KILL_AFTER} committed",
+            done,
+        )
+        pids, seen["before"] = placement(run_dir, roots, done)
         kill_node(cluster["nodes"]["b"])
         seen["killed_at"] = time.monotonic()
         # What an autoscaler would do: a new node joins; Ray Train places 2 workers again.
         roots["c"] = cluster["join"]("c").pid
-        seen["after"] = placement(run_dir, roots, old=pids)[1]
+        seen["after"] = placement(run_dir, roots, done, old=pids)[1]
+        seen["replaced_s"] = time.monotonic() - seen["killed_at"]
         seen["ids"] = alive_nodes(state)
 
     t0 = time.monotonic()
     run_dir, log = train(spread_spec("node-loss", tmp_path, shards), lose_node_b)
+    (tmp_path / "node-loss.log").write_text(log)
     print(
-        f"node ids {cluster['ids']} + {seen['ids']}; ranks before {seen['before']}, after "
-        f"{seen['after']}; node-loss run {time.monotonic() - t0:.0f} s, resumed "
-        f"{records(run_dir, 'resume')}"
+        f"\nnode ids {cluster['ids']} then {seen['ids']}\nranks before {seen['before']}, "
+        f"after {seen['after']} ({seen['replaced_s']:.1f} s after the kill)\nnode-loss run "
+        f"{time.monotonic() - t0:.0f} s; {records(run_dir, 'resume')}\njob log: "
+        f"{tmp_path / 'node-loss.log'}"
     )
     assert set(seen["before"].values()) == {"head", "b"}, seen["before"]
     assert set(seen["after"].values()) == {"head", "c"}, seen["after"]
