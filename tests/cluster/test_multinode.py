@@ -361,8 +361,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
 
         join("b")
         ids = wait_nodes(state, {"head", "b"})
-        yield {"state": state, "home": home, "join": join, "nodes": nodes, "ids": ids,
-               "roots": {"head": ray_pid, "b": nodes["b"].pid}}  # fmt: skip
+        roots = {"head": ray_pid, "b": nodes["b"].pid}
+        yield {"state": state, "join": join, "nodes": nodes, "ids": ids, "roots": roots}
     finally:
         for proc in nodes.values():
             kill_node(proc)
