@@ -335,6 +335,9 @@ def up(
         CRUCIBLE_CLUSTER_STATE=str(state_dir),
     )
     env.pop("RAY_AUTH_TOKEN", None)
+    # Ray drains a node for up to 30 s on SIGTERM, for Serve traffic; crucible runs no Serve,
+    # so `down` stops at once.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     cmd = [
         ray, "start", "--head", "--block",
         "--node-ip-address", HOST,
