@@ -55,7 +55,8 @@ class LedgerWriter:
         run_dir: the run directory.
         devices: devices (workers) this attempt holds.
         resumed_from: step of the checkpoint this attempt resumed from (0: fresh start).
-        start_time: when the attempt's devices were taken (default: this process's start).
+        start_time: when the attempt's devices were taken (default: this process's start,
+            but not before the previous attempt's last record).
         device: device description, for the record.
         fsync_every_s: fsync at most this often, besides checkpoints and the end.
     """
@@ -70,7 +71,11 @@ class LedgerWriter:
         fsync_every_s: float = 1.0,
     ) -> None:
         self.devices = int(devices)
-        self.start_time = start_time if start_time is not None else _process_start()
+        if start_time is None:
+            # A worker process may predate its attempt (Ray reuses idle workers): the attempt
+            # cannot have taken its devices before the previous attempt's last record.
+            start_time = max(_process_start(), _last_record_time(Path(run_dir)))
+        self.start_time = start_time
         self.fsync_every_s = fsync_every_s
         self._fd: int | None = None
         self._last_sync = 0.0
@@ -175,6 +180,15 @@ def _process_start() -> float:
         return time.time()
 
 
+def _last_record_time(run_dir: Path) -> float:
+    """Unix time of the newest record of any earlier attempt (0 if none)."""
+    try:
+        attempts, _ = read_attempts(run_dir)
+    except OSError:
+        return 0.0
+    return max((a.end for a in attempts), default=0.0)
+
+
 def _open_next(d: Path) -> tuple[int, int]:
     """Create the next ``attempt-<k>.jsonl`` exclusively; return (fd, k)."""
     d.mkdir(parents=True, exist_ok=True)
@@ -224,6 +238,7 @@ class LedgerSummary:
     cost: float | None = None
     energy_kwh: float | None = None
     timeline: list[tuple[float, str, float]] = field(default_factory=list)
+    start_time: float | None = None  # unix time the first attempt took its devices
 
     @property
     def total_seconds(self) -> float:
@@ -389,6 +404,7 @@ def account(
         cost=total / 3600 * price_per_device_hour if price_per_device_hour is not None else None,
         energy_kwh=total * watts_per_device / 3.6e6 if watts_per_device is not None else None,
         timeline=timeline,
+        start_time=attempts[0].start if attempts else None,
     )
 
 

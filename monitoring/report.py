@@ -7,6 +7,7 @@ by phase over time from the ledger. Written to ``<run_dir>/report/``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -98,7 +99,9 @@ def write_report(run_dir: Path, price_per_device_hour: float | None = None) -> l
 
     if st.ledger is not None and st.ledger.timeline:
         fig, ax = plt.subplots(figsize=(7, 4))
-        t0 = st.ledger.timeline[0][0] - 1e-9
+        # From the first attempt's start: phases are added when their interval ends, so
+        # the first start-up shows as a rise after it, not at the origin.
+        t0 = min(st.ledger.start_time or math.inf, st.ledger.timeline[0][0] - 1e-9)
         totals = dict.fromkeys(PHASES, 0.0)
         ts: list[float] = [0.0]
         stacks: dict[str, list[float]] = {p: [0.0] for p in PHASES}
@@ -108,8 +111,10 @@ def write_report(run_dir: Path, price_per_device_hour: float | None = None) -> l
             for p in PHASES:
                 stacks[p].append(totals[p])
         used = [p for p in PHASES if totals[p] > 0]
+        # Linear between points: each interval's device-time accrues over the span that
+        # ends at its point (intervals are contiguous), so the total climbs at devices/s.
         ax.stackplot(ts, [stacks[p] for p in used], labels=used,
-                     colors=[PHASE_COLORS[p] for p in used], step="post")  # fmt: skip
+                     colors=[PHASE_COLORS[p] for p in used])  # fmt: skip
         ax.set(xlabel="wall time (h)", ylabel="device-hours (cumulative)",
                title=f"{st.run}: GPU-hours by phase")  # fmt: skip
         ax.legend(loc="upper left", fontsize=8)

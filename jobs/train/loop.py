@@ -6,6 +6,10 @@ newest valid checkpoint if there is one, then for each optimizer step reads its 
 global batch from the :class:`TrainingReader`, runs ``grad_accum_steps`` micro-batches, sets
 the LR from :func:`lr_at`, and reports loss, LR, grad norm, tokens and step time. The same
 function runs after a worker-group restart, so recovery is just "start again".
+
+Metrics, the GPU-hours ledger and the hang watchdog go through :class:`.Telemetry`, called
+once per event (load, start, step, eval, checkpoint, end); it never touches the RNG streams
+or the tensors, so a monitored run is bitwise the run it would have been.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.plan import TrainPlan, make_plan
 from crucible.jobs.train.schedule import lr_at
 from crucible.jobs.train.state import make_deterministic, rng_state, seed_everything, set_rng_state
+from crucible.jobs.train.telemetry import Telemetry
 
 METRICS = "metrics.jsonl"
 
@@ -248,8 +253,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     chosen = choose_checkpoint(root, spec.checkpoint.verify, rank, world)
     state = ckpt.read_state(chosen) if chosen else None
     reshard = state is not None and state["world_size"] != world
+    tel = Telemetry(spec, plan, run_dir, rank, world, resumed_from=state["step"] if state else 0)
     engine = build_engine(spec, plan, universal=reshard)
-    step, ledger = 0, {"worker_seconds": 0.0, "gpu_seconds": 0.0}
+    step = 0
     seed_everything(t.seed * 100_003 + rank)
     if chosen is not None and state is not None:
         t_load = time.perf_counter()
@@ -257,7 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.load_checkpoint(
             str(src), tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
-        step, ledger = int(state["step"]), dict(state["ledger"])
+        step = int(state["step"])
         if reshard:  # RNG streams are per rank: derive new ones from (seed, step, rank)
             seed_everything((t.seed * 100_003 + step) * 1_009 + rank)
         else:
@@ -266,8 +272,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         reader.load_state_dict(state["reader"])
         seconds = time.perf_counter() - t_load
+        nbytes = ckpt.read_manifest(chosen)["total_bytes"]
+        tel.loaded(seconds, nbytes)
         if rank == 0:
-            nbytes = ckpt.read_manifest(chosen)["total_bytes"]
             say(
                 f"resumed from {chosen.name} (world size {state['world_size']} → {world}) in "
                 f"{seconds:.2f} s ({nbytes / seconds / 1e6:.1f} MB/s)"
@@ -285,99 +292,129 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             verify="size", doc_index=spec.data.mask_cross_document,
         )  # fmt: skip
     device = engine.device
-    t_attempt = time.perf_counter()
-    ledger_base = dict(ledger)
     if rank == 0:
         say(
             f"training {spec.name}: steps {step}→{plan.total_steps}, {world} workers, "
             f"micro-batch {plan.micro_batch_size} × {plan.grad_accum_steps} accumulation"
         )
-    while step < plan.total_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, o, plan.total_steps)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        batch_index = reader.samples_consumed // o.global_batch_size
-        batch = reader.next_batch()
-        loss_sum = torch.zeros((), dtype=torch.float32)
-        for mb in _micro_batches(batch, plan.micro_batch_size, device):
-            doc = mb.get("doc_index") if spec.data.mask_cross_document else None
-            _, loss = engine(mb["input_ids"], mb["labels"], doc_ids=doc)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float().cpu()
-        loss_avg = loss_sum / plan.grad_accum_steps
-        dist.all_reduce(loss_avg)
-        loss_val = float(loss_avg) / world
-        if not math.isfinite(loss_val):
-            if rank == 0:
-                last = ckpt.latest_valid(root, "size")
-                ckpt.write_json_durable(
-                    run_dir / "nan.json",
-                    {"step": step + 1, "batch_index": batch_index, "loss": str(loss_val),
-                     "samples": [batch_index * o.global_batch_size,
-                                 (batch_index + 1) * o.global_batch_size],
-                     "last_checkpoint": str(last) if last else None},
-                )  # fmt: skip
-            return
-        step += 1
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        seconds = time.perf_counter() - t0
-        record = {
-            "kind": "step",
-            "step": step,
-            "loss": loss_val,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": plan.tokens_per_step,
-            "step_seconds": seconds,
-            "tokens_per_s": plan.tokens_per_step / seconds,
-        }
-        if heldout is not None and step % t.eval_every == 0:
-            record["heldout_loss"] = evaluate(
-                engine, heldout, t.eval_batches, plan, spec.data.mask_cross_document
-            )
-        if rank == 0:
-            append_metrics(run_dir, record | {"time": time.time()})
-            if step % t.log_every == 0 or step == plan.total_steps:
-                held = f" heldout {record['heldout_loss']:.4f}" if "heldout_loss" in record else ""
-                say(
-                    f"step {step}/{plan.total_steps} loss {loss_val:.4f}{held} lr {lr:.3e} "
-                    f"grad_norm {grad_norm:.3f} tokens {plan.tokens_per_step:,} "
-                    f"step {seconds:.3f}s {record['tokens_per_s']:,.0f} tok/s"
-                )
-        if step % spec.checkpoint.every_steps == 0 or step == plan.total_steps:
-            elapsed = time.perf_counter() - t_attempt
-            ledger = {
-                "worker_seconds": ledger_base["worker_seconds"] + elapsed * world,
-                "gpu_seconds": ledger_base["gpu_seconds"] + (elapsed * world if use_gpu else 0.0),
-            }
-            state = {
+    tel.started(t.hang_timeout_s)
+    status = "failed"
+    try:
+        while step < plan.total_steps:
+            t0, t0_wall = time.perf_counter(), time.time()
+            lr = lr_at(step, o, plan.total_steps)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            batch_index = reader.samples_consumed // o.global_batch_size
+            batch = reader.next_batch()
+            data_wait = time.perf_counter() - t0
+            loss_sum = torch.zeros((), dtype=torch.float32)
+            for mb in _micro_batches(batch, plan.micro_batch_size, device):
+                doc = mb.get("doc_index") if spec.data.mask_cross_document else None
+                _, loss = engine(mb["input_ids"], mb["labels"], doc_ids=doc)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().float().cpu()
+            loss_avg = loss_sum / plan.grad_accum_steps
+            dist.all_reduce(loss_avg)
+            loss_val = float(loss_avg) / world
+            if not math.isfinite(loss_val):
+                if rank == 0:
+                    _record_nan(run_dir, root, step, batch_index, loss_val, o.global_batch_size)
+                return
+            step += 1
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            seconds = time.perf_counter() - t0
+            mfu = tel.step(
+                step, loss_val, lr, grad_norm, plan.tokens_per_step, o.global_batch_size,
+                t0_wall, seconds, data_wait,
+            )  # fmt: skip
+            record = {
+                "kind": "step",
                 "step": step,
-                "samples_consumed": reader.samples_consumed,
-                "reader": reader.state_dict(),
-                "world_size": world,
-                "total_steps": plan.total_steps,
-                "ledger": ledger,
-                "spec": spec.model_dump(mode="json"),
+                "loss": loss_val,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": plan.tokens_per_step,
+                "step_seconds": seconds,
+                "data_wait_seconds": data_wait,
+                "tokens_per_s": plan.tokens_per_step / seconds,
+                "mfu": mfu,
             }
-            stats = save(engine, root, step, state, rank, world)
-            if rank == 0:
-                deleted = ckpt.retain(root, spec.checkpoint.keep_last, spec.checkpoint.keep_every)
-                say(
-                    f"checkpoint {stats.path.name}: {stats.bytes / 1e6:.2f} MB in "
-                    f"{stats.seconds:.2f} s ({stats.bytes_per_s / 1e6:.1f} MB/s)"
-                    + (f"; removed {', '.join(f'step-{s}' for s in deleted)}" if deleted else "")
+            if heldout is not None and step % t.eval_every == 0:
+                e0 = time.time()
+                record["heldout_loss"] = evaluate(
+                    engine, heldout, t.eval_batches, plan, spec.data.mask_cross_document
                 )
-                append_metrics(
-                    run_dir,
-                    {"kind": "checkpoint", "step": step, "bytes": stats.bytes,
-                     "save_seconds": stats.seconds, "path": str(stats.path)},
-                )  # fmt: skip
-            # Ray Train's report is a barrier that waits for the controller's next poll
-            # (every 2 s): once per checkpoint, not per step. Step metrics go to the job log
-            # and metrics.jsonl.
-            ray.train.report(
-                {k: v for k, v in record.items() if k != "kind"} | {"checkpoint": str(stats.path)}
-            )
+                tel.evaluated(record["heldout_loss"], e0, time.time())
+            if rank == 0:
+                append_metrics(run_dir, record | {"time": time.time()})
+                if step % t.log_every == 0 or step == plan.total_steps:
+                    say(_step_line(record, plan.total_steps))
+            if step % spec.checkpoint.every_steps == 0 or step == plan.total_steps:
+                c0 = time.time()
+                state = {
+                    "step": step,
+                    "samples_consumed": reader.samples_consumed,
+                    "reader": reader.state_dict(),
+                    "world_size": world,
+                    "total_steps": plan.total_steps,
+                    "ledger": tel.ledger_state(use_gpu) or {"worker_seconds": 0.0},
+                    "spec": spec.model_dump(mode="json"),
+                }
+                stats = save(engine, root, step, state, rank, world)
+                if rank == 0:
+                    deleted = ckpt.retain(
+                        root, spec.checkpoint.keep_last, spec.checkpoint.keep_every
+                    )
+                    say(
+                        f"checkpoint {stats.path.name}: {stats.bytes / 1e6:.2f} MB in "
+                        f"{stats.seconds:.2f} s ({stats.bytes_per_s / 1e6:.1f} MB/s)"
+                        + (
+                            f"; removed {', '.join(f'step-{s}' for s in deleted)}"
+                            if deleted
+                            else ""
+                        )
+                    )
+                    append_metrics(
+                        run_dir,
+                        {"kind": "checkpoint", "step": step, "bytes": stats.bytes,
+                         "save_seconds": stats.seconds, "path": str(stats.path)},
+                    )  # fmt: skip
+                # Ray Train's report is a barrier that waits for the controller's next poll
+                # (every 2 s): once per checkpoint, not per step. Step metrics go to the job
+                # log, metrics.jsonl and Prometheus.
+                ray.train.report(
+                    {k: v for k, v in record.items() if k != "kind"}
+                    | {"checkpoint": str(stats.path)}
+                )
+                tel.checkpointed(step, stats.seconds, stats.bytes, c0)
+        status = "finished"
+    finally:
+        tel.finish(status)
+
+
+def _step_line(record: dict[str, Any], total_steps: int) -> str:
+    """The job log's line for one step."""
+    held = f" heldout {record['heldout_loss']:.4f}" if "heldout_loss" in record else ""
+    mfu = f" MFU {record['mfu']:.2%}" if record.get("mfu") is not None else ""
+    return (
+        f"step {record['step']}/{total_steps} loss {record['loss']:.4f}{held} "
+        f"lr {record['lr']:.3e} grad_norm {record['grad_norm']:.3f} "
+        f"tokens {record['tokens']:,} step {record['step_seconds']:.3f}s "
+        f"{record['tokens_per_s']:,.0f} tok/s{mfu}"
+    )
+
+
+def _record_nan(
+    run_dir: Path, root: Path, step: int, batch_index: int, loss: float, global_batch: int
+) -> None:
+    """Write ``nan.json`` (the driver turns it into the run's one-line error)."""
+    last = ckpt.latest_valid(root, "size")
+    ckpt.write_json_durable(
+        run_dir / "nan.json",
+        {"step": step + 1, "batch_index": batch_index, "loss": str(loss),
+         "samples": [batch_index * global_batch, (batch_index + 1) * global_batch],
+         "last_checkpoint": str(last) if last else None},
+    )  # fmt: skip

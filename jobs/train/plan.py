@@ -11,18 +11,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from crucible.cluster.memory import activation_bytes, logits_bytes, model_states
 from crucible.errors import CrucibleError
-from crucible.model.accounting import (
-    largest_layer_params,
-    model_flops_per_token,
-    model_state_bytes,
-    num_params,
-)
+from crucible.model.accounting import largest_layer_params, model_flops_per_token, num_params
 from crucible.model.parallelize import build_deepspeed_config
 
 if TYPE_CHECKING:
     from crucible.jobs.spec import TrainRunSpec
-    from crucible.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -41,15 +36,17 @@ class TrainPlan:
     model_state_bytes_per_rank: int
     gather_buffer_bytes: int
     activation_bytes_per_rank: int
+    logits_bytes_per_rank: int
     ds_config: dict[str, Any]
 
     @property
     def memory_bytes_per_rank(self) -> int:
-        """Model states + ZeRO-3 gather buffer + activations, per rank."""
+        """Model states + ZeRO-3 gather buffer + activations + logits, per rank."""
         return (
             self.model_state_bytes_per_rank
             + self.gather_buffer_bytes
             + self.activation_bytes_per_rank
+            + self.logits_bytes_per_rank
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,26 +74,6 @@ def optimizer_section(spec: TrainRunSpec, use_gpu: bool) -> dict[str, Any]:
     if not use_gpu:
         params["torch_adam"] = True
     return {"type": "AdamW", "params": params}
-
-
-def activation_bytes(cfg: ModelConfig, micro: int, seq: int, checkpointing: bool) -> int:
-    """Activation memory of one micro-batch in bf16 (Korthikanti et al. 2022, eq. 1).
-
-    Per layer without recomputation: s·b·h·(34 + 5·a·s/h) bytes. With full recomputation
-    only each layer's input (2·s·b·h bytes) is kept, plus one layer's full activations
-    during its recompute.
-
-    Args:
-        cfg: the model shape.
-        micro: micro-batch size.
-        seq: sequence length.
-        checkpointing: activation checkpointing on.
-    """
-    s, b, h, a = seq, micro, cfg.d_model, cfg.n_heads
-    per_layer = int(s * b * h * (34 + 5 * a * s / h))
-    if checkpointing:
-        return cfg.n_layers * 2 * s * b * h + per_layer
-    return cfg.n_layers * per_layer
 
 
 def make_plan(
@@ -144,17 +121,18 @@ def make_plan(
         grad_clip=o.grad_clip,
         optimizer=optimizer_section(spec, use_gpu),
     )
-    states = model_state_bytes(cfg, parallel.precision)["total"]
-    shard = {0: 1, 1: 1, 2: 1, 3: world_size}[parallel.zero_stage]
-    if parallel.zero_stage in (1, 2):  # ZeRO-1/2 shard optimizer (and grads) only
-        weights = 2 if parallel.precision == "bf16" else 4
-        unsharded = weights + (weights if parallel.zero_stage == 1 else 0)
-        per_rank_states = (
-            num_params(cfg) * unsharded + (states - num_params(cfg) * unsharded) // world_size
-        )
-    else:
-        per_rank_states = states // shard
-    gather = 4 * largest_layer_params(cfg) if parallel.zero_stage == 3 else 0
+    # The planner's arithmetic (cluster/memory.py): DeepSpeed's own model-state estimate,
+    # whose ZeRO-3 figure includes the 4 × largest-layer buffer a gather needs.
+    states = model_states(
+        parallel.zero_stage,
+        num_params(cfg),
+        largest_layer_params(cfg),
+        gpus_per_node=world_size,
+        nodes=1,
+        offload_optimizer=parallel.offload_optimizer != "none",
+        offload_params=parallel.offload_params != "none" and parallel.zero_stage == 3,
+    )
+    scores_stored = spec.data.mask_cross_document  # a document mask rules out flash kernels
     return TrainPlan(
         world_size=world_size,
         global_batch_size=o.global_batch_size,
@@ -165,16 +143,19 @@ def make_plan(
         tokens_per_step=tokens_per_step,
         params=num_params(cfg),
         flops_per_token=model_flops_per_token(cfg, seq),
-        model_state_bytes_per_rank=per_rank_states,
-        gather_buffer_bytes=gather,
+        model_state_bytes_per_rank=states.gpu_bytes - states.largest_layer_bytes,
+        gather_buffer_bytes=states.largest_layer_bytes,
         activation_bytes_per_rank=activation_bytes(
-            cfg, o.micro_batch_size, seq, parallel.activation_checkpointing
+            cfg, o.micro_batch_size, seq, parallel.activation_checkpointing, scores_stored
         ),
+        logits_bytes_per_rank=logits_bytes(cfg, o.micro_batch_size, seq),
         ds_config=ds_config,
     )
 
 
 def _gib(n: float) -> str:
+    if n < 2**30:  # tiny models: MiB keeps the figures readable
+        return f"{n / 2**20:,.2f} MiB"
     return f"{n / 2**30:,.2f} GiB"
 
 
@@ -207,10 +188,11 @@ def format_plan(spec: TrainRunSpec, plan: TrainPlan) -> str:
         f"{plan.flops_per_token * tokens:.3g} model FLOPs with attention)",
         f"memory per rank: {_gib(plan.memory_bytes_per_rank)} = model states "
         f"{_gib(plan.model_state_bytes_per_rank)} (ZeRO-{spec.model.parallel.zero_stage}, "
-        f"{spec.model.parallel.precision}) + gather buffer {_gib(plan.gather_buffer_bytes)} "
+        f"DeepSpeed's estimate) + gather buffer {_gib(plan.gather_buffer_bytes)} "
         f"+ activations {_gib(plan.activation_bytes_per_rank)} (micro-batch "
         f"{plan.micro_batch_size}, checkpointing "
-        f"{'on' if spec.model.parallel.activation_checkpointing else 'off'})",
+        f"{'on' if spec.model.parallel.activation_checkpointing else 'off'}) + logits "
+        f"{_gib(plan.logits_bytes_per_rank)}",
         f"checkpoints: every {spec.checkpoint.every_steps} steps, keep last "
         f"{spec.checkpoint.keep_last}"
         + (f" + every {spec.checkpoint.keep_every}" if spec.checkpoint.keep_every else "")
