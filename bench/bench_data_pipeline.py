@@ -70,7 +70,10 @@ if __name__ == "__main__":
                            exclusion_writer=JsonlWriter(f"{out}/removed")),
         JsonlWriter(f"{out}/docs")],
         tasks=1, workers=1, logging_dir=f"{out}/l4").run()
-    print("SECONDS", time.time() - t0)
+    import resource
+    rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF,
+                                                        resource.RUSAGE_CHILDREN))
+    print("SECONDS", time.time() - t0, "RSS_MB", rss / 1024)
 """
 
 
@@ -113,6 +116,7 @@ class RssSampler:
         self.period_s = period_s
         self.peak: dict[int, int] = {}
         self.names: dict[int, str] = {}
+        self.tasks: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -121,13 +125,18 @@ class RssSampler:
         while not self._stop.is_set():
             for proc in me.children(recursive=True):
                 try:
-                    name = " ".join(proc.cmdline()[:3])
-                    if "default_worker" not in name and not proc.name().startswith("ray::"):
+                    name = " ".join(proc.cmdline())
+                    if "default_worker" not in name and not name.startswith("ray::"):
                         continue
                     rss = proc.memory_info().rss
                 except psutil.Error:
                     continue
-                self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss)
+                if "IDLE" not in name:  # a busy worker's title names its task
+                    self.tasks[proc.pid] = name[:80].strip()
+                if rss > self.peak.get(proc.pid, 0):
+                    # the last task it ran (memory often peaks as a task ends)
+                    self.peak[proc.pid] = rss
+                    self.names[proc.pid] = self.tasks.get(proc.pid, "?")
             self._stop.wait(self.period_s)
 
     def __enter__(self) -> RssSampler:
@@ -159,11 +168,12 @@ def ray_memory(work: Path, sizes_mb: list[float]) -> None:
             )
             dt = time.time() - t0
         ray.shutdown()
+        top = max(sampler.peak, key=sampler.peak.__getitem__)
         peaks = sorted(sampler.peak.values(), reverse=True)
         print(
             f"ray, {mb:g} MB corpus ({files} parts): {dt:.0f} s, {len(peaks)} worker processes, "
             f"peak worker RSS {peaks[0] / 2**20:.0f} MB (median of worker peaks "
-            f"{peaks[len(peaks) // 2] / 2**20:.0f} MB)"
+            f"{peaks[len(peaks) // 2] / 2**20:.0f} MB); the peak in: {sampler.names[top]}"
         )
         shutil.rmtree(inp, ignore_errors=True)
         shutil.rmtree(work / f"mem-run-{mb:g}", ignore_errors=True)
@@ -268,8 +278,7 @@ def main() -> None:
             print(
                 f"datatrove: {dt:.1f} s, {dt_docs / dt:,.0f} docs/s/core, "
                 f"{dt_raw / 1e6 / dt:.2f} MB/s/core, peak RSS "
-                f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB "
-                f"(max over child processes), "
+                f"{float(proc.stdout.split('RSS_MB')[-1]):.0f} MB, "
                 f"dedup at J 0.8 {json.dumps(datatrove_prf(truth, out))}\n"
                 f"crucible/datatrove speed ratio per core (MB/s): "
                 f"{(raw / ours) / (dt_raw / dt):.2f}x",
