@@ -63,7 +63,8 @@ def _quiet_ray_train() -> None:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices, not biases, norm scales or position tables (GPT-3)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         is_matrix = (getattr(p, "ds_shape", None) or p.shape).__len__() >= 2
         (decay if is_matrix and "pos_emb" not in name else no_decay).append(p)
