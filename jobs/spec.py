@@ -17,8 +17,8 @@ from pydantic import Field, field_validator
 
 from crucible.cluster.spec import ClusterSpec
 from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, validate
-from crucible.errors import CrucibleError
 from crucible.data_pipeline.spec import DataSpec
+from crucible.errors import CrucibleError
 from crucible.jobs.train.spec import CheckpointSpec, OptimSpec, TrainDataSpec, TrainSpec
 from crucible.model.config import ModelSpec
 

@@ -47,7 +47,9 @@ def test_unknown_key_names_path_and_closest(tmp_path: Path) -> None:
 
 def test_unknown_top_level_key_lists_valid_keys(tmp_path: Path) -> None:
     p = write(tmp_path, "kind: data\nname: r\nzzz: 1\n" + DATA)
-    with pytest.raises(CrucibleError, match=r"unknown key zzz \(valid keys here: name, cluster, kind, data"):
+    with pytest.raises(
+        CrucibleError, match=r"unknown key zzz \(valid keys here: name, cluster, kind, data"
+    ):
         load_spec(p)
 
 

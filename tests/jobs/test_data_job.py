@@ -62,4 +62,6 @@ def test_data_run_on_the_cluster(tmp_path: Path, cluster_env: Path) -> None:
     # A different spec under the same name is refused, one line, nothing submitted.
     r = cli("data", "run", "d.yaml", "--set", "data.shards.seq_len=64", cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.startswith("error: run 'jobtest' already exists") and "Traceback" not in r.stderr
+    assert (
+        r.stderr.startswith("error: run 'jobtest' already exists") and "Traceback" not in r.stderr
+    )
