@@ -22,7 +22,7 @@ def normalize_text(text: str, form: str = "NFC") -> str:
         text: raw text.
         form: Unicode normal form.
     """
-    text = unicodedata.normalize(form, text)
+    text = unicodedata.normalize(form, text)  # type: ignore[arg-type]  # validated by the spec
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = CONTROL_RE.sub("", text)
     text = SPACES_RE.sub(" ", text)

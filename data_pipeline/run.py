@@ -249,4 +249,4 @@ def _build_shards(spec: DataSpec, run_dir: Path, executor: str, digest: str) -> 
         return
     from crucible.data_pipeline.shards.build import build_shards
 
-    build_shards(run_dir / "documents", spec.shards, run_dir / "shards", executor, digest)
+    build_shards(run_dir / "documents", spec.shards, run_dir / "shards", executor, digest)  # type: ignore[arg-type]

@@ -106,7 +106,7 @@ def filter_part(part: int, path: str, spec: DataSpec, run_dir: Path) -> dict[str
     out = AtomicParquetWriter(p["filtered"] / name, FILTERED_SCHEMA)
     exc = AtomicParquetWriter(p["excluded"] / name, EXCLUSION_SCHEMA)
     keep_text, max_chars = spec.output.exclusion_text, spec.output.max_exclusion_text_chars
-    holders = [reader, *steps]
+    holders: list[Any] = [reader, *steps]
 
     def flush(batch: list, hashes: list, bands: list, sigs: list) -> None:
         out.write(filtered_table(batch, hashes, bands, sigs))

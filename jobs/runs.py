@@ -14,7 +14,7 @@ import yaml
 
 from crucible.config import spec_hash
 from crucible.errors import CrucibleError
-from crucible.jobs.spec import RunSpec, load_spec, parse_spec, write_resolved
+from crucible.jobs.spec import RunSpec, TrainRunSpec, load_spec, parse_spec, write_resolved
 
 RESOLVED = "spec.resolved.yaml"
 
@@ -90,6 +90,14 @@ def find_run(run: str, storage: str | None = None) -> Path:
         f"no run {run!r} (looked for {p / RESOLVED} and {candidate / RESOLVED}); "
         f"runs under {storage or 'runs'}: {names}"
     )
+
+
+def load_train_spec(d: Path) -> TrainRunSpec:
+    """The resolved spec of train run ``d`` (an error if the run is not a train run)."""
+    spec = load_run_spec(d)
+    if not isinstance(spec, TrainRunSpec):
+        raise CrucibleError(f"{d} is a {spec.kind} run, not a train run")
+    return spec
 
 
 def load_run_spec(d: Path) -> RunSpec:

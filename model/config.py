@@ -116,7 +116,7 @@ _Overrides: Any = create_model(  # type: ignore[call-overload]
     "_Overrides",
     __base__=StrictModel,
     **{
-        name: (f.annotation | None, Field(default=None, description=f.description))
+        name: (f.annotation | None, Field(default=None, description=f.description))  # type: ignore[operator]
         for name, f in ModelConfig.model_fields.items()
     },
 )

@@ -15,8 +15,8 @@ from crucible.data_pipeline.step import StepStats
 from crucible.errors import CrucibleError
 
 CHUNK = 1 << 20
-SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet")
-SUFFIXES += (".warc", ".warc.gz", ".wet", ".wet.gz", ".warc.wet", ".warc.wet.gz")
+SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+SUFFIXES += (".parquet", ".warc", ".warc.gz", ".wet", ".wet.gz", ".warc.wet", ".warc.wet.gz")
 
 
 def input_format(path: str) -> str:

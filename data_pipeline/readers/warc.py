@@ -20,7 +20,7 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 def html_to_text(body: bytes) -> str:
     """Main-content plain text of an HTML page (encoding detected from the bytes)."""
-    html = bytes_to_str(body, detect_encoding(body))
+    html = bytes_to_str(body, detect_encoding(body) or "utf-8")
     return extract_plain_text(html, main_content=True, alt_texts=False, links=False)
 
 

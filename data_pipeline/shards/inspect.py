@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from crucible.data_pipeline.reader import SplitView
 from crucible.data_pipeline.shards.manifest import read_manifest, resolve_verify, shard_problems
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer
@@ -47,7 +49,7 @@ def inspect_shards(
     if not problems and m.splits["train"].rows:
         view = SplitView(d, m, "train")
         i = min(sample, view.num_samples - 1)
-        tokens, length = view.rows([i])
+        tokens, length = view.rows(np.array([i]))
         ids = tokens[0][: int(length[0])].tolist()
         text = load_tokenizer(d / tk.file).decode(ids, skip_special_tokens=False)
         cut = text[:max_chars] + ("…" if len(text) > max_chars else "")

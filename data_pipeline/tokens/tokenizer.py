@@ -66,9 +66,11 @@ def build_tokenizer(spec: TokenizerSpec, texts: Iterable[str]) -> Tokenizer:
         spec: The ``tokenizer`` section of the shard spec.
         texts: Corpus texts, consumed only when training.
     """
-    tok = (
-        train_tokenizer(texts, spec.train) if spec.train is not None else load_tokenizer(spec.path)
-    )  # type: ignore[arg-type]
+    if spec.train is not None:
+        tok = train_tokenizer(texts, spec.train)
+    else:
+        assert spec.path is not None  # TokenizerSpec guarantees exactly one source
+        tok = load_tokenizer(spec.path)
     eos_id(tok, spec.eos)
     return tok
 

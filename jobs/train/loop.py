@@ -223,10 +223,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from crucible.data_pipeline.reader import TrainingReader
-    from crucible.jobs.runs import load_run_spec
+    from crucible.jobs.runs import load_train_spec
 
     run_dir = Path(config["run_dir"])
-    spec = load_run_spec(run_dir)
+    spec = load_train_spec(run_dir)
     _quiet_ray_train()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -226,7 +226,8 @@ def summarize(run_dir: Path, seconds: float) -> str:
         run_dir: the run directory.
         seconds: wall time of this job's training.
     """
-    steps, saves = [], []
+    steps: list[dict] = []
+    saves: list[dict] = []
     path = run_dir / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         rec = json.loads(line)
