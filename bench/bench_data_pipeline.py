@@ -10,6 +10,7 @@ on 5-grams) as a ratio, scored the same way.
     python bench/bench_data_pipeline.py --mb 200             # the real figure
     python bench/bench_data_pipeline.py --mb 200 --datatrove-mb 50   # datatrove on a subset
     python bench/bench_data_pipeline.py --ray-memory 50,100  # peak worker RSS on Ray
+    python bench/bench_data_pipeline.py --ray-memory 10,20 --part-mb 5  # the same, quicker
 """
 
 from __future__ import annotations
@@ -148,14 +149,20 @@ class RssSampler:
         self._thread.join()
 
 
-def ray_memory(work: Path, sizes_mb: list[float]) -> None:
-    """Full chain on the Ray executor at each corpus size; peak RSS per worker process."""
+def ray_memory(work: Path, sizes_mb: list[float], part_mb: float = 25.0) -> None:
+    """Full chain on the Ray executor at each corpus size; peak RSS per worker process.
+
+    Args:
+        work: scratch folder.
+        sizes_mb: corpus sizes (MB of text).
+        part_mb: MB per input file: a part (one filter/finalise task's share) stays this size
+            whatever the corpus size, so only stages that grow with the corpus show up.
+    """
     import ray
 
     for mb in sizes_mb:
         inp = work / f"mem-{mb:g}"
-        # files scale with the corpus: an input file (a part) stays ~25 MB whatever the size
-        files = max(int(mb // 25), 1)
+        files = max(round(mb / part_mb), 1)
         generate_corpus(inp, n_docs=int(mb * 1e6 / DOC_BYTES), seed=1, files=files, warc=False)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         with RssSampler() as sampler:
@@ -203,10 +210,16 @@ def main() -> None:
         help="comma-separated corpus sizes in MB (e.g. 50,100): full chain on Ray at each, "
         "peak RSS per worker; skips the throughput comparison",
     )
+    ap.add_argument(
+        "--part-mb",
+        type=float,
+        default=25.0,
+        help="with --ray-memory: MB of text per input file (one part); use less for small sizes",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-dp-"))
     if args.ray_memory:
-        ray_memory(work, [float(x) for x in args.ray_memory.split(",")])
+        ray_memory(work, [float(x) for x in args.ray_memory.split(",")], args.part_mb)
         shutil.rmtree(work, ignore_errors=True)
         return
     mb = 5.0 if args.quick else args.mb

@@ -39,11 +39,15 @@ from crucible.data_pipeline.dedup.verify import (
 )
 from crucible.data_pipeline.spec import DataSpec
 from crucible.data_pipeline.stages import filter_part, finalize_part
+from crucible.errors import CrucibleError
 
-_BUCKET_ROWS_PER_PARTITION = 250_000  # ~120 MB of bucket rows with 112-value signatures
+PARTITION_BYTES = 64 << 20
+"""Default bytes of shuffled data per task: every groupby's partition count is its data size
+over this, and shuffle map inputs and blocks are capped at it, so a task's memory stays the same
+as the corpus grows."""
 
-
-_TEXT_BYTES = 64 << 20  # filtered Parquet bytes per partition of the exact check's text shuffle
+_EDGE_BYTES = 16  # an {a, b} int64 edge row
+_LABEL_BYTES = 16  # a {key, root} int64 row
 
 
 def _select(batch: dict[str, np.ndarray], col: str, value: bool = True) -> dict[str, np.ndarray]:
@@ -57,6 +61,23 @@ def _num_rows(files: list[Path]) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _column_bytes(files: list[Path], columns: list[str]) -> int:
+    """Uncompressed bytes of ``columns`` in the Parquet ``files``, from their footers (close to
+    their size in memory, where the file size would understate compressed text several-fold)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                if col.path_in_schema.split(".")[0] in columns:
+                    total += col.total_uncompressed_size
+    return total
 
 
 def _ensure_ray() -> Any:
@@ -83,11 +104,46 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, num_workers: int | None = None) -> None:
+    def __init__(
+        self, num_workers: int | None = None, partition_bytes: int = PARTITION_BYTES
+    ) -> None:
+        """Connect to (or start) Ray.
+
+        Args:
+            num_workers: concurrent per-part tasks (None: one per CPU).
+            partition_bytes: bytes of shuffled data per task (see :data:`PARTITION_BYTES`).
+        """
+        if partition_bytes < 4096:
+            raise CrucibleError(
+                f"partition_bytes is {partition_bytes}: use at least 4096 (64 MiB is the default)"
+            )
         self.ray = _ensure_ray()
         self.num_workers = num_workers
-        # one shuffle partition per CPU: each groupby is a hash-partitioned shuffle
+        self.partition_bytes = partition_bytes
+        # at least one shuffle partition per CPU, more as the data grows (see _partitions)
         self.partitions = max(int(self.ray.cluster_resources().get("CPU", 1)), 1)
+
+    def _partitions(self, nbytes: int) -> int:
+        """Shuffle partitions for ``nbytes`` of data: each holds at most ``partition_bytes``."""
+        return max(self.partitions, -(-int(nbytes) // self.partition_bytes))
+
+    def _bounded(self, ds: Any) -> Any:
+        """``ds`` with blocks and shuffle map inputs capped at ``partition_bytes``.
+
+        Ray Data's SHUFFLE_V2 map task coalesces its inputs up to ``shuffle_input_batch_bytes``
+        (1 GiB by default) before partitioning them, so one map task held the whole shuffle
+        input of a small corpus, and so grew with it. Datasets derived from ``ds`` copy its
+        context, so setting it on each source covers every stage after it.
+        """
+        ctx = ds.context
+        ctx.shuffle_input_batch_bytes = self.partition_bytes
+        ctx.target_max_block_size = self.partition_bytes
+        return ds
+
+    def _read(self, files: list[Path], columns: list[str]) -> Any:
+        import ray.data
+
+        return self._bounded(ray.data.read_parquet([str(f) for f in files], columns=columns))
 
     def _per_part(self, items: list[dict[str, Any]], fn: Callable[[dict], dict]) -> Any:
         import ray.data
@@ -126,10 +182,9 @@ class RayExecutor:
 
     def exact_dedup(self, files: list[Path], out_dir: Path) -> dict[str, Any]:
         """Global exact dedup with a hash-partitioned groupby on the text hash."""
-        import ray.data
-
-        ds = ray.data.read_parquet([str(f) for f in files], columns=["key", "text_hash"])
-        dups = ds.groupby("text_hash", num_partitions=self.partitions).map_groups(
+        ds = self._read(files, ["key", "text_hash"])
+        parts = self._partitions(_column_bytes(files, ["key", "text_hash"]))
+        dups = ds.groupby("text_hash", num_partitions=parts).map_groups(
             exact_duplicates, batch_format="numpy"
         )
         dups = dups.materialize()
@@ -138,15 +193,12 @@ class RayExecutor:
 
     def fuzzy_dedup(self, files: list[Path], out_dir: Path, spec: DataSpec) -> dict[str, Any]:
         """LSH buckets -> star edges -> large-star/small-star rounds -> ``{key, root}``."""
-        import ray.data
-
-        ds = ray.data.read_parquet([str(f) for f in files], columns=["key", "bands", "signature"])
+        ds = self._read(files, ["key", "bands", "signature"])
         rows = ds.map_batches(explode_bands, batch_format="numpy")
         mh = spec.dedup.minhash
-        # each bucket row carries its signature: partitions grow with the corpus so that one
-        # reduce task's share (and so a worker's memory) stays the same size as the corpus grows
-        n_rows = _num_rows(files) * mh.num_bands
-        parts = max(self.partitions, -(-n_rows // _BUCKET_ROWS_PER_PARTITION))
+        # one row per (document, band), each carrying the document's uint32 signature
+        row_bytes = 8 + 8 + 4 * mh.num_perm
+        parts = self._partitions(_num_rows(files) * mh.num_bands * row_bytes)
         checked = (
             rows.groupby("bucket", num_partitions=parts)
             .map_groups(
@@ -178,11 +230,13 @@ class RayExecutor:
         if n_edges:
             for rnd in range(1, spec.dedup.minhash.max_rounds + 1):
                 rounds = rnd
+                # both directions double the edges; a round never outgrows its input's size
+                parts = self._partitions(2 * _EDGE_BYTES * cur.count())
                 cur = (
                     cur.map_batches(both_directions, batch_format="numpy")
-                    .groupby("a", num_partitions=self.partitions)
+                    .groupby("a", num_partitions=parts)
                     .map_groups(large_star, batch_format="numpy")
-                    .groupby("a", num_partitions=self.partitions)
+                    .groupby("a", num_partitions=parts)
                     .map_groups(small_star, batch_format="numpy")
                     .materialize()
                 )
@@ -202,12 +256,13 @@ class RayExecutor:
         if labels is not None:
             labels = labels.materialize()
             n_dups = labels.count()
-            sizes = labels.groupby("root", num_partitions=self.partitions).count().take_all()
-            counts: dict[int, int] = {}
-            for r in sizes:
-                size = int(r["count()"]) + 1
-                counts[size] = counts.get(size, 0) + 1
-            hist = {str(k): v for k, v in sorted(counts.items())}
+            # cluster sizes, then how many clusters of each size: only the histogram is collected
+            parts = self._partitions(_LABEL_BYTES * n_dups)
+            sizes = labels.groupby("root", num_partitions=parts).count()
+            sizes = sizes.rename_columns({"count()": "members"})
+            counts = sizes.groupby("members", num_partitions=self.partitions).count().take_all()
+            hist = {str(int(r["members"]) + 1): int(r["count()"]) for r in counts}
+            hist = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
             _write_partitioned(labels.select_columns(["key", "root"]), out_dir)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,12 +277,11 @@ class RayExecutor:
 
     def _exact_check(self, files: list[Path], pairs: Any, n_grams: int, threshold: float) -> Any:
         """Exact Jaccard of ``pairs``: texts joined to pair ends by key, ends paired by pair."""
-        import ray.data
-
-        docs = ray.data.read_parquet([str(f) for f in files], columns=["key", "text"])
+        docs = self._read(files, ["key", "text"])
         ends = pairs.map_batches(pair_ends, batch_format="numpy")
         rows = ends.union(docs.map_batches(doc_rows, batch_format="numpy"))
-        parts = max(self.partitions, -(-sum(f.stat().st_size for f in files) // _TEXT_BYTES))
+        # texts dominate both shuffles (each pair end carries one text after attach_text)
+        parts = self._partitions(_column_bytes(files, ["key", "text"]))
         return (
             rows.groupby("key", num_partitions=parts)
             .map_groups(attach_text, batch_format="numpy")

@@ -30,3 +30,46 @@ def test_ray_equals_local(corpus: dict[str, Any], ray_local: Any, tmp_path: Path
     # candidates near the threshold took the exact check's two groupbys on Ray too
     assert ray["dedup"]["minhash"]["exact_checked"] == local["dedup"]["minhash"]["exact_checked"]
     assert ray["dedup"]["minhash"]["exact_checked"] > 0
+
+
+def dedup_rows(out_dir: Path) -> list[dict]:
+    """Every row of a dedup result folder (hive-partitioned by part), in a fixed order."""
+    files = sorted(out_dir.rglob("*.parquet"))
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+@pytest.mark.slow
+def test_small_partitions_same_dedup(
+    corpus: dict[str, Any], ray_local: Any, tmp_path: Path
+) -> None:
+    """Partitions computed from the data size: a tiny per-task budget splits every groupby into
+    many partitions (more than CPUs) and the dedup results are unchanged."""
+    from crucible.data_pipeline.executors.ray import RayExecutor
+    from crucible.data_pipeline.stages import work_paths
+
+    spec = DataSpec(inputs=[str(corpus["dir"])])
+    run_pipeline(spec, tmp_path / "run", executor="local", progress=False)
+    files = sorted(work_paths(tmp_path / "run")["filtered"].glob("part-*.parquet"))
+    big, small = RayExecutor(), RayExecutor(partition_bytes=64 << 10)
+    assert small._partitions(sum(f.stat().st_size for f in files)) > big.partitions
+    got = {}
+    for name, ex in (("big", big), ("small", small)):
+        got[name] = (
+            ex.exact_dedup(files, tmp_path / name / "exact"),
+            ex.fuzzy_dedup(files, tmp_path / name / "minhash", spec),
+        )
+    assert got["big"][0] == got["small"][0]
+    for k in ("edges", "exact_checked", "exact_kept", "duplicates", "cluster_sizes"):
+        assert got["big"][1][k] == got["small"][1][k], k
+    assert got["big"][1]["duplicates"] > 0
+    for kind in ("exact", "minhash"):
+        assert dedup_rows(tmp_path / "big" / kind) == dedup_rows(tmp_path / "small" / kind), kind
+
+
+def test_partition_bytes_too_small(ray_local: Any) -> None:
+    from crucible.data_pipeline.executors.ray import RayExecutor
+    from crucible.errors import CrucibleError
+
+    with pytest.raises(CrucibleError, match="partition_bytes"):
+        RayExecutor(partition_bytes=100)
