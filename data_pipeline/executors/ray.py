@@ -143,7 +143,11 @@ class RayExecutor:
     def _read(self, files: list[Path], columns: list[str]) -> Any:
         import ray.data
 
-        return self._bounded(ray.data.read_parquet([str(f) for f in files], columns=columns))
+        # one read task per file (a part, bounded by its input file), never several files merged
+        ds = ray.data.read_parquet(
+            [str(f) for f in files], columns=columns, override_num_blocks=max(len(files), 1)
+        )
+        return self._bounded(ds)
 
     def _per_part(self, items: list[dict[str, Any]], fn: Callable[[dict], dict]) -> Any:
         import ray.data
@@ -194,11 +198,14 @@ class RayExecutor:
     def fuzzy_dedup(self, files: list[Path], out_dir: Path, spec: DataSpec) -> dict[str, Any]:
         """LSH buckets -> star edges -> large-star/small-star rounds -> ``{key, root}``."""
         ds = self._read(files, ["key", "bands", "signature"])
-        rows = ds.map_batches(explode_bands, batch_format="numpy")
         mh = spec.dedup.minhash
         # one row per (document, band), each carrying the document's uint32 signature
         row_bytes = 8 + 8 + 4 * mh.num_perm
         parts = self._partitions(_num_rows(files) * mh.num_bands * row_bytes)
+        # exploding multiplies a batch num_bands-fold: batches sized so that the output of one
+        # stays a fraction of partition_bytes (a whole read block grew with the files per task)
+        docs_per_batch = max(self.partition_bytes // (4 * mh.num_bands * row_bytes), 1)
+        rows = ds.map_batches(explode_bands, batch_format="numpy", batch_size=docs_per_batch)
         checked = (
             rows.groupby("bucket", num_partitions=parts)
             .map_groups(
