@@ -39,8 +39,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 STEP_BUCKETS = tuple(round(0.01 * 1.6**i, 4) for i in range(30))
 
 
-def _safe(fn: F) -> F:
-    """Run ``fn``; on any exception log once (per method) and return None."""
+def never_raise(fn: F) -> F:
+    """Run ``fn``; on any exception log once (per function) and return None.
+
+    Metrics and telemetry use it so that they can never stop training or a data job.
+    """
     warned = False
 
     @functools.wraps(fn)
@@ -51,7 +54,7 @@ def _safe(fn: F) -> F:
         except Exception:
             if not warned:
                 warned = True
-                log.exception("metrics: %s failed; further failures are silent", fn.__name__)
+                log.exception("%s failed; further failures are silent", fn.__qualname__)
             return None
 
     return wrapper  # type: ignore[return-value]
@@ -197,7 +200,7 @@ class TrainMetrics:
         for name, (doc, value) in constants.items():
             Gauge(name, doc, registry=r).set(value)
 
-    @_safe
+    @never_raise
     def on_step(
         self,
         step: int,
@@ -245,7 +248,7 @@ class TrainMetrics:
             self.mfu.set(self.last_mfu)
         self.last_step_time.set(time.time())
 
-    @_safe
+    @never_raise
     def on_eval(self, loss: float) -> None:
         """Record a held-out loss.
 
@@ -255,7 +258,7 @@ class TrainMetrics:
         if self.is_global:
             self.heldout.set(_finite(loss))
 
-    @_safe
+    @never_raise
     def on_checkpoint(self, step: int, save_seconds: float, nbytes: int) -> None:
         """Record a committed checkpoint.
 
@@ -272,7 +275,7 @@ class TrainMetrics:
         self.ckpt_time.set(time.time())
         self.ckpt_step.set(step)
 
-    @_safe
+    @never_raise
     def on_load(self, load_seconds: float, nbytes: int) -> None:
         """Record a checkpoint load (resume).
 
@@ -284,7 +287,7 @@ class TrainMetrics:
             self.ckpt_load.inc(load_seconds)
             self.ckpt_load_bytes.inc(nbytes)
 
-    @_safe
+    @never_raise
     def on_restart(self, restarts: int | None = None) -> None:
         """Record that this attempt is a restart.
 
@@ -360,7 +363,7 @@ class DataMetrics(Collector):
         self._updated = 0.0
         self.registry.register(self)
 
-    @_safe
+    @never_raise
     def update(self, step_stats: dict[str, Any]) -> None:
         """Replace the exported totals with the pipeline's merged per-step stats.
 
@@ -371,7 +374,7 @@ class DataMetrics(Collector):
         self._steps = {str(k): dict(v) for k, v in step_stats.items() if isinstance(v, dict)}
         self._updated = time.time()
 
-    @_safe
+    @never_raise
     def on_dedup(self, duplicates: int, cluster_sizes: dict[Any, int]) -> None:
         """Record fuzzy-dedup results.
 

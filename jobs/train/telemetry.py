@@ -18,26 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crucible.monitoring.metrics import never_raise
+
 log = logging.getLogger(__name__)
-
-
-def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn``; on any exception log it once per method and carry on."""
-    warned = False
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        nonlocal warned
-        try:
-            return fn(*args, **kwargs)
-        except Exception:
-            if not warned:
-                warned = True
-                log.exception("telemetry: %s failed; training continues", fn.__name__)
-            return None
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
 
 
 def shared_peak_flops(rank: int) -> tuple[str, float]:
@@ -102,12 +85,12 @@ class Telemetry:
         self._start_ledger(world, resumed_from)
         self._start_metrics(spec, plan, world, peak)
 
-    @_guard
+    @never_raise
     def _peak(self) -> float | None:
         self.device, peak = shared_peak_flops(self.rank)
         return float(peak)
 
-    @_guard
+    @never_raise
     def _start_ledger(self, world: int, resumed_from: int) -> None:
         if self.rank != 0:
             return
@@ -117,7 +100,7 @@ class Telemetry:
             self.run_dir, world, resumed_from=resumed_from, device=self.device
         )
 
-    @_guard
+    @never_raise
     def _start_metrics(self, spec: Any, plan: Any, world: int, peak: float | None) -> None:
         from crucible.monitoring.exporter import start_exporter
         from crucible.monitoring.ledger import LedgerCollector
@@ -141,7 +124,7 @@ class Telemetry:
                 self.metrics.on_restart(restarts=self.ledger.attempt - 1)
         self.port = start_exporter(spec.name, "train", self.rank, self.metrics.registry)
 
-    @_guard
+    @never_raise
     def loaded(self, seconds: float, nbytes: int) -> None:
         """A checkpoint was loaded (resume).
 
@@ -152,7 +135,7 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.on_load(seconds, nbytes)
 
-    @_guard
+    @never_raise
     def started(self, timeout_s: float) -> None:
         """Start-up is over (the first step begins now): close the start-up interval and start
         the watchdog.
@@ -168,7 +151,7 @@ class Telemetry:
             path = self.run_dir / "workers" / f"rank-{self.rank}.stacks.log"
             self.watchdog = Watchdog(timeout_s, path, on_hang=self._on_hang).start()
 
-    @_guard
+    @never_raise
     def step(
         self,
         step: int,
@@ -205,7 +188,7 @@ class Telemetry:
         mfu = self.metrics.last_mfu
         return mfu if self.rank == 0 and mfu is not None and math.isfinite(mfu) else None
 
-    @_guard
+    @never_raise
     def evaluated(self, loss: float, t0: float, t1: float) -> None:
         """A held-out evaluation ran from ``t0`` to ``t1``.
 
@@ -221,7 +204,7 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.on_eval(loss)
 
-    @_guard
+    @never_raise
     def checkpointed(self, step: int, save_seconds: float, nbytes: int, t0: float) -> None:
         """A checkpoint was committed; the ledger's interval runs from ``t0`` to now (the save,
         retention and Ray Train's report).
@@ -239,7 +222,7 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.on_checkpoint(step, save_seconds, nbytes)
 
-    @_guard
+    @never_raise
     def ledger_state(self, use_gpu: bool) -> dict[str, Any]:
         """The ledger so far, for the checkpoint's state (rank 0; empty elsewhere): device-
         seconds by phase as :func:`~crucible.monitoring.ledger.account` reads them.
@@ -259,7 +242,7 @@ class Telemetry:
             "attempts": s.attempts,
         }
 
-    @_guard
+    @never_raise
     def finish(self, status: str) -> None:
         """The attempt is over: stop the watchdog and the exporter, close the ledger.
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +31,9 @@ from crucible.errors import CrucibleError
 from crucible.jobs.spec import TrainRunSpec, parse_spec
 from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.run import check_placement
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import free_ports, short_tmpdir
 
 RAY_ENV = {
     # A dead node is declared dead after ~3 missed 0.5 s health checks instead of Ray's
@@ -111,21 +112,6 @@ def test_gpu_workers_need_a_gpu_on_each_spread_node() -> None:
 
 
 # --- the cluster ----------------------------------------------------------------------------
-
-
-def _free_ports() -> local.Ports:
-    names = ["gcs", "dashboard", "client_server", "metrics_export", "dashboard_agent", "prometheus"]
-    ports: dict[str, int] = {}
-    while len(ports) < len(names):
-        p = local.free_port()
-        if p not in ports.values():
-            ports[names[len(ports)]] = p
-    return local.Ports(**ports, crucible_metrics_base=local.free_port())
-
-
-def _short_dir(prefix: str) -> Path:
-    # Ray's unix socket paths under a node's temp dir must stay short.
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 def join_node(state: local.ClusterState, name: str, temp_dir: Path) -> subprocess.Popen[bytes]:
@@ -250,36 +236,6 @@ def placement(
 # --- the run --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small shard set for the tiny model (as in tests/jobs/conftest.py)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from crucible.data_pipeline.shards.build import build_shards
-    from crucible.data_pipeline.shards.spec import ShardSpec
-
-    words = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was"]
-    root = tmp_path_factory.mktemp("mn-data")
-    docs = root / "documents"
-    docs.mkdir()
-    rng = random.Random(0)
-    ids = [f"doc{i}" for i in range(80)]
-    texts = [" ".join(rng.choice(words) for _ in range(rng.choice([3, 40, 200, 900]))) for _ in ids]
-    pq.write_table(pa.table({"id": ids, "text": texts}), docs / "part-00000.parquet")
-    (docs / "_SUCCESS").touch()
-    spec = ShardSpec.model_validate(
-        {
-            "seq_len": 64,
-            "rows_per_shard": 200,
-            "heldout_fraction": 0.05,
-            "tokenizer": {"train": {"vocab_size": 320}},
-        }
-    )
-    build_shards(docs, spec, root / "shards", "local", "multinode-tests")
-    return root / "shards"
-
-
 def spread_spec(name: str, storage: Path, shards: Path) -> TrainRunSpec:
     spec = parse_spec(
         {
@@ -344,14 +300,14 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """The local cluster's head (1 CPU) plus node 'b'; joined nodes are stopped at the end."""
-    home = _short_dir("crmn")
+    home = short_tmpdir("crmn")
     monkeypatch.setenv("CRUCIBLE_HOME", str(home))
     for k, v in RAY_ENV.items():
         monkeypatch.setenv(k, v)
     nodes: dict[str, subprocess.Popen[bytes]] = {}
     state = None
     try:
-        state, started = local.up(home / "cluster", _free_ports(), num_cpus=1)
+        state, started = local.up(home / "cluster", free_ports(), num_cpus=1)
         assert started
         ray_pid = next(p.pid for p in state.procs if p.name == "ray")
 
@@ -372,14 +328,14 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_node_loss_resumes_bitwise_on_a_replacement_node(cluster, shards, tmp_path) -> None:
+def test_node_loss_resumes_bitwise_on_a_replacement_node(cluster, train_shards, tmp_path) -> None:
     state, roots = cluster["state"], cluster["roots"]
     seen: dict[str, Any] = {}
 
     def watch_reference(run_dir: Path, done: threading.Event) -> None:
         seen["ref"] = placement(run_dir, roots, done)[1]
 
-    ref_dir, _ = train(spread_spec("ref", tmp_path, shards), watch_reference)
+    ref_dir, _ = train(spread_spec("ref", tmp_path, train_shards), watch_reference)
     # STRICT_SPREAD: one rank on each 1-CPU node.
     assert set(seen["ref"].values()) == {"head", "b"}, seen["ref"]
 
@@ -400,7 +356,7 @@ def test_node_loss_resumes_bitwise_on_a_replacement_node(cluster, shards, tmp_pa
         seen["ids"] = alive_nodes(state)
 
     t0 = time.monotonic()
-    run_dir, log = train(spread_spec("node-loss", tmp_path, shards), lose_node_b)
+    run_dir, log = train(spread_spec("node-loss", tmp_path, train_shards), lose_node_b)
     (tmp_path / "node-loss.log").write_text(log)
     print(
         f"\nnode ids {cluster['ids']} then {seen['ids']}\nranks before {seen['before']}, "
