@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,32 @@ def _column_bytes(files: list[Path], columns: list[str]) -> int:
     return total
 
 
+def _read_batches(
+    batch: dict[str, np.ndarray], columns: list[str], batch_bytes: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Stream ``columns`` of each Parquet file named in ``batch["path"]`` in bounded batches."""
+    import pyarrow.parquet as pq
+
+    for path in batch["path"]:
+        f = pq.ParquetFile(str(path))
+        meta = f.metadata
+        nbytes = _column_bytes([Path(str(path))], columns)
+        rows = max(int(meta.num_rows * batch_bytes // max(nbytes, 1)), 1)
+        for rb in f.iter_batches(batch_size=rows, columns=columns):
+            yield {c: _column_numpy(rb.column(c)) for c in columns}
+
+
+def _column_numpy(col: Any) -> np.ndarray:
+    """An Arrow column as numpy: lists as a 2-D array (fixed length here), else values."""
+    import pyarrow as pa
+
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        n = len(col)
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(n, -1) if n else flat.reshape(0, 0)
+    return col.to_numpy(zero_copy_only=False)
+
+
 def _ensure_ray() -> Any:
     import ray
 
@@ -141,13 +167,21 @@ class RayExecutor:
         return ds
 
     def _read(self, files: list[Path], columns: list[str]) -> Any:
+        """``columns`` of the Parquet ``files``: one task per file, streamed in row batches.
+
+        ``ray.data.read_parquet`` (2.60) lists the files and reads them all in one task, which
+        then grows with the corpus; here each file is its own task and yields batches of
+        about ``partition_bytes / 4`` bytes.
+        """
         import ray.data
 
-        # one read task per file (a part, bounded by its input file), never several files merged
-        ds = ray.data.read_parquet(
-            [str(f) for f in files], columns=columns, override_num_blocks=max(len(files), 1)
+        rows = ray.data.from_items(
+            [{"path": str(f)} for f in files], override_num_blocks=max(len(files), 1)
         )
-        return self._bounded(ds)
+        read = functools.partial(
+            _read_batches, columns=columns, batch_bytes=self.partition_bytes // 4
+        )
+        return self._bounded(rows.map_batches(read, batch_size=1, batch_format="numpy"))
 
     def _per_part(self, items: list[dict[str, Any]], fn: Callable[[dict], dict]) -> Any:
         import ray.data
