@@ -46,7 +46,7 @@ def _executor(name: str, spec: DataSpec) -> Any:
     if name == "ray":
         from crucible.data_pipeline.executors.ray import RayExecutor
 
-        return RayExecutor(num_workers=spec.num_workers)
+        return RayExecutor(num_workers=spec.num_workers, partition_bytes=spec.partition_bytes)
     raise CrucibleError(f"unknown executor {name!r}; use 'ray' or 'local'")
 
 

@@ -198,6 +198,12 @@ class DataSpec(StrictModel):
     num_workers: int | None = Field(
         None, ge=1, description="Parallel file tasks on Ray (null: one per CPU)."
     )
+    partition_bytes: int = Field(
+        64 << 20,
+        ge=4096,
+        description="On Ray: target bytes per shuffle partition and block; bounds each task's "
+        "memory whatever the corpus size.",
+    )
     shards: ShardSpec | None = Field(
         None, description="Training shards built from the documents; null stops at documents."
     )
