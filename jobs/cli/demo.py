@@ -207,7 +207,8 @@ def _summary(
     images = write_report(train_dir)
     console.print(f"report:           {train_dir / 'report' / 'report.md'}")
     for img in images:
-        console.print(f"                  {img}")
+        if img.suffix == ".png":
+            console.print(f"                  {img}")
     console.print(
         f"Prometheus:       {state.prometheus_url}  (dashboards: crucible/monitoring/dashboards/)"
     )
