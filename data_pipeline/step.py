@@ -6,6 +6,7 @@ documents; the Ray executor runs the same chain inside Ray Data tasks.
 
 from __future__ import annotations
 
+import abc
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -56,7 +57,7 @@ def _copy(v: Any) -> Any:
     return {k: _copy(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
-class Step:
+class Step(abc.ABC):
     """A document step: subclasses implement :meth:`process`; :meth:`run` does the counting.
 
     ``process`` returns the (possibly modified) document to keep it, or the name of the rule
@@ -69,9 +70,9 @@ class Step:
         self.stats = StepStats()
         self.exclusions: list[Exclusion] = []
 
+    @abc.abstractmethod
     def process(self, doc: Document) -> Document | str:
         """Keep (return the document) or drop (return the rule name)."""
-        raise NotImplementedError
 
     def drop(self, doc: Document, rule: str) -> None:
         """Record ``doc`` as dropped by ``rule``."""

@@ -6,8 +6,9 @@ import glob
 import io
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -71,9 +72,15 @@ def _raw_chunks(path: str) -> Iterator[bytes]:
             yield chunk
 
 
-def _zstd_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
-    dctx = zstandard.ZstdDecompressor()
-    d = dctx.decompressobj()
+def _member_chunks(
+    path: str, stats: StepStats, new: Callable[[], Any], error: type[Exception]
+) -> Iterator[bytes]:
+    """Decompress a file of one or more concatenated members (gzip or zstd frames).
+
+    A corrupt stream stops the file with ``corrupt_compressed_file`` counted; a truncated last
+    member yields what it holds and counts ``truncated_file``. Never raises.
+    """
+    d = new()
     fed = False
     try:
         for chunk in _raw_chunks(path):
@@ -82,15 +89,26 @@ def _zstd_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
                 yield d.decompress(chunk)
                 if d.eof:
                     chunk = d.unused_data
-                    d = dctx.decompressobj()
+                    d = new()
                     fed = False
                 else:
                     chunk = b""
-    except zstandard.ZstdError:
+    except error:
         stats.counters["corrupt_compressed_file"] += 1
         return
     if fed and not d.eof:
+        if hasattr(d, "flush"):
+            yield d.flush()
         stats.counters["truncated_file"] += 1
+
+
+def _zstd_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
+    dctx = zstandard.ZstdDecompressor()
+    return _member_chunks(path, stats, dctx.decompressobj, zstandard.ZstdError)
+
+
+def _gzip_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
+    return _member_chunks(path, stats, lambda: zlib.decompressobj(47), zlib.error)
 
 
 def byte_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
@@ -101,28 +119,6 @@ def byte_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
     if name.endswith(".zst"):
         return _zstd_chunks(path, stats)
     return _raw_chunks(path)
-
-
-def _gzip_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
-    d = zlib.decompressobj(47)
-    fed = False
-    try:
-        for chunk in _raw_chunks(path):
-            while chunk:
-                fed = True
-                yield d.decompress(chunk)
-                if d.eof:
-                    chunk = d.unused_data
-                    d = zlib.decompressobj(47)
-                    fed = False
-                else:
-                    chunk = b""
-    except zlib.error:
-        stats.counters["corrupt_compressed_file"] += 1
-        return
-    if fed and not d.eof:
-        yield d.flush()
-        stats.counters["truncated_file"] += 1
 
 
 def iter_lines(path: str, stats: StepStats) -> Iterator[tuple[int, bytes]]:
