@@ -30,9 +30,10 @@ from crucible.monitoring.ledger import account
 
 pytestmark = pytest.mark.slow
 
-# A step of 64 sequences takes ~0.3 s here: 80 steps keep the final attempt up for several
-# 5 s scrapes (and a few 5 s rule evaluations) after the restart.
-STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, WORKERS = 80, 64, 8, 64, 2
+# A step of 64 sequences takes 0.18-0.3 s here: 120 steps keep the final attempt up for at
+# least 20 s, i.e. several 5 s scrapes (and 5 s rule evaluations) after the restart. (With 80
+# steps a quiet machine finished the final attempt between two scrapes of its third.)
+STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, WORKERS = 120, 64, 8, 64, 2
 HANG_AFTER_STEP = 12  # two steps past the step-10 checkpoint: their time is lost
 HANG_TIMEOUT_S = 8.0  # well above a step or a checkpoint (~2 s with Ray Train's report)
 TOKENS_PER_STEP = GLOBAL_BATCH * SEQ_LEN
@@ -273,7 +274,7 @@ def test_the_ledger_adds_up_with_the_lost_steps_attributed(train_run) -> None:
 
     lost = [r for r in first if r["step"] > 10]
     assert len(lost) >= HANG_AFTER_STEP - 10
-    # (to float64 unix-time resolution: 2.4e-7 s per timestamp, over ≤ 80 steps)
+    # (to float64 unix-time resolution: 2.4e-7 s per timestamp, over ≤ 120 steps)
     assert led.seconds["lost"] == pytest.approx(busy(lost), rel=1e-5)
     productive = [r for r in first if r["step"] <= 10] + last
     assert led.seconds["productive"] == pytest.approx(busy(productive), rel=1e-5)
