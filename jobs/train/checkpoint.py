@@ -12,7 +12,7 @@ Layout of ``<run>/checkpoints/``::
     latest                       "step-<N>", replaced atomically after the commit
 
 Commit protocol: every rank writes into ``step-<N>.tmp/`` and fsyncs the files it wrote
-(hashing them while they are hot in the page cache); rank 0 checks that every rank's shards
+(hashing them as they are written, see :mod:`.hashing_engine`); rank 0 checks that every rank's shards
 are there, writes ``manifest.json``, fsyncs the directories, renames ``step-<N>.tmp`` to
 ``step-<N>`` and only then replaces ``latest``. A crash at any point leaves either the
 previous checkpoint as the newest valid one, or the new one complete.
@@ -135,21 +135,31 @@ def list_files(d: Path) -> list[str]:
     )
 
 
-def hash_own_files(d: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+def hash_own_files(
+    d: Path, rank: int, world_size: int, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """fsync and hash the files of ``d`` that ``rank`` wrote: ``{relpath: {sha256, bytes}}``.
 
     Args:
         d: the checkpoint directory being written.
         rank: this rank; it handles the files it owns (see :func:`owner_rank`).
         world_size: ranks writing the checkpoint.
+        known: ``{abspath: {sha256, bytes}}`` of files already hashed and fsynced as they were
+            written; taken as they are when the size on disk agrees, re-read otherwise.
     """
+    known = known or {}
     out = {}
     for rel in list_files(d):
         if owner_rank(rel) % world_size != rank:
             continue
         p = d / rel
+        size = p.stat().st_size
+        got = known.get(os.path.abspath(p))
+        if got is not None and got["bytes"] == size:
+            out[rel] = {"sha256": got["sha256"], "bytes": size}
+            continue
         fsync_path(p)
-        out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        out[rel] = {"sha256": sha256_file(p), "bytes": size}
     return out
 
 

@@ -114,6 +114,7 @@ def build_engine(spec: Any, plan: TrainPlan, universal: bool = False) -> Any:
     """
     import deepspeed
 
+    from crucible.jobs.train import hashing_engine
     from crucible.model.gpt import build_model, init_weights
     from crucible.model.parallelize import build_zero3_model, parallelize
 
@@ -131,6 +132,7 @@ def build_engine(spec: Any, plan: TrainPlan, universal: bool = False) -> Any:
         model_parameters=param_groups(model, spec.optim.weight_decay),
         config=config,
     )
+    hashing_engine.install(engine)
     return engine
 
 
@@ -189,6 +191,8 @@ def save(
         rank: this rank.
         world: number of ranks.
     """
+    from crucible.jobs.train import hashing_engine  # imports DeepSpeed: after DS_ACCELERATOR
+
     t0 = time.perf_counter()
     tmp = root / f"step-{step}.tmp"
     if rank == 0:
@@ -198,10 +202,14 @@ def save(
         (tmp / "crucible_state").mkdir(parents=True)
         ckpt.write_json_durable(tmp / ckpt.STATE, state)
     dist.barrier()
+    hashing = engine.checkpoint_engine
+    written = hashing.written if isinstance(hashing, hashing_engine.HashingCheckpointEngine) else {}
+    written.clear()
     engine.save_checkpoint(str(tmp), tag=ckpt.DS_TAG, save_latest=False)
-    torch.save(rng_state(), tmp / "crucible_state" / f"rank-{rank}.pt")
-    dist.barrier()  # every rank's files are written before anyone hashes
-    files = ckpt.hash_own_files(tmp, rank, world)
+    rng_file = tmp / "crucible_state" / f"rank-{rank}.pt"
+    written[os.path.abspath(rng_file)] = hashing_engine.save_hashed(rng_state(), rng_file)
+    dist.barrier()  # every rank's files are written before anyone lists them
+    files = ckpt.hash_own_files(tmp, rank, world, known=written)
     gathered = _all_gather(files)
     nbytes = sum(v["bytes"] for part in gathered for v in part.values())
     if rank == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from itertools import pairwise
 from pathlib import Path
 
@@ -129,6 +130,30 @@ def test_a_save_that_died_before_its_manifest_is_skipped(tmp_path: Path) -> None
     assert ckpt.latest_valid(tmp_path) == tmp_path / "step-5"
     _write_fake_save(tmp_path, 15, 2)  # an unfinished .tmp is never a candidate
     assert ckpt.committed_steps(tmp_path) == [5, 10]
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_save_hashed_digest_is_the_files_and_loads_back(tmp_path: Path, zipfile: bool) -> None:
+    import torch
+
+    from crucible.jobs.train.hashing_engine import save_hashed
+
+    obj = {"big": torch.arange(600_000, dtype=torch.float32), "small": torch.ones(3), "n": 7}
+    path = tmp_path / "x.pt"
+    got = save_hashed(obj, path, zipfile)  # "big" (2.4 MB) is hashed on the second thread
+    assert got == {"sha256": ckpt.sha256_file(path), "bytes": path.stat().st_size}
+    back = torch.load(path, weights_only=True)
+    assert torch.equal(back["big"], obj["big"]) and back["n"] == 7
+
+
+def test_hash_own_files_trusts_recorded_digests_only_at_the_files_size(tmp_path: Path) -> None:
+    tmp = _write_fake_save(tmp_path, 5, 1)
+    rel = "ds/zero_pp_rank_0_mp_rank_00_model_states.pt"
+    size = (tmp / rel).stat().st_size
+    known = {os.path.abspath(tmp / rel): {"sha256": "recorded", "bytes": size}}
+    assert ckpt.hash_own_files(tmp, 0, 1, known)[rel]["sha256"] == "recorded"
+    (tmp / rel).write_bytes(b"changed after it was recorded")
+    assert ckpt.hash_own_files(tmp, 0, 1, known)[rel]["sha256"] == ckpt.sha256_file(tmp / rel)
 
 
 def test_retention_keeps_last_k_plus_every_m(tmp_path: Path) -> None:
