@@ -116,8 +116,11 @@ class RssSampler:
     def __init__(self, period_s: float = 0.2) -> None:
         self.period_s = period_s
         self.peak: dict[int, int] = {}
+        self.private: dict[int, int] = {}  # RSS less shared pages (object store, libraries)
         self.names: dict[int, str] = {}
         self.tasks: dict[int, str] = {}
+        # peak (RSS, private) per task name, sampled while the task runs
+        self.by_task: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -129,11 +132,15 @@ class RssSampler:
                     name = " ".join(proc.cmdline())
                     if "default_worker" not in name and not name.startswith("ray::"):
                         continue
-                    rss = proc.memory_info().rss
+                    mem = proc.memory_info()
                 except psutil.Error:
                     continue
+                rss = mem.rss
+                self.private[proc.pid] = max(self.private.get(proc.pid, 0), rss - mem.shared)
                 if "IDLE" not in name:  # a busy worker's title names its task
-                    self.tasks[proc.pid] = name[:80].strip()
+                    self.tasks[proc.pid] = task = name[:80].strip()
+                    old = self.by_task.get(task, (0, 0))
+                    self.by_task[task] = (max(old[0], rss), max(old[1], rss - mem.shared))
                 if rss > self.peak.get(proc.pid, 0):
                     # the last task it ran (memory often peaks as a task ends)
                     self.peak[proc.pid] = rss
@@ -177,11 +184,16 @@ def ray_memory(work: Path, sizes_mb: list[float], part_mb: float = 25.0) -> None
         ray.shutdown()
         top = max(sampler.peak, key=sampler.peak.__getitem__)
         peaks = sorted(sampler.peak.values(), reverse=True)
+        private = max(sampler.private.values())
         print(
             f"ray, {mb:g} MB corpus ({files} parts): {dt:.0f} s, {len(peaks)} worker processes, "
             f"peak worker RSS {peaks[0] / 2**20:.0f} MB (median of worker peaks "
-            f"{peaks[len(peaks) // 2] / 2**20:.0f} MB); the peak in: {sampler.names[top]}"
+            f"{peaks[len(peaks) // 2] / 2**20:.0f} MB; without shared pages "
+            f"{private / 2**20:.0f} MB); the peak in: {sampler.names[top]}",
+            flush=True,
         )
+        for task, (rss, priv) in sorted(sampler.by_task.items(), key=lambda kv: -kv[1][0])[:4]:
+            print(f"  {task}: RSS {rss / 2**20:.0f} MB, private {priv / 2**20:.0f} MB")
         shutil.rmtree(inp, ignore_errors=True)
         shutil.rmtree(work / f"mem-run-{mb:g}", ignore_errors=True)
 
