@@ -43,8 +43,13 @@ from crucible.errors import CrucibleError
 
 PARTITION_BYTES = 64 << 20
 """Default bytes of shuffled data per task: every groupby's partition count is its data size
-over this, and shuffle map inputs and blocks are capped at it, so a task's memory stays the same
-as the corpus grows."""
+over this, and shuffle map inputs and blocks are a fixed share of it, so a task's memory stays
+the same as the corpus grows."""
+
+BLOCK_FRACTION = 8
+"""Blocks, read batches and shuffle map inputs are ``partition_bytes / BLOCK_FRACTION``: a
+SHUFFLE_V2 map task holds about five times its input at its peak (see :meth:`RayExecutor._bounded`),
+so its input must be a small share of a task's budget."""
 
 _EDGE_BYTES = 16  # an {a, b} int64 edge row
 _LABEL_BYTES = 16  # a {key, root} int64 row
@@ -153,17 +158,26 @@ class RayExecutor:
         """Shuffle partitions for ``nbytes`` of data: each holds at most ``partition_bytes``."""
         return max(self.partitions, -(-int(nbytes) // self.partition_bytes))
 
-    def _bounded(self, ds: Any) -> Any:
-        """``ds`` with blocks and shuffle map inputs capped at ``partition_bytes``.
+    @property
+    def block_bytes(self) -> int:
+        """Bytes per block, read batch and shuffle map batch (see :data:`BLOCK_FRACTION`)."""
+        return max(self.partition_bytes // BLOCK_FRACTION, 1)
 
-        Ray Data's SHUFFLE_V2 map task coalesces its inputs up to ``shuffle_input_batch_bytes``
-        (1 GiB by default) before partitioning them, so one map task held the whole shuffle
-        input of a small corpus, and so grew with it. Datasets derived from ``ds`` copy its
-        context, so setting it on each source covers every stage after it.
+    def _bounded(self, ds: Any) -> Any:
+        """``ds`` with blocks and shuffle map inputs capped at :attr:`block_bytes`.
+
+        Ray Data's SHUFFLE_V2 map task (``_shuffle_map_task``, 2.60) takes input blocks until
+        they reach ``shuffle_input_batch_bytes`` (1 GiB by default), so its input is up to that
+        plus one block; it then holds the inputs (mapped from the object store), a copy with
+        chunks combined, a copy sorted by partition and every partition's encoded shard until
+        it returns, about five times its input. With both at ``partition_bytes`` the input
+        ranged from one block to two, whichever the corpus size happened to give. Datasets
+        derived from ``ds`` copy its context, so setting it on each source covers every stage
+        after it.
         """
         ctx = ds.context
-        ctx.shuffle_input_batch_bytes = self.partition_bytes
-        ctx.target_max_block_size = self.partition_bytes
+        ctx.shuffle_input_batch_bytes = self.block_bytes
+        ctx.target_max_block_size = self.block_bytes
         return ds
 
     def _read(self, files: list[Path], columns: list[str]) -> Any:
@@ -171,16 +185,14 @@ class RayExecutor:
 
         ``ray.data.read_parquet`` (2.60) lists the files and reads them all in one task, which
         then grows with the corpus; here each file is its own task and yields batches of
-        about ``partition_bytes / 4`` bytes.
+        about :attr:`block_bytes`.
         """
         import ray.data
 
         rows = ray.data.from_items(
             [{"path": str(f)} for f in files], override_num_blocks=max(len(files), 1)
         )
-        read = functools.partial(
-            _read_batches, columns=columns, batch_bytes=self.partition_bytes // 4
-        )
+        read = functools.partial(_read_batches, columns=columns, batch_bytes=self.block_bytes)
         return self._bounded(rows.map_batches(read, batch_size=1, batch_format="numpy"))
 
     def _per_part(self, items: list[dict[str, Any]], fn: Callable[[dict], dict]) -> Any:
@@ -237,8 +249,8 @@ class RayExecutor:
         row_bytes = 8 + 8 + 4 * mh.num_perm
         parts = self._partitions(_num_rows(files) * mh.num_bands * row_bytes)
         # exploding multiplies a batch num_bands-fold: batches sized so that the output of one
-        # stays a fraction of partition_bytes (a whole read block grew with the files per task)
-        docs_per_batch = max(self.partition_bytes // (4 * mh.num_bands * row_bytes), 1)
+        # is a block (a whole read block grew with the files per task)
+        docs_per_batch = max(self.block_bytes // (mh.num_bands * row_bytes), 1)
         rows = ds.map_batches(explode_bands, batch_format="numpy", batch_size=docs_per_batch)
         checked = (
             rows.groupby("bucket", num_partitions=parts)
