@@ -1,7 +1,7 @@
 """Connected components by alternating large-star / small-star (Kiveris et al., SoCC 2014).
 
 Each operation is a reduce over the edges grouped by one endpoint, so on Ray Data each is a
-hash-partitioned ``groupby(...).map_groups``: no task ever holds every edge. After O(log^2 n)
+hash-partitioned shuffle by that endpoint: no task ever holds every edge. After O(log^2 n)
 rounds every component is a star around its smallest key, which is the deterministic survivor.
 The reduce functions are vectorised over any batch of complete groups, so the in-process
 executor runs the very same code on the whole edge list at once.

@@ -1,11 +1,11 @@
 """Ray Data executor: the same stages as the in-process executor, distributed.
 
 - filter / final: one Ray Data task per input part (streamed, a few in flight per CPU);
-- exact dedup: ``groupby("text_hash").map_groups`` (a hash-partitioned shuffle);
-- MinHash: band keys exploded (each row carrying its document's signature),
-  ``groupby("bucket")`` for the checked edges (pairs near the threshold get an exact check:
-  texts joined to pair ends by ``groupby("key")``, ends paired by ``groupby(["a", "b"])``),
-  then large-star / small-star rounds, each a ``groupby("a").map_groups``, until the edge checksum is stable.
+- exact dedup: a reduce by ``text_hash`` (a hash-partitioned shuffle, see :meth:`RayExecutor._reduce`);
+- MinHash: band keys exploded (each row carrying its document's signature), a reduce by
+  ``bucket`` for the checked edges (pairs near the threshold get an exact check: texts joined
+  to pair ends by ``key``, ends paired by ``(a, b)``), then large-star / small-star rounds,
+  each a reduce by ``a``, until the edge checksum is stable.
 No task ever holds every edge or every document.
 """
 
@@ -37,7 +37,7 @@ from crucible.data_pipeline.dedup.verify import (
     pair_ends,
     unique_pairs,
 )
-from crucible.data_pipeline.spec import DataSpec
+from crucible.data_pipeline.spec import DataSpec, MinHashSpec
 from crucible.data_pipeline.stages import filter_part, finalize_part
 from crucible.errors import CrucibleError
 
@@ -53,6 +53,11 @@ so its input must be a small share of a task's budget."""
 
 _EDGE_BYTES = 16  # an {a, b} int64 edge row
 _LABEL_BYTES = 16  # a {key, root} int64 row
+
+
+def _band_row_bytes(mh: MinHashSpec) -> int:
+    """Bytes of one exploded band row: bucket, key and the document's uint32 signature."""
+    return 8 + 8 + 4 * mh.num_perm
 
 
 def _select(batch: dict[str, np.ndarray], col: str, value: bool = True) -> dict[str, np.ndarray]:
@@ -180,6 +185,20 @@ class RayExecutor:
         ctx.target_max_block_size = self.block_bytes
         return ds
 
+    @staticmethod
+    def _reduce(ds: Any, keys: list[str], parts: int, fn: Callable[[dict], dict]) -> Any:
+        """``fn`` on each of ``parts`` hash partitions of ``ds`` by ``keys``, one call each.
+
+        ``groupby(keys).map_groups(fn)`` (2.60) sorts each partition, then calls ``fn`` once
+        per group: the bucket shuffle has about one group per row, so a reduce task made a
+        Python call and an output table per row. Every reduce function here takes any batch
+        of complete groups and orders it itself, and a keyed ``repartition`` emits each
+        partition as one block (its reduce never splits blocks), so one call per block is the
+        same result.
+        """
+        part = ds.repartition(parts, keys=keys)
+        return part.map_batches(fn, batch_size=None, batch_format="numpy")
+
     def _read(self, files: list[Path], columns: list[str]) -> Any:
         """``columns`` of the Parquet ``files``: one task per file, streamed in row batches.
 
@@ -234,32 +253,26 @@ class RayExecutor:
         """Global exact dedup with a hash-partitioned groupby on the text hash."""
         ds = self._read(files, ["key", "text_hash"])
         parts = self._partitions(_column_bytes(files, ["key", "text_hash"]))
-        dups = ds.groupby("text_hash", num_partitions=parts).map_groups(
-            exact_duplicates, batch_format="numpy"
-        )
-        dups = dups.materialize()
+        dups = self._reduce(ds, ["text_hash"], parts, exact_duplicates).materialize()
         _write_partitioned(dups, out_dir)
         return {"duplicates": int(dups.count())}
 
-    def fuzzy_dedup(self, files: list[Path], out_dir: Path, spec: DataSpec) -> dict[str, Any]:
-        """LSH buckets -> star edges -> large-star/small-star rounds -> ``{key, root}``."""
+    def _band_rows(self, files: list[Path], mh: MinHashSpec) -> Any:
+        """One ``{bucket, key, signature}`` row per (document, band) of ``files``, in blocks of
+        about :attr:`block_bytes`."""
         ds = self._read(files, ["key", "bands", "signature"])
-        mh = spec.dedup.minhash
-        # one row per (document, band), each carrying the document's uint32 signature
-        row_bytes = 8 + 8 + 4 * mh.num_perm
-        parts = self._partitions(_num_rows(files) * mh.num_bands * row_bytes)
         # exploding multiplies a batch num_bands-fold: batches sized so that the output of one
         # is a block (a whole read block grew with the files per task)
-        docs_per_batch = max(self.block_bytes // (mh.num_bands * row_bytes), 1)
-        rows = ds.map_batches(explode_bands, batch_format="numpy", batch_size=docs_per_batch)
-        checked = (
-            rows.groupby("bucket", num_partitions=parts)
-            .map_groups(
-                functools.partial(bucket_edges, threshold=mh.threshold, margin=mh.margin),
-                batch_format="numpy",
-            )
-            .materialize()
-        )
+        docs_per_batch = max(self.block_bytes // (mh.num_bands * _band_row_bytes(mh)), 1)
+        return ds.map_batches(explode_bands, batch_format="numpy", batch_size=docs_per_batch)
+
+    def fuzzy_dedup(self, files: list[Path], out_dir: Path, spec: DataSpec) -> dict[str, Any]:
+        """LSH buckets -> star edges -> large-star/small-star rounds -> ``{key, root}``."""
+        mh = spec.dedup.minhash
+        rows = self._band_rows(files, mh)
+        parts = self._partitions(_num_rows(files) * mh.num_bands * _band_row_bytes(mh))
+        check = functools.partial(bucket_edges, threshold=mh.threshold, margin=mh.margin)
+        checked = self._reduce(rows, ["bucket"], parts, check).materialize()
         edges = checked.map_batches(functools.partial(_select, col="sure"), batch_format="numpy")
         unsure = (
             checked.map_batches(
@@ -285,14 +298,9 @@ class RayExecutor:
                 rounds = rnd
                 # both directions double the edges; a round never outgrows its input's size
                 parts = self._partitions(2 * _EDGE_BYTES * cur.count())
-                cur = (
-                    cur.map_batches(both_directions, batch_format="numpy")
-                    .groupby("a", num_partitions=parts)
-                    .map_groups(large_star, batch_format="numpy")
-                    .groupby("a", num_partitions=parts)
-                    .map_groups(small_star, batch_format="numpy")
-                    .materialize()
-                )
+                cur = cur.map_batches(both_directions, batch_format="numpy")
+                cur = self._reduce(cur, ["a"], parts, large_star)
+                cur = self._reduce(cur, ["a"], parts, small_star).materialize()
                 sums = cur.map_batches(checksum, batch_format="numpy").take_all()
                 key = (
                     sum(int(r["n"]) for r in sums),
@@ -335,15 +343,9 @@ class RayExecutor:
         rows = ends.union(docs.map_batches(doc_rows, batch_format="numpy"))
         # texts dominate both shuffles (each pair end carries one text after attach_text)
         parts = self._partitions(_column_bytes(files, ["key", "text"]))
-        return (
-            rows.groupby("key", num_partitions=parts)
-            .map_groups(attach_text, batch_format="numpy")
-            .groupby(["a", "b"], num_partitions=parts)
-            .map_groups(
-                functools.partial(exact_edges, n_grams=n_grams, threshold=threshold),
-                batch_format="numpy",
-            )
-        )
+        with_text = self._reduce(rows, ["key"], parts, attach_text)
+        check = functools.partial(exact_edges, n_grams=n_grams, threshold=threshold)
+        return self._reduce(with_text, ["a", "b"], parts, check)
 
     def finalize_parts(
         self,

@@ -39,18 +39,26 @@ def dedup_rows(out_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
 
 
+@pytest.fixture(scope="module")
+def filtered(corpus: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The corpus's filtered parts (the dedup stages' input), from the in-process executor."""
+    from crucible.data_pipeline.stages import work_paths
+
+    run = tmp_path_factory.mktemp("filtered") / "run"
+    run_pipeline(DataSpec(inputs=[str(corpus["dir"])]), run, executor="local", progress=False)
+    return sorted(work_paths(run)["filtered"].glob("part-*.parquet"))
+
+
 @pytest.mark.slow
 def test_small_partitions_same_dedup(
-    corpus: dict[str, Any], ray_local: Any, tmp_path: Path
+    corpus: dict[str, Any], filtered: list[Path], ray_local: Any, tmp_path: Path
 ) -> None:
     """Partitions computed from the data size: a tiny per-task budget splits every groupby into
     many partitions (more than CPUs) and the dedup results are unchanged."""
     from crucible.data_pipeline.executors.ray import RayExecutor, _num_rows
-    from crucible.data_pipeline.stages import work_paths
 
     spec = DataSpec(inputs=[str(corpus["dir"])])
-    run_pipeline(spec, tmp_path / "run", executor="local", progress=False)
-    files = sorted(work_paths(tmp_path / "run")["filtered"].glob("part-*.parquet"))
+    files = filtered
     big, small = RayExecutor(), RayExecutor(partition_bytes=64 << 10)
     # the bucket shuffle: 14 bands, each row carrying a 112-value uint32 signature
     assert small._partitions(_num_rows(files) * 14 * 464) > 2 * big.partitions
@@ -66,6 +74,33 @@ def test_small_partitions_same_dedup(
     assert got["big"][1]["duplicates"] > 0
     for kind in ("exact", "minhash"):
         assert dedup_rows(tmp_path / "big" / kind) == dedup_rows(tmp_path / "small" / kind), kind
+
+
+def _block_stats(table: Any) -> dict[str, list[int]]:
+    return {"bytes": [table.nbytes], "rows": [table.num_rows]}
+
+
+@pytest.mark.slow
+def test_band_rows_in_bounded_blocks(
+    corpus: dict[str, Any], filtered: list[Path], ray_local: Any
+) -> None:
+    """The bucket shuffle's input comes in blocks of about ``block_bytes`` however big a part
+    is: a shuffle map task holds several times its input, which had grown to whole parts."""
+    from ray.data.context import MAX_SAFE_BLOCK_SIZE_FACTOR
+
+    from crucible.data_pipeline.executors.ray import RayExecutor, _num_rows
+
+    mh = DataSpec(inputs=[str(corpus["dir"])]).dedup.minhash
+    ex = RayExecutor(partition_bytes=256 << 10)
+    blocks = ex._band_rows(filtered, mh).map_batches(
+        _block_stats, batch_size=None, batch_format="pyarrow"
+    )
+    got = blocks.take_all()
+    assert sum(b["rows"] for b in got) == _num_rows(filtered) * mh.num_bands
+    # each part explodes to several blocks' worth, so a block per part would break the bound
+    assert sum(b["bytes"] for b in got) > 4 * ex.block_bytes * len(filtered)
+    # Ray Data slices a block once it reaches this factor of its target size
+    assert max(b["bytes"] for b in got) <= MAX_SAFE_BLOCK_SIZE_FACTOR * ex.block_bytes
 
 
 def test_partition_bytes_too_small(ray_local: Any) -> None:
