@@ -59,7 +59,7 @@ def save_hashed(obj: Any, path: Path, zipfile: bool = True) -> dict[str, Any]:
     """
     with Path(path).open("wb") as f, ThreadPoolExecutor(1) as pool:
         w = _HashingWriter(f, pool)
-        torch.save(obj, w, _use_new_zipfile_serialization=zipfile)
+        torch.save(obj, w, _use_new_zipfile_serialization=zipfile)  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
     return {"sha256": w.sha256.hexdigest(), "bytes": w.bytes}
