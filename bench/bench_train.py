@@ -1,9 +1,9 @@
 """Train job overheads, each side by side with its baseline in the same run.
 
 1. Orchestration: steady-state steps/s of ``crucible train`` (Ray Train workers, reader,
-   per-step metrics, checkpoint at the end) against a bare DeepSpeed loop (``deepspeed.initialize`` +
-   forward/backward/step on the same model, config and batches, ``torchrun
-   --nproc_per_node 2``, ``DS_ACCELERATOR=cpu``). Goal: ratio >= 0.95.
+   per-step metrics, checkpoint at the end) against a bare DeepSpeed loop
+   (``deepspeed.initialize`` + forward/backward/step on the same model, config and batches,
+   ``torchrun --nproc_per_node 2``, ``DS_ACCELERATOR=cpu``). Goal: ratio >= 0.95.
    The two alternate for ``--rounds`` rounds; the median of the per-round ratios is the figure.
 2. Checkpoint save: bytes/s of crucible's atomic, checksummed save of every rank's ZeRO-3
    shards (model, fp32 master weights, Adam moments) against one raw sequential write
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 WARMUP = 5  # steps left out of the steady-state rate (allocations, first gathers)
 
@@ -187,10 +188,6 @@ def torchrun(*args: str) -> None:
         log = Path(tempfile.mkstemp(prefix="bench-train-torchrun-", suffix=".log")[1])
         log.write_text(r.stdout + r.stderr)
         sys.exit(f"torchrun {' '.join(args)} failed (exit {r.returncode}); its output: {log}")
-
-
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def main() -> None:

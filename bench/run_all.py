@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = [
     ("model: GPT fwd+bwd vs a textbook reference GPT", ["bench_model.py", "--quick"]),
     ("shards: tokenize+pack vs raw tokenizers; reader vs pyarrow", ["bench_shards.py", "--mbytes", "2", "--repeats", "2", "--steps", "50"]),
-    ("train: crucible train vs a bare DeepSpeed loop; checkpoint save vs raw write", ["bench_train.py", "--preset", "tiny", "--steps", "40"]),
+    ("train: crucible train vs a bare DeepSpeed loop; checkpoint save vs raw write", ["bench_train.py", "--preset", "tiny", "--steps", "40", "--rounds", "2", "--saves", "2"]),
     ("data pipeline: full chain vs datatrove", ["bench_data_pipeline.py", "--quick"]),
 ]  # fmt: skip
 

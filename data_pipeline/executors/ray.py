@@ -1,7 +1,8 @@
 """Ray Data executor: the same stages as the in-process executor, distributed.
 
 - filter / final: one Ray Data task per input part (streamed, a few in flight per CPU);
-- exact dedup: a reduce by ``text_hash`` (a hash-partitioned shuffle, see :meth:`RayExecutor._reduce`);
+- exact dedup: a reduce by ``text_hash`` (a hash-partitioned shuffle, see
+  :meth:`RayExecutor._reduce`);
 - MinHash: band keys exploded (each row carrying its document's signature), a reduce by
   ``bucket`` for the checked edges (pairs near the threshold get an exact check: texts joined
   to pair ends by ``key``, ends paired by ``(a, b)``), then large-star / small-star rounds,
@@ -48,8 +49,8 @@ the same as the corpus grows."""
 
 BLOCK_FRACTION = 8
 """Blocks, read batches and shuffle map inputs are ``partition_bytes / BLOCK_FRACTION``: a
-SHUFFLE_V2 map task holds about five times its input at its peak (see :meth:`RayExecutor._bounded`),
-so its input must be a small share of a task's budget."""
+SHUFFLE_V2 map task holds about five times its input at its peak (see
+:meth:`RayExecutor._bounded`), so its input must be a small share of a task's budget."""
 
 _EDGE_BYTES = 16  # an {a, b} int64 edge row
 _LABEL_BYTES = 16  # a {key, root} int64 row

@@ -12,10 +12,10 @@ Layout of ``<run>/checkpoints/``::
     latest                       "step-<N>", replaced atomically after the commit
 
 Commit protocol: every rank writes into ``step-<N>.tmp/`` and fsyncs the files it wrote
-(hashing them as they are written, see :mod:`.hashing_engine`); rank 0 checks that every rank's shards
-are there, writes ``manifest.json``, fsyncs the directories, renames ``step-<N>.tmp`` to
-``step-<N>`` and only then replaces ``latest``. A crash at any point leaves either the
-previous checkpoint as the newest valid one, or the new one complete.
+(hashing them as they are written, see :mod:`.hashing_engine`); rank 0 checks that every
+rank's shards are there, writes ``manifest.json``, fsyncs the directories, renames
+``step-<N>.tmp`` to ``step-<N>`` and only then replaces ``latest``. A crash at any point
+leaves either the previous checkpoint as the newest valid one, or the new one complete.
 
 Each rank writes its own shards straight to the shared path: nothing depends on Ray Train's
 checkpoint upload (which has lost non-zero ranks' shards before).

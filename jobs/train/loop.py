@@ -203,7 +203,8 @@ def save(
         ckpt.write_json_durable(tmp / ckpt.STATE, state)
     dist.barrier()
     hashing = engine.checkpoint_engine
-    written = hashing.written if isinstance(hashing, hashing_engine.HashingCheckpointEngine) else {}
+    is_hashing = isinstance(hashing, hashing_engine.HashingCheckpointEngine)
+    written = hashing.written if is_hashing else {}
     written.clear()
     engine.save_checkpoint(str(tmp), tag=ckpt.DS_TAG, save_latest=False)
     rng_file = tmp / "crucible_state" / f"rank-{rank}.pt"
