@@ -54,7 +54,9 @@ def make_shards(root: Path, seq_len: int) -> Path:
     return root / "shards"
 
 
-def spec_data(name: str, storage: Path, shards: Path, preset: str, steps: int) -> dict:
+def spec_data(
+    name: str, storage: Path, shards: Path, preset: str, steps: int, workers: int = 2
+) -> dict:
     return {
         "kind": "train",
         "name": name,
@@ -63,7 +65,7 @@ def spec_data(name: str, storage: Path, shards: Path, preset: str, steps: int) -
         "data": {"shards": str(shards)},
         "optim": {"global_batch_size": 16, "micro_batch_size": 4, "warmup_steps": 5},
         "checkpoint": {"every_steps": steps, "keep_last": 5},  # one save, at the end
-        "train": {"num_workers": 2, "max_steps": steps, "log_every": 1},
+        "train": {"num_workers": workers, "max_steps": steps, "log_every": 1},
     }
 
 
@@ -176,12 +178,12 @@ def torch_ids(spec, batch: int):
     return torch.randint(0, spec.model.resolve().vocab_size, (batch, 65), generator=g)
 
 
-def torchrun(*args: str) -> None:
+def torchrun(*args: str, nproc: int = 2) -> None:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     with socket.socket() as s:  # a free port: a fixed one collides with a concurrent run
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, *args]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode:
@@ -195,6 +197,12 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny", help="model of the orchestration comparison")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3, help="bare/crucible pairs, interleaved")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="training workers (1 leaves a core of this 2-core machine to Ray's daemons)",
+    )
     ap.add_argument("--ckpt-preset", default="gpt1", help="model of the checkpoint comparison")
     ap.add_argument("--saves", type=int, default=3)
     ap.add_argument("--bare-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
@@ -223,9 +231,9 @@ def main() -> None:
     # alternating, so drift in the machine's speed hits both sides alike.
     ratios, bares, ours = [], [], []
     for r in range(a.rounds):
-        data = spec_data(f"bench-{r}", work / "runs", shards, a.preset, a.steps)
+        data = spec_data(f"bench-{r}", work / "runs", shards, a.preset, a.steps, a.workers)
         (work / "spec.yaml").write_text(yaml.safe_dump(data))
-        torchrun("--bare-worker", str(work / "spec.yaml"), str(work / "bare.json"))
+        torchrun("--bare-worker", str(work / "spec.yaml"), str(work / "bare.json"), nproc=a.workers)
         bares.append(steady_rate(json.loads((work / "bare.json").read_text())))
         run_dir = prepare_run(parse_spec(data))
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -240,7 +248,7 @@ def main() -> None:
               f"ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
 
     if ratios:
-        print(f"\norchestration: model {a.preset}, 2 CPU workers, global batch 16 × {seq_len} "
+        print(f"\norchestration: model {a.preset}, {a.workers} CPU workers, global batch 16 × {seq_len} "
               f"tokens, {a.steps} steps ({WARMUP} warm-up left out), {a.rounds} rounds")  # fmt: skip
         print(
             f"steps/s  crucible train (Ray Train) {median(ours):.3f}   bare DeepSpeed "
