@@ -9,7 +9,7 @@ on 5-grams) as a ratio, scored the same way.
     python bench/bench_data_pipeline.py --quick --variants   # ~5 MB, with/without the check
     python bench/bench_data_pipeline.py --mb 200             # the real figure
     python bench/bench_data_pipeline.py --mb 200 --datatrove-mb 50   # datatrove on a subset
-    python bench/bench_data_pipeline.py --ray-memory 50,100  # peak worker RSS on Ray
+    python bench/bench_data_pipeline.py --ray-memory 50,100  # peak worker memory on Ray
     python bench/bench_data_pipeline.py --ray-memory 10,20 --part-mb 5  # the same, quicker
 """
 
@@ -135,15 +135,15 @@ class RssSampler:
                     mem = proc.memory_info()
                 except psutil.Error:
                     continue
-                rss = mem.rss
-                self.private[proc.pid] = max(self.private.get(proc.pid, 0), rss - mem.shared)
+                rss, heap = mem.rss, mem.rss - mem.shared
                 if "IDLE" not in name:  # a busy worker's title names its task
                     self.tasks[proc.pid] = task = name[:80].strip()
                     old = self.by_task.get(task, (0, 0))
-                    self.by_task[task] = (max(old[0], rss), max(old[1], rss - mem.shared))
-                if rss > self.peak.get(proc.pid, 0):
+                    self.by_task[task] = (max(old[0], rss), max(old[1], heap))
+                self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss)
+                if heap > self.private.get(proc.pid, 0):
                     # the last task it ran (memory often peaks as a task ends)
-                    self.peak[proc.pid] = rss
+                    self.private[proc.pid] = heap
                     self.names[proc.pid] = self.tasks.get(proc.pid, "?")
             self._stop.wait(self.period_s)
 
@@ -156,14 +156,23 @@ class RssSampler:
         self._thread.join()
 
 
-def ray_memory(work: Path, sizes_mb: list[float], part_mb: float = 25.0) -> None:
-    """Full chain on the Ray executor at each corpus size; peak RSS per worker process.
+def ray_memory(
+    work: Path, sizes_mb: list[float], part_mb: float = 25.0, partition_mb: float | None = None
+) -> None:
+    """Full chain on the Ray executor at each corpus size; peak memory per worker process.
+
+    The headline is the worker heap as Ray defines it (RSS less shared pages: object-store
+    pages a worker has mapped count in its RSS but belong to the store, whose size is set
+    separately); peak RSS is printed beside it.
 
     Args:
         work: scratch folder.
         sizes_mb: corpus sizes (MB of text).
         part_mb: MB per input file: a part (one filter/finalise task's share) stays this size
             whatever the corpus size, so only stages that grow with the corpus show up.
+        partition_mb: the spec's ``partition_bytes`` in MB (None: its default). A shuffle has
+            at least one partition per CPU, so its partitions only reach this size, and
+            memory stops growing, once its data is several times larger.
     """
     import ray
 
@@ -174,26 +183,25 @@ def ray_memory(work: Path, sizes_mb: list[float], part_mb: float = 25.0) -> None
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         with RssSampler() as sampler:
             t0 = time.time()
+            extra = {"partition_bytes": int(partition_mb * 2**20)} if partition_mb else {}
             run_pipeline(
-                DataSpec(inputs=[str(inp)]),
+                DataSpec(inputs=[str(inp)], **extra),
                 work / f"mem-run-{mb:g}",
                 executor="ray",
                 progress=False,
             )
             dt = time.time() - t0
         ray.shutdown()
-        top = max(sampler.peak, key=sampler.peak.__getitem__)
+        top = max(sampler.private, key=sampler.private.__getitem__)
         peaks = sorted(sampler.peak.values(), reverse=True)
-        private = max(sampler.private.values())
         print(
             f"ray, {mb:g} MB corpus ({files} parts): {dt:.0f} s, {len(peaks)} worker processes, "
-            f"peak worker RSS {peaks[0] / 2**20:.0f} MB (median of worker peaks "
-            f"{peaks[len(peaks) // 2] / 2**20:.0f} MB; without shared pages "
-            f"{private / 2**20:.0f} MB); the peak in: {sampler.names[top]}",
+            f"peak worker heap (RSS - shared) {sampler.private[top] / 2**20:.0f} MB in "
+            f"{sampler.names.get(top, '?')}; peak worker RSS {peaks[0] / 2**20:.0f} MB",
             flush=True,
         )
-        for task, (rss, priv) in sorted(sampler.by_task.items(), key=lambda kv: -kv[1][0])[:4]:
-            print(f"  {task}: RSS {rss / 2**20:.0f} MB, private {priv / 2**20:.0f} MB")
+        for task, (rss, priv) in sorted(sampler.by_task.items(), key=lambda kv: -kv[1][1])[:5]:
+            print(f"  {task}: heap {priv / 2**20:.0f} MB, RSS {rss / 2**20:.0f} MB")
         shutil.rmtree(inp, ignore_errors=True)
         shutil.rmtree(work / f"mem-run-{mb:g}", ignore_errors=True)
 
@@ -228,10 +236,17 @@ def main() -> None:
         default=25.0,
         help="with --ray-memory: MB of text per input file (one part); use less for small sizes",
     )
+    ap.add_argument(
+        "--partition-mb",
+        type=float,
+        default=None,
+        help="with --ray-memory: the spec's partition_bytes in MB (default: the spec's 64 MiB)",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-dp-"))
     if args.ray_memory:
-        ray_memory(work, [float(x) for x in args.ray_memory.split(",")], args.part_mb)
+        sizes = [float(x) for x in args.ray_memory.split(",")]
+        ray_memory(work, sizes, args.part_mb, args.partition_mb)
         shutil.rmtree(work, ignore_errors=True)
         return
     mb = 5.0 if args.quick else args.mb

@@ -233,7 +233,7 @@ class RayExecutor:
             return
         blob = spec.model_dump_json()
 
-        def run(row: dict[str, Any]) -> dict[str, Any]:
+        def filter_part_task(row: dict[str, Any]) -> dict[str, Any]:
             import json
 
             s = DataSpec.model_validate_json(blob)
@@ -241,7 +241,7 @@ class RayExecutor:
             return {"part": row["part"], "stats": json.dumps(stats)}
 
         rows = [{"part": p, "path": path, "run_dir": str(run_dir)} for p, path in items]
-        self._drain(self._per_part(rows, run), on_done)
+        self._drain(self._per_part(rows, filter_part_task), on_done)
 
     @staticmethod
     def _drain(ds: Any, on_done: Callable[[int, dict[str, Any]], None]) -> None:
@@ -360,7 +360,7 @@ class RayExecutor:
             return
         blob = spec.model_dump_json()
 
-        def run(row: dict[str, Any]) -> dict[str, Any]:
+        def finalize_part_task(row: dict[str, Any]) -> dict[str, Any]:
             import json
 
             s = DataSpec.model_validate_json(blob)
@@ -368,4 +368,4 @@ class RayExecutor:
             return {"part": row["part"], "stats": json.dumps(stats)}
 
         rows = [{"part": p, "run_dir": str(run_dir)} for p in parts]
-        self._drain(self._per_part(rows, run), on_done)
+        self._drain(self._per_part(rows, finalize_part_task), on_done)
