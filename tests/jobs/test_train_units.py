@@ -146,6 +146,34 @@ def test_save_hashed_digest_is_the_files_and_loads_back(tmp_path: Path, zipfile:
     assert torch.equal(back["big"], obj["big"]) and back["n"] == 7
 
 
+def test_save_hashed_starts_writeback_of_every_written_stretch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from crucible.jobs.train import hashing_engine
+
+    if hashing_engine._start_writeback() is None:
+        pytest.skip("no sync_file_range on this platform")
+    calls: list[tuple[int, int]] = []
+    real = hashing_engine._start_writeback()
+
+    def spy(fd: int, offset: int, nbytes: int) -> int:
+        assert os.fstat(fd).st_size >= offset + nbytes  # only bytes already in the file
+        calls.append((offset, nbytes))
+        return real(fd, offset, nbytes)
+
+    monkeypatch.setattr(hashing_engine, "_WRITEBACK_BYTES", 1 << 20)
+    monkeypatch.setattr(hashing_engine, "_start_writeback", lambda: spy)
+    obj = [torch.arange(700_000, dtype=torch.float32) for _ in range(3)]  # 3 x 2.8 MB
+    path = tmp_path / "x.pt"
+    got = hashing_engine.save_hashed(obj, path)
+    assert got == {"sha256": ckpt.sha256_file(path), "bytes": path.stat().st_size}
+    assert len(calls) >= 3
+    # consecutive, non-overlapping stretches from the start of the file
+    assert [o for o, _ in calls] == [0] + [o + n for o, n in calls[:-1]]
+
+
 def test_hash_own_files_trusts_recorded_digests_only_at_the_files_size(tmp_path: Path) -> None:
     tmp = _write_fake_save(tmp_path, 5, 1)
     rel = "ds/zero_pp_rank_0_mp_rank_00_model_states.pt"
