@@ -109,3 +109,25 @@ def test_partition_bytes_too_small(ray_local: Any) -> None:
 
     with pytest.raises(CrucibleError, match="partition_bytes"):
         RayExecutor(partition_bytes=100)
+
+
+def _pool_and_pid(row: dict[str, Any]) -> dict[str, Any]:
+    import os
+
+    return {"part": row["part"], "pool": os.environ.get("CRUCIBLE_WORKER_POOL", ""),
+            "pid": os.getpid()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_per_part_tasks_run_in_their_own_worker_pool(ray_local: Any) -> None:
+    """Per-part tasks never share a process with shuffle tasks, whose heap they would keep."""
+    import ray
+
+    from crucible.data_pipeline.executors.ray import RayExecutor
+
+    ex = RayExecutor()
+    rows = ex._per_part([{"part": i} for i in range(4)], _pool_and_pid).take_all()
+    assert sorted(r["part"] for r in rows) == [0, 1, 2, 3]
+    assert {r["pool"] for r in rows} == {"per-part"}
+    other = ray.get(ray.remote(lambda: __import__("os").getpid()).remote())
+    assert other not in {r["pid"] for r in rows}
