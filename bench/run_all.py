@@ -20,6 +20,7 @@ RUNS = [
     ("shards: tokenize+pack vs raw tokenizers; reader vs pyarrow", ["bench_shards.py", "--mbytes", "2", "--repeats", "2", "--steps", "50"]),
     ("train: crucible train vs a bare DeepSpeed loop; checkpoint save vs raw write", ["bench_train.py", "--preset", "tiny", "--steps", "40", "--rounds", "2", "--saves", "2"]),
     ("data pipeline: full chain vs datatrove", ["bench_data_pipeline.py", "--quick"]),
+    ("data pipeline on Ray: peak worker heap as the corpus doubles", ["bench_data_pipeline.py", "--ray-memory", "10,20", "--part-mb", "2.5", "--partition-mb", "1"]),
 ]  # fmt: skip
 
 

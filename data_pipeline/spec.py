@@ -202,7 +202,9 @@ class DataSpec(StrictModel):
         64 << 20,
         ge=4096,
         description="On Ray: target bytes per shuffle partition and block; bounds each task's "
-        "memory whatever the corpus size.",
+        "memory (a few times this, plus the interpreter) whatever the corpus size. A shuffle has "
+        "at least one partition per CPU, so its tasks reach the bound once its data is larger "
+        "than CPUs times this.",
     )
     shards: ShardSpec | None = Field(
         None, description="Training shards built from the documents; null stops at documents."
