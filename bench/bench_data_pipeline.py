@@ -71,9 +71,10 @@ if __name__ == "__main__":
                            exclusion_writer=JsonlWriter(f"{out}/removed")),
         JsonlWriter(f"{out}/docs")],
         tasks=1, workers=1, logging_dir=f"{out}/l4").run()
-    import resource
-    rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF,
-                                                        resource.RUSAGE_CHILDREN))
+    import re, resource
+    # VmHWM, not ru_maxrss: a process started by fork + exec inherits its parent's RSS in it
+    hwm = int(re.search(r"VmHWM:\s*(\d+)", open("/proc/self/status").read()).group(1))
+    rss = max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print("SECONDS", time.time() - t0, "RSS_MB", rss / 1024)
 """
 
@@ -327,10 +328,19 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: a process started by fork + exec
+    (multiprocessing's spawn, subprocess) inherits its parent's RSS at the fork in that."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
 def _child(spec_json: str, run: str, q: Any) -> None:
     t0 = time.time()
     stats = run_pipeline(DataSpec.model_validate_json(spec_json), Path(run), "local", False)
-    q.put((time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, stats))
+    q.put((time.time() - t0, peak_rss_mb(), stats))
 
 
 def run_in_child(spec: DataSpec, run: Path) -> tuple[float, float, dict]:
