@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,15 @@ def _quiet_ray_train() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO-3 gathers call torch.distributed's *_tensor collectives, which torch
+    # deprecates with a FutureWarning on every call: hundreds of job-log lines per run that
+    # a user can do nothing about.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+        "deprecated",
+        category=FutureWarning,
+    )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
