@@ -160,6 +160,9 @@ def auth_headers(token_path: Path) -> dict[str, str]:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR as every server here binds: connections a stopped server closed linger
+        # in TIME_WAIT for a minute and would otherwise make its port look taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:

@@ -153,3 +153,22 @@ def test_session_cluster_accepts_jobs(local_cluster: local.ClusterState) -> None
     job = client.submit(f"{client.python()} -c \"print('hello from a job')\"")
     assert client.wait(job, timeout=120).name == "SUCCEEDED"
     assert "hello from a job" in client.logs(job)
+
+
+def test_a_port_in_time_wait_is_free_but_a_listening_one_is_not() -> None:
+    """After `cluster down` the servers' closed connections sit in TIME_WAIT for a minute;
+    `cluster up` right after must not call their ports taken (the servers bind with
+    SO_REUSEADDR)."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert not local._port_free(port)
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server closes first: its side goes to TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    assert local._port_free(port)
