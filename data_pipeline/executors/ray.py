@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import os
 import shutil
@@ -132,8 +131,8 @@ def _release_memory() -> None:
     gc.collect()
     pa.default_memory_pool().release_unused()
     if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        with contextlib.suppress(AttributeError):  # a libc without it (musl)
+            ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc is loaded
 
 
 def _releasing(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:

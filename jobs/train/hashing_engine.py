@@ -10,7 +10,6 @@ the digests recorded here and re-reads only the files DeepSpeed wrote some other
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import hashlib
 import os
@@ -41,8 +40,8 @@ def _start_writeback() -> Callable[[int, int, int], Any] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # libc, already loaded
+    except AttributeError:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return lambda fd, offset, nbytes: fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)

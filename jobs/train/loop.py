@@ -55,7 +55,7 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def _quiet_ray_train() -> None:
+def _quiet_third_party() -> None:
     # Ray Train logs every ray.train.report at INFO; the step line already says it all.
     from ray.train.v2._internal.execution import context
 
@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     run_dir = Path(config["run_dir"])
     spec = load_train_spec(run_dir)
-    _quiet_ray_train()
+    _quiet_third_party()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     make_deterministic(int(spec.train.cpus_per_worker))
