@@ -5,6 +5,9 @@
    (``deepspeed.initialize`` + forward/backward/step on the same model, config and batches,
    ``torchrun --nproc_per_node 2``, ``DS_ACCELERATOR=cpu``). Goal: ratio >= 0.95.
    The two alternate for ``--rounds`` rounds; the median of the per-round ratios is the figure.
+   Each round also reports the CPU that processes outside the benchmark used meanwhile: with
+   every core busy and the workers in lockstep, a concurrent job (a test run, a build) slows
+   the side it overlaps and makes that round's ratio meaningless.
 2. Checkpoint save: bytes/s of crucible's atomic, checksummed save of every rank's ZeRO-3
    shards (model, fp32 master weights, Adam moments) against one raw sequential write
    (+ fsync) of the same number of bytes to the same disk, alternating. Goal: ratio >= 0.8.
@@ -24,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from statistics import median
@@ -73,6 +77,57 @@ def steady_rate(times: list[float]) -> float:
     """Steps/s between the end of step WARMUP and the end of the last step."""
     t = times[WARMUP - 1 :]
     return (len(t) - 1) / (t[-1] - t[0])
+
+
+class OtherLoad:
+    """Cores' worth of CPU that processes outside this benchmark's process tree used while
+    the ``with`` block ran: the system's busy time (steal included) less the tree's. The tree
+    is sampled every ``period_s``; what a process spends after its last sample counts as other
+    load (at most ``period_s`` per process)."""
+
+    def __init__(self, period_s: float = 0.25) -> None:
+        self.period_s = period_s
+        self.cores = 0.0
+        self._seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                key = (p.pid, p.create_time())
+            except psutil.Error:
+                continue
+            self._seen[key] = max(self._seen.get(key, 0.0), t.user + t.system)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+    def __enter__(self) -> OtherLoad:
+        self._sample()
+        self._start = dict(self._seen)
+        self._t0, self._busy0 = time.monotonic(), self._busy()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        ours = sum(v - self._start.get(k, 0.0) for k, v in self._seen.items())
+        self.cores = max(0.0, self._busy() - self._busy0 - ours) / (time.monotonic() - self._t0)
 
 
 def bare_worker(spec_path: Path, out: Path) -> None:
@@ -233,19 +288,25 @@ def main() -> None:
     for r in range(a.rounds):
         data = spec_data(f"bench-{r}", work / "runs", shards, a.preset, a.steps, a.workers)
         (work / "spec.yaml").write_text(yaml.safe_dump(data))
-        torchrun("--bare-worker", str(work / "spec.yaml"), str(work / "bare.json"), nproc=a.workers)
+        with OtherLoad() as bare_load:
+            torchrun("--bare-worker", str(work / "spec.yaml"), str(work / "bare.json"),
+                     nproc=a.workers)  # fmt: skip
         bares.append(steady_rate(json.loads((work / "bare.json").read_text())))
         run_dir = prepare_run(parse_spec(data))
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            run_train(run_dir)
-        finally:
-            ray.shutdown()
+        with OtherLoad() as our_load:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            try:
+                run_train(run_dir)
+            finally:
+                ray.shutdown()
         recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         ours.append(steady_rate([r["time"] for r in recs if r["kind"] == "step"]))
         ratios.append(ours[-1] / bares[-1])
         print(f"round {r + 1}: crucible {ours[-1]:.3f} steps/s, bare {bares[-1]:.3f}, "
-              f"ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
+              f"ratio {ratios[-1]:.3f}; other processes' CPU meanwhile {our_load.cores:.2f} / "
+              f"{bare_load.cores:.2f} cores", flush=True)  # fmt: skip
+        if max(our_load.cores, bare_load.cores) > 0.1:
+            print("  (the machine was not quiet: this round's ratio measures the other load too)")
 
     if ratios:
         print(f"\norchestration: model {a.preset}, {a.workers} CPU workers, global batch 16 × {seq_len} "
