@@ -157,6 +157,15 @@ def prepare_reshard(root: Path, mode: str, world: int) -> Path | None:
     return out
 
 
+# Ray starts task and actor processes at nice 15 (its `worker_niceness`), so that its daemons
+# win any contention with user code. The ranks of a data-parallel job run in lockstep: one rank
+# preempted by a daemon stalls every rank at the next collective. They run at the driver's
+# priority, as torchrun's ranks do (Ray's job supervisor sets the same variable to 0 for the
+# driver). Ray Train's own actors keep nice 15. On a 2-core machine with 2 ranks this gave
+# 2-11% more steps/s (median 3.6%, 4 interleaved rounds of 120 steps).
+WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
 def run_train(run_dir: Path) -> int:
     """Train (or resume) the run in ``run_dir`` on the Ray cluster this process is attached
     to; return an exit code.
@@ -203,6 +212,7 @@ def run_train(run_dir: Path) -> int:
             storage_path=str(attempts),
             name=f"attempt-{attempt}",
             failure_config=FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env=WORKER_RUNTIME_ENV,
         ),
     )
     t0 = time.perf_counter()

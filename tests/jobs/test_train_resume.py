@@ -138,13 +138,14 @@ def test_steps_are_reported_and_every_rank_is_in_every_checkpoint(reference) -> 
     assert saves and all(s["bytes"] > 0 and s["save_seconds"] > 0 for s in saves)
 
 
-def _kill_rank1_after(step: int):
+def _kill_rank1_after(step: int, seen: dict):
     def kill(run_dir: Path) -> None:
         latest = run_dir / "checkpoints" / "latest"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if latest.exists() and latest.read_text().strip() == f"step-{step}":
                 pid = int((run_dir / "workers" / "rank-1.pid").read_text())
+                seen["nice"] = os.getpriority(os.PRIO_PROCESS, pid)
                 os.kill(pid, signal.SIGKILL)
                 return
             time.sleep(0.02)
@@ -155,7 +156,10 @@ def _kill_rank1_after(step: int):
 def test_sigkilled_worker_resumes_bitwise_identical(env, train_shards, reference) -> None:
     ref_dir, _ = reference
     spec = parse_spec(_spec_data("killed", env, train_shards))
-    run_dir, log = train(spec, during=_kill_rank1_after(10))  # type: ignore[arg-type]
+    seen: dict = {}
+    run_dir, log = train(spec, during=_kill_rank1_after(10, seen))  # type: ignore[arg-type]
+    # The ranks run at the cluster's (this process's) priority, not at Ray's worker nice 15.
+    assert seen["nice"] == os.getpriority(os.PRIO_PROCESS, 0)
     resumes = records(run_dir, "resume")
     assert len(resumes) == 1 and resumes[0]["step"] == 10, log[-3000:]
     steps = [r["step"] for r in records(run_dir, "step")]
