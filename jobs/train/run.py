@@ -208,7 +208,9 @@ def run_train(run_dir: Path) -> int:
             resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
             placement_strategy=t.placement_strategy,
         ),
-        run_config=RunConfig(
+        # ray.train exports Train v2's RunConfig at run time (v2 is the default); mypy reads
+        # the v1 class, which has no worker_runtime_env.
+        run_config=RunConfig(  # type: ignore[call-arg]
             storage_path=str(attempts),
             name=f"attempt-{attempt}",
             failure_config=FailureConfig(max_failures=t.max_failures),
