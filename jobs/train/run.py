@@ -161,8 +161,8 @@ def prepare_reshard(root: Path, mode: str, world: int) -> Path | None:
 # win any contention with user code. The ranks of a data-parallel job run in lockstep: one rank
 # preempted by a daemon stalls every rank at the next collective. They run at the driver's
 # priority, as torchrun's ranks do (Ray's job supervisor sets the same variable to 0 for the
-# driver). Ray Train's own actors keep nice 15. On a 2-core machine with 2 ranks this gave
-# 2-11% more steps/s (median 3.6%, 4 interleaved rounds of 120 steps).
+# driver). Ray Train's own actors keep nice 15. On a 2-core machine with 2 ranks: 1.5% more
+# steps/s (median of 10 interleaved pairs of runs; 9 of the 10 faster).
 WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
