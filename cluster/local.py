@@ -38,8 +38,10 @@ from crucible.errors import CrucibleError
 HOST = "127.0.0.1"
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
-# Ray puts unix sockets under its temp dir; their paths must stay under 107 bytes.
-_MAX_RAY_TEMP_DIR = 60
+# Ray puts unix sockets under its temp dir, at
+# <temp>/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid, up to 7 digits>/sockets/plasma_store,
+# and a socket path holds at most 107 bytes.
+_MAX_RAY_TEMP_DIR = 107 - len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
 
 
 def default_state_dir() -> Path:

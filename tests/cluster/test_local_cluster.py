@@ -129,6 +129,21 @@ def test_port_taken_is_a_clear_error(tmp_path: Path) -> None:
     assert local.load_state(state_dir) is None
 
 
+def test_a_state_dir_too_long_for_rays_socket_paths_is_refused() -> None:
+    """One byte over: Ray's plasma socket path could pass 107 bytes. Refused up front; the
+    limit used to be 60, and Ray died at start with an OSError for 47."""
+    base = short_tmpdir("crl")
+    name = "d" * (local._MAX_RAY_TEMP_DIR + 1 - len(f"{base}//ray"))
+    state_dir = base / name
+    assert len(str(state_dir / "ray")) == local._MAX_RAY_TEMP_DIR + 1
+    r = crucible_cli("cluster", "up", "--state-dir", str(state_dir))
+    assert r.returncode == 2, r.stderr
+    assert "is too long for Ray's socket paths" in r.stderr and "Traceback" not in r.stderr
+    assert not state_dir.exists()
+    worst = f"{state_dir}/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store"
+    assert len(worst) == 108  # the longest socket path at the limit + 1 (the limit: 107)
+
+
 def test_missing_prometheus_binary_is_a_clear_error() -> None:
     state_dir = short_tmpdir("crm") / "cluster"
     r = crucible_cli(
