@@ -13,8 +13,10 @@
    (+ fsync) of the same number of bytes to the same disk, alternating. Goal: ratio >= 0.8.
 
 Run: ``python bench/bench_train.py [--preset debug] [--steps 30] [--rounds 3]
-[--ckpt-preset gpt1]`` (starts a private in-process Ray instance with 2 CPUs; uses 2
-workers).
+[--ckpt-preset gpt1] [--stack ray|cluster]``. ``--stack ray`` (the default) runs the trainer
+in this process on a private Ray instance without dashboard; ``--stack cluster`` runs what a
+user runs: ``crucible cluster up`` (Ray head with dashboard, Prometheus scraping it) and the
+run submitted as a Ray job, the cluster being up only during crucible's half of each round.
 """
 
 from __future__ import annotations
@@ -247,6 +249,32 @@ def torchrun(*args: str, nproc: int = 2) -> None:
         sys.exit(f"torchrun {' '.join(args)} failed (exit {r.returncode}); its output: {log}")
 
 
+def run_on_local_cluster(home: Path, data: dict) -> Path:
+    """What a user runs: a local cluster (Ray head, dashboard, Prometheus) on free ports, the
+    run submitted to it as a Ray job and followed to the end, the cluster stopped; return the
+    run directory."""
+    from crucible.cluster import local
+    from crucible.jobs.spec import parse_spec
+    from crucible.jobs.submit import submit_run
+
+    names = ["gcs", "dashboard", "client_server", "metrics_export", "dashboard_agent", "prometheus"]
+    free: list[int] = []
+    while len(free) < len(names) + 1:
+        if (port := local.free_port()) not in free:
+            free.append(port)
+    ports = local.Ports(**dict(zip(names, free[:-1], strict=True)), crucible_metrics_base=free[-1])
+    os.environ["CRUCIBLE_HOME"] = str(home)
+    local.up(home / "cluster", ports, num_cpus=2)
+    try:
+        client, job_id, run_dir = submit_run(parse_spec(data))
+        log = "".join(client.follow(job_id))
+        if not str(client.status(job_id)).endswith("SUCCEEDED"):
+            sys.exit(f"the benchmark's train job failed; its log ends:\n{log[-3000:]}")
+    finally:
+        local.down(home / "cluster")
+    return run_dir
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny", help="model of the orchestration comparison")
@@ -257,6 +285,12 @@ def main() -> None:
         type=int,
         default=2,
         help="training workers (1 leaves a core of this 2-core machine to Ray's daemons)",
+    )
+    ap.add_argument(
+        "--stack",
+        choices=["ray", "cluster"],
+        default="ray",
+        help="crucible's side: the trainer on in-process Ray, or a job on `crucible cluster up`",
     )
     ap.add_argument("--ckpt-preset", default="gpt1", help="model of the checkpoint comparison")
     ap.add_argument("--saves", type=int, default=3)
@@ -292,13 +326,16 @@ def main() -> None:
             torchrun("--bare-worker", str(work / "spec.yaml"), str(work / "bare.json"),
                      nproc=a.workers)  # fmt: skip
         bares.append(steady_rate(json.loads((work / "bare.json").read_text())))
-        run_dir = prepare_run(parse_spec(data))
         with OtherLoad() as our_load:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-            try:
-                run_train(run_dir)
-            finally:
-                ray.shutdown()
+            if a.stack == "cluster":
+                run_dir = run_on_local_cluster(work / f"cluster-{r}", data)
+            else:
+                run_dir = prepare_run(parse_spec(data))
+                ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+                try:
+                    run_train(run_dir)
+                finally:
+                    ray.shutdown()
         recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         ours.append(steady_rate([r["time"] for r in recs if r["kind"] == "step"]))
         ratios.append(ours[-1] / bares[-1])
@@ -309,7 +346,7 @@ def main() -> None:
             print("  (the machine was not quiet: this round's ratio measures the other load too)")
 
     if ratios:
-        print(f"\norchestration: model {a.preset}, {a.workers} CPU workers, global batch 16 × {seq_len} "
+        print(f"\norchestration ({a.stack} stack): model {a.preset}, {a.workers} CPU workers, global batch 16 × {seq_len} "
               f"tokens, {a.steps} steps ({WARMUP} warm-up left out), {a.rounds} rounds")  # fmt: skip
         print(
             f"steps/s  crucible train (Ray Train) {median(ours):.3f}   bare DeepSpeed "
