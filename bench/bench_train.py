@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -249,7 +250,7 @@ def torchrun(*args: str, nproc: int = 2) -> None:
         sys.exit(f"torchrun {' '.join(args)} failed (exit {r.returncode}); its output: {log}")
 
 
-def run_on_local_cluster(home: Path, data: dict) -> Path:
+def run_on_local_cluster(data: dict) -> Path:
     """What a user runs: a local cluster (Ray head, dashboard, Prometheus) on free ports, the
     run submitted to it as a Ray job and followed to the end, the cluster stopped; return the
     run directory."""
@@ -263,6 +264,7 @@ def run_on_local_cluster(home: Path, data: dict) -> Path:
         if (port := local.free_port()) not in free:
             free.append(port)
     ports = local.Ports(**dict(zip(names, free[:-1], strict=True)), crucible_metrics_base=free[-1])
+    home = Path(tempfile.mkdtemp(prefix="bt", dir="/tmp"))  # short: Ray's socket paths
     os.environ["CRUCIBLE_HOME"] = str(home)
     local.up(home / "cluster", ports, num_cpus=2)
     try:
@@ -272,6 +274,7 @@ def run_on_local_cluster(home: Path, data: dict) -> Path:
             sys.exit(f"the benchmark's train job failed; its log ends:\n{log[-3000:]}")
     finally:
         local.down(home / "cluster")
+        shutil.rmtree(home, ignore_errors=True)
     return run_dir
 
 
@@ -328,7 +331,7 @@ def main() -> None:
         bares.append(steady_rate(json.loads((work / "bare.json").read_text())))
         with OtherLoad() as our_load:
             if a.stack == "cluster":
-                run_dir = run_on_local_cluster(work / f"cluster-{r}", data)
+                run_dir = run_on_local_cluster(data)
             else:
                 run_dir = prepare_run(parse_spec(data))
                 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
