@@ -258,15 +258,9 @@ def run_on_local_cluster(data: dict) -> Path:
     from crucible.jobs.spec import parse_spec
     from crucible.jobs.submit import submit_run
 
-    names = ["gcs", "dashboard", "client_server", "metrics_export", "dashboard_agent", "prometheus"]
-    free: list[int] = []
-    while len(free) < len(names) + 1:
-        if (port := local.free_port()) not in free:
-            free.append(port)
-    ports = local.Ports(**dict(zip(names, free[:-1], strict=True)), crucible_metrics_base=free[-1])
     home = Path(tempfile.mkdtemp(prefix="bt", dir="/tmp"))  # short: Ray's socket paths
     os.environ["CRUCIBLE_HOME"] = str(home)
-    local.up(home / "cluster", ports, num_cpus=2)
+    local.up(home / "cluster", local.free_ports(), num_cpus=2)
     try:
         client, job_id, run_dir = submit_run(parse_spec(data))
         log = "".join(client.follow(job_id))

@@ -186,6 +186,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports() -> Ports:
+    """A full set of distinct ports that are free now (for tests and benchmarks, so they never
+    collide with a user's cluster)."""
+    names = ["gcs", "dashboard", "client_server", "metrics_export", "dashboard_agent", "prometheus"]
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        p = free_port()
+        if p not in ports.values():
+            ports[names[len(ports)]] = p
+    return Ports(**ports, crucible_metrics_base=free_port())
+
+
 # Ray's workers take ports from this range (Ray's defaults); fixed ports must stay outside.
 WORKER_PORTS = range(10002, 20000)
 

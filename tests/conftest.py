@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from crucible.cluster import local
+from crucible.cluster.local import free_ports
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.spec import ShardSpec
 
@@ -31,17 +32,6 @@ def _ensure_prometheus() -> None:
         check=True,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
     )
-
-
-def free_ports() -> local.Ports:
-    """A full set of ports that are free now, so tests never collide with a user's cluster."""
-    names = ["gcs", "dashboard", "client_server", "metrics_export", "dashboard_agent", "prometheus"]
-    ports: dict[str, int] = {}
-    while len(ports) < len(names):
-        p = local.free_port()
-        if p not in ports.values():
-            ports[names[len(ports)]] = p
-    return local.Ports(**ports, crucible_metrics_base=local.free_port())
 
 
 def short_tmpdir(prefix: str) -> Path:
