@@ -3,7 +3,8 @@
 1. Orchestration: steady-state steps/s of ``crucible train`` (Ray Train workers, reader,
    per-step metrics, checkpoint at the end) against a bare DeepSpeed loop
    (``deepspeed.initialize`` + forward/backward/step on the same model, config and batches,
-   ``torchrun --nproc_per_node 2``, ``DS_ACCELERATOR=cpu``). Goal: ratio >= 0.95.
+   ``torchrun``; on CPUs ``DS_ACCELERATOR=cpu`` and gloo, on GPUs one rank per GPU and
+   NCCL). Goal: ratio >= 0.95.
    The two alternate for ``--rounds`` rounds; the median of the per-round ratios is the figure.
    Each round also reports the CPU that processes outside the benchmark used meanwhile: with
    every core busy and the workers in lockstep, a concurrent job (a test run, a build) slows
@@ -13,7 +14,9 @@
    (+ fsync) of the same number of bytes to the same disk, alternating. Goal: ratio >= 0.8.
 
 Run: ``python bench/bench_train.py [--preset debug] [--steps 30] [--rounds 3]
-[--ckpt-preset gpt1] [--stack ray|cluster]``. ``--stack ray`` (the default) runs the trainer
+[--ckpt-preset gpt1] [--stack ray|cluster] [--device cpu|gpu] [--seq-len 64]
+[--global-batch 16] [--micro-batch 4]``. The device defaults to the GPU where torch sees one
+(the checkpoint comparison runs on the CPU path only). ``--stack ray`` (the default) runs the trainer
 in this process on a private Ray instance without dashboard; ``--stack cluster`` runs what a
 user runs: ``crucible cluster up`` (Ray head with dashboard, Prometheus scraping it) and the
 run submitted as a Ray job, the cluster being up only during crucible's half of each round.
@@ -62,7 +65,13 @@ def make_shards(root: Path, seq_len: int) -> Path:
 
 
 def spec_data(
-    name: str, storage: Path, shards: Path, preset: str, steps: int, workers: int = 2
+    name: str,
+    storage: Path,
+    shards: Path,
+    preset: str,
+    steps: int,
+    workers: int = 2,
+    batch: tuple[int, int] = (16, 4),
 ) -> dict:
     return {
         "kind": "train",
@@ -70,7 +79,7 @@ def spec_data(
         "cluster": {"storage": str(storage)},
         "model": {"preset": preset},
         "data": {"shards": str(shards)},
-        "optim": {"global_batch_size": 16, "micro_batch_size": 4, "warmup_steps": 5},
+        "optim": {"global_batch_size": batch[0], "micro_batch_size": batch[1], "warmup_steps": 5},
         "checkpoint": {"every_steps": steps, "keep_last": 5},  # one save, at the end
         "train": {"num_workers": workers, "max_steps": steps, "log_every": 1},
     }
@@ -133,9 +142,10 @@ class OtherLoad:
         self.cores = max(0.0, self._busy() - self._busy0 - ours) / (time.monotonic() - self._t0)
 
 
-def bare_worker(spec_path: Path, out: Path) -> None:
+def bare_worker(spec_path: Path, out: Path, gpu: bool) -> None:
     """One rank of the bare DeepSpeed loop (run under torchrun)."""
     import deepspeed
+    import torch
     import torch.distributed as dist
     import yaml
 
@@ -147,18 +157,23 @@ def bare_worker(spec_path: Path, out: Path) -> None:
     from crucible.model.parallelize import build_zero3_model
 
     make_deterministic(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    if gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = parse_spec(yaml.safe_load(spec_path.read_text()))
-    reader = TrainingReader(spec.data.shards, 16, rank=rank, world_size=world, doc_index=False)
-    plan = make_plan(spec, world, seq_len=reader.seq_len)
+    batch_size = spec.optim.global_batch_size
+    reader = TrainingReader(
+        spec.data.shards, batch_size, rank=rank, world_size=world, doc_index=False
+    )
+    plan = make_plan(spec, world, seq_len=reader.seq_len, use_gpu=gpu)
     model = build_zero3_model(spec.model.resolve(), plan.ds_config, seed=0)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, 0.1), config=plan.ds_config
     )
     times = []
     for _ in range(plan.total_steps):
-        batch = reader.next_batch()
+        batch = {k: v.to(engine.device) for k, v in reader.next_batch().items()}
         for i in range(0, batch["input_ids"].shape[0], plan.micro_batch_size):
             _, loss = engine(
                 batch["input_ids"][i : i + plan.micro_batch_size],
@@ -236,8 +251,10 @@ def torch_ids(spec, batch: int):
     return torch.randint(0, spec.model.resolve().vocab_size, (batch, 65), generator=g)
 
 
-def torchrun(*args: str, nproc: int = 2) -> None:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+def torchrun(*args: str, nproc: int = 2, gpu: bool = False) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not gpu:
+        env["DS_ACCELERATOR"] = "cpu"
     with socket.socket() as s:  # a free port: a fixed one collides with a concurrent run
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -280,8 +297,9 @@ def main() -> None:
     ap.add_argument(
         "--workers",
         type=int,
-        default=2,
-        help="training workers (1 leaves a core of this 2-core machine to Ray's daemons)",
+        default=None,
+        help="training workers (default: 2 on CPU, one per GPU; on a 2-core machine 1 leaves a "
+        "core to Ray's daemons)",
     )
     ap.add_argument(
         "--stack",
@@ -289,18 +307,34 @@ def main() -> None:
         default="ray",
         help="crucible's side: the trainer on in-process Ray, or a job on `crucible cluster up`",
     )
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default=None,
+        help="workers' device (default: gpu where torch sees one, one worker per GPU)",
+    )
+    ap.add_argument("--seq-len", type=int, default=64, help="tokens per sample of the shards")
+    ap.add_argument("--global-batch", type=int, default=16, help="sequences per step")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
     ap.add_argument("--ckpt-preset", default="gpt1", help="model of the checkpoint comparison")
     ap.add_argument("--saves", type=int, default=3)
-    ap.add_argument("--bare-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--bare-worker", nargs=3, metavar=("SPEC", "OUT", "DEVICE"), help=argparse.SUPPRESS
+    )
     ap.add_argument("--save-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.bare_worker:
-        bare_worker(Path(a.bare_worker[0]), Path(a.bare_worker[1]))
+        bare_worker(Path(a.bare_worker[0]), Path(a.bare_worker[1]), a.bare_worker[2] == "gpu")
         return
     if a.save_worker:
         save_worker(Path(a.save_worker[0]), Path(a.save_worker[1]), a.saves)
         return
-    os.environ["DS_ACCELERATOR"] = "cpu"
+    import torch
+
+    gpu = (a.device or ("gpu" if torch.cuda.is_available() else "cpu")) == "gpu"
+    if not gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    workers = a.workers or (torch.cuda.device_count() if gpu else 2)
     import ray
     import yaml
 
@@ -310,25 +344,28 @@ def main() -> None:
     from crucible.model.presets import get_preset
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-", dir="/tmp"))
-    seq_len = min(64, get_preset(a.preset).max_seq_len)
+    seq_len = min(a.seq_len, get_preset(a.preset).max_seq_len)
     shards = make_shards(work / "data", seq_len)
 
     # Orchestration: bare loop (no Ray running) and crucible (Ray up only for its run),
     # alternating, so drift in the machine's speed hits both sides alike.
     ratios, bares, ours = [], [], []
     for r in range(a.rounds):
-        data = spec_data(f"bench-{r}", work / "runs", shards, a.preset, a.steps, a.workers)
+        data = spec_data(f"bench-{r}", work / "runs", shards, a.preset, a.steps, workers,
+                         (a.global_batch, a.micro_batch))  # fmt: skip
         (work / "spec.yaml").write_text(yaml.safe_dump(data))
         with OtherLoad() as bare_load:
             torchrun("--bare-worker", str(work / "spec.yaml"), str(work / "bare.json"),
-                     nproc=a.workers)  # fmt: skip
+                     "gpu" if gpu else "cpu", nproc=workers, gpu=gpu)  # fmt: skip
         bares.append(steady_rate(json.loads((work / "bare.json").read_text())))
         with OtherLoad() as our_load:
             if a.stack == "cluster":
                 run_dir = run_on_local_cluster(data)
             else:
                 run_dir = prepare_run(parse_spec(data))
-                ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+                # CPU: the 2 cores the workers use; GPU: Ray counts the node's CPUs and GPUs
+                ray.init(address="local", num_cpus=None if gpu else 2, include_dashboard=False,
+                         log_to_driver=False)  # fmt: skip
                 try:
                     run_train(run_dir)
                 finally:
@@ -343,14 +380,17 @@ def main() -> None:
             print("  (the machine was not quiet: this round's ratio measures the other load too)")
 
     if ratios:
-        print(f"\norchestration ({a.stack} stack): model {a.preset}, {a.workers} CPU workers, global batch 16 × {seq_len} "
+        device = f"{torch.cuda.get_device_name()} GPU" if gpu else "CPU"
+        print(f"\norchestration ({a.stack} stack): model {a.preset}, {workers} {device} workers, global batch {a.global_batch} × {seq_len} "
               f"tokens, {a.steps} steps ({WARMUP} warm-up left out), {a.rounds} rounds")  # fmt: skip
         print(
             f"steps/s  crucible train (Ray Train) {median(ours):.3f}   bare DeepSpeed "
             f"(torchrun) {median(bares):.3f}   ratio median {median(ratios):.3f} "
             f"(rounds {', '.join(f'{x:.3f}' for x in ratios)})  (goal >= 0.95)"
         )
-    if a.saves:
+    if a.saves and gpu:
+        print("ckpt save: measured on the CPU path only (run with --device cpu)")
+    elif a.saves:
         # Checkpoint save against a raw write of the same bytes, alternating, on a model whose
         # checkpoint is large enough (gpt1: 1.4 GB) that fixed costs do not decide the figure.
         ck = spec_data("bench-ckpt", work / "runs", shards, a.ckpt_preset, 1)

@@ -162,7 +162,7 @@ def evaluate(engine: Any, reader: Any, batches: int, plan: TrainPlan, doc_mask: 
         doc_mask: attend within documents only.
     """
     device = engine.device
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL reduces device tensors
     engine.eval()
     with torch.no_grad():
         for batch in islice(reader.eval_batches(), batches):
@@ -177,7 +177,7 @@ def evaluate(engine: Any, reader: Any, batches: int, plan: TrainPlan, doc_mask: 
                     ignore_index=-100,
                     reduction="sum",
                 )
-                total += torch.stack([loss.double().cpu(), (labels != -100).sum().double().cpu()])
+                total += torch.stack([loss.double(), (labels != -100).sum().double()])
     engine.train()
     dist.all_reduce(total)
     return float(total[0] / total[1].clamp(min=1))
@@ -328,13 +328,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_index = reader.samples_consumed // o.global_batch_size
             batch = reader.next_batch()
             data_wait = time.perf_counter() - t0
-            loss_sum = torch.zeros((), dtype=torch.float32)
+            # On the device: NCCL reduces only device tensors, and a host copy per micro-batch
+            # would stall the GPU's queue.
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
             for mb in _micro_batches(batch, plan.micro_batch_size, device):
                 doc = mb.get("doc_index") if spec.data.mask_cross_document else None
                 _, loss = engine(mb["input_ids"], mb["labels"], doc_ids=doc)
                 engine.backward(loss)
                 engine.step()
-                loss_sum += loss.detach().float().cpu()
+                loss_sum += loss.detach().float()
             loss_avg = loss_sum / plan.grad_accum_steps
             dist.all_reduce(loss_avg)
             loss_val = float(loss_avg) / world
