@@ -376,7 +376,7 @@ def main() -> None:
         print(f"round {r + 1}: crucible {ours[-1]:.3f} steps/s, bare {bares[-1]:.3f}, "
               f"ratio {ratios[-1]:.3f}; other processes' CPU meanwhile {our_load.cores:.2f} / "
               f"{bare_load.cores:.2f} cores", flush=True)  # fmt: skip
-        if max(our_load.cores, bare_load.cores) > 0.1:
+        if max(our_load.cores, bare_load.cores) > max(0.1, 0.05 * (os.cpu_count() or 1)):
             print("  (the machine was not quiet: this round's ratio measures the other load too)")
 
     if ratios:
