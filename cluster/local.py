@@ -6,7 +6,8 @@ recycled pid is never mistaken for ours) in ``<state>/cluster.json``. ``down`` s
 those processes and their descendants, never anything found by name. The Ray auth token is
 generated into ``<state>/auth_token`` with mode 0600; it is passed to Ray as a path
 (``RAY_AUTH_TOKEN_PATH``), so it never appears in a command line, an environment listing or
-a log.
+a log. Once up, the daemons (everything but the raylet and the workers it starts) run at
+niceness :data:`DAEMON_NICENESS`, below the training ranks.
 
 Ray's user-facing HTTP services (dashboard and Jobs API, client server) and Prometheus bind to
 127.0.0.1. Ray's internal gRPC services (GCS, raylet, object manager) bind to the node address
@@ -42,6 +43,14 @@ TOKEN_FILE = "auth_token"
 # <temp>/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid, up to 7 digits>/sockets/plasma_store,
 # and a socket path holds at most 107 bytes.
 _MAX_RAY_TEMP_DIR = 107 - len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
+# Nice value of the cluster's daemons: GCS, dashboard and its module processes, the agents,
+# the monitors and Prometheus. The raylet keeps the caller's priority, and so do the
+# processes it starts (training ranks ask Ray for niceness 0, see jobs/train/run.py): on a
+# node with no spare core, a daemon waking at normal priority preempts a rank, and every
+# other rank waits for it at the next collective. 15 is what Ray gives its own task workers.
+DAEMON_NICENESS = 15
+# The raylet's children that are daemons, not workers.
+_RAYLET_DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def default_state_dir() -> Path:
@@ -412,11 +421,56 @@ def up(
         )
         _save_state(state)
         _wait_http(f"{state.prometheus_url}/-/ready", prom_proc, prom_log, "prometheus", timeout)
+        lower_daemon_priority(state)
     except BaseException:
         _stop_procs(state)
         _save_state(state)
         raise
     return state, True
+
+
+def lower_daemon_priority(
+    state: ClusterState, niceness: int = DAEMON_NICENESS, agent_wait_s: float = 10.0
+) -> None:
+    """Set the cluster's daemons to ``niceness`` (see :data:`DAEMON_NICENESS`); the raylet
+    and the workers it starts keep theirs. A process already nicer keeps its value.
+
+    The raylet starts its agents shortly after it answers: they are waited for (at most
+    ``agent_wait_s``) by the titles Ray gives them once running.
+    """
+    daemons: list[psutil.Process] = []
+    for rec in state.procs:
+        root = rec.handle()
+        if root is None:
+            continue
+        for p in [root, *_descendants(root)]:
+            with contextlib.suppress(psutil.Error):
+                if p.name() == "raylet":
+                    daemons += _raylet_agents(p, agent_wait_s)
+                elif not any(a.name() == "raylet" for a in p.parents()):
+                    daemons.append(p)
+    for p in daemons:
+        with contextlib.suppress(psutil.Error):  # a process that exited meanwhile
+            if p.nice() < niceness:
+                p.nice(niceness)
+
+
+def _raylet_agents(raylet: psutil.Process, wait_s: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        agents = []
+        for c in raylet.children():
+            with contextlib.suppress(psutil.Error):
+                if _title(c) in _RAYLET_DAEMONS:
+                    agents.append(c)
+        if len(agents) >= len(_RAYLET_DAEMONS) or time.monotonic() > deadline:
+            return agents
+        time.sleep(0.1)
+
+
+def _title(p: psutil.Process) -> str:
+    """The process title Ray sets (``ray::DashboardAgent``, padded with spaces)."""
+    return " ".join(p.cmdline()).strip()
 
 
 def _wait_ray_sd(ray_temp: Path, timeout: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -53,6 +54,23 @@ def test_lifecycle_submit_auth_prometheus_and_down() -> None:
                     assert token not in "".join(proc.environ().values())
                 except psutil.NoSuchProcess:
                     pass
+
+        # The daemons run below the priority of the raylet, which starts the training ranks
+        # (tests/jobs/test_train_resume.py checks that the ranks run at this process's).
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        daemon = max(local.DAEMON_NICENESS, mine)
+        nice: dict[str, int] = {}
+        for rec in state.procs:
+            root = rec.handle()
+            assert root is not None
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    title = " ".join(proc.cmdline()).split()[0]
+                    nice[title.rsplit("/", 1)[-1]] = proc.nice()
+        assert nice["raylet"] == mine
+        for name in ["gcs_server", "prometheus", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
+                     "ray-dashboard-JobHead-0"]:  # fmt: skip
+            assert nice[name] == daemon, (name, nice)
 
         # A second `up` says so and changes nothing.
         again, started_again = local.up(state_dir, ports)
