@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -53,6 +54,20 @@ def say(message: str) -> None:
     """A line in the job log (bypasses Ray Train's print patch, which would log it twice)."""
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` without CUDA's architecture-variant suffixes (``9.0a`` → ``9.0``).
+
+    DeepSpeed (0.19.8) parses each entry's minor version with ``int()`` when it JIT-builds an
+    op such as FusedAdam, so a list PyTorch accepts (``9.0a``, set by Hopper images) fails
+    with ``invalid literal for int() with base 10: '0a'`` (deepspeedai/DeepSpeed#7589). The
+    ops it builds need no variant-specific instructions.
+
+    Args:
+        value: the variable's value; entries separated by spaces or semicolons.
+    """
+    return re.sub(r"(\d+\.\d+)[af](?=\+|;|\s|$)", r"\1", value)
 
 
 def _quiet_third_party() -> None:
@@ -239,6 +254,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_gpu = bool(config["use_gpu"])
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
+    elif "TORCH_CUDA_ARCH_LIST" in os.environ:  # before DeepSpeed builds FusedAdam
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
     import ray.train
 
     from crucible.data_pipeline.reader import TrainingReader

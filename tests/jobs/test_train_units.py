@@ -264,3 +264,18 @@ def test_shards_the_model_cannot_take_are_refused(make_spec, tmp_path: Path) -> 
         check_shards(make_spec("s", tmp_path, model={"max_seq_len": 32}))
     with pytest.raises(CrucibleError):
         check_shards(make_spec("m", tmp_path, data={"shards": str(tmp_path / "nope")}))
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("9.0a", "9.0"),  # what the H100 image this was found on sets
+        ("8.0 9.0a+PTX", "8.0 9.0+PTX"),
+        ("8.0;9.0a;10.0a;12.0f", "8.0;9.0;10.0;12.0"),
+        ("7.0 8.0 8.6+PTX", "7.0 8.0 8.6+PTX"),
+    ],
+)
+def test_cuda_arch_list_without_variant_suffixes_for_deepspeed(given: str, expected: str) -> None:
+    from crucible.jobs.train.loop import deepspeed_arch_list
+
+    assert deepspeed_arch_list(given) == expected
