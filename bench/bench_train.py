@@ -16,10 +16,11 @@
 Run: ``python bench/bench_train.py [--preset debug] [--steps 30] [--rounds 3]
 [--ckpt-preset gpt1] [--stack ray|cluster] [--device cpu|gpu] [--seq-len 64]
 [--global-batch 16] [--micro-batch 4]``. The device defaults to the GPU where torch sees one
-(the checkpoint comparison runs on the CPU path only). ``--stack ray`` (the default) runs the trainer
-in this process on a private Ray instance without dashboard; ``--stack cluster`` runs what a
-user runs: ``crucible cluster up`` (Ray head with dashboard, Prometheus scraping it) and the
-run submitted as a Ray job, the cluster being up only during crucible's half of each round.
+(the checkpoint comparison runs on the CPU path only). ``--stack ray`` (the default) runs the
+trainer in this process on a private Ray instance without dashboard; ``--stack cluster`` runs
+what a user runs: ``crucible cluster up`` (Ray head with dashboard, Prometheus scraping it)
+and the run submitted as a Ray job, the cluster being up only during crucible's half of each
+round.
 """
 
 from __future__ import annotations
@@ -381,8 +382,9 @@ def main() -> None:
 
     if ratios:
         device = f"{torch.cuda.get_device_name()} GPU" if gpu else "CPU"
-        print(f"\norchestration ({a.stack} stack): model {a.preset}, {workers} {device} workers, global batch {a.global_batch} × {seq_len} "
-              f"tokens, {a.steps} steps ({WARMUP} warm-up left out), {a.rounds} rounds")  # fmt: skip
+        print(f"\norchestration ({a.stack} stack): model {a.preset}, {workers} {device} workers, "
+              f"global batch {a.global_batch} × {seq_len} tokens, {a.steps} steps ({WARMUP} "
+              f"warm-up left out), {a.rounds} rounds")  # fmt: skip
         print(
             f"steps/s  crucible train (Ray Train) {median(ours):.3f}   bare DeepSpeed "
             f"(torchrun) {median(bares):.3f}   ratio median {median(ratios):.3f} "
