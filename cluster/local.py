@@ -450,9 +450,31 @@ def lower_daemon_priority(
                 elif not any(a.name() == "raylet" for a in p.parents()):
                     daemons.append(p)
     for p in daemons:
-        with contextlib.suppress(psutil.Error):  # a process that exited meanwhile
-            if p.nice() < niceness:
-                p.nice(niceness)
+        renice_threads(p.pid, niceness)
+
+
+def renice_threads(pid: int, niceness: int) -> None:
+    """Set every thread of process ``pid`` to at least ``niceness``.
+
+    On Linux a nice value belongs to a thread: ``setpriority`` on a pid (what ``renice`` and
+    ``psutil.Process.nice`` do) changes the main thread only, and a daemon's worker threads
+    (GCS's gRPC and event loops, Prometheus's Go threads) keep running at the old priority.
+    Threads started later inherit the value of the thread that starts them, so the pass
+    repeats until it finds no thread to change.
+    """
+    for _ in range(5):
+        changed = False
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:  # the process exited, or not Linux
+            tids = [pid]
+        for tid in tids:
+            with contextlib.suppress(OSError):  # a thread that exited meanwhile
+                if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                    os.setpriority(os.PRIO_PROCESS, tid, niceness)
+                    changed = True
+        if not changed:
+            return
 
 
 def _raylet_agents(raylet: psutil.Process, wait_s: float) -> list[psutil.Process]:
