@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.plan import TrainPlan, make_plan
+from crucible.jobs.train.priority import yield_rank_helpers
 from crucible.jobs.train.schedule import lr_at
 from crucible.jobs.train.state import make_deterministic, rng_state, seed_everything, set_rng_state
 from crucible.jobs.train.telemetry import Telemetry
@@ -270,6 +271,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     (run_dir / "workers").mkdir(exist_ok=True)
     (run_dir / "workers" / f"rank-{rank}.pid").write_text(str(os.getpid()))
 
+    # Before the process group starts: the threads it and DeepSpeed start stay at normal
+    # priority, Ray's threads in this process yield to them (see .priority).
+    yield_rank_helpers()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")

@@ -17,6 +17,7 @@ from typing import Any
 from crucible.errors import CrucibleError
 from crucible.jobs.runs import load_run_spec
 from crucible.jobs.train import checkpoint as ckpt
+from crucible.jobs.train.priority import RANK_ENV, SETUP_HOOK
 
 
 def check_shards(spec: Any) -> Any:
@@ -163,7 +164,9 @@ def prepare_reshard(root: Path, mode: str, world: int) -> Path | None:
 # priority, as torchrun's ranks do (Ray's job supervisor sets the same variable to 0 for the
 # driver). Ray Train's own actors keep nice 15. On a 2-core machine with 2 ranks: 1.5% more
 # steps/s (median of 10 interleaved pairs of runs; 9 of the 10 faster).
-WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+# The ranks also carry RANK_ENV: the job's setup hook, which puts Ray Train's helper actors
+# under SCHED_IDLE, leaves their processes to the rank itself (see .priority).
+WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0", RANK_ENV: "1"}}
 
 
 def run_train(run_dir: Path) -> int:
@@ -186,7 +189,7 @@ def run_train(run_dir: Path) -> int:
     assert spec.kind == "train"
     check_shards(spec)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     resources = ray.cluster_resources()
     use_gpu = decide_gpu(spec, resources)
     check_resources(spec, resources, use_gpu)
