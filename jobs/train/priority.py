@@ -5,11 +5,11 @@ rank for that millisecond at the next collective. Besides the ranks' training th
 Train job runs threads that need little CPU but wake often: every Ray worker's main thread
 checks for signals every 10 ms (Ray's ``CoreWorker.CheckSignal``, which takes the GIL), in
 each rank and in each of Ray Train's helper actors (controller, synchronisation, placement
-group cleaner, autoscaling coordinator, preemption watcher, dataset manager); on 2 cores that
-is about 900 wake-ups a second, each a chance to preempt a rank.
+group cleaner, autoscaling coordinator, preemption watcher, dataset manager). With 2 ranks
+that was about 830 wake-ups a second, each a chance to preempt a rank.
 
 Those threads are put under ``SCHED_IDLE``: the kernel runs them when a core has nothing else
-to run (ranks wait at every collective, so they still run within milliseconds), and a waking
+to run (ranks wait at every collective, so these threads still get a core), and a waking
 one never preempts a rank. What stays at normal priority: each rank's training thread and the
 threads it starts (gloo's or NCCL's, DeepSpeed's, the metrics exporter, the hang watchdog).
 A thread cannot leave ``SCHED_IDLE`` without privileges, which is why the rank's own process
