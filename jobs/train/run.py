@@ -162,10 +162,10 @@ def prepare_reshard(root: Path, mode: str, world: int) -> Path | None:
 # win any contention with user code. The ranks of a data-parallel job run in lockstep: one rank
 # preempted by a daemon stalls every rank at the next collective. They run at the driver's
 # priority, as torchrun's ranks do (Ray's job supervisor sets the same variable to 0 for the
-# driver). Ray Train's own actors keep nice 15. On a 2-core machine with 2 ranks: 1.5% more
-# steps/s (median of 10 interleaved pairs of runs; 9 of the 10 faster).
-# The ranks also carry RANK_ENV: the job's setup hook, which puts Ray Train's helper actors
-# under SCHED_IDLE, leaves their processes to the rank itself (see .priority).
+# driver). On a 2-core machine with 2 ranks: 1.5% more steps/s (median of 10 interleaved pairs
+# of runs; 9 of the 10 faster). Ray Train's own actors go further down, under SCHED_IDLE, by
+# the job's setup hook (see .priority); the ranks carry RANK_ENV so that the hook leaves their
+# processes to the rank itself.
 WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0", RANK_ENV: "1"}}
 
 
