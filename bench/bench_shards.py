@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from crucible.data_pipeline.executors.local import LocalExecutor
 from crucible.data_pipeline.reader import TrainingReader
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.spec import ShardSpec, TokenizerTrainSpec
@@ -164,7 +165,7 @@ def main() -> None:
              "tokenizer": {"train": {"vocab_size": args.vocab, "sample_docs": 2000}}}
         )  # fmt: skip
         t0 = time.perf_counter()
-        m = build_shards(work / "documents", spec, work / "shards", "local", "bench")
+        m = build_shards(work / "documents", spec, work / "shards", LocalExecutor(), "bench")
         dt = time.perf_counter() - t0
         print(f"build      build_shards local end to end (train tokenizer, pack, shuffle, write, sha256): "
               f"{m.totals.document_tokens / dt / 1e6:.3f} M tokens/s, {m.totals.rows:,} rows")  # fmt: skip

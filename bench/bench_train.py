@@ -47,6 +47,7 @@ def make_shards(root: Path, seq_len: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from crucible.data_pipeline.executors.local import LocalExecutor
     from crucible.data_pipeline.shards.build import build_shards
     from crucible.data_pipeline.shards.spec import ShardSpec
 
@@ -61,7 +62,7 @@ def make_shards(root: Path, seq_len: int) -> Path:
     spec = ShardSpec.model_validate(
         {"seq_len": seq_len, "heldout_fraction": 0.02, "tokenizer": {"train": {"vocab_size": 320}}}
     )
-    build_shards(docs, spec, root / "shards", "local", "bench")
+    build_shards(docs, spec, root / "shards", LocalExecutor(), "bench")
     return root / "shards"
 
 
@@ -214,6 +215,7 @@ def save_worker(spec_path: Path, out: Path, saves: int) -> None:
     import torch.distributed as dist
     import yaml
 
+    from crucible.cluster.storage import location
     from crucible.jobs.spec import parse_spec
     from crucible.jobs.train import checkpoint as ckpt
     from crucible.jobs.train.loop import build_engine, save
@@ -230,12 +232,12 @@ def save_worker(spec_path: Path, out: Path, saves: int) -> None:
     _, loss = engine(ids[:, :-1], ids[:, 1:])
     engine.backward(loss)
     engine.step()
-    root = out.parent / "ckpt"
-    root.mkdir(exist_ok=True)
+    root = location(out.parent / "ckpt")
+    root.mkdirs()
     rounds = []
     for i in range(1, saves + 1):
         stats = save(engine, root, i, {"step": i}, rank, world)
-        raw = raw_write_rate(root, stats.bytes) if rank == 0 else 0.0
+        raw = raw_write_rate(root.local_path, stats.bytes) if rank == 0 else 0.0
         dist.barrier()
         if rank == 0:
             ckpt.retain(root, 1, None)
@@ -276,7 +278,7 @@ def run_on_local_cluster(data: dict) -> Path:
     from crucible.jobs.spec import parse_spec
     from crucible.jobs.submit import submit_run
 
-    home = Path(tempfile.mkdtemp(prefix="bt", dir="/tmp"))  # short: Ray's socket paths
+    home = Path(tempfile.mkdtemp(prefix="bt", dir="/tmp"))
     os.environ["CRUCIBLE_HOME"] = str(home)
     local.up(home / "cluster", local.free_ports(), num_cpus=2)
     try:
@@ -339,6 +341,7 @@ def main() -> None:
     import ray
     import yaml
 
+    from crucible.cluster.storage import read_jsonl
     from crucible.jobs.runs import prepare_run
     from crucible.jobs.spec import parse_spec
     from crucible.jobs.train.run import run_train
@@ -371,7 +374,7 @@ def main() -> None:
                     run_train(run_dir)
                 finally:
                     ray.shutdown()
-        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        recs = read_jsonl(run_dir / "metrics.jsonl")
         ours.append(steady_rate([r["time"] for r in recs if r["kind"] == "step"]))
         ratios.append(ours[-1] / bares[-1])
         print(f"round {r + 1}: crucible {ours[-1]:.3f} steps/s, bare {bares[-1]:.3f}, "

@@ -21,6 +21,9 @@ RUNS = [
     ("train: crucible train vs a bare DeepSpeed loop; checkpoint save vs raw write", ["bench_train.py", "--preset", "tiny", "--steps", "40", "--rounds", "2", "--saves", "2"]),
     ("data pipeline: full chain vs datatrove", ["bench_data_pipeline.py", "--quick"]),
     ("data pipeline on Ray: peak worker heap as the corpus doubles", ["bench_data_pipeline.py", "--ray-memory", "10,20", "--part-mb", "2.5", "--partition-mb", "1"]),
+    ("reader order: Feistel permutation vs a materialised one (memory, indices/s)", ["bench_permutation.py"]),
+    ("resume: verification on and off, local disk and S3", ["bench_resume.py", "--preset", "tiny", "--rounds", "2"]),
+    ("multi-node drill on object storage only, phase by phase", ["bench_drill.py"]),
 ]  # fmt: skip
 
 

@@ -13,19 +13,26 @@ Ray's user-facing HTTP services (dashboard and Jobs API, client server) and Prom
 127.0.0.1. Ray's internal gRPC services (GCS, raylet, object manager) bind to the node address
 Ray picks itself (Ray maps a loopback ``--node-ip-address`` to the routable one) and are
 protected by the same token.
+
+Ray's temp dir (its unix sockets and session logs) is not in the state directory but in a
+private directory under /tmp named after it (:func:`cluster_temp_dir`), so that Ray's socket
+paths stay short whatever the home directory; ``down`` removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +106,15 @@ class ClusterState:
     procs: list[Proc] = field(default_factory=list)
     started_at: float = 0.0
     num_cpus: int | None = None
+    temp_dir: str = ""
+    """The private directory :func:`cluster_temp_dir` that holds Ray's temp dir."""
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        """Ray's ``--temp-dir``: its sockets, session logs and Prometheus service discovery."""
+        if not self.temp_dir:  # a cluster started before Ray's temp dir left the state dir
+            return Path(self.state_dir) / "ray"
+        return Path(self.temp_dir) / "ray"
 
     @property
     def dashboard_url(self) -> str:
@@ -129,6 +145,7 @@ def load_state(state_dir: Path) -> ClusterState | None:
             procs=[Proc(**p) for p in raw.get("procs", [])],
             started_at=raw.get("started_at", 0.0),
             num_cpus=raw.get("num_cpus"),
+            temp_dir=raw.get("temp_dir", ""),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise CrucibleError(
@@ -141,6 +158,98 @@ def _save_state(state: ClusterState) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(state), indent=2))
     tmp.replace(path)
+
+
+def _temp_dir_name(state_dir: Path) -> str:
+    digest = hashlib.sha256(str(state_dir.expanduser().resolve()).encode()).hexdigest()
+    return f"crucible-{os.getuid()}-{digest[:10]}"
+
+
+def cluster_temp_dir(state_dir: Path) -> Path:
+    """The private directory that holds Ray's temp dir (its ``ray`` subdirectory) for the
+    cluster in ``state_dir``: ``crucible-<uid>-<sha256 of the state dir, 10 hex>`` in the
+    system temp dir (``$TMPDIR``) if Ray's socket paths fit there, else in /tmp, where Ray's
+    own default ``/tmp/ray`` lives. A function of the state dir, so ``up`` and ``down`` agree
+    and two clusters never share one.
+
+    Args:
+        state_dir: the cluster's state directory (resolved here).
+    """
+    name = _temp_dir_name(state_dir)
+    candidates = [Path(tempfile.gettempdir()) / name, Path("/tmp") / name]
+    for path in candidates:
+        if len(str(path / "ray")) <= _MAX_RAY_TEMP_DIR:
+            return path
+    raise CrucibleError(
+        f"Ray's temp dir {candidates[-1] / 'ray'} would be longer than {_MAX_RAY_TEMP_DIR} "
+        "characters, too long for Ray's socket paths; set $TMPDIR to a shorter directory"
+    )
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create ``path`` with mode 0700, or take it if it is already a directory of ours.
+
+    It lies where every user may write: a symlink, a file or a directory of someone else's
+    found there is refused, never followed. Ray makes its own temp dir world-writable, which
+    is why that is a subdirectory of this one.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise CrucibleError(f"cannot create {path} for Ray's temp dir: {e.strerror}") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        _refuse_temp_dir(path, path.lstat())
+        raise CrucibleError(f"cannot open {path} for Ray's temp dir: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        _refuse_temp_dir(path, st)
+        if stat.S_IMODE(st.st_mode) != 0o700:  # mkdir's mode went through the umask
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _refuse_temp_dir(path: Path, st: os.stat_result) -> None:
+    """Raise the clear error for ``path`` (whose status is ``st``) unless it is our directory."""
+    if stat.S_ISLNK(st.st_mode):
+        what = "is a symlink"
+    elif not stat.S_ISDIR(st.st_mode):
+        what = "is not a directory"
+    elif st.st_uid != os.getuid():
+        what = f"belongs to uid {st.st_uid}, not to you"
+    else:
+        return
+    raise CrucibleError(
+        f"{path} {what}; crucible keeps Ray's temp dir there: have it removed, or set $TMPDIR "
+        "to a directory of your own"
+    )
+
+
+def _remove_temp_dir(state: ClusterState) -> None:
+    """Remove the private temp dir ``up`` made for this cluster, and nothing else: a recorded
+    path that is not this state dir's, or no longer a directory of ours, is left alone."""
+    if not state.temp_dir:
+        return
+    path = Path(state.temp_dir)
+    if path.name != _temp_dir_name(Path(state.state_dir)):
+        return
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        raise CrucibleError(
+            f"the cluster is stopped, but its Ray temp dir {path} could not be removed "
+            f"({e.strerror}); remove it by hand"
+        ) from None
 
 
 def ensure_token(state_dir: Path) -> Path:
@@ -282,7 +391,7 @@ def _wait_http(
 def prometheus_config(state: ClusterState, scrape_interval_s: float = 5.0) -> str:
     """The generated Prometheus config: Ray's targets and crucible's exporters, by file SD."""
     state_dir = Path(state.state_dir)
-    ray_sd = state_dir / "ray" / "prom_metrics_service_discovery.json"
+    ray_sd = state.ray_temp_dir / "prom_metrics_service_discovery.json"
     crucible_sd = state_dir / "prometheus" / "crucible_targets.json"
     rules = state_dir / "prometheus" / "rules" / "*.yml"
     interval = f"{scrape_interval_s:g}s"
@@ -329,12 +438,7 @@ def up(
     if existing is not None and existing.alive():
         return existing, False
     ports = ports or Ports()
-    ray_temp = state_dir / "ray"
-    if len(str(ray_temp)) > _MAX_RAY_TEMP_DIR:
-        raise CrucibleError(
-            f"state directory {state_dir} is too long for Ray's socket paths; "
-            f"use a shorter one with --state-dir or $CRUCIBLE_HOME"
-        )
+    temp_dir = cluster_temp_dir(state_dir)
     prom = find_prometheus(prometheus_bin)
     ray = _find_ray()
     _check_ports(ports)
@@ -347,9 +451,15 @@ def up(
         ) from None
     os.chmod(state_dir, 0o700)
     token_path = ensure_token(state_dir)
+    _make_private_dir(temp_dir)
     state = ClusterState(
-        state_dir=str(state_dir), ports=ports, started_at=time.time(), num_cpus=num_cpus
+        state_dir=str(state_dir),
+        ports=ports,
+        started_at=time.time(),
+        num_cpus=num_cpus,
+        temp_dir=str(temp_dir),
     )
+    ray_temp = state.ray_temp_dir
 
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
@@ -562,6 +672,7 @@ def down(state_dir: Path | None = None) -> tuple[ClusterState | None, int]:
     n = len(state.alive())
     _stop_procs(state)
     _save_state(state)
+    _remove_temp_dir(state)
     return state, n
 
 
@@ -579,6 +690,7 @@ def status(state_dir: Path | None = None) -> dict[str, Any]:
         dashboard=state.dashboard_url,
         prometheus=state.prometheus_url,
         ray_address=_ray_address(state),
+        ray_temp_dir=str(state.ray_temp_dir),
         started_at=state.started_at,
     )
     if "ray" in alive:
@@ -590,7 +702,7 @@ def status(state_dir: Path | None = None) -> dict[str, Any]:
 
 def _ray_address(state: ClusterState) -> str:
     """The GCS address Ray registered (its node address, not necessarily loopback)."""
-    current = Path(state.state_dir) / "ray" / "ray_current_cluster"
+    current = state.ray_temp_dir / "ray_current_cluster"
     try:
         return current.read_text().strip()
     except OSError:

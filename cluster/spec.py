@@ -29,8 +29,9 @@ class ClusterSpec(StrictModel):
     )
     storage: str = Field(
         "runs",
-        description="Root of run directories (a local/NFS path); each run writes "
-        "<storage>/<name>/.",
+        description="Root of run directories: a path every node shares (NFS), or an object "
+        "store URI (s3://bucket/prefix; credentials from the standard AWS chain, endpoint of "
+        "an S3-compatible store from $AWS_ENDPOINT_URL); each run writes <storage>/<name>/.",
     )
     gpu: str = Field(
         "cpu",
@@ -55,6 +56,18 @@ class ClusterSpec(StrictModel):
     nvlink_gb_per_s: float | None = Field(
         None, gt=0, description="Intra-node GB/s per GPU, both directions (default: NVLink)."
     )
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, v: str) -> str:
+        from crucible.cluster.storage import check_uri
+        from crucible.errors import CrucibleError
+
+        try:
+            check_uri(v)
+        except CrucibleError as e:
+            raise ValueError(str(e)) from None
+        return v
 
     @field_validator("gpu")
     @classmethod

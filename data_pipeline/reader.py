@@ -1,11 +1,17 @@
 """The training reader: memory-mapped shards, a global sample order that is a pure function of
 (seed, epoch, number of samples), and per-rank slices of every global batch.
 
-Samples form one endless stream: stream position ``p`` is sample ``perm(seed, p // N)[p % N]``
-of the split (``N`` samples, one numpy permutation per epoch). Global batch ``b`` is stream
-positions ``[b·G, (b+1)·G)``; data-parallel rank ``r`` of ``W`` takes the contiguous slice
-``[b·G + r·G/W, b·G + (r+1)·G/W)``. So the reader's whole state is the number of samples
-consumed, and the global batches are the same for any ``W`` that divides ``G``.
+Samples form one endless stream: stream position ``p`` is sample ``perm(seed, p // N)(p % N)``
+of the split (``N`` samples), where ``perm`` is a stateless keyed bijection of ``[0, N)``
+(:class:`~crucible.data_pipeline.permutation.FeistelPermutation`): nothing grows with ``N``.
+Global batch ``b`` is stream positions ``[b·G, (b+1)·G)``; data-parallel rank ``r`` of ``W``
+takes the contiguous slice ``[b·G + r·G/W, b·G + (r+1)·G/W)``. So the reader's whole state is
+the number of samples consumed, and the global batches are the same for any ``W`` that
+divides ``G``.
+
+Shards are memory-mapped where they are, on a local or shared filesystem; from an object
+store each node first copies the split it reads into node-local scratch (once per node, each
+file checked against its sha256 on the way).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from crucible.cluster.storage import Location, cache_key, location, scratch_dir
+from crucible.data_pipeline.permutation import FeistelPermutation
 from crucible.data_pipeline.shards.manifest import (
     Manifest,
     check_tokenizer,
@@ -32,15 +40,15 @@ IGNORE_INDEX = -100  # label value torch's cross_entropy skips (padding, held-ou
 class SplitView:
     """Random access by index to the rows of one split, memory-mapped (no copy until read)."""
 
-    def __init__(self, shards_dir: str | Path, manifest: Manifest, split: str = "train") -> None:
+    def __init__(self, local_dir: Path, manifest: Manifest, split: str = "train") -> None:
         """Map every shard file of ``split``.
 
         Args:
-            shards_dir: The shard directory.
+            local_dir: The shard directory on a local filesystem (see :func:`local_shards`).
             manifest: Its manifest (already verified by the caller when it wants checks).
             split: ``train`` or ``heldout``.
         """
-        d = Path(shards_dir)
+        d = Path(local_dir)
         self.row_len = manifest.row_len
         self._tokens: list[np.ndarray] = []  # (rows, row_len) views into the mapped files
         self._length: list[np.ndarray] = []
@@ -103,17 +111,54 @@ class SplitView:
 
 
 @lru_cache(maxsize=4)
-def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
-    """The order of the samples in ``epoch``: a pure function of its arguments.
+def epoch_order(seed: int, epoch: int, num_samples: int) -> FeistelPermutation:
+    """The order of the samples in ``epoch``: a pure function of its arguments, computed per
+    index (``epoch_order(...)(positions)`` gives the samples at those positions).
 
     Args:
         seed: Reader seed.
         epoch: Epoch number.
         num_samples: Samples in the split.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    order.flags.writeable = False
-    return order
+    return FeistelPermutation(num_samples, seed, epoch)
+
+
+def local_shards(
+    shards: Location, manifest: Manifest, splits: tuple[str, ...] = ("train", "heldout")
+) -> Path:
+    """A local directory holding the shard files of ``splits``, to memory-map.
+
+    On a local (or mounted) filesystem that is the shard set itself. From an object store the
+    files are copied into node-local scratch, keyed by the manifest's fingerprint: the ranks
+    of a node share one copy (a file lock makes the first one fetch it), every file is
+    checked against its size and sha256 as it arrives, and a file is only ever present whole.
+
+    Args:
+        shards: The shard set.
+        manifest: Its manifest.
+        splits: The splits to have locally.
+    """
+    if shards.is_local:
+        return shards.local_path
+    from filelock import FileLock
+
+    cache = scratch_dir("shards", cache_key(shards.uri + manifest.fingerprint))
+    wanted: list[tuple[str, int | None, str]] = [
+        (manifest.tokenizer.file, None, manifest.tokenizer.sha256)
+    ]
+    for name in splits:
+        if name in manifest.splits:
+            wanted += [(f.file, f.bytes, f.sha256) for f in manifest.splits[name].shards]
+    with FileLock(str(cache / ".lock")):
+        for rel, size, digest in wanted:
+            if not (cache / rel).is_file():  # present means checked: downloads are atomic
+                try:
+                    (shards / rel).download(cache / rel, digest, size)
+                except CrucibleError as e:
+                    raise CrucibleError(
+                        f"{e}; rebuild the shards with `crucible data run`"
+                    ) from None
+    return cache
 
 
 class TrainingReader:
@@ -121,7 +166,7 @@ class TrainingReader:
 
     def __init__(
         self,
-        shards_dir: str | Path,
+        shards_dir: str | Location,
         global_batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -135,7 +180,7 @@ class TrainingReader:
         """Open, verify and map a shard set.
 
         Args:
-            shards_dir: Directory holding ``manifest.json``.
+            shards_dir: Directory holding ``manifest.json`` (a path or URI).
             global_batch_size: Samples per optimizer step over all data-parallel ranks.
             rank: This data-parallel rank.
             world_size: Number of data-parallel ranks; must divide ``global_batch_size``.
@@ -153,12 +198,15 @@ class TrainingReader:
             )
         if not 0 <= rank < world_size:
             raise CrucibleError(f"rank {rank} is outside 0..{world_size - 1}")
-        self.shards_dir = Path(shards_dir)
+        self.shards_dir = location(shards_dir)
         self.manifest = read_manifest(self.shards_dir)
         if tokenizer_fingerprint is not None:
             check_tokenizer(self.manifest, tokenizer_fingerprint, self.shards_dir)
-        verify_shards(self.shards_dir, self.manifest, verify)
-        self.view = SplitView(self.shards_dir, self.manifest, split)
+        if self.shards_dir.is_local:
+            verify_shards(self.shards_dir, self.manifest, verify)
+        # from an object store, every file is checked against its sha256 as it is fetched
+        local = local_shards(self.shards_dir, self.manifest, (split,))
+        self.view = SplitView(local, self.manifest, split)
         if self.view.num_samples == 0:
             raise CrucibleError(f"split {split!r} of {self.shards_dir} is empty")
         self.split = split
@@ -202,7 +250,7 @@ class TrainingReader:
         n = self.num_samples
         for e in np.unique(pos // n):
             sel = pos // n == e
-            out[sel] = epoch_order(self.seed, int(e), n)[pos[sel] % n]
+            out[sel] = epoch_order(self.seed, int(e), n)(pos[sel] % n)
         return out
 
     def global_batch_indices(self, batch: int) -> np.ndarray:

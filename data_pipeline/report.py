@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 
 
@@ -12,7 +12,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def format_stats(run_dir: str | Path) -> str:
+def format_stats(run_dir: str | Location) -> str:
     """A readable summary of ``run_dir/stats.json``: per-step flow, drops, languages, clusters.
 
     Args:
@@ -21,9 +21,9 @@ def format_stats(run_dir: str | Path) -> str:
     Raises:
         CrucibleError: the run has no stats.json (not run, or not finished).
     """
-    path = Path(run_dir) / "stats.json"
+    path = location(run_dir) / "stats.json"
     try:
-        stats = json.loads(path.read_text())
+        stats = path.read_json()
     except FileNotFoundError:
         raise CrucibleError(
             f"{path} does not exist; the data run has not finished (run `crucible data run`)"

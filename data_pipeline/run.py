@@ -1,6 +1,7 @@
 """Entry point of data pipeline I: raw inputs to clean documents, exclusions and stats.
 
-Stages, each resumable (outputs renamed into place, a marker written last):
+Stages, each resumable (each output file published whole, a marker written last; nothing
+relies on renaming a directory, so the same steps run on object stores):
 1. filter   one task per input part: read -> normalise -> language -> quality -> PII,
             plus each survivor's exact-text hash and MinHash band keys;
 2. exact    global exact dedup (hash-partitioned groupby on Ray);
@@ -12,16 +13,17 @@ then stats.json and documents/_SUCCESS, last. A finished run started again does 
 from __future__ import annotations
 
 import time
-from pathlib import Path
+import uuid
 from typing import Any, Literal
 
+from crucible.cluster.storage import Location, check_storage
 from crucible.config import spec_hash
 from crucible.data_pipeline.progress import Progress
 from crucible.data_pipeline.readers.files import expand_inputs
 from crucible.data_pipeline.spec import DataSpec
 from crucible.data_pipeline.stages import read_marker, work_paths
 from crucible.data_pipeline.step import merge_stats
-from crucible.data_pipeline.writers.parquet import check_writable, write_json_atomic
+from crucible.data_pipeline.writers.parquet import write_json_atomic
 from crucible.errors import CrucibleError
 
 STEP_ORDER = (
@@ -50,7 +52,7 @@ def _executor(name: str, spec: DataSpec) -> Any:
     raise CrucibleError(f"unknown executor {name!r}; use 'ray' or 'local'")
 
 
-def _check_run_dir(run_dir: Path, digest: str, inputs: list[str]) -> None:
+def _check_run_dir(run_dir: Location, digest: str, inputs: list[str]) -> None:
     meta_path = work_paths(run_dir)["work"] / "run.json"
     meta = read_marker(meta_path)
     if meta is None:
@@ -64,7 +66,7 @@ def _check_run_dir(run_dir: Path, digest: str, inputs: list[str]) -> None:
 
 def run_pipeline(
     spec: DataSpec,
-    run_dir: Path,
+    run_dir: Location | str,
     executor: Literal["ray", "local"] = "ray",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -80,21 +82,20 @@ def run_pipeline(
         The stats (as written to ``stats.json``).
 
     Raises:
-        CrucibleError: an input matches no file, or ``run_dir`` is not writable.
+        CrucibleError: an input matches no file, or ``run_dir`` cannot be written.
     """
-    run_dir = Path(run_dir)
+    run_dir = check_storage(run_dir)
     inputs = expand_inputs(spec.inputs)
     p = work_paths(run_dir)
-    check_writable(run_dir)
     digest = spec_hash(spec)
     stats_path = run_dir / "stats.json"
-    done = read_marker(stats_path) if (p["documents"] / "_SUCCESS").exists() else None
+    done = read_marker(stats_path) if (p["documents"] / "_SUCCESS").is_file() else None
     if done is not None and done.get("spec_hash") == digest:
-        _build_shards(spec, run_dir, executor, digest)
+        _build_shards(spec, run_dir, _executor(executor, spec), digest)
         return done
     for d in ("filtered", "excluded", "filter_done", "dedup", "final_done", "documents"):
-        p[d].mkdir(parents=True, exist_ok=True)
-    p["exclusions"].mkdir(parents=True, exist_ok=True)
+        p[d].mkdirs()
+    p["exclusions"].mkdirs()
     _check_run_dir(run_dir, digest, inputs)
     ex = _executor(executor, spec)
     t0 = time.time()
@@ -120,7 +121,9 @@ def run_pipeline(
 
         ex.filter_parts(todo, spec, run_dir, filtered)
 
-    # 2-3. dedup over every part's survivors
+    # 2-3. dedup over every part's survivors; each attempt writes a fresh result directory
+    # that the stage's marker (written last) names, and unnamed ones are an interrupted
+    # attempt's leftovers
     files = [p["filtered"] / f"part-{i:05d}.parquet" for i in parts]
     dedup: dict[str, Any] = {}
     for kind, enabled in (
@@ -130,15 +133,22 @@ def run_pipeline(
         marker = p["dedup"] / f"{kind}.json"
         if not enabled:
             continue
-        if (s := read_marker(marker)) is None:
-            out_dir = p["dedup"] / kind
+        s = read_marker(marker)
+        if s is not None and "result" not in s:
+            s = None  # not written by this protocol: redo
+        for old in p["dedup"].glob(f"{kind}-*"):
+            if s is None or old.name != s.get("result"):
+                old.rmtree()
+        if s is None:
+            out_dir = p["dedup"] / f"{kind}-{uuid.uuid4().hex[:12]}"
             s = (
                 ex.exact_dedup(files, out_dir)
                 if kind == "exact"
                 else ex.fuzzy_dedup(files, out_dir, spec)
             )
+            s["result"] = out_dir.name
             write_json_atomic(marker, s)
-        dedup[kind] = s
+        dedup[kind] = {k: v for k, v in s.items() if k != "result"}
         if kind == "minhash":
             metrics.on_dedup(s)
 
@@ -163,7 +173,7 @@ def run_pipeline(
     write_json_atomic(stats_path, stats)
     write_json_atomic(p["documents"] / "_SUCCESS", {"spec_hash": digest, **stats["totals"]})
     metrics.update(stats["steps"])
-    _build_shards(spec, run_dir, executor, digest)
+    _build_shards(spec, run_dir, ex, digest)
     metrics.close()
     return stats
 
@@ -244,9 +254,9 @@ def _assemble(steps: dict[str, Any], dedup: dict[str, Any], digest: str, n: int)
     }
 
 
-def _build_shards(spec: DataSpec, run_dir: Path, executor: str, digest: str) -> None:
+def _build_shards(spec: DataSpec, run_dir: Location, executor: Any, digest: str) -> None:
     if spec.shards is None:
         return
     from crucible.data_pipeline.shards.build import build_shards
 
-    build_shards(run_dir / "documents", spec.shards, run_dir / "shards", executor, digest)  # type: ignore[arg-type]
+    build_shards(run_dir / "documents", spec.shards, run_dir / "shards", executor, digest)

@@ -648,7 +648,7 @@ JUNK = [
 
 
 def generate_corpus(
-    out_dir: str | Path,
+    local_dir: str | Path,
     n_docs: int = 300,
     seed: int = 0,
     near_dup_frac: float = 0.2,
@@ -658,10 +658,10 @@ def generate_corpus(
     files: int = 3,
     warc: bool = True,
 ) -> dict[str, Any]:
-    """Write a sample corpus under ``out_dir``; return its ground truth.
+    """Write a sample corpus under local directory ``local_dir``; return its ground truth.
 
     Args:
-        out_dir: the directory (created).
+        local_dir: the directory (created).
         n_docs: number of documents (before planted bad lines).
         seed: random seed (same seed, same bytes).
         near_dup_frac: fraction of documents that are near-duplicates of an earlier one.
@@ -676,7 +676,7 @@ def generate_corpus(
         "junk": [ids], "other_lang": [ids], "files": [paths]}``.
     """
     rng = random.Random(seed)
-    out = Path(out_dir)
+    out = Path(local_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts: dict[str, str] = {}
     originals: list[str] = []

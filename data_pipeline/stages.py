@@ -7,8 +7,6 @@ a rerun skips finished parts and redoes unfinished ones from scratch.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,10 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from crucible.cluster.storage import Location
 from crucible.data_pipeline.dedup.exact import text_hash
 from crucible.data_pipeline.dedup.lsh import compact_signature
 from crucible.data_pipeline.dedup.minhash import band_keys, signature
-from crucible.data_pipeline.document import ROW_BITS
 from crucible.data_pipeline.filters.c4 import C4
 from crucible.data_pipeline.filters.fineweb import FineWeb
 from crucible.data_pipeline.filters.gopher_quality import GopherQuality
@@ -70,7 +68,7 @@ def part_name(part: int) -> str:
     return f"part-{part:05d}.parquet"
 
 
-def work_paths(run_dir: Path) -> dict[str, Path]:
+def work_paths(run_dir: Location) -> dict[str, Location]:
     """The run's working and output directories."""
     work = run_dir / "_work"
     return {
@@ -85,7 +83,7 @@ def work_paths(run_dir: Path) -> dict[str, Path]:
     }
 
 
-def filter_part(part: int, path: str, spec: DataSpec, run_dir: Path) -> dict[str, Any]:
+def filter_part(part: int, path: str, spec: DataSpec, run_dir: Location) -> dict[str, Any]:
     """Read input ``path`` as part ``part`` through every step; write the survivors (with their
     text hash, band keys and compact signature), the exclusions and the part's stats (the marker, last).
 
@@ -133,18 +131,25 @@ def filter_part(part: int, path: str, spec: DataSpec, run_dir: Path) -> dict[str
     return stats
 
 
-def _dup_keys(directory: Path, part: int, column: str) -> pa.Table | None:
-    """Rows of a dedup result (hive-partitioned by ``part``) that belong to part ``part``."""
-    sub = directory / f"part={part}"
-    if not sub.exists():
+def _dup_keys(marker: Location, part: int, column: str) -> pa.Table | None:
+    """Rows of a dedup result (hive-partitioned by ``part``) that belong to part ``part``.
+
+    Args:
+        marker: the dedup stage's marker, naming the committed result directory.
+        part: the part.
+        column: the column besides ``key`` to read.
+    """
+    done = read_marker(marker)
+    if done is None or not done.get("result"):
         return None
-    files = sorted(str(f) for f in sub.glob("*.parquet"))
+    sub = marker.parent / done["result"] / f"part={part}"
+    files = sub.glob("*.parquet")
     if not files:
         return None
-    return pa.concat_tables([pq.read_table(f, columns=["key", column]) for f in files])
+    return pa.concat_tables([pq.read_table(f.open_read(), columns=["key", column]) for f in files])
 
 
-def finalize_part(part: int, spec: DataSpec, run_dir: Path) -> dict[str, Any]:
+def finalize_part(part: int, spec: DataSpec, run_dir: Location) -> dict[str, Any]:
     """Write part ``part``'s clean documents and exclusions (filter drops + duplicates).
 
     Args:
@@ -156,12 +161,14 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Path) -> dict[str, Any]:
     name = part_name(part)
     # the dedup columns (bands, signature) are not needed here: read only what is written
     table = pq.read_table(
-        p["filtered"] / name, columns=[*DOCUMENT_SCHEMA.names, "key"], schema=FILTERED_SCHEMA
+        (p["filtered"] / name).open_read(),
+        columns=[*DOCUMENT_SCHEMA.names, "key"],
+        schema=FILTERED_SCHEMA,
     )
     keys = table.column("key").to_numpy()
     nbytes = np.asarray(pc.binary_length(pc.cast(table.column("text"), pa.binary())), np.int64)
-    exact = _dup_keys(p["dedup"] / "exact", part, "dup_of")
-    fuzzy = _dup_keys(p["dedup"] / "minhash", part, "root")
+    exact = _dup_keys(p["dedup"] / "exact.json", part, "dup_of")
+    fuzzy = _dup_keys(p["dedup"] / "minhash.json", part, "root")
     is_exact = np.isin(keys, exact.column("key").to_numpy()) if exact is not None else None
     is_fuzzy = np.isin(keys, fuzzy.column("key").to_numpy()) if fuzzy is not None else None
     if is_exact is None:
@@ -186,7 +193,7 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Path) -> dict[str, Any]:
     docs = AtomicParquetWriter(p["documents"] / name, DOCUMENT_SCHEMA)
     docs.write(table.filter(pa.array(keep)).select(DOCUMENT_SCHEMA.names))
     excl = AtomicParquetWriter(p["exclusions"] / name, EXCLUSION_SCHEMA)
-    excl.write(pq.read_table(p["excluded"] / name, schema=EXCLUSION_SCHEMA))
+    excl.write(pq.read_table((p["excluded"] / name).open_read(), schema=EXCLUSION_SCHEMA))
     for mask, rule in ((is_exact, EXACT_RULE), (is_fuzzy, FUZZY_RULE)):
         if mask.any():
             dropped = table.filter(pa.array(mask))
@@ -212,14 +219,10 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Path) -> dict[str, Any]:
     return stats
 
 
-def read_marker(path: Path) -> dict[str, Any] | None:
+def read_marker(loc: Location) -> dict[str, Any] | None:
     """A stage marker's stats, or None when the stage has not finished."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = loc.read_json()
+    except (FileNotFoundError, ValueError):
         return None
-
-
-def part_of(keys: np.ndarray) -> np.ndarray:
-    """The part index of each dedup key."""
-    return (np.asarray(keys, np.int64) >> ROW_BITS).astype(np.int64)
+    return data if isinstance(data, dict) else None

@@ -1,4 +1,4 @@
-"""The entrypoint of every crucible Ray job: ``python -m crucible.jobs.entry RUN_DIR``.
+"""The entrypoint of every crucible Ray job: ``python -m crucible.jobs.entry RUN_URI``.
 
 It reads the resolved spec from the run directory and runs the job of its kind on the
 cluster it was submitted to.
@@ -7,13 +7,13 @@ cluster it was submitted to.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.runs import load_run_spec
 
 
-def run(run_dir: Path, executor: str = "ray") -> int:
+def run(run_dir: Location, executor: str = "ray") -> int:
     """Run the job whose resolved spec is in ``run_dir``; return an exit code."""
     spec = load_run_spec(run_dir)
     if spec.kind == "data":
@@ -33,10 +33,10 @@ def run(run_dir: Path, executor: str = "ray") -> int:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        print("usage: python -m crucible.jobs.entry RUN_DIR", file=sys.stderr)
+        print("usage: python -m crucible.jobs.entry RUN_URI", file=sys.stderr)
         sys.exit(2)
     try:
-        sys.exit(run(Path(sys.argv[1])))
+        sys.exit(run(location(sys.argv[1])))
     except CrucibleError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

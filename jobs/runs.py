@@ -1,26 +1,28 @@
 """Run directories: ``<storage>/<name>/`` holds the resolved spec and everything a run writes.
 
-A run has a stable name. Submitting a spec under a name whose directory already holds a
-different spec is refused (instead of silently continuing an old run); the same spec again
-resumes it, which for a data job finishes what is missing or does nothing.
+A run directory is a :class:`~crucible.cluster.storage.Location`: a path every node shares or
+an object-store URI. A run has a stable name. Submitting a spec under a name whose directory
+already holds a different spec is refused (instead of silently continuing an old run); the
+same spec again resumes it, which for a data job finishes what is missing or does nothing.
 """
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import yaml
 
+from crucible.cluster.storage import Location, check_storage, location
 from crucible.config import spec_hash
 from crucible.errors import CrucibleError
-from crucible.jobs.spec import RunSpec, TrainRunSpec, load_spec, parse_spec, write_resolved
+from crucible.jobs.spec import RunSpec, TrainRunSpec, parse_spec, write_resolved
 
 RESOLVED = "spec.resolved.yaml"
 
 
 def absolutize(spec: RunSpec, base: Path | None = None) -> RunSpec:
-    """Make the spec's local paths absolute (relative to ``base``, default the CWD).
+    """Make the spec's local paths absolute (relative to ``base``, default the CWD); URIs are
+    kept as they are.
 
     The job runs in another working directory (and on a cluster, on another machine with the
     same shared paths), so the resolved spec must not depend on where it was submitted from.
@@ -45,62 +47,68 @@ def absolutize(spec: RunSpec, base: Path | None = None) -> RunSpec:
     return parse_spec(data, source="spec")
 
 
-def run_dir(spec: RunSpec) -> Path:
+def run_location(spec: RunSpec) -> Location:
     """``<storage>/<name>``."""
-    return Path(spec.cluster.storage) / spec.name
+    return location(spec.cluster.storage) / spec.name
 
 
-def prepare_run(spec: RunSpec, resume: bool = False) -> Path:
-    """Create (or reopen) the run directory of ``spec`` and write the resolved spec into it.
+def prepare_run(spec: RunSpec, resume: bool = False) -> Location:
+    """Check the storage, create (or reopen) the run directory of ``spec`` and write the
+    resolved spec into it.
 
     Raises:
-        CrucibleError: the name is taken by a run of a different spec, or the storage path
-            is not writable.
+        CrucibleError: the storage cannot be used (unreachable, missing bucket, read-only,
+            no credentials), or the name is taken by a run of a different spec.
     """
-    d = run_dir(spec)
-    existing = d / RESOLVED
-    if existing.exists():
-        old = load_spec(existing)
+    check_storage(spec.cluster.storage)
+    run = run_location(spec)
+    existing = run / RESOLVED
+    if existing.is_file():
+        old = load_run_spec(run)
         if spec_hash(old) != spec_hash(spec) and not resume:
             raise CrucibleError(
-                f"run {spec.name!r} already exists in {d} with a different spec; "
+                f"run {spec.name!r} already exists in {run} with a different spec; "
                 "pick another name, or `crucible resume` it as it was"
             )
-    try:
-        write_resolved(spec, d)
-    except OSError as e:
-        raise CrucibleError(
-            f"cannot write the run directory {d}: {e.strerror}; set cluster.storage to a "
-            "writable path"
-        ) from None
-    return d
+    write_resolved(spec, run)
+    return run
 
 
-def find_run(run: str, storage: str | None = None) -> Path:
-    """A run directory from a path or a run name (looked up under ``storage``, default 'runs')."""
-    p = Path(run)
-    if (p / RESOLVED).exists():
-        return p.resolve()
-    candidate = Path(storage or "runs") / run
-    if (candidate / RESOLVED).exists():
-        return candidate.resolve()
-    matches = glob.glob(str(Path(storage or "runs") / "*" / RESOLVED))
-    names = ", ".join(sorted(Path(m).parent.name for m in matches)[:10]) or "none"
+def find_run(run: str, storage: str | None = None) -> Location:
+    """A run directory from its path or URI, or from a run name under ``storage`` (default
+    ``runs``).
+
+    Raises:
+        CrucibleError: no run there; the message lists the runs under ``storage``.
+    """
+    root = storage or "runs"
+    candidates = [location(run)] if ("://" in run or "/" in run) else []
+    candidates.append(location(root) / run)
+    for c in candidates:
+        if (c / RESOLVED).is_file():
+            return c
+    base = location(root)
+    names = [n for n in base.ls() if (base / n / RESOLVED).is_file()] if base.is_dir() else []
+    listed = ", ".join(names[:10]) or "none"
     raise CrucibleError(
-        f"no run {run!r} (looked for {p / RESOLVED} and {candidate / RESOLVED}); "
-        f"runs under {storage or 'runs'}: {names}"
+        f"no run {run!r} (looked for {' and '.join(str(c / RESOLVED) for c in candidates)}); "
+        f"runs under {base}: {listed}"
     )
 
 
-def load_train_spec(d: Path) -> TrainRunSpec:
-    """The resolved spec of train run ``d`` (an error if the run is not a train run)."""
-    spec = load_run_spec(d)
+def load_train_spec(run: Location) -> TrainRunSpec:
+    """The resolved spec of train run ``run`` (an error if the run is not a train run)."""
+    spec = load_run_spec(run)
     if not isinstance(spec, TrainRunSpec):
-        raise CrucibleError(f"{d} is a {spec.kind} run, not a train run")
+        raise CrucibleError(f"{run} is a {spec.kind} run, not a train run")
     return spec
 
 
-def load_run_spec(d: Path) -> RunSpec:
-    """The resolved spec saved in run directory ``d``."""
-    text = (d / RESOLVED).read_text()
-    return parse_spec(yaml.safe_load(text), source=str(d / RESOLVED))
+def load_run_spec(run: Location | str | Path) -> RunSpec:
+    """The resolved spec saved in run directory ``run``."""
+    path = location(run) / RESOLVED
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise CrucibleError(f"{path} does not exist; {run} is not a run directory") from None
+    return parse_spec(yaml.safe_load(text), source=str(path))

@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from crucible.cluster.spec import ClusterSpec
+from crucible.cluster.storage import Location
 from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, validate
 from crucible.data_pipeline.spec import DataSpec
 from crucible.errors import CrucibleError
@@ -93,11 +94,8 @@ def dump_spec(spec: RunSpec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
-def write_resolved(spec: RunSpec, run_dir: Path) -> Path:
-    """Write ``spec.resolved.yaml`` (and its hash) into ``run_dir``; return its path."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "spec.resolved.yaml"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(f"# spec sha256: {spec_hash(spec)}\n" + dump_spec(spec))
-    tmp.replace(out)
+def write_resolved(spec: RunSpec, run: Location) -> Location:
+    """Write ``spec.resolved.yaml`` (and its hash) into run directory ``run``; return it."""
+    out = run / "spec.resolved.yaml"
+    out.write_text(f"# spec sha256: {spec_hash(spec)}\n" + dump_spec(spec))
     return out

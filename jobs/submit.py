@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
+from crucible.cluster.storage import JsonlLog, Location, read_jsonl
 from crucible.errors import CrucibleError
 from crucible.jobs.client import JobsClient
 from crucible.jobs.runs import prepare_run
@@ -27,7 +26,7 @@ def active_job(client: JobsClient, run_name: str) -> str | None:
     return None
 
 
-def submit_run(spec: RunSpec, resume: bool = False) -> tuple[JobsClient, str, Path]:
+def submit_run(spec: RunSpec, resume: bool = False) -> tuple[JobsClient, str, Location]:
     """Prepare the run directory and submit the run's job; return (client, job id, run dir)."""
     client = JobsClient.for_cluster(spec.cluster)
     running = active_job(client, spec.name)
@@ -38,16 +37,17 @@ def submit_run(spec: RunSpec, resume: bool = False) -> tuple[JobsClient, str, Pa
         )
     run_dir = prepare_run(spec, resume=resume)
     history = run_dir / "jobs.jsonl"
-    attempt = sum(1 for _ in history.open()) if history.exists() else 0
+    attempt = len(read_jsonl(history))
     submission_id = f"crucible-{spec.name}-{attempt}-{int(time.time())}"
-    entrypoint = f"{client.python()} -m crucible.jobs.entry {shlex.quote(str(run_dir))}"
+    entrypoint = f"{client.python()} -m crucible.jobs.entry {shlex.quote(run_dir.uri)}"
     job_id = client.submit(
         entrypoint,
         submission_id=submission_id,
-        metadata={"crucible_run": spec.name, "crucible_kind": spec.kind, "run_dir": str(run_dir)},
+        metadata={"crucible_run": spec.name, "crucible_kind": spec.kind, "run_dir": run_dir.uri},
     )
-    with history.open("a") as f:
-        f.write(json.dumps({"job": job_id, "submitted_at": time.time()}) + "\n")
+    log = JsonlLog(history)
+    log.append({"job": job_id, "submitted_at": time.time()}, sync=True)
+    log.close()
     return client, job_id, run_dir
 
 

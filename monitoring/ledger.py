@@ -1,10 +1,11 @@
 """The GPU-hours ledger: where every device-second of a run went, across crashes and restarts.
 
 Rank 0 of each training attempt appends intervals to ``<run_dir>/ledger/attempt-<k>.jsonl``
-(a new file per attempt, never rewritten) as they end: start-up, each step (with its data
-wait), checkpoints (committed or not), evaluations, idle time. Lines are written with one
-``write`` each, so a killed process loses at most the interval it was in; they are fsync'd
-at checkpoints and at most every second otherwise, so a machine crash loses about as much.
+(a new log per attempt, a :class:`~crucible.cluster.storage.JsonlLog`) as they end: start-up,
+each step (with its data wait), checkpoints (committed or not), evaluations, idle time. Records
+are made durable at checkpoints and at the end, and at most every second otherwise (every few
+seconds on object stores, which cannot append), so a killed process or a machine crash loses
+at most that much.
 
 :func:`account` reads the ledger after the fact. Whether a step was *productive* is only
 known in hindsight: a step counts if the run's final state descends from it, i.e. it was
@@ -28,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from crucible.cluster.storage import JsonlLog, Location, location, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +67,30 @@ class LedgerWriter:
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: Location | str | Path,
         devices: int,
         resumed_from: int = 0,
         start_time: float | None = None,
         device: str = "",
-        fsync_every_s: float = 1.0,
+        fsync_every_s: float | None = None,
     ) -> None:
+        run_dir = location(run_dir)
         self.devices = int(devices)
         if start_time is None:
             # A worker process may predate its attempt (Ray reuses idle workers): the attempt
             # cannot have taken its devices before the previous attempt's last record.
-            start_time = max(_process_start(), _last_record_time(Path(run_dir)))
+            start_time = max(_process_start(), _last_record_time(run_dir))
         self.start_time = start_time
-        self.fsync_every_s = fsync_every_s
-        self._fd: int | None = None
-        self._last_sync = 0.0
+        self._log: JsonlLog | None = None
         self._warned = False
         self.attempt = -1
+        d = run_dir / LEDGER_DIR
         try:
-            self._fd, self.attempt = _open_next(Path(run_dir) / LEDGER_DIR)
-        except OSError as e:
+            self.attempt = 1 + max((_attempt_index(n) for n in d.ls()), default=0)
+            if fsync_every_s is None:
+                fsync_every_s = 1.0 if d.renames else 5.0
+            self._log = JsonlLog(d / f"attempt-{self.attempt}.jsonl", sync_every_s=fsync_every_s)
+        except (OSError, ValueError) as e:
             log.warning("GPU-hours ledger disabled: cannot create it in %s (%s)", run_dir, e)
             return
         self._append(
@@ -93,14 +100,10 @@ class LedgerWriter:
         )  # fmt: skip
 
     def _append(self, record: dict[str, Any], sync: bool = False) -> None:
-        if self._fd is None:
+        if self._log is None:
             return
         try:
-            os.write(self._fd, (json.dumps(record) + "\n").encode())
-            now = time.monotonic()
-            if sync or now - self._last_sync >= self.fsync_every_s:
-                os.fsync(self._fd)
-                self._last_sync = now
+            self._log.append(record, sync=sync)
         except (OSError, TypeError, ValueError) as e:
             if not self._warned:
                 self._warned = True
@@ -158,11 +161,11 @@ class LedgerWriter:
         self.close()
 
     def close(self) -> None:
-        """Close the file (no more records)."""
-        if self._fd is not None:
+        """Close the log (no more records)."""
+        if self._log is not None:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+                self._log.close()
+            self._log = None
 
 
 def _process_start() -> float:
@@ -180,7 +183,7 @@ def _process_start() -> float:
         return time.time()
 
 
-def _last_record_time(run_dir: Path) -> float:
+def _last_record_time(run_dir: Location) -> float:
     """Unix time of the newest record of any earlier attempt (0 if none)."""
     try:
         attempts, _ = read_attempts(run_dir)
@@ -189,23 +192,10 @@ def _last_record_time(run_dir: Path) -> float:
     return max((a.end for a in attempts), default=0.0)
 
 
-def _open_next(d: Path) -> tuple[int, int]:
-    """Create the next ``attempt-<k>.jsonl`` exclusively; return (fd, k)."""
-    d.mkdir(parents=True, exist_ok=True)
-    k = 1 + max((_attempt_index(p) for p in d.glob("attempt-*.jsonl")), default=0)
-    while True:
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-            return os.open(d / f"attempt-{k}.jsonl", flags, 0o644), k
-        except FileExistsError:
-            k += 1
-
-
-def _attempt_index(p: Path) -> int:
-    try:
-        return int(p.stem.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return 0
+def _attempt_index(name: str) -> int:
+    """``k`` of ``attempt-<k>.jsonl`` (and of its segments), else 0."""
+    m = re.match(r"^attempt-(\d+)\.jsonl", name)
+    return int(m.group(1)) if m else 0
 
 
 @dataclass
@@ -282,18 +272,18 @@ def _parse_line(line: str) -> dict[str, Any] | None:
     return rec
 
 
-def read_attempts(run_dir: Path) -> tuple[list[Attempt], int]:
-    """Parse every attempt file of a run; return the attempts in order and corrupt lines.
+def read_attempts(run_dir: Location | str | Path) -> tuple[list[Attempt], int]:
+    """Parse every attempt log of a run; return the attempts in order and corrupt lines.
 
     Args:
         run_dir: the run directory.
     """
     attempts: list[Attempt] = []
     corrupt = 0
-    files = sorted((Path(run_dir) / LEDGER_DIR).glob("attempt-*.jsonl"), key=_attempt_index)
-    for path in files:
+    d = location(run_dir) / LEDGER_DIR
+    for index in sorted({_attempt_index(n) for n in d.ls()} - {0}):
         try:
-            lines = path.read_text(errors="replace").splitlines()
+            lines = read_lines(d / f"attempt-{index}.jsonl")
         except OSError:
             continue
         recs = []
@@ -316,7 +306,7 @@ def read_attempts(run_dir: Path) -> tuple[list[Attempt], int]:
         start = min(starts)
         attempts.append(
             Attempt(
-                index=_attempt_index(path),
+                index=index,
                 start=start,
                 end=max(times, default=start),
                 devices=devices,
@@ -329,7 +319,7 @@ def read_attempts(run_dir: Path) -> tuple[list[Attempt], int]:
 
 
 def account(
-    run_dir: Path,
+    run_dir: Location | str | Path,
     price_per_device_hour: float | None = None,
     watts_per_device: float | None = None,
     now: float | None = None,
@@ -428,16 +418,15 @@ class LedgerCollector(Collector):
         run_dir: the run directory.
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Location | str | Path) -> None:
+        self.run_dir = location(run_dir)
         self._key: tuple[Any, ...] = ()
         self._summary: LedgerSummary | None = None
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """Yield the per-phase device-second counters (nothing if the ledger is unreadable)."""
         try:
-            files = sorted((self.run_dir / LEDGER_DIR).glob("attempt-*.jsonl"))
-            key = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+            key = tuple(sorted((self.run_dir / LEDGER_DIR).walk().items()))
             if key != self._key or self._summary is None:
                 self._summary = account(self.run_dir, stale_after_s=math.inf)
                 self._key = key

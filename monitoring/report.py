@@ -8,6 +8,7 @@ by phase over time from the ledger. Written to ``<run_dir>/report/``.
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt
 
+from crucible.cluster.storage import Location, location
 from crucible.monitoring.ledger import PHASES
 from crucible.monitoring.status import (
     RunStatus,
@@ -48,16 +50,26 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: Path, price_per_device_hour: float | None = None) -> list[Path]:
+def write_report(
+    run_dir: Location | str | Path, price_per_device_hour: float | None = None
+) -> list[Location]:
     """Write the charts and ``report.md`` into ``<run_dir>/report/``; return the files.
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory (path or URI).
         price_per_device_hour: $ per GPU-hour for the cost line (omitted if None).
     """
-    run_dir = Path(run_dir)
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir = location(run_dir)
+    with tempfile.TemporaryDirectory(prefix="crucible-report-") as tmp:
+        written = []
+        for f in _write_local(run_dir, Path(tmp), price_per_device_hour):
+            dest = run_dir / "report" / f.name
+            dest.upload(f)
+            written.append(dest)
+    return written
+
+
+def _write_local(run_dir: Location, out: Path, price_per_device_hour: float | None) -> list[Path]:
     recs = read_records(run_dir)
     st = run_status(run_dir)
     files: list[Path] = []

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from crucible.cluster.storage import Location, location, read_lines
 from crucible.monitoring.ledger import LedgerSummary, account
 
 METRICS = "metrics.jsonl"
@@ -44,7 +45,7 @@ def as_number(x: Any) -> float | None:
         return None
 
 
-def read_records(run_dir: Path) -> RunRecords:
+def read_records(run_dir: Location | str | Path) -> RunRecords:
     """Parse ``<run_dir>/metrics.jsonl`` (missing file: empty records).
 
     Args:
@@ -54,7 +55,7 @@ def read_records(run_dir: Path) -> RunRecords:
     by_step: dict[int, dict[str, Any]] = {}
     last_time: float | None = None
     try:
-        lines = (Path(run_dir) / METRICS).read_text(errors="replace").splitlines()
+        lines = read_lines(location(run_dir) / METRICS)
     except OSError:
         lines = []
     for line in lines:
@@ -83,21 +84,21 @@ def read_records(run_dir: Path) -> RunRecords:
     return out
 
 
-def read_budget(run_dir: Path) -> dict[str, float]:
+def read_budget(run_dir: Location | str | Path) -> dict[str, float]:
     """``max_steps`` / ``max_tokens`` from the run's resolved spec (empty if unknown).
 
     Args:
         run_dir: the run directory.
     """
     try:
-        spec = yaml.safe_load((Path(run_dir) / "spec.resolved.yaml").read_text()) or {}
+        spec = yaml.safe_load((location(run_dir) / "spec.resolved.yaml").read_text()) or {}
         train = spec.get("train") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         return {}
     return {k: float(train[k]) for k in ("max_steps", "max_tokens") if as_number(train.get(k))}
 
 
-def _run_name(run_dir: Path) -> str:
+def _run_name(run_dir: Location) -> str:
     """The spec's ``name`` (the ``run`` label of its metrics), else the directory name."""
     try:
         name = (yaml.safe_load((run_dir / "spec.resolved.yaml").read_text()) or {}).get("name")
@@ -140,7 +141,10 @@ def _last(steps: list[dict[str, Any]], key: str) -> float | None:
 
 
 def run_status(
-    run_dir: Path, prometheus_url: str | None = None, window: int = 20, now: float | None = None
+    run_dir: Location | str | Path,
+    prometheus_url: str | None = None,
+    window: int = 20,
+    now: float | None = None,
 ) -> RunStatus:
     """Collect a run's status from its files (and Prometheus's alerts if given).
 
@@ -151,7 +155,7 @@ def run_status(
         window: recent steps averaged for tokens/s and the ETA.
         now: current time (for tests).
     """
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     recs = read_records(run_dir)
     st = RunStatus(run=_run_name(run_dir), corrupt_lines=recs.corrupt_lines)
     budget = read_budget(run_dir)

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,12 @@ import pytest
 
 from crucible.cluster import local
 from crucible.cluster.local import free_ports
+from crucible.data_pipeline.executors.local import LocalExecutor
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.spec import ShardSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from drill import S3Server, s3_server
 
 
 def _ensure_prometheus() -> None:
@@ -83,5 +88,17 @@ def train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "tokenizer": {"train": {"vocab_size": 320}},
         }
     )
-    build_shards(docs, spec, root / "shards", "local", "train-tests")
+    build_shards(docs, spec, root / "shards", LocalExecutor(), "train-tests")
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A real S3-compatible server for the session (moto in its own process, IAM auth); the
+    environment points every S3 client of this process and of the processes it starts
+    (Ray's included) at it, with the read-write identity, through the AWS SDKs' standard
+    variables."""
+    with s3_server() as server, pytest.MonkeyPatch.context() as mp:
+        for k, v in server.env.items():
+            mp.setenv(k, v)
+        yield server

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from crucible.cluster.storage import location
 from crucible.config import apply_overrides
 from crucible.errors import CrucibleError
 from crucible.jobs.spec import dump_spec, load_spec, parse_spec, write_resolved
@@ -32,8 +33,8 @@ def test_valid_spec_round_trips(tmp_path: Path) -> None:
     assert spec.kind == "data" and spec.cluster.storage == "/data/runs"
     again = parse_spec(yaml.safe_load(dump_spec(spec)))
     assert again == spec
-    out = write_resolved(spec, tmp_path / "run")
-    assert load_spec(out) == spec
+    out = write_resolved(spec, location(tmp_path / "run"))
+    assert load_spec(out.path) == spec
 
 
 def test_unknown_key_names_path_and_closest(tmp_path: Path) -> None:

@@ -1,16 +1,14 @@
-"""Where dedup results go: Parquet partitioned by input part (``part=<p>/``), committed by
-renaming the finished directory, plus the cluster-size histogram."""
+"""Where dedup results go: Parquet partitioned by input part (``part=<p>/``) in a fresh
+directory per attempt, committed by the stage's marker naming it (written last, see
+:mod:`crucible.data_pipeline.run`), plus the cluster-size histogram."""
 
 from __future__ import annotations
-
-import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crucible.cluster.storage import Location
 from crucible.data_pipeline.document import ROW_BITS
 
 
@@ -21,24 +19,19 @@ def with_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def write_partitioned_local(table: dict[str, np.ndarray], final_dir: Path) -> None:
-    """Write ``table`` (with ``key``) partitioned by part into ``final_dir``, atomically."""
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def write_partitioned_local(table: dict[str, np.ndarray], out: Location) -> None:
+    """Write ``table`` (with ``key``) partitioned by part into the new directory ``out``."""
     t = pa.table(with_part(table))
+    out.mkdirs()
     if t.num_rows:
         t = t.sort_by("key")
         pq.write_to_dataset(
-            t, str(tmp), partition_cols=["part"], basename_template="data-{i}.parquet"
+            t,
+            out.path,
+            filesystem=out.fs,
+            partition_cols=["part"],
+            basename_template="data-{i}.parquet",
         )
-    commit_dir(tmp, final_dir)
-
-
-def commit_dir(tmp: Path, final_dir: Path) -> None:
-    """Replace ``final_dir`` by the finished ``tmp`` directory."""
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(tmp, final_dir)
 
 
 def cluster_histogram(roots: np.ndarray) -> dict[str, int]:

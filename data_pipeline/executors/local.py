@@ -7,7 +7,6 @@ call over the whole table instead of one per hash group).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from crucible.cluster.storage import Location
 from crucible.data_pipeline.dedup.components import components_local
 from crucible.data_pipeline.dedup.exact import exact_duplicates
 from crucible.data_pipeline.dedup.lsh import bucket_edges, explode_bands
@@ -32,8 +32,8 @@ from crucible.data_pipeline.stages import filter_part, finalize_part
 _ROWS_PER_SLICE = 1 << 18  # bucket rows verified at once (each carries its signature)
 
 
-def _read(files: list[Path], columns: list[str]) -> pa.Table:
-    tables = [pq.read_table(f, columns=columns) for f in files]
+def _read(files: list[Location], columns: list[str]) -> pa.Table:
+    tables = [pq.read_table(f.open_read(), columns=columns) for f in files]
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
 
 
@@ -70,7 +70,7 @@ def _verified_edges(
     return {k: np.concatenate([empty[k], *v]) for k, v in out.items()}
 
 
-def _exact_check(files: list[Path], pairs: dict, n_grams: int, threshold: float) -> dict:
+def _exact_check(files: list[Location], pairs: dict, n_grams: int, threshold: float) -> dict:
     """:func:`exact_edges` of ``pairs`` (``kept``: exact Jaccard reaches ``threshold``); only
     the texts of their documents are read."""
     if pairs["a"].size == 0:
@@ -78,7 +78,7 @@ def _exact_check(files: list[Path], pairs: dict, n_grams: int, threshold: float)
     needed = pa.array(np.unique(np.concatenate([pairs["a"], pairs["b"]])))
     docs = []
     for f in files:
-        t = pq.read_table(f, columns=["key", "text"])
+        t = pq.read_table(f.open_read(), columns=["key", "text"])
         t = t.filter(pc.is_in(t["key"], value_set=needed))
         docs.append(
             doc_rows({"key": t["key"].to_numpy(), "text": t["text"].to_numpy(zero_copy_only=False)})
@@ -96,14 +96,41 @@ class LocalExecutor:
         self,
         items: list[tuple[int, str]],
         spec: DataSpec,
-        run_dir: Path,
+        run_dir: Location,
         on_done: Callable[[int, dict[str, Any]], None],
     ) -> None:
         """Filter each ``(part, path)``; ``on_done(part, stats)`` after each."""
         for part, path in items:
             on_done(part, filter_part(part, path, spec, run_dir))
 
-    def exact_dedup(self, files: list[Path], out_dir: Path) -> dict[str, Any]:
+    def map(self, fn: Callable[[dict], dict], items: list[dict]) -> list[dict]:
+        """``fn`` on each item, in order; the results in item order."""
+        return [fn(item) for item in items]
+
+    def map_reduce(
+        self,
+        items: list[dict],
+        map_fn: Callable[[dict], pa.Table],
+        key: str,
+        reduce_fn: Callable[[pa.Table], pa.Table],
+        partitions: int,
+    ) -> list[dict]:
+        """Rows from ``map_fn`` of each item, every group of equal ``key`` handed whole to
+        ``reduce_fn`` (in-process: all rows in one call); its result rows.
+
+        Args:
+            items: inputs of the map side.
+            map_fn: item -> a table of rows, ``key`` among their columns.
+            key: the grouping column.
+            reduce_fn: a table of whole groups -> a table of result rows.
+            partitions: ignored in-process (one partition).
+        """
+        tables = [t for t in (map_fn(item) for item in items) if t.num_rows]
+        if not tables:
+            return []
+        return reduce_fn(pa.concat_tables(tables)).to_pylist()
+
+    def exact_dedup(self, files: list[Location], out_dir: Location) -> dict[str, Any]:
         """Find exact duplicates among ``files`` and write ``{key, dup_of, part}``."""
         t = _read(files, ["key", "text_hash"])
         dups = exact_duplicates(
@@ -112,7 +139,9 @@ class LocalExecutor:
         write_partitioned_local(dups, out_dir)
         return {"duplicates": int(dups["key"].size)}
 
-    def fuzzy_dedup(self, files: list[Path], out_dir: Path, spec: DataSpec) -> dict[str, Any]:
+    def fuzzy_dedup(
+        self, files: list[Location], out_dir: Location, spec: DataSpec
+    ) -> dict[str, Any]:
         """MinHash LSH + verification + connected components; write ``{key, root, part}`` of
         non-survivors."""
         t = _read(files, ["key", "bands", "signature"])
@@ -154,7 +183,7 @@ class LocalExecutor:
         self,
         parts: list[int],
         spec: DataSpec,
-        run_dir: Path,
+        run_dir: Location,
         on_done: Callable[[int, dict[str, Any]], None],
     ) -> None:
         """Write each part's documents and exclusions."""

@@ -16,14 +16,13 @@ import contextlib
 import ctypes
 import functools
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from crucible.cluster.storage import Location, location
 from crucible.data_pipeline.dedup.components import (
     both_directions,
     checksum,
@@ -33,7 +32,7 @@ from crucible.data_pipeline.dedup.components import (
 )
 from crucible.data_pipeline.dedup.exact import exact_duplicates
 from crucible.data_pipeline.dedup.lsh import bucket_edges, explode_bands
-from crucible.data_pipeline.dedup.results import commit_dir, with_part
+from crucible.data_pipeline.dedup.results import with_part
 from crucible.data_pipeline.dedup.verify import (
     attach_text,
     doc_rows,
@@ -70,21 +69,21 @@ def _select(batch: dict[str, np.ndarray], col: str, value: bool = True) -> dict[
     return {"a": np.asarray(batch["a"])[keep], "b": np.asarray(batch["b"])[keep]}
 
 
-def _num_rows(files: list[Path]) -> int:
+def _num_rows(files: list[Location]) -> int:
     """Rows of the Parquet ``files``, from their footers."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(pq.ParquetFile(f.open_read()).metadata.num_rows for f in files)
 
 
-def _column_bytes(files: list[Path], columns: list[str]) -> int:
+def _column_bytes(files: list[Location], columns: list[str]) -> int:
     """Uncompressed bytes of ``columns`` in the Parquet ``files``, from their footers (close to
     their size in memory, where the file size would understate compressed text several-fold)."""
     import pyarrow.parquet as pq
 
     total = 0
     for f in files:
-        meta = pq.ParquetFile(f).metadata
+        meta = pq.ParquetFile(f.open_read()).metadata
         for g in range(meta.num_row_groups):
             rg = meta.row_group(g)
             for c in range(rg.num_columns):
@@ -101,9 +100,10 @@ def _read_batches(
     import pyarrow.parquet as pq
 
     for path in batch["path"]:
-        f = pq.ParquetFile(str(path))
+        loc = location(str(path))
+        f = pq.ParquetFile(loc.open_read())
         meta = f.metadata
-        nbytes = _column_bytes([Path(str(path))], columns)
+        nbytes = _column_bytes([loc], columns)
         rows = max(int(meta.num_rows * batch_bytes // max(nbytes, 1)), 1)
         for rb in f.iter_batches(batch_size=rows, columns=columns):
             yield {c: _column_numpy(rb.column(c)) for c in columns}
@@ -157,14 +157,12 @@ def _ensure_ray() -> Any:
     return ray
 
 
-def _write_partitioned(ds: Any, final_dir: Path) -> None:
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _write_partitioned(ds: Any, out: Location) -> None:
+    """``ds`` (with ``key``) as Parquet partitioned by part into the new directory ``out``."""
+    out.mkdirs()
     ds = ds.map_batches(with_part, batch_format="numpy")
     if ds.count():
-        ds.write_parquet(str(tmp), partition_cols=["part"])
-    commit_dir(tmp, final_dir)
+        ds.write_parquet(out.path, filesystem=out.fs, partition_cols=["part"])
 
 
 class RayExecutor:
@@ -231,7 +229,7 @@ class RayExecutor:
         part = ds.repartition(parts, keys=keys)
         return part.map_batches(fn, batch_size=None, batch_format="numpy")
 
-    def _read(self, files: list[Path], columns: list[str]) -> Any:
+    def _read(self, files: list[Location], columns: list[str]) -> Any:
         """``columns`` of the Parquet ``files``: one task per file, streamed in row batches.
 
         ``ray.data.read_parquet`` (2.60) lists the files and reads them all in one task, which
@@ -241,7 +239,7 @@ class RayExecutor:
         import ray.data
 
         rows = ray.data.from_items(
-            [{"path": str(f)} for f in files], override_num_blocks=max(len(files), 1)
+            [{"path": f.uri} for f in files], override_num_blocks=max(len(files), 1)
         )
         read = functools.partial(_read_batches, columns=columns, batch_bytes=self.block_bytes)
         return self._bounded(rows.map_batches(read, batch_size=1, batch_format="numpy"))
@@ -265,7 +263,7 @@ class RayExecutor:
         self,
         items: list[tuple[int, str]],
         spec: DataSpec,
-        run_dir: Path,
+        run_dir: Location,
         on_done: Callable[[int, dict[str, Any]], None],
     ) -> None:
         """Filter each ``(part, path)`` in a Ray Data task; ``on_done`` as each finishes."""
@@ -277,10 +275,10 @@ class RayExecutor:
             import json
 
             s = DataSpec.model_validate_json(blob)
-            stats = filter_part(int(row["part"]), row["path"], s, Path(row["run_dir"]))
+            stats = filter_part(int(row["part"]), row["path"], s, location(row["run_dir"]))
             return {"part": row["part"], "stats": json.dumps(stats)}
 
-        rows = [{"part": p, "path": path, "run_dir": str(run_dir)} for p, path in items]
+        rows = [{"part": p, "path": path, "run_dir": run_dir.uri} for p, path in items]
         self._drain(self._per_part(rows, filter_part_task), on_done)
 
     @staticmethod
@@ -290,7 +288,54 @@ class RayExecutor:
         for row in ds.iter_rows():
             on_done(int(row["part"]), json.loads(row["stats"]))
 
-    def exact_dedup(self, files: list[Path], out_dir: Path) -> dict[str, Any]:
+    def map(self, fn: Callable[[dict], dict], items: list[dict]) -> list[dict]:
+        """``fn`` on each item, one Ray task each (per-part pool); results in item order."""
+        if not items:
+            return []
+        keys = list(items[0])  # the closure carries the key names only, not an item's payload
+
+        def task(row: dict[str, Any]) -> dict[str, Any]:
+            return {"seq": row["seq"], **fn({k: row[k] for k in keys})}
+
+        rows = self._per_part([{"seq": i, **item} for i, item in enumerate(items)], task)
+        out = sorted(rows.take_all(), key=lambda r: r["seq"])
+        return [{k: v for k, v in r.items() if k != "seq"} for r in out]
+
+    def map_reduce(
+        self,
+        items: list[dict],
+        map_fn: Callable[[dict], Any],
+        key: str,
+        reduce_fn: Callable[[Any], Any],
+        partitions: int,
+    ) -> list[dict]:
+        """Rows from ``map_fn`` of each item (a task each), hash-partitioned by ``key`` into
+        ``partitions`` groups of whole keys, each reduced by one ``reduce_fn`` call; its
+        result rows (Arrow tables on both sides).
+
+        Args:
+            items: inputs of the map side.
+            map_fn: item -> a ``pyarrow.Table`` of rows, ``key`` among their columns.
+            key: the grouping column.
+            reduce_fn: a table of whole groups -> a table of result rows.
+            partitions: reduce tasks (each holds about 1/partitions of the rows).
+        """
+        import ray.data
+
+        if not items:
+            return []
+
+        def mapper(batch: Any) -> Any:
+            (item,) = batch.to_pylist()
+            return map_fn(item)
+
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        rows = self._bounded(ds).map_batches(mapper, batch_size=1, batch_format="pyarrow")
+        part = rows.repartition(max(int(partitions), 1), keys=[key])
+        out = part.map_batches(reduce_fn, batch_size=None, batch_format="pyarrow")
+        return out.take_all()
+
+    def exact_dedup(self, files: list[Location], out_dir: Location) -> dict[str, Any]:
         """Global exact dedup with a hash-partitioned groupby on the text hash."""
         ds = self._read(files, ["key", "text_hash"])
         parts = self._partitions(_column_bytes(files, ["key", "text_hash"]))
@@ -298,7 +343,7 @@ class RayExecutor:
         _write_partitioned(dups, out_dir)
         return {"duplicates": int(dups.count())}
 
-    def _band_rows(self, files: list[Path], mh: MinHashSpec) -> Any:
+    def _band_rows(self, files: list[Location], mh: MinHashSpec) -> Any:
         """One ``{bucket, key, signature}`` row per (document, band) of ``files``, in blocks of
         about :attr:`block_bytes`."""
         ds = self._read(files, ["key", "bands", "signature"])
@@ -307,7 +352,9 @@ class RayExecutor:
         docs_per_batch = max(self.block_bytes // (mh.num_bands * _band_row_bytes(mh)), 1)
         return ds.map_batches(explode_bands, batch_format="numpy", batch_size=docs_per_batch)
 
-    def fuzzy_dedup(self, files: list[Path], out_dir: Path, spec: DataSpec) -> dict[str, Any]:
+    def fuzzy_dedup(
+        self, files: list[Location], out_dir: Location, spec: DataSpec
+    ) -> dict[str, Any]:
         """LSH buckets -> star edges -> large-star/small-star rounds -> ``{key, root}``."""
         mh = spec.dedup.minhash
         rows = self._band_rows(files, mh)
@@ -367,7 +414,7 @@ class RayExecutor:
             hist = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
             _write_partitioned(labels.select_columns(["key", "root"]), out_dir)
         else:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            out_dir.mkdirs()
         return {
             "edges": int(n_edges),
             "exact_checked": int(n_unsure),
@@ -377,7 +424,9 @@ class RayExecutor:
             "cluster_sizes": hist,
         }
 
-    def _exact_check(self, files: list[Path], pairs: Any, n_grams: int, threshold: float) -> Any:
+    def _exact_check(
+        self, files: list[Location], pairs: Any, n_grams: int, threshold: float
+    ) -> Any:
         """Exact Jaccard of ``pairs``: texts joined to pair ends by key, ends paired by pair."""
         docs = self._read(files, ["key", "text"])
         ends = pairs.map_batches(pair_ends, batch_format="numpy")
@@ -392,7 +441,7 @@ class RayExecutor:
         self,
         parts: list[int],
         spec: DataSpec,
-        run_dir: Path,
+        run_dir: Location,
         on_done: Callable[[int, dict[str, Any]], None],
     ) -> None:
         """Write each part's documents and exclusions in a Ray Data task."""
@@ -404,8 +453,8 @@ class RayExecutor:
             import json
 
             s = DataSpec.model_validate_json(blob)
-            stats = finalize_part(int(row["part"]), s, Path(row["run_dir"]))
+            stats = finalize_part(int(row["part"]), s, location(row["run_dir"]))
             return {"part": row["part"], "stats": json.dumps(stats)}
 
-        rows = [{"part": p, "run_dir": str(run_dir)} for p in parts]
+        rows = [{"part": p, "run_dir": run_dir.uri} for p in parts]
         self._drain(self._per_part(rows, finalize_part_task), on_done)

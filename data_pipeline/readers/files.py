@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import glob
 import io
-import os
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import zstandard
 
+from crucible.cluster.storage import describe_error, location
 from crucible.data_pipeline.step import StepStats
 from crucible.errors import CrucibleError
 
@@ -33,31 +33,24 @@ def input_format(path: str) -> str:
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files named by ``patterns`` (files, directories, globs), sorted, without repeats.
+    """Files named by ``patterns`` (files, directories, globs; paths or URIs), sorted, without
+    repeats, as paths (local) or URIs.
 
     Args:
-        patterns: paths, directories (searched recursively for known suffixes) or globs.
+        patterns: paths or URIs of files, directories (searched recursively for known
+            suffixes) or globs (``*``, ``?``, ``[...]``; ``**`` crosses directories).
 
     Raises:
-        CrucibleError: a pattern matches nothing.
+        CrucibleError: a pattern matches nothing, or its storage cannot be read.
     """
     found: set[str] = set()
     for pattern in patterns:
-        p = Path(pattern).expanduser()
-        if p.is_dir():
-            matches = [
-                str(f.resolve())
-                for f in p.rglob("*")
-                if f.is_file() and f.name.lower().endswith(SUFFIXES)
-            ]
-        elif p.is_file():
-            matches = [str(p.resolve())]
-        else:
-            matches = [
-                str(Path(m).resolve())
-                for m in glob.glob(str(p), recursive=True)
-                if os.path.isfile(m)
-            ]
+        try:
+            matches = _expand(pattern)
+        except OSError as e:
+            raise CrucibleError(
+                describe_error(location(_glob_base(pattern)), e) + " (in data.inputs)"
+            ) from None
         if not matches:
             raise CrucibleError(
                 f"data input {pattern!r} matches no file; check the path in data.inputs"
@@ -66,8 +59,59 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return sorted(found)
 
 
+def _glob_base(pattern: str) -> str:
+    """The part of ``pattern`` before its first path component with a wildcard."""
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return "/".join(parts[:i]) or "."
+    return pattern
+
+
+def _expand(pattern: str) -> list[str]:
+    if "://" not in pattern:
+        pattern = str(Path(pattern).expanduser())
+    base = _glob_base(pattern)
+    loc = location(base)
+    if base == pattern:  # no wildcard: a file, or a directory to search
+        if loc.is_file():
+            return [loc.uri]
+        if loc.is_dir():
+            return [(loc / rel).uri for rel in loc.walk() if rel.lower().endswith(SUFFIXES)]
+        return []
+    regex = _glob_regex(pattern[len(base) :].lstrip("/"))
+    return [(loc / rel).uri for rel in loc.walk() if regex.fullmatch(rel)]
+
+
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    """A glob over relative POSIX paths as a regex: ``*`` and ``?`` stay within a directory,
+    ``**/`` matches any number of directories (as ``glob.glob(recursive=True)``)."""
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif glob[i] == "[" and (end := glob.find("]", i + 2)) > 0:
+            body = glob[i + 1 : end]
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
 def _raw_chunks(path: str) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+    with location(path).open_stream() as f:
         while chunk := f.read(CHUNK):
             yield chunk
 

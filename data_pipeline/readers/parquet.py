@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crucible.cluster.storage import location
 from crucible.data_pipeline.document import Document, Exclusion
 from crucible.data_pipeline.spec import ReaderSpec
 from crucible.data_pipeline.step import StepStats
@@ -29,7 +30,7 @@ def read_parquet(
         exclusions.append(Exclusion(f"{path}#{row}", path, f"read/{rule}"))
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(location(path).open_read())
     except (pa.ArrowInvalid, OSError):
         bad(0, "bad_parquet")
         return

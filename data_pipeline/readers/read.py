@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
+from crucible.cluster.storage import location
 from crucible.data_pipeline.document import Document, Exclusion, make_key
 from crucible.data_pipeline.readers.files import input_format
 from crucible.data_pipeline.readers.jsonl import read_jsonl
@@ -34,7 +34,7 @@ class Reader:
         """
         st = self.stats
         st.counters["files"] += 1
-        size = os.path.getsize(path)
+        size = location(path).size()
         st.bytes_in += size
         if size == 0:
             st.dropped["empty_file"] += 1

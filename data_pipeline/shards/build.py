@@ -1,21 +1,27 @@
 """Clean documents → tokenizer → packed rows → shuffled, checksummed Arrow shards + manifest.
 
-Stages, each deterministic: (1) train or load the tokenizer; (2) encode and pack every input
-file on its own (one packing stream per file, in file order), in parallel as Ray Data tasks;
-(3) permute all rows with a seeded permutation, put the first rows of it in the held-out
-split and cut both splits into shard files, again in parallel; (4) write the Hugging Face
-metadata and, last, ``manifest.json``. Everything is built in a temporary sibling directory
-that is renamed into place, so ``out_dir`` is either absent or a complete shard set.
+Stages, each deterministic, run on the data executor the caller gives (in-process or Ray):
+(1) train or load the tokenizer and save it as ``tokenizer.json`` in the shard set; (2) encode
+and pack every input file on its own (one packing stream per file, in file order), one task
+per file, each loading the tokenizer from that file's path; (3) shuffle: every packed row
+``g`` (its position in packing order) goes to position ``perm(g)`` of a stateless keyed
+permutation (:class:`~crucible.data_pipeline.permutation.FeistelPermutation`), the first
+positions forming the held-out split; rows are routed to their shard by a hash-partitioned
+map-reduce, and each reduce writes whole shard files; (4) the Hugging Face metadata and,
+last, ``manifest.json``.
+
+Files are written straight into ``out_dir`` (no directory rename, so object stores take the
+same path): a shard set is complete exactly when its manifest exists, and a build finding a
+directory without one clears it first (the leftovers of an interrupted build).
 """
 
 from __future__ import annotations
 
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
+import functools
+import hashlib
+from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
+from crucible.cluster.storage import Location, location
+from crucible.data_pipeline.permutation import FeistelPermutation
 from crucible.data_pipeline.shards import hf_layout
 from crucible.data_pipeline.shards.manifest import (
     MANIFEST,
@@ -31,7 +39,6 @@ from crucible.data_pipeline.shards.manifest import (
     Split,
     TokenizerInfo,
     Totals,
-    file_sha256,
     read_manifest,
     shard_problems,
     write_manifest,
@@ -42,20 +49,19 @@ from crucible.data_pipeline.tokens.tokenizer import (
     build_tokenizer,
     canonical_json,
     eos_id,
-    save_tokenizer,
     tokenizer_fingerprint,
 )
 from crucible.errors import CrucibleError
 
-Executor = Literal["ray", "local"]
 SPLITS = ("train", "heldout")
+TOKENIZER = "tokenizer.json"
 
 
 def build_shards(
-    documents_dir: Path,
+    documents_dir: Location | str,
     spec: ShardSpec,
-    out_dir: Path,
-    executor: Executor = "ray",
+    out_dir: Location | str,
+    executor: Any,
     spec_hash: str = "",
 ) -> Manifest:
     """Build the training shard set of ``documents_dir`` in ``out_dir``.
@@ -63,40 +69,38 @@ def build_shards(
     A finished shard set with the same ``spec_hash`` is kept and returned (reruns skip it).
 
     Args:
-        documents_dir: Clean documents: ``part-*.parquet`` (columns ``id``, ``text``) and ``_SUCCESS``.
+        documents_dir: Clean documents: ``part-*.parquet`` (columns ``id``, ``text``) and
+            ``_SUCCESS``.
         spec: The shard spec.
         out_dir: The shard directory to create (e.g. ``<run_dir>/shards``).
-        executor: ``ray`` (Ray Data tasks) or ``local`` (in-process, same results).
+        executor: A data executor (:class:`~crucible.data_pipeline.executors.local.LocalExecutor`
+            or the Ray one): every task runs on it.
         spec_hash: Hash of the producing pipeline spec, recorded in the manifest.
 
     Returns:
         The manifest of the shard set.
     """
-    out_dir = Path(out_dir)
-    files = document_files(Path(documents_dir))
-    if (out_dir / MANIFEST).is_file():
-        old = read_manifest(out_dir)
+    out = location(out_dir)
+    files = document_files(location(documents_dir))
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out)
         if old.spec_hash != spec_hash:
             raise CrucibleError(
-                f"{out_dir} holds shards of another spec (hash {old.spec_hash[:12]}, this one "
+                f"{out} holds shards of another spec (hash {old.spec_hash[:12]}, this one "
                 f"{spec_hash[:12]}); move it away or use another run directory"
             )
-        if not shard_problems(out_dir, old, "size"):
+        if not shard_problems(out, old, "size"):
             return old
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+        (out / MANIFEST).rm()  # a damaged set of this very spec: rebuilt below
+    out.rmtree()  # an interrupted build's files (no manifest): not worth keeping
     try:
-        manifest = _build(files, spec, tmp, executor, spec_hash)
-        if out_dir.exists():  # no manifest, or a damaged set of this very spec: not worth keeping
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return manifest
+        return _build(files, spec, out, executor, spec_hash)
+    except BaseException:
+        out.rmtree()
+        raise
 
 
-def document_files(documents_dir: Path) -> list[Path]:
+def document_files(documents_dir: Location) -> list[Location]:
     """The complete input files, sorted; errors when the documents step did not finish.
 
     Args:
@@ -106,18 +110,16 @@ def document_files(documents_dir: Path) -> list[Path]:
         raise CrucibleError(
             f"documents directory {documents_dir} does not exist; run the data pipeline first"
         )
-    if not any(
-        (documents_dir / m).is_file() for m in ("_SUCCESS", "manifest.json", "_manifest.json")
-    ):
+    names = documents_dir.ls()
+    if not {"_SUCCESS", "manifest.json", "_manifest.json"} & set(names):
         raise CrucibleError(
             f"{documents_dir} has no _SUCCESS marker: the documents step did not finish; rerun it"
         )
-    files = sorted(documents_dir.glob("part-*.parquet"))
+    files = documents_dir.glob("part-*.parquet")
     if not files:
         raise CrucibleError(f"{documents_dir} has no part-*.parquet files; nothing to tokenize")
     for f in files:
-        names = pq.read_schema(f).names
-        missing = [c for c in ("id", "text") if c not in names]
+        missing = [c for c in ("id", "text") if c not in pq.read_schema(f.open_read()).names]
         if missing:
             raise CrucibleError(
                 f"{f} lacks column(s) {', '.join(missing)}; it is not a clean-documents file"
@@ -125,28 +127,28 @@ def document_files(documents_dir: Path) -> list[Path]:
     return files
 
 
-def _texts(files: list[Path]) -> Iterator[str]:
+def _texts(files: list[Location]) -> Iterator[str]:
     for f in files:
-        for b in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=["text"]):
+        for b in pq.ParquetFile(f.open_read()).iter_batches(batch_size=1024, columns=["text"]):
             yield from (t for t in b.column(0).to_pylist() if t)
 
 
 def _build(
-    files: list[Path], spec: ShardSpec, tmp: Path, executor: Executor, spec_hash: str
+    files: list[Location], spec: ShardSpec, out: Location, executor: Any, spec_hash: str
 ) -> Manifest:
     tok = build_tokenizer(spec.tokenizer, _texts(files))
-    save_tokenizer(tok, tmp / "tokenizer.json")
+    tok_json = canonical_json(tok)
+    (out / TOKENIZER).write_text(tok_json)
     eos = eos_id(tok, spec.tokenizer.eos)
     dtype = token_dtype(tok.get_vocab_size(), spec.token_dtype)
-    work = tmp / "_work"
-    work.mkdir()
+    work = out / "_work"
 
-    packed = [str(work / f"packed-{i:05d}.arrow") for i in range(len(files))]
+    packed = [work / f"packed-{i:05d}.arrow" for i in range(len(files))]
     jobs = [
         {
-            "path": str(f),
-            "out": packed[i],
-            "tokenizer": canonical_json(tok),
+            "path": f.uri,
+            "out": packed[i].uri,
+            "tokenizer": (out / TOKENIZER).uri,
             "seq_len": spec.seq_len,
             "eos_id": eos,
             "dtype": str(dtype),
@@ -154,81 +156,97 @@ def _build(
         }
         for i, f in enumerate(files)
     ]
-    results = _run(executor, pack_file, jobs)
+    results = executor.map(pack_file, jobs)
     stats = PackStats()
     for r in results:
-        stats.add(PackStats(**{k: r[k] for k in asdict(stats)}))
+        stats.add(PackStats(**{k: int(r[k]) for k in asdict(stats)}))
     n = stats.rows
     if n == 0:
         raise CrucibleError(f"the {stats.documents} input documents hold no text; nothing to shard")
     held = _heldout_rows(n, spec)
-    perm = np.random.default_rng(spec.shuffle_seed).permutation(n)
-    order = {"heldout": perm[:held], "train": perm[held:]}
-
+    counts = {
+        "heldout": -(-held // spec.rows_per_shard),
+        "train": -(-(n - held) // spec.rows_per_shard),
+    }
+    names = [
+        hf_layout.shard_name(s, k, counts[s])
+        for s in ("heldout", "train")
+        for k in range(counts[s])
+    ]
     schema = row_schema(spec.seq_len + 1, dtype).append(
         pa.field("row_id", pa.int64(), nullable=False)
     )
     features = hf_layout.features_json(schema)
     meta = hf_layout.with_hf_metadata(schema, features).metadata[b"huggingface"].decode()
-    shard_jobs = []
-    for split in SPLITS:
-        rows = order[split]
-        count = -(-len(rows) // spec.rows_per_shard)
-        for k in range(count):
-            name = hf_layout.shard_name(split, k, count)
-            (tmp / split).mkdir(exist_ok=True)
-            idx = rows[k * spec.rows_per_shard : (k + 1) * spec.rows_per_shard]
-            shard_jobs.append(
-                {
-                    "packed": packed,
-                    "indices": idx.tolist(),
-                    "out": str(tmp / name),
-                    "file": name,
-                    "hf_meta": meta,
-                }
-            )
-    written = {r["file"]: r for r in _run(executor, write_shard, shard_jobs)}
+    offsets = np.concatenate([[0], np.cumsum([int(r["rows"]) for r in results])])
+    route = [
+        {
+            "packed": packed[i].uri,
+            "offset": int(offsets[i]),
+            "rows": n,
+            "heldout": held,
+            "seed": spec.shuffle_seed,
+            "rows_per_shard": spec.rows_per_shard,
+            "heldout_shards": counts["heldout"],
+        }
+        for i in range(len(files))
+    ]
+    write = functools.partial(write_shards, out=out.uri, names=tuple(names), hf_meta=meta)
+    written = {
+        str(r["file"]): r
+        for r in executor.map_reduce(route, route_rows, "shard", write, partitions=len(names))
+    }
+    if sorted(written) != sorted(names):
+        raise CrucibleError(f"shard build wrote {len(written)} of {len(names)} shard files")
 
     splits = {}
     for split in SPLITS:
         entries = [
-            ShardFile(**{k: written[j["file"]][k] for k in ShardFile.model_fields})
-            for j in shard_jobs
-            if j["file"].startswith(f"{split}/")
+            ShardFile(
+                file=name,
+                rows=int(written[name]["rows"]),
+                tokens=int(written[name]["tokens"]),
+                bytes=int(written[name]["bytes"]),
+                sha256=str(written[name]["sha256"]),
+            )
+            for name in names
+            if name.startswith(f"{split}/")
         ]
         splits[split] = Split(
             rows=sum(e.rows for e in entries), tokens=sum(e.tokens for e in entries), shards=entries
         )
         if entries:
-            names = [Path(e.file).name for e in entries]
             hf_layout.write_split_metadata(
-                tmp / split, names, features, [e.sha256 for e in entries]
+                out / split,
+                [e.file.rsplit("/", 1)[-1] for e in entries],
+                features,
+                [e.sha256 for e in entries],
             )
-    hf_layout.write_dataset_dict(tmp, [s for s in SPLITS if splits[s].rows])
-    shutil.rmtree(work)
+    hf_layout.write_dataset_dict(out, [s for s in SPLITS if splits[s].rows])
+    work.rmtree()
 
     manifest = Manifest(
         seq_len=spec.seq_len,
         row_len=spec.seq_len + 1,
         token_dtype=str(dtype),  # type: ignore[arg-type]
         tokenizer=TokenizerInfo(
-            file="tokenizer.json",
+            file=TOKENIZER,
             fingerprint=tokenizer_fingerprint(tok),
             vocab_size=tok.get_vocab_size(),
             eos_token=spec.tokenizer.eos,
             eos_id=eos,
-            sha256=file_sha256(tmp / "tokenizer.json"),
+            sha256=hashlib.sha256(tok_json.encode()).hexdigest(),
         ),
         spec_hash=spec_hash,
         shard_spec=spec.model_dump(mode="json"),
         shuffle_seed=spec.shuffle_seed,
         sources=[f.name for f in files],
         splits=splits,
-        totals=Totals(**asdict(stats), bytes=sum(r["bytes"] for r in written.values())),
+        totals=Totals(**asdict(stats), bytes=sum(int(r["bytes"]) for r in written.values())),
         lineage="column doc_ids of every shard: ids of the documents whose tokens a row holds, "
         "in order; column row_id: the row's position in packing order (source files in order)",
     )
-    write_manifest(tmp, manifest)  # last: its presence marks the set complete
+    write_manifest(out, manifest)  # last: its presence marks the set complete
     return manifest
 
 
@@ -247,68 +265,116 @@ def _heldout_rows(n: int, spec: ShardSpec) -> int:
     return held
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer(uri: str) -> Tokenizer:
+    return Tokenizer.from_str(location(uri).read_text())
+
+
 def pack_file(job: dict[str, Any]) -> dict[str, Any]:
-    """Encode and pack one input file into an Arrow file of rows (a Ray Data task).
+    """Encode and pack one input file into an Arrow file of rows (one task).
 
     Args:
-        job: ``path``, ``out``, ``tokenizer`` (JSON), ``seq_len``, ``eos_id``, ``dtype``, ``batch_size``.
+        job: ``path`` (documents file), ``out`` (packed file), ``tokenizer`` (the saved
+            tokenizer.json's URI), ``seq_len``, ``eos_id``, ``dtype``, ``batch_size``.
 
     Returns:
         The file's :class:`PackStats` as a dict, with ``out``.
     """
-    tok = Tokenizer.from_str(job["tokenizer"])
-    dtype = pa.type_for_alias(job["dtype"])
+    tok = _tokenizer(str(job["tokenizer"]))
+    dtype = pa.type_for_alias(str(job["dtype"]))
     stats = PackStats()
-    batches = pq.ParquetFile(job["path"]).iter_batches(
+    batches = pq.ParquetFile(location(str(job["path"])).open_read()).iter_batches(
         batch_size=int(job["batch_size"]), columns=["id", "text"]
     )
     docs = ((b.column(0).to_pylist(), b.column(1).to_pylist()) for b in batches)
     schema = row_schema(int(job["seq_len"]) + 1, dtype)
-    with pa.OSFile(job["out"], "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    with (
+        location(str(job["out"])).writing() as pending,
+        pa.OSFile(str(pending.path), "wb") as sink,
+        pa.ipc.new_file(sink, schema) as writer,
+    ):
         for rb in encode_and_pack(tok, docs, int(job["seq_len"]), int(job["eos_id"]), dtype, stats):
             writer.write_batch(rb)
     return {"out": job["out"], **asdict(stats)}
 
 
-def write_shard(job: dict[str, Any]) -> dict[str, Any]:
-    """Gather rows ``indices`` (packing order) from the packed files into one shard (a Ray Data task).
+def route_rows(job: dict[str, Any]) -> pa.Table:
+    """The rows of one packed file, each with the shard it goes to and its position there
+    (the map side of the shuffle).
+
+    Global row ``g`` (packing order) takes position ``p = perm(g)``; positions below
+    ``heldout`` are the held-out split, the rest the training split, each cut into shards of
+    ``rows_per_shard`` rows (held-out shards numbered first).
 
     Args:
-        job: ``packed`` (files in order), ``indices``, ``out``, ``file``, ``hf_meta``.
+        job: ``packed`` (URI), ``offset`` (its first row's global index), ``rows`` (all rows
+            of the build), ``heldout``, ``seed``, ``rows_per_shard``, ``heldout_shards``.
+    """
+    table = pa.ipc.open_file(location(str(job["packed"])).open_read()).read_all()
+    g = np.arange(table.num_rows, dtype=np.int64) + int(job["offset"])
+    p = FeistelPermutation(int(job["rows"]), int(job["seed"]), 0)(g)
+    held, per = int(job["heldout"]), int(job["rows_per_shard"])
+    in_held = p < held
+    shard = np.where(in_held, p // per, int(job["heldout_shards"]) + (p - held) // per)
+    return (
+        table.append_column("row_id", pa.array(g))
+        .append_column("shard", pa.array(shard.astype(np.int64)))
+        .append_column("pos", pa.array(p.astype(np.int64)))
+    )
+
+
+def write_shards(rows: pa.Table, out: str, names: tuple[str, ...], hf_meta: str) -> pa.Table:
+    """Write every shard whose rows are all in ``rows`` (the reduce side of the shuffle).
+
+    Args:
+        rows: whole shards' rows from :func:`route_rows`, in any order.
+        out: the shard set's URI.
+        names: shard file names (relative paths) by shard number.
+        hf_meta: the Arrow schema's ``huggingface`` metadata.
 
     Returns:
-        The :class:`ShardFile` fields of the written file.
+        One row per shard written: ``file``, ``rows``, ``tokens``, ``bytes``, ``sha256``.
     """
-    tables = [pa.ipc.open_file(pa.memory_map(p)).read_all() for p in job["packed"]]
-    indices = pa.array(np.asarray(job["indices"], np.int64))
-    rows = pa.concat_tables(tables).take(indices).append_column("row_id", indices)
-    rows = rows.replace_schema_metadata({"huggingface": job["hf_meta"]}).combine_chunks()
-    out = Path(job["out"])
-    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, rows.schema) as writer:
-        writer.write_table(rows)  # IPC stream: the format datasets' save_to_disk writes
-    return {
-        "file": job["file"],
-        "rows": rows.num_rows,
-        "tokens": int(pc.sum(rows.column("length")).as_py() or 0),
-        "bytes": out.stat().st_size,
-        "sha256": file_sha256(out),
-    }
+    result: dict[str, list[Any]] = {k: [] for k in ("file", "rows", "tokens", "bytes", "sha256")}
+    if rows.num_rows:
+        rows = rows.sort_by([("shard", "ascending"), ("pos", "ascending")])
+        shard = rows.column("shard").to_numpy()
+        bounds = np.flatnonzero(np.diff(shard)) + 1
+        for lo, hi in zip(
+            np.concatenate([[0], bounds]), np.concatenate([bounds, [len(shard)]]), strict=True
+        ):
+            name = names[int(shard[lo])]
+            # take, not slice: fresh zero-offset buffers, so a shard's bytes do not depend
+            # on where its rows sat in the batch this reduce was handed
+            part = rows.take(pa.array(np.arange(lo, hi))).drop_columns(["shard", "pos"])
+            part = part.replace_schema_metadata({"huggingface": hf_meta}).combine_chunks()
+            info = _write_stream(location(out) / name, part)
+            result["file"].append(name)
+            result["rows"].append(part.num_rows)
+            result["tokens"].append(int(pc.sum(part.column("length")).as_py() or 0))
+            result["bytes"].append(info["bytes"])
+            result["sha256"].append(info["sha256"])
+    return pa.table(
+        result,
+        schema=pa.schema(
+            [("file", pa.string()), ("rows", pa.int64()), ("tokens", pa.int64()),
+             ("bytes", pa.int64()), ("sha256", pa.string())]
+        ),
+    )  # fmt: skip
 
 
-def _run(executor: Executor, fn: Callable[[dict], dict], jobs: list[dict]) -> list[dict]:
-    """Run ``fn`` over ``jobs`` in-process or as Ray Data tasks; results in job order."""
-    if executor == "local" or not jobs:
-        return [fn(j) for j in jobs]
-    if executor != "ray":
-        raise CrucibleError(f"executor {executor!r} is not one of ray, local")
-    import os
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
-    items = [{"seq": i, **j} for i, j in enumerate(jobs)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    keys = list(jobs[0])  # the closure carries the key names only, not a job's payload
-    out = ds.map(lambda row: {"seq": row["seq"], **fn({k: row[k] for k in keys})}).take_all()
-    return [{k: v for k, v in r.items() if k != "seq"} for r in sorted(out, key=lambda r: r["seq"])]
+def _write_stream(loc: Location, table: pa.Table) -> dict[str, Any]:
+    """``table`` as an Arrow IPC stream file (the format ``save_to_disk`` writes) at ``loc``;
+    its sha256 and size."""
+    with loc.writing() as pending:
+        with (
+            pa.OSFile(str(pending.path), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema) as writer,
+        ):
+            writer.write_table(table)
+        h = hashlib.sha256()
+        with open(pending.path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        size = pending.path.stat().st_size
+    return {"sha256": h.hexdigest(), "bytes": size}

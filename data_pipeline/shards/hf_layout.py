@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from crucible.cluster.storage import Location
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -52,7 +53,7 @@ def with_hf_metadata(schema: pa.Schema, features: dict) -> pa.Schema:
 
 
 def write_split_metadata(
-    split_dir: Path, files: list[str], features: dict, digests: list[str]
+    split_dir: Location, files: list[str], features: dict, digests: list[str]
 ) -> None:
     """Write ``dataset_info.json`` and ``state.json`` for one split.
 
@@ -76,7 +77,7 @@ def write_split_metadata(
     (split_dir / "state.json").write_text(json.dumps(state, indent=2))
 
 
-def write_dataset_dict(shards_dir: Path, splits: list[str]) -> None:
+def write_dataset_dict(shards_dir: Location, splits: list[str]) -> None:
     """Write the top-level ``dataset_dict.json``.
 
     Args:

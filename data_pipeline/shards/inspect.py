@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from crucible.data_pipeline.reader import SplitView
+from crucible.cluster.storage import Location, location
+from crucible.data_pipeline.reader import SplitView, local_shards
 from crucible.data_pipeline.shards.manifest import read_manifest, resolve_verify, shard_problems
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer
 
 
 def inspect_shards(
-    path: str | Path, verify: str = "auto", sample: int = 0, max_chars: int = 400
+    path: str | Location, verify: str = "auto", sample: int = 0, max_chars: int = 400
 ) -> str:
     """Totals, splits, tokenizer, checksum status and one decoded sample of a shard set.
 
     Args:
-        path: The shard directory.
+        path: The shard directory (path or URI).
         verify: ``size``, ``sha256`` or ``auto``.
         sample: Index of the training sample to decode.
         max_chars: Cut the decoded text at this many characters.
     """
-    d = Path(path)
+    d = location(path)
     m = read_manifest(d)
     t = m.totals
     lines = [
@@ -47,18 +46,25 @@ def inspect_shards(
     )
     lines.extend(f"  ✗ {p}" for p in problems)
     if not problems and m.splits["train"].rows:
-        view = SplitView(d, m, "train")
+        local = local_shards(d, m, ("train",))
+        view = SplitView(local, m, "train")
         i = min(sample, view.num_samples - 1)
         tokens, length = view.rows(np.array([i]))
         ids = tokens[0][: int(length[0])].tolist()
-        text = load_tokenizer(d / tk.file).decode(ids, skip_special_tokens=False)
+        text = load_tokenizer(location(local / tk.file)).decode(ids, skip_special_tokens=False)
         cut = text[:max_chars] + ("…" if len(text) > max_chars else "")
         lines.append(f"sample {i}    documents {', '.join(view.doc_ids(i))}")
         lines.append(repr(cut))
     return "\n".join(lines)
 
 
-def trace_sample(path: str | Path, index: int, split: str = "train") -> list[str]:
+def _view(path: str | Location, split: str) -> SplitView:
+    d = location(path)
+    m = read_manifest(d)
+    return SplitView(local_shards(d, m, (split,)), m, split)
+
+
+def trace_sample(path: str | Location, index: int, split: str = "train") -> list[str]:
     """Ids of the documents sample ``index`` of ``split`` was packed from, in order.
 
     Args:
@@ -66,11 +72,10 @@ def trace_sample(path: str | Path, index: int, split: str = "train") -> list[str
         index: Sample index in the split's storage order (what the reader's ``sample_index`` holds).
         split: ``train`` or ``heldout``.
     """
-    d = Path(path)
-    return SplitView(d, read_manifest(d), split).doc_ids(index)
+    return _view(path, split).doc_ids(index)
 
 
-def format_trace(path: str | Path, index: int, split: str = "train") -> str:
+def format_trace(path: str | Location, index: int, split: str = "train") -> str:
     """:func:`trace_sample` as text: the sample, its packing position and its documents.
 
     Args:
@@ -78,9 +83,7 @@ def format_trace(path: str | Path, index: int, split: str = "train") -> str:
         index: Sample index in the split.
         split: ``train`` or ``heldout``.
     """
-    d = Path(path)
-    m = read_manifest(d)
-    view = SplitView(d, m, split)
+    view = _view(path, split)
     ids = view.doc_ids(index)
     head = f"{split} sample {index} (packed row {view.row_id(index)}) holds tokens of {len(ids)} document(s):"
     return "\n".join([head, *(f"  {i}" for i in ids)])

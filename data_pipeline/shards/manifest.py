@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from crucible.cluster.storage import Location, describe_error, location
 from crucible.config import StrictModel
 from crucible.errors import CrucibleError
 
@@ -98,53 +97,40 @@ class Manifest(StrictModel):
         return self.splits[name]
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 8 MiB blocks.
-
-    Args:
-        path: The file.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(shards_dir: Path, manifest: Manifest) -> None:
-    """Write ``manifest.json`` atomically (temp file, fsync, rename): the last write of a build.
+def write_manifest(shards_dir: Location, manifest: Manifest) -> None:
+    """Write ``manifest.json`` atomically (one object; temp file + fsync + rename on local
+    disks): the last write of a build.
 
     Args:
         shards_dir: The shard directory.
         manifest: The manifest.
     """
-    tmp = shards_dir / f".{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(manifest.model_dump_json(indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, shards_dir / MANIFEST)
+    (shards_dir / MANIFEST).write_text(manifest.model_dump_json(indent=2))
 
 
-def read_manifest(shards_dir: str | Path) -> Manifest:
+def read_manifest(shards_dir: str | Location) -> Manifest:
     """Read and validate ``manifest.json``.
 
     Args:
-        shards_dir: The shard directory.
+        shards_dir: The shard directory (path or URI).
     """
-    d = Path(shards_dir)
+    d = location(shards_dir)
     p = d / MANIFEST
-    if not d.is_dir():
-        raise CrucibleError(
-            f"shard directory {d} does not exist; build shards with `crucible data run`"
-        )
-    if not p.is_file():
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        if not d.is_dir():
+            raise CrucibleError(
+                f"shard directory {d} does not exist; build shards with `crucible data run`"
+            ) from None
         raise CrucibleError(
             f"{d} is not a shard set: it has no {MANIFEST} (a build that did not finish); "
             "rerun `crucible data run`"
-        )
+        ) from None
+    except OSError as e:
+        raise CrucibleError(describe_error(p, e)) from None
     try:
-        return Manifest.model_validate_json(p.read_text())
+        return Manifest.model_validate_json(text)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
@@ -167,7 +153,7 @@ def resolve_verify(mode: str, manifest: Manifest) -> Literal["size", "sha256"]:
     return mode  # type: ignore[return-value]
 
 
-def shard_problems(shards_dir: str | Path, manifest: Manifest, mode: str = "auto") -> list[str]:
+def shard_problems(shards_dir: str | Location, manifest: Manifest, mode: str = "auto") -> list[str]:
     """Every shard (and the tokenizer file) that is missing, truncated or corrupted.
 
     Args:
@@ -178,25 +164,26 @@ def shard_problems(shards_dir: str | Path, manifest: Manifest, mode: str = "auto
     Returns:
         One line per bad file, naming it; empty when all files check out.
     """
-    d = Path(shards_dir)
+    d = location(shards_dir)
     how = resolve_verify(mode, manifest)
     tok = manifest.tokenizer
     files: list[tuple[str, int | None, str]] = [
         (s.file, s.bytes, s.sha256) for sp in manifest.splits.values() for s in sp.shards
     ]
     files.append((tok.file, None, tok.sha256))
+    present = d.walk()
     problems = []
     for name, size, digest in files:
         p = d / name
-        if not p.is_file():
+        if name not in present:
             problems.append(f"{p} is missing")
             continue
-        actual = p.stat().st_size
+        actual = present[name]
         if size is not None and actual != size:
             kind = "truncated" if actual < size else "has extra bytes"
             problems.append(f"{p} {kind}: {actual} bytes, the manifest says {size}")
         elif how == "sha256" or size is None:
-            got = file_sha256(p)
+            got = p.sha256()
             if got != digest:
                 problems.append(
                     f"{p} is corrupted: sha256 {got[:16]}…, the manifest says {digest[:16]}…"
@@ -204,7 +191,7 @@ def shard_problems(shards_dir: str | Path, manifest: Manifest, mode: str = "auto
     return problems
 
 
-def verify_shards(shards_dir: str | Path, manifest: Manifest, mode: str = "auto") -> None:
+def verify_shards(shards_dir: str | Location, manifest: Manifest, mode: str = "auto") -> None:
     """Raise :class:`CrucibleError` naming the first bad shard (see :func:`shard_problems`).
 
     Args:
@@ -218,7 +205,7 @@ def verify_shards(shards_dir: str | Path, manifest: Manifest, mode: str = "auto"
         raise CrucibleError(f"{problems[0]}{more}; rebuild the shards with `crucible data run`")
 
 
-def check_tokenizer(manifest: Manifest, fingerprint: str, shards_dir: str | Path = "") -> None:
+def check_tokenizer(manifest: Manifest, fingerprint: str, shards_dir: str | Location = "") -> None:
     """Refuse shards encoded with another tokenizer, showing both fingerprints.
 
     Args:

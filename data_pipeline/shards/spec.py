@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -52,8 +51,10 @@ class TokenizerSpec(StrictModel):
     train: TokenizerTrainSpec | None = Field(
         None, description="Train a new byte-level BPE tokenizer on the corpus."
     )
-    path: Path | None = Field(
-        None, description="Load an existing Hugging Face tokenizer.json from this path."
+    path: str | None = Field(
+        None,
+        description="Load an existing Hugging Face tokenizer.json from this path or URI "
+        "(a file, or a directory holding one).",
     )
     eos_token: str = Field(
         EOS_TOKEN,

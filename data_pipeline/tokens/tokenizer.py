@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from crucible.cluster.storage import Location, location
 from crucible.data_pipeline.shards.spec import TokenizerSpec, TokenizerTrainSpec
 from crucible.errors import CrucibleError
 
@@ -41,19 +42,23 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerTrainSpec) -> Tokenizer
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path | Location) -> Tokenizer:
     """Load a Hugging Face ``tokenizer.json`` (a file, or a directory that holds one).
 
     Args:
-        path: The file, or a directory containing ``tokenizer.json``.
+        path: The file, or a directory containing ``tokenizer.json`` (a path or URI).
     """
-    p = Path(path)
+    p = location(path)
     if p.is_dir():
         p = p / "tokenizer.json"
-    if not p.is_file():
-        raise CrucibleError(f"tokenizer file {p} does not exist; give the path of a tokenizer.json")
     try:
-        return Tokenizer.from_file(str(p))
+        text = p.read_text()
+    except (FileNotFoundError, IsADirectoryError):
+        raise CrucibleError(
+            f"tokenizer file {p} does not exist; give the path of a tokenizer.json"
+        ) from None
+    try:
+        return Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises plain Exception subclasses
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CrucibleError(f"{p} is not a valid tokenizer.json: {first}") from None
@@ -105,11 +110,11 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(canonical_json(tok).encode()).hexdigest()
 
 
-def save_tokenizer(tok: Tokenizer, path: Path) -> None:
+def save_tokenizer(tok: Tokenizer, path: str | Path | Location) -> None:
     """Write the canonical tokenizer.json to ``path`` (the fingerprint is of these bytes).
 
     Args:
         tok: The tokenizer.
-        path: Destination file.
+        path: Destination file (a path or URI).
     """
-    path.write_text(canonical_json(tok))
+    location(path).write_text(canonical_json(tok))

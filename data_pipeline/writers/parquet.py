@@ -1,21 +1,19 @@
-"""Atomic Parquet/JSON writing and the schemas of every file the pipeline writes.
+"""Atomic Parquet writing and the schemas of every file the pipeline writes.
 
-Every file is written under a temporary name in its final directory and renamed into place
-(``os.replace`` is atomic on POSIX), so a reader or a rerun never sees half a file.
+Every file is written through :meth:`crucible.cluster.storage.Location.writing`: renamed into
+place on local filesystems, uploaded as one object on object stores, so a reader or a rerun
+never sees half a file.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crucible.cluster.storage import Location
 from crucible.data_pipeline.document import Document, Exclusion
-from crucible.errors import CrucibleError
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -38,29 +36,9 @@ EXCLUSION_SCHEMA = pa.schema(
 )
 
 
-def tmp_path(path: Path) -> Path:
-    """The temporary name ``path`` is written under before its rename."""
-    return path.with_name(f".tmp-{path.name}")
-
-
-def check_writable(directory: Path) -> None:
-    """Create ``directory`` or raise a :class:`CrucibleError` saying why it cannot be used."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".crucible-write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CrucibleError(
-            f"cannot write to {directory}: {e.strerror or e}; choose a writable run directory"
-        ) from None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def write_json_atomic(loc: Location, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``loc`` atomically (a stage marker or stats file)."""
+    loc.write_json(obj)
 
 
 def exclusions_table(rows: list[Exclusion], keep_text: bool, max_chars: int) -> pa.Table:
@@ -103,13 +81,13 @@ def filtered_table(
 
 
 class AtomicParquetWriter:
-    """Row groups appended to a temporary file; :meth:`commit` renames it into place."""
+    """Row groups written to a pending file; :meth:`commit` publishes it at ``loc``."""
 
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self.path = path
-        self.tmp = tmp_path(path)
+    def __init__(self, loc: Location, schema: pa.Schema) -> None:
+        self.loc = loc
         self.schema = schema
-        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self._pending = loc.writing()
+        self._writer = pq.ParquetWriter(self._pending.path, schema, compression="zstd")
 
     def write(self, table: pa.Table) -> None:
         """Append ``table`` (skipped when empty)."""
@@ -117,6 +95,6 @@ class AtomicParquetWriter:
             self._writer.write_table(table.cast(self.schema))
 
     def commit(self) -> None:
-        """Close and rename into place."""
+        """Close and publish."""
         self._writer.close()
-        os.replace(self.tmp, self.path)
+        self._pending.commit()

@@ -63,6 +63,7 @@ def _print_addresses(state: local.ClusterState) -> None:
     console.print(f"  Prometheus                {state.prometheus_url}")
     console.print(f"  auth token file (0600)    {state.token_path}")
     console.print(f"  state directory           {state.state_dir}")
+    console.print(f"  Ray temp dir (its logs)   {state.ray_temp_dir}")
 
 
 @app.command("down")
@@ -92,6 +93,7 @@ def status(state_dir: Path | None = StateDir) -> None:
     table.add_row("dashboard / Jobs API", info["dashboard"])
     table.add_row("ray address", info["ray_address"])
     table.add_row("prometheus", info["prometheus"])
+    table.add_row("ray temp dir (logs)", info["ray_temp_dir"])
     ray = info.get("ray", {})
     if ray:
         table.add_row("ray health", "[green]ok[/]" if ray.get("healthy") else "[red]down[/]")

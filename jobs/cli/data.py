@@ -54,7 +54,9 @@ def run(
 
 @app.command("stats")
 def stats(
-    run: str = typer.Argument(..., help="A data run: its name (under runs/) or directory."),
+    run: str = typer.Argument(
+        ..., help="A data run: its name (under --storage) or its directory (path or URI)."
+    ),
     storage: str | None = typer.Option(None, help="Storage root the run name is under."),
 ) -> None:
     """Documents and bytes per step, drops per rule, duplicate clusters, languages."""
@@ -66,7 +68,9 @@ def stats(
 
 @app.command("inspect")
 def inspect(
-    shards: Path = typer.Argument(..., help="A training shard directory (with manifest.json)."),
+    shards: str = typer.Argument(
+        ..., help="A training shard directory (with manifest.json): a path or URI."
+    ),
 ) -> None:
     """Totals, a decoded sample and the checksum status of a shard set."""
     from crucible.data_pipeline.shards.inspect import inspect_shards
@@ -76,7 +80,7 @@ def inspect(
 
 @app.command("trace")
 def trace(
-    shards: Path = typer.Argument(..., help="A training shard directory."),
+    shards: str = typer.Argument(..., help="A training shard directory: a path or URI."),
     index: int = typer.Argument(..., help="Sample index (row of the split)."),
     split: str = typer.Option("train", help="train or heldout."),
 ) -> None:

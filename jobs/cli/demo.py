@@ -22,6 +22,7 @@ import yaml
 from rich.console import Console
 
 from crucible.cluster import local
+from crucible.cluster.storage import Location, read_jsonl
 
 console = Console()
 
@@ -68,13 +69,13 @@ def train_spec(workdir: Path, shards: Path, name: str, steps: int) -> dict:
     }
 
 
-def kill_worker_after(run_dir: Path, step: int, stop: threading.Event) -> threading.Thread:
+def kill_worker_after(run_dir: Location, step: int, stop: threading.Event) -> threading.Thread:
     """SIGKILL training worker rank 1 once checkpoint ``step`` is committed (a crash drill)."""
 
     def watch() -> None:
         latest = run_dir / "checkpoints" / "latest"
         while not stop.is_set():
-            if latest.exists() and latest.read_text().strip() == f"step-{step}":
+            if latest.is_file() and latest.read_text().strip() == f"step-{step}":
                 pid = int((run_dir / "workers" / "rank-1.pid").read_text())
                 console.print(
                     f"[bold red]crash drill:[/] SIGKILL worker rank 1 (pid {pid}) after "
@@ -144,11 +145,11 @@ def demo(
 
     console.rule("4/4 train: tiny GPT, DeepSpeed ZeRO-3 on 2 Ray Train workers")
     tname = "demo-train"
-    train_dir = workdir / "runs" / tname
-    if train_dir.exists():
-        console.print(f"replacing the previous demo training run in {train_dir}")
-        shutil.rmtree(train_dir)
-    traw = train_spec(workdir, shards, tname, steps)
+    old_train = workdir / "runs" / tname
+    if old_train.exists():
+        console.print(f"replacing the previous demo training run in {old_train}")
+        shutil.rmtree(old_train)
+    traw = train_spec(workdir, shards.local_path, tname, steps)
     (workdir / "demo-train.yaml").write_text(yaml.safe_dump(traw, sort_keys=False))
     tspec = parse_spec(traw, source=str(workdir / "demo-train.yaml"))
     if state_dir is not None:
@@ -170,8 +171,8 @@ def demo(
 
 def _summary(
     workdir: Path,
-    data_dir: Path,
-    train_dir: Path,
+    data_dir: Location,
+    train_dir: Location,
     state: local.ClusterState,
     state_dir: Path | None,
     seconds: float,
@@ -179,16 +180,16 @@ def _summary(
     from crucible.monitoring.ledger import account
     from crucible.monitoring.report import write_report
 
-    stats = json.loads((data_dir / "stats.json").read_text())
+    stats = (data_dir / "stats.json").read_json()
     t = stats["totals"]
     console.print(f"documents:        {t['docs_in']:,} read -> {t['docs_out']:,} kept ({data_dir})")
-    manifest = json.loads((data_dir / "shards" / "manifest.json").read_text())
+    manifest = (data_dir / "shards" / "manifest.json").read_json()
     totals = manifest.get("totals", {})
     console.print(
         f"training shards:  {totals.get('rows', '?'):,} rows of {manifest['seq_len'] + 1} tokens "
         f"({data_dir / 'shards'})"
     )
-    records = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(train_dir / "metrics.jsonl")
     steps = [r for r in records if r.get("kind") == "step"]
     if steps:
         tps = sum(r["tokens"] for r in steps) / sum(r["step_seconds"] for r in steps)
@@ -207,7 +208,7 @@ def _summary(
     images = write_report(train_dir)
     console.print(f"report:           {train_dir / 'report' / 'report.md'}")
     for img in images:
-        if img.suffix == ".png":
+        if img.name.endswith(".png"):
             console.print(f"                  {img}")
     console.print(
         f"Prometheus:       {state.prometheus_url}  (dashboards: crucible/monitoring/dashboards/)"

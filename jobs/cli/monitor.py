@@ -7,7 +7,6 @@ Both read the run's own files, so they work without Grafana and after the job ha
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import typer
 from rich.console import Console, Group
@@ -125,6 +124,6 @@ def report_cmd(
 ) -> None:
     """Write loss/throughput/MFU/GPU-hours charts and report.md into <run>/report/."""
     run_dir = find_run(run, storage)
-    files = write_report(Path(run_dir), price)
+    files = write_report(run_dir, price)
     for f in files:
         typer.echo(str(f))

@@ -3,6 +3,7 @@ a stopped run from its last valid checkpoint, and consolidated weights out of a 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -34,8 +35,8 @@ def dry_run_text(spec: object) -> str:
     from crucible.jobs.train.plan import format_plan, make_plan
 
     seq_len = None
-    shards = Path(spec.data.shards)  # type: ignore[attr-defined]
-    if (shards / "manifest.json").exists():
+    shards = spec.data.shards  # type: ignore[attr-defined]
+    with contextlib.suppress(CrucibleError):
         seq_len = read_manifest(shards).seq_len
     use_gpu = bool(spec.train.use_gpu)  # type: ignore[attr-defined]
     plan = make_plan(spec, spec.train.num_workers, seq_len, use_gpu)  # type: ignore[arg-type, attr-defined]
@@ -80,7 +81,9 @@ def run(
 
 
 def resume_cmd(
-    run: str = typer.Argument(..., help="A train run: its name (under --storage) or directory."),
+    run: str = typer.Argument(
+        ..., help="A train run: its name (under --storage) or its directory (path or URI)."
+    ),
     set_: list[str] = SetOption,
     storage: str | None = typer.Option(None, help="Storage root the run name is under."),
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
@@ -104,8 +107,10 @@ def resume_cmd(
 
 
 def export_cmd(
-    checkpoint: Path = typer.Argument(
-        ..., help="A checkpoint (step-<N>), or a run directory (its newest valid checkpoint)."
+    checkpoint: str = typer.Argument(
+        ...,
+        help="A checkpoint (step-<N>), or a run directory (its newest valid checkpoint): a "
+        "path or URI.",
     ),
     format: str = typer.Option("hf", "--format", help="hf (transformers directory) or torch."),
     out: Path = typer.Option(..., "--out", help="Output directory (hf) or file (torch)."),

@@ -7,13 +7,17 @@ master weights, not the bf16 working copy); the HF conversion is ``crucible.mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from crucible.cluster.storage import Location, download_dir, location, scratch_dir
 from crucible.errors import CrucibleError
 from crucible.jobs.train import checkpoint as ckpt
 from crucible.model.config import ModelConfig
@@ -22,9 +26,9 @@ from crucible.model.gpt import GPT, build_model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def resolve_checkpoint(path: Path) -> Path:
+def resolve_checkpoint(path: str | Path | Location) -> Location:
     """A ``step-<N>`` directory from itself, a checkpoints directory or a run directory
-    (the newest valid checkpoint of the latter two).
+    (the newest valid checkpoint of the latter two); paths or URIs.
 
     Args:
         path: what the user gave.
@@ -32,42 +36,69 @@ def resolve_checkpoint(path: Path) -> Path:
     Raises:
         CrucibleError: no valid checkpoint there.
     """
-    path = Path(path)
-    if (path / ckpt.MANIFEST).exists() or (path / ckpt.STATE).exists():
-        bad = ckpt.verify(path, "sha256")
+    loc = location(path)
+    if (loc / ckpt.MANIFEST).is_file() or (loc / ckpt.STATE).is_file():
+        bad = ckpt.verify(loc, "size")  # sizes here; every byte's sha256 when it is read
         if bad:
-            raise CrucibleError(f"checkpoint {path} is not valid: {bad}")
-        return path
-    for root in (path / "checkpoints", path):
+            raise CrucibleError(f"checkpoint {loc} is not valid: {bad}")
+        return loc
+    for root in (loc / "checkpoints", loc):
         if ckpt.committed_steps(root):
-            found = ckpt.latest_valid(root, "sha256")
+            found = ckpt.latest_valid(root, "size")
             if found is None:
                 raise CrucibleError(f"no checkpoint under {root} verifies; see the warnings")
             return found
     raise CrucibleError(
-        f"{path} is not a checkpoint (step-<N> with manifest.json), a checkpoints directory "
+        f"{loc} is not a checkpoint (step-<N> with manifest.json), a checkpoints directory "
         "or a run directory with checkpoints"
     )
 
 
-def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: Location) -> Iterator[Path]:
+    """A local copy of a committed checkpoint, every file checked against its sha256: a
+    node-local download from an object store, removed afterwards.
+
+    Args:
+        checkpoint: a committed ``step-<N>`` directory.
+
+    Raises:
+        CrucibleError: a file is missing or corrupt.
+    """
+    if checkpoint.is_local:
+        bad = ckpt.verify(checkpoint, "sha256")
+        if bad:
+            raise CrucibleError(f"checkpoint {checkpoint} is not valid: {bad}")
+        yield checkpoint.local_path
+        return
+    work = scratch_dir("export", uuid.uuid4().hex[:12])
+    try:
+        download_dir(checkpoint, work / checkpoint.name)
+        yield work / checkpoint.name
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def consolidate(checkpoint: Location | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """The full fp32 state dict of a ZeRO checkpoint and the model config it belongs to.
 
     Args:
-        checkpoint: a committed ``step-<N>`` directory (verified by the caller).
+        checkpoint: a committed ``step-<N>`` directory (path or location).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from crucible.jobs.spec import parse_spec
 
-    state = ckpt.read_state(checkpoint)
-    spec = parse_spec(state["spec"], source=str(checkpoint / ckpt.STATE))
+    loc = location(checkpoint)
+    state = ckpt.read_state(loc)
+    spec = parse_spec(state["spec"], source=str(loc / ckpt.STATE))
     cfg = spec.model.resolve()  # type: ignore[union-attr]
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ckpt.DS_TAG)
+    with local_checkpoint(loc) as local:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=ckpt.DS_TAG)
     return dict(sd), cfg
 
 
-def load_model(checkpoint: Path, dtype: str = "fp32") -> GPT:
+def load_model(checkpoint: str | Path | Location, dtype: str = "fp32") -> GPT:
     """A plain :class:`GPT` holding a checkpoint's consolidated weights.
 
     Args:
@@ -83,7 +114,7 @@ def load_model(checkpoint: Path, dtype: str = "fp32") -> GPT:
 
 
 def export_checkpoint(
-    checkpoint: Path,
+    checkpoint: str | Path | Location,
     fmt: Literal["torch", "hf"],
     out: Path,
     dtype: Literal["fp32", "bf16"] = "fp32",
@@ -117,8 +148,8 @@ def export_checkpoint(
         from crucible.model.hf import to_hf
 
         to_hf(model).save_pretrained(out)
-        shards = Path(ckpt.read_state(path)["spec"]["data"]["shards"])
-        if (shards / "tokenizer.json").exists():
-            shutil.copy2(shards / "tokenizer.json", out / "tokenizer.json")
+        tok = location(ckpt.read_state(path)["spec"]["data"]["shards"]) / "tokenizer.json"
+        with contextlib.suppress(FileNotFoundError):
+            (out / "tokenizer.json").write_bytes(tok.read_bytes())
         return out
     raise CrucibleError(f"export format {fmt!r} is not one of torch, hf")

@@ -19,8 +19,10 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
+import uuid
 import warnings
 from itertools import islice
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from crucible.cluster.storage import JsonlLog, Location, location
 from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.plan import TrainPlan, make_plan
 from crucible.jobs.train.priority import yield_rank_helpers
@@ -40,15 +43,13 @@ from crucible.jobs.train.telemetry import Telemetry
 METRICS = "metrics.jsonl"
 
 
-def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one JSON record to ``<run_dir>/metrics.jsonl`` (rank 0 only calls this).
+def open_metrics(run_dir: Location) -> JsonlLog:
+    """The run's ``metrics.jsonl`` log (rank 0 writes it; one JSON record per event).
 
     Args:
         run_dir: the run directory.
-        record: plain data; floats keep their exact value (JSON uses repr).
     """
-    with (run_dir / METRICS).open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    return JsonlLog(run_dir / METRICS, sync_every_s=5.0)
 
 
 def say(message: str) -> None:
@@ -106,8 +107,16 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def choose_checkpoint(root: Path, mode: str, rank: int, world: int) -> Path | None:
-    """The newest checkpoint that every rank agrees verifies; ranks split the hashing.
+def choose_checkpoint(
+    root: Location, mode: str, rank: int, world: int
+) -> tuple[Location, Path, dict[str, Any]] | None:
+    """The newest checkpoint that every rank agrees it can load: ``(checkpoint, local
+    directory DeepSpeed loads from, manifest)``.
+
+    Each rank checks the files it owns (all of the universal copy when the world size changed,
+    since every rank reads every parameter's file); from an object store checking them is
+    fetching them into node-local scratch. One rank's problem makes the whole group move on
+    to the previous checkpoint: one collective decision.
 
     Args:
         root: the checkpoints directory.
@@ -115,18 +124,27 @@ def choose_checkpoint(root: Path, mode: str, rank: int, world: int) -> Path | No
         rank: this rank.
         world: number of ranks.
     """
-    for step in reversed(ckpt.committed_steps(root)):
+    box: list[Any] = [ckpt.committed_steps(root) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # one listing, the same for every rank
+    for step in reversed(box[0]):
         path = ckpt.step_path(root, step)
-        try:
-            entries = sorted(ckpt.read_manifest(path)["files"])
-        except (OSError, ValueError, KeyError):
-            entries = []
-        mine = [f for i, f in enumerate(entries) if i % world == rank]
-        bad = [b for b in _all_gather(ckpt.verify(path, mode, mine)) if b]
-        if not bad:
-            return path
+        manifest, bad = ckpt.check_manifest(path)
+        local = None
+        if manifest is not None and int(manifest["world_size"]) != world:
+            uni = root / ckpt.UNIVERSAL / path.name
+            umanifest, ubad = ckpt.check_universal(uni)
+            if umanifest is None:
+                bad = ubad
+            else:
+                local, bad = ckpt.fetch(uni, sorted(umanifest["files"]), umanifest, mode)
+        elif manifest is not None:
+            mine = ckpt.owned_by(manifest["files"], rank, world)
+            local, bad = ckpt.fetch(path, mine, manifest, mode)
+        problems = [b for b in _all_gather(bad) if b]
+        if not problems and manifest is not None and local is not None:
+            return path, local, manifest
         if rank == 0:
-            say(f"warning: skipping checkpoint {path.name}: {bad[0]}")
+            say(f"warning: skipping checkpoint {path.name}: {problems[0] if problems else bad}")
     return None
 
 
@@ -201,7 +219,7 @@ def evaluate(engine: Any, reader: Any, batches: int, plan: TrainPlan, doc_mask: 
 
 def save(
     engine: Any,
-    root: Path,
+    root: Location,
     step: int,
     state: dict[str, Any],
     rank: int,
@@ -220,30 +238,42 @@ def save(
     from crucible.jobs.train import hashing_engine  # imports DeepSpeed: after DS_ACCELERATOR
 
     t0 = time.perf_counter()
-    tmp = root / f"step-{step}.tmp"
+    box: list[Any] = [uuid.uuid4().hex[:12] if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    stage = ckpt.stage_dir(root, step, box[0])
     if rank == 0:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt's partial save
-        (tmp / "crucible_state").mkdir(parents=True)
-        ckpt.write_json_durable(tmp / ckpt.STATE, state)
+        ckpt.clear_for_save(root, step)  # a crashed earlier attempt's partial save
+        (stage / "crucible_state").mkdir(parents=True, exist_ok=True)
+        write_json_local(stage / ckpt.STATE, state)
     dist.barrier()
+    (stage / "crucible_state").mkdir(parents=True, exist_ok=True)  # another node's stage
     hashing = engine.checkpoint_engine
     is_hashing = isinstance(hashing, hashing_engine.HashingCheckpointEngine)
     written = hashing.written if is_hashing else {}
     written.clear()
-    engine.save_checkpoint(str(tmp), tag=ckpt.DS_TAG, save_latest=False)
-    rng_file = tmp / "crucible_state" / f"rank-{rank}.pt"
+    engine.save_checkpoint(str(stage), tag=ckpt.DS_TAG, save_latest=False)
+    rng_file = stage / "crucible_state" / f"rank-{rank}.pt"
     written[os.path.abspath(rng_file)] = hashing_engine.save_hashed(rng_state(), rng_file)
     dist.barrier()  # every rank's files are written before anyone lists them
-    files = ckpt.hash_own_files(tmp, rank, world, known=written)
+    files = ckpt.hash_own_files(stage, rank, world, known=written)
+    ckpt.publish_own(root, step, stage, files)
     gathered = _all_gather(files)
     nbytes = sum(v["bytes"] for part in gathered for v in part.values())
     if rank == 0:
         merged = {k: v for part in gathered for k, v in part.items()}
         ckpt.commit(root, step, merged, world)
     dist.barrier()
+    if not (root.renames and root.is_local):
+        shutil.rmtree(stage, ignore_errors=True)  # uploaded: the node-local copy goes
     return ckpt.SaveStats(step, ckpt.step_path(root, step), nbytes, time.perf_counter() - t0)
+
+
+def write_json_local(path: Path, data: Any) -> None:
+    """JSON to a local file, fsynced (part of a checkpoint's stage)."""
+    with path.open("w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -262,14 +292,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from crucible.data_pipeline.reader import TrainingReader
     from crucible.jobs.runs import load_train_spec
 
-    run_dir = Path(config["run_dir"])
+    run_dir = location(config["run_dir"])
     spec = load_train_spec(run_dir)
     _quiet_third_party()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     make_deterministic(int(spec.train.cpus_per_worker))
-    (run_dir / "workers").mkdir(exist_ok=True)
-    (run_dir / "workers" / f"rank-{rank}.pid").write_text(str(os.getpid()))
+    (run_dir / "workers" / f"rank-{rank}.pid").write_text(str(os.getpid()), durable=False)
 
     # Before the process group starts: the threads it and DeepSpeed start stay at normal
     # priority, Ray's threads in this process yield to them (see .priority).
@@ -290,41 +319,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     plan = make_plan(spec, world, seq_len=reader.seq_len, use_gpu=use_gpu)
     root = run_dir / "checkpoints"
-    root.mkdir(exist_ok=True)
+    root.mkdirs()
     chosen = choose_checkpoint(root, spec.checkpoint.verify, rank, world)
-    state = ckpt.read_state(chosen) if chosen else None
+    state = ckpt.read_state(chosen[0]) if chosen else None
     reshard = state is not None and state["world_size"] != world
     tel = Telemetry(spec, plan, run_dir, rank, world, resumed_from=state["step"] if state else 0)
+    metrics = open_metrics(run_dir) if rank == 0 else None
     engine = build_engine(spec, plan, universal=reshard)
     step = 0
     seed_everything(t.seed * 100_003 + rank)
     if chosen is not None and state is not None:
+        path, local, manifest = chosen
         t_load = time.perf_counter()
-        src = root / "universal" / chosen.name if reshard else chosen
         engine.load_checkpoint(
-            str(src), tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(local), tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         step = int(state["step"])
         if reshard:  # RNG streams are per rank: derive new ones from (seed, step, rank)
             seed_everything((t.seed * 100_003 + step) * 1_009 + rank)
         else:
             set_rng_state(
-                torch.load(chosen / "crucible_state" / f"rank-{rank}.pt", weights_only=False)
+                torch.load(local / "crucible_state" / f"rank-{rank}.pt", weights_only=False)
             )
         reader.load_state_dict(state["reader"])
         seconds = time.perf_counter() - t_load
-        nbytes = ckpt.read_manifest(chosen)["total_bytes"]
+        nbytes = int(manifest["total_bytes"])
         tel.loaded(seconds, nbytes)
-        if rank == 0:
+        if metrics is not None:
             say(
-                f"resumed from {chosen.name} (world size {state['world_size']} → {world}) in "
+                f"resumed from {path.name} (world size {state['world_size']} → {world}) in "
                 f"{seconds:.2f} s ({nbytes / seconds / 1e6:.1f} MB/s)"
             )
-            append_metrics(
-                run_dir,
-                {"kind": "resume", "step": step, "from": str(chosen), "world_size": world,
+            metrics.append(
+                {"kind": "resume", "step": step, "from": path.uri, "world_size": world,
                  "from_world_size": state["world_size"], "load_seconds": seconds,
                  "bytes": nbytes},
+                sync=True,
             )  # fmt: skip
     heldout = None
     if t.eval_every:
@@ -364,6 +394,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not math.isfinite(loss_val):
                 if rank == 0:
                     _record_nan(run_dir, root, step, batch_index, loss_val, o.global_batch_size)
+                status = "nan"
                 return
             step += 1
             grad_norm = engine.get_global_grad_norm()
@@ -391,8 +422,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     engine, heldout, t.eval_batches, plan, spec.data.mask_cross_document
                 )
                 tel.evaluated(record["heldout_loss"], e0, time.time())
-            if rank == 0:
-                append_metrics(run_dir, record | {"time": time.time()})
+            if metrics is not None:
+                metrics.append(record | {"time": time.time()})
                 if step % t.log_every == 0 or step == plan.total_steps:
                     say(_step_line(record, plan.total_steps))
             if step % spec.checkpoint.every_steps == 0 or step == plan.total_steps:
@@ -420,22 +451,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             else ""
                         )
                     )
-                    append_metrics(
-                        run_dir,
+                    assert metrics is not None
+                    metrics.append(
                         {"kind": "checkpoint", "step": step, "bytes": stats.bytes,
-                         "save_seconds": stats.seconds, "path": str(stats.path)},
+                         "save_seconds": stats.seconds, "path": stats.path.uri},
+                        sync=True,
                     )  # fmt: skip
                 # Ray Train's report is a barrier that waits for the controller's next poll
                 # (every 2 s): once per checkpoint, not per step. Step metrics go to the job
                 # log, metrics.jsonl and Prometheus.
                 ray.train.report(
                     {k: v for k, v in record.items() if k != "kind"}
-                    | {"checkpoint": str(stats.path)}
+                    | {"checkpoint": stats.path.uri}
                 )
                 tel.checkpointed(step, stats.seconds, stats.bytes, c0)
         status = "finished"
     finally:
-        tel.finish(status)
+        if metrics is not None:
+            metrics.close()
+        tel.finish("failed" if status == "nan" else status)
 
 
 def _step_line(record: dict[str, Any], total_steps: int) -> str:
@@ -451,13 +485,12 @@ def _step_line(record: dict[str, Any], total_steps: int) -> str:
 
 
 def _record_nan(
-    run_dir: Path, root: Path, step: int, batch_index: int, loss: float, global_batch: int
+    run_dir: Location, root: Location, step: int, batch_index: int, loss: float, global_batch: int
 ) -> None:
     """Write ``nan.json`` (the driver turns it into the run's one-line error)."""
-    last = ckpt.latest_valid(root, "size")
-    ckpt.write_json_durable(
-        run_dir / "nan.json",
+    last = ckpt.latest_committed(root)
+    (run_dir / "nan.json").write_json(
         {"step": step + 1, "batch_index": batch_index, "loss": str(loss),
          "samples": [batch_index * global_batch, (batch_index + 1) * global_batch],
-         "last_checkpoint": str(last) if last else None},
+         "last_checkpoint": last[0].uri if last else None},
     )  # fmt: skip

@@ -6,8 +6,10 @@ DeepSpeed 0.16); workers then load it with ``{"checkpoint": {"load_universal": t
 their DeepSpeed config, which repartitions fp32 weights and Adam moments over the new ranks.
 The data order needs nothing: the reader's global batches do not depend on the world size.
 
-The converted copy lives in ``checkpoints/universal/step-<N>/`` and is written under a
-temporary name and renamed, like a checkpoint; it is derived data, rebuilt when absent.
+The converted copy lives in ``checkpoints/universal/step-<N>/``, committed like a checkpoint
+(its files, then a manifest with their sha256, last); it is derived data, rebuilt when absent.
+The conversion reads the whole checkpoint, so it runs where that is cheap: in a Ray task, on
+a local copy verified against the checkpoint's manifest.
 """
 
 from __future__ import annotations
@@ -17,16 +19,49 @@ import contextlib
 import io
 import os
 import shutil
+import uuid
 from pathlib import Path
 
+from crucible.cluster.storage import (
+    Location,
+    download_dir,
+    read_manifest,
+    scratch_dir,
+    upload_dir,
+)
 from crucible.errors import CrucibleError
 from crucible.jobs.train import checkpoint as ckpt
 
-DONE = "_CONVERTED"
+
+def ensure_universal(checkpoint: Location) -> Location:
+    """The universal copy of committed checkpoint ``checkpoint``, converted if it is absent.
+
+    Args:
+        checkpoint: a committed ``step-<N>`` directory.
+
+    Raises:
+        CrucibleError: a file of the checkpoint is missing or corrupt, or DeepSpeed could not
+            convert it.
+    """
+    out = checkpoint.parent / ckpt.UNIVERSAL / checkpoint.name
+    if read_manifest(out) is not None:
+        return out
+    work = scratch_dir("reshard", uuid.uuid4().hex[:12])
+    try:
+        source = work / "source"
+        try:
+            download_dir(checkpoint, source)  # every file checked against its sha256
+        except CrucibleError as e:
+            raise CrucibleError(f"cannot convert {checkpoint}: {e}") from None
+        to_universal(source, work / "universal")
+        upload_dir(work / "universal", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def to_universal(checkpoint: Path, out: Path, workers: int = 1) -> Path:
-    """Convert committed checkpoint ``checkpoint`` into ``out`` (skipped if already done).
+    """Convert a local copy of a checkpoint into the local directory ``out``.
 
     Args:
         checkpoint: a verified ``step-<N>`` directory.
@@ -36,8 +71,6 @@ def to_universal(checkpoint: Path, out: Path, workers: int = 1) -> Path:
     Raises:
         CrucibleError: DeepSpeed could not convert the checkpoint.
     """
-    if (out / DONE).exists():
-        return out
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.checkpoint import ds_to_universal
 
@@ -62,7 +95,6 @@ def to_universal(checkpoint: Path, out: Path, workers: int = 1) -> Path:
         raise CrucibleError(
             f"could not convert {checkpoint} to a universal checkpoint: {e!r} {tail[0]}"
         ) from e
-    (tmp / DONE).touch()
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -9,11 +9,10 @@ written with another world size is converted to DeepSpeed's universal format.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
+from crucible.cluster.storage import Location, location, read_jsonl
 from crucible.errors import CrucibleError
 from crucible.jobs.runs import load_run_spec
 from crucible.jobs.train import checkpoint as ckpt
@@ -21,7 +20,12 @@ from crucible.jobs.train.priority import RANK_ENV, SETUP_HOOK
 
 
 def check_shards(spec: Any) -> Any:
-    """Open the shards as the workers will, with full checks; return the manifest.
+    """Check the shards as the workers will need them, from their manifest and a listing;
+    return the manifest.
+
+    On a local or shared filesystem the files are checked as ``data.verify`` says (sha256
+    for sets up to 2 GiB by default); on an object store by size here (each node checks every
+    file's sha256 as it fetches it).
 
     Args:
         spec: the train spec.
@@ -29,28 +33,26 @@ def check_shards(spec: Any) -> Any:
     Raises:
         CrucibleError: missing/corrupt shards, or token ids or rows the model cannot take.
     """
-    from crucible.data_pipeline.reader import TrainingReader
+    from crucible.data_pipeline.shards.manifest import read_manifest, verify_shards
 
-    reader = TrainingReader(
-        spec.data.shards,
-        spec.optim.global_batch_size,
-        seed=spec.data.seed,
-        verify=spec.data.verify,
-        allow_manifest_change=spec.data.allow_manifest_change,
-    )
+    shards = location(spec.data.shards)
+    manifest = read_manifest(shards)
+    verify_shards(shards, manifest, spec.data.verify if shards.is_local else "size")
+    if manifest.splits["train"].rows == 0:
+        raise CrucibleError(f"split 'train' of {shards} is empty")
     cfg = spec.model.resolve()
-    vocab = reader.manifest.tokenizer.vocab_size
+    vocab = manifest.tokenizer.vocab_size
     if vocab > cfg.vocab_size:
         raise CrucibleError(
             f"shards {spec.data.shards} use a {vocab}-token vocabulary but the model has "
             f"vocab_size {cfg.vocab_size}; set model.vocab_size to at least {vocab}"
         )
-    if reader.seq_len > cfg.max_seq_len:
+    if manifest.seq_len > cfg.max_seq_len:
         raise CrucibleError(
-            f"shards {spec.data.shards} hold {reader.seq_len}-token rows but the model's "
+            f"shards {spec.data.shards} hold {manifest.seq_len}-token rows but the model's "
             f"max_seq_len is {cfg.max_seq_len}; raise it or repack the shards"
         )
-    return reader.manifest
+    return manifest
 
 
 def decide_gpu(spec: Any, resources: dict[str, float]) -> bool:
@@ -130,28 +132,32 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def prepare_reshard(root: Path, mode: str, world: int) -> Path | None:
+def prepare_reshard(root: Location, world: int) -> Location | None:
     """Convert the checkpoint the workers will resume from to DeepSpeed's universal format
-    when it was written with another world size; return the converted directory.
+    when it was written with another world size; return the converted copy.
+
+    The driver reads manifests only: the conversion (which reads the whole checkpoint,
+    checking every file's sha256) runs as a Ray task on whichever node has room.
 
     Args:
         root: the checkpoints directory.
-        mode: checkpoint verification mode.
         world: the world size of this attempt.
     """
-    chosen = ckpt.latest_valid(root, mode)
-    if chosen is None:
+    import ray
+
+    found = ckpt.latest_committed(root)
+    if found is None:
         return None
-    saved = ckpt.read_state(chosen)["world_size"]
+    path, manifest = found
+    saved = int(manifest["world_size"])
     if saved == world:
         return None
-    from crucible.jobs.train.reshard import to_universal
+    from crucible.jobs.train.reshard import ensure_universal
 
-    out = root / "universal" / chosen.name
     t0 = time.perf_counter()
-    to_universal(chosen, out)
+    out: Location = ray.get(ray.remote(num_cpus=1)(ensure_universal).remote(path))
     print(
-        f"converted {chosen.name} ({saved} ranks) to a universal checkpoint for {world} "
+        f"converted {path.name} ({saved} ranks) to a universal checkpoint for {world} "
         f"ranks in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
@@ -169,7 +175,7 @@ def prepare_reshard(root: Path, mode: str, world: int) -> Path | None:
 WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0", RANK_ENV: "1"}}
 
 
-def run_train(run_dir: Path) -> int:
+def run_train(run_dir: Location) -> int:
     """Train (or resume) the run in ``run_dir`` on the Ray cluster this process is attached
     to; return an exit code.
 
@@ -194,16 +200,16 @@ def run_train(run_dir: Path) -> int:
     use_gpu = decide_gpu(spec, resources)
     check_resources(spec, resources, use_gpu)
     check_placement(spec, alive_node_resources(), use_gpu)
-    (run_dir / "nan.json").unlink(missing_ok=True)
+    (run_dir / "nan.json").rm()
     root = run_dir / "checkpoints"
-    root.mkdir(exist_ok=True)
-    prepare_reshard(root, spec.checkpoint.verify, spec.train.num_workers)
+    root.mkdirs()
+    prepare_reshard(root, spec.train.num_workers)
     attempts = run_dir / "ray"
-    attempt = len(list(attempts.glob("attempt-*"))) if attempts.exists() else 0
+    attempt = len(attempts.glob("attempt-*"))
     t = spec.train
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_dir": str(run_dir), "use_gpu": use_gpu},
+        train_loop_config={"run_dir": run_dir.uri, "use_gpu": use_gpu},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -214,7 +220,8 @@ def run_train(run_dir: Path) -> int:
         # ray.train exports Train v2's RunConfig at run time (v2 is the default); mypy reads
         # the v1 class, which has no worker_runtime_env.
         run_config=RunConfig(  # type: ignore[call-arg]
-            storage_path=str(attempts),
+            storage_path=attempts.path,
+            storage_filesystem=attempts.fs,
             name=f"attempt-{attempt}",
             failure_config=FailureConfig(max_failures=t.max_failures),
             worker_runtime_env=WORKER_RUNTIME_ENV,
@@ -223,8 +230,8 @@ def run_train(run_dir: Path) -> int:
     t0 = time.perf_counter()
     trainer.fit()
     nan = run_dir / "nan.json"
-    if nan.exists():
-        info = json.loads(nan.read_text())
+    if nan.is_file():
+        info = nan.read_json()
         raise CrucibleError(
             f"loss became {info['loss']} at step {info['step']} (global batch "
             f"{info['batch_index']}, samples {info['samples'][0]}–{info['samples'][1] - 1}); "
@@ -234,22 +241,17 @@ def run_train(run_dir: Path) -> int:
     return 0
 
 
-def summarize(run_dir: Path, seconds: float) -> str:
+def summarize(run_dir: Location, seconds: float) -> str:
     """A short end-of-run summary from ``metrics.jsonl`` and the latest checkpoint.
 
     Args:
         run_dir: the run directory.
         seconds: wall time of this job's training.
     """
-    steps: list[dict] = []
-    saves: list[dict] = []
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        rec = json.loads(line)
-        (steps if rec["kind"] == "step" else saves if rec["kind"] == "checkpoint" else []).append(
-            rec
-        )
-    latest = ckpt.latest_valid(run_dir / "checkpoints", "size")
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r for r in records if r.get("kind") == "step"]
+    saves = [r for r in records if r.get("kind") == "checkpoint"]
+    latest = ckpt.latest_committed(run_dir / "checkpoints")
     lines = [f"trained in {seconds:.1f} s"]
     if steps:
         last = steps[-1]
@@ -259,9 +261,9 @@ def summarize(run_dir: Path, seconds: float) -> str:
         mbps = sum(r["bytes"] for r in saves) / sum(r["save_seconds"] for r in saves) / 1e6
         lines.append(f"checkpoint saves: {len(saves)}, {mbps:.1f} MB/s")
     if latest is not None:
-        ledger = ckpt.read_state(latest)["ledger"]
+        ledger = ckpt.read_state(latest[0])["ledger"]
         lines.append(
-            f"latest checkpoint: {latest}; worker-hours {ledger['worker_seconds'] / 3600:.4f}"
+            f"latest checkpoint: {latest[0]}; worker-hours {ledger['worker_seconds'] / 3600:.4f}"
         )
-    lines.append(f"metrics: {path}")
+    lines.append(f"metrics: {run_dir / 'metrics.jsonl'}")
     return "\n".join(lines)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -14,7 +13,9 @@ from crucible.config import StrictModel
 class TrainDataSpec(StrictModel):
     """The ``data:`` section of a train spec: which shards, in which order."""
 
-    shards: Path = Field(description="Training shard directory (with manifest.json).")
+    shards: str = Field(
+        description="Training shard directory (with manifest.json): a path or URI (s3://...)."
+    )
     seed: int = Field(0, description="Seed of the global sample order.")
     verify: Literal["size", "sha256", "auto"] = Field(
         "auto", description="Shard checks on open: size always; sha256 for small sets on auto."

@@ -10,14 +10,15 @@ trained, and no failure in here reaches the loop: metrics never break training.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from crucible.cluster.storage import Location, cache_key, scratch_dir
 from crucible.monitoring.metrics import never_raise
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,13 @@ class Telemetry:
         self,
         spec: Any,
         plan: Any,
-        run_dir: Path,
+        run_dir: Location,
         rank: int,
         world: int,
         resumed_from: int,
         on_hang: Callable[[], None] | None = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir
         self.rank = rank
         self.metrics: Any = None
         self.ledger: Any = None
@@ -148,8 +149,16 @@ class Telemetry:
         if timeout_s > 0:
             from crucible.monitoring.watchdog import Watchdog
 
-            path = self.run_dir / "workers" / f"rank-{self.rank}.stacks.log"
-            self.watchdog = Watchdog(timeout_s, path, on_hang=self._on_hang).start()
+            # dumped locally first (a hang may be the storage's), then copied to the run
+            local = scratch_dir("stacks", cache_key(self.run_dir.uri)) / f"rank-{self.rank}.log"
+            remote = self.run_dir / "workers" / f"rank-{self.rank}.stacks.log"
+
+            def on_hang() -> None:
+                with contextlib.suppress(Exception):
+                    remote.upload(local)
+                self._on_hang()
+
+            self.watchdog = Watchdog(timeout_s, local, on_hang=on_hang).start()
 
     @never_raise
     def step(

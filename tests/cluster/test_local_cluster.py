@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,6 +133,7 @@ def test_lifecycle_submit_auth_prometheus_and_down() -> None:
     _, alive = psutil.wait_procs(family, timeout=10)
     assert alive == []
     assert crucible_cli("cluster", "status", "--state-dir", str(state_dir)).returncode == 1
+    assert not Path(state.temp_dir).exists()
     shutil.rmtree(state_dir.parent, ignore_errors=True)
 
 
@@ -150,19 +154,119 @@ def test_port_taken_is_a_clear_error(tmp_path: Path) -> None:
     assert local.load_state(state_dir) is None
 
 
-def test_a_state_dir_too_long_for_rays_socket_paths_is_refused() -> None:
-    """One byte over: Ray's plasma socket path could pass 107 bytes. Refused up front; the
-    limit used to be 60, and Ray died at start with an OSError for 47."""
-    base = short_tmpdir("crl")
-    name = "d" * (local._MAX_RAY_TEMP_DIR + 1 - len(f"{base}//ray"))
-    state_dir = base / name
-    assert len(str(state_dir / "ray")) == local._MAX_RAY_TEMP_DIR + 1
-    r = crucible_cli("cluster", "up", "--state-dir", str(state_dir))
-    assert r.returncode == 2, r.stderr
-    assert "is too long for Ray's socket paths" in r.stderr and "Traceback" not in r.stderr
-    assert not state_dir.exists()
-    worst = f"{state_dir}/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store"
-    assert len(worst) == 108  # the longest socket path at the limit + 1 (the limit: 107)
+@pytest.mark.slow
+def test_a_long_state_dir_keeps_rays_sockets_in_a_short_private_dir(tmp_path: Path) -> None:
+    """A state dir of 120 characters (a long home directory): Ray's temp dir, sockets and all,
+    goes to a private directory under /tmp, and `down` removes it."""
+    state_dir = tmp_path / ("d" * (119 - len(str(tmp_path))))
+    assert len(str(state_dir)) == 120
+    state, started = local.up(state_dir, free_ports(), num_cpus=1)
+    temp = Path(state.temp_dir)
+    try:
+        assert started and temp == local.cluster_temp_dir(state_dir)
+        recorded = local.load_state(state_dir)
+        assert recorded is not None and recorded.temp_dir == str(temp)
+        st = temp.lstat()
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+        assert st.st_uid == os.getuid()
+        assert state.ray_temp_dir.parent == temp and not (state_dir / "ray").exists()
+        sockets = {p.name: p for p in state.ray_temp_dir.glob("session_2*/sockets/*")}
+        assert {"plasma_store", "raylet"} <= set(sockets), sockets
+        for path in sockets.values():
+            assert stat.S_ISSOCK(path.stat().st_mode) and len(str(path)) <= 107, path
+        # Prometheus reads Ray's targets there; `status` reads Ray's address there.
+        sd = state.ray_temp_dir / "prom_metrics_service_discovery.json"
+        assert sd.exists() and str(sd) in (state_dir / "prometheus" / "prometheus.yml").read_text()
+        current = state.ray_temp_dir / "ray_current_cluster"  # written once Ray's node is up
+        deadline = time.monotonic() + 60
+        while not current.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        info = local.status(state_dir)
+        assert info["running"] and info["ray"]["healthy"], info
+        assert info["ray_address"] == current.read_text().strip()
+        assert info["ray_temp_dir"] == str(state.ray_temp_dir)
+    finally:
+        local.down(state_dir)
+    assert not temp.exists()
+    assert local.status(state_dir)["running"] is False
+
+
+def test_cluster_temp_dir_is_short_and_one_per_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    long_dir = tmp_path / ("x" * 200) / ("y" * 200)
+    temp = local.cluster_temp_dir(long_dir)
+    assert temp == local.cluster_temp_dir(long_dir / ".." / ("y" * 200))  # resolved first
+    assert temp.parent == Path("/tmp") and temp.name.startswith(f"crucible-{os.getuid()}-")
+    assert local.cluster_temp_dir(tmp_path / "a") != local.cluster_temp_dir(tmp_path / "b")
+    # The longest socket path Ray makes under it, with the longest uid, fits in 107 bytes.
+    longest = f"{temp}/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store"
+    assert len(longest) - len(str(os.getuid())) + len(str(2**32 - 1)) <= 107
+
+    # $TMPDIR is used where the paths fit there, else /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", "/var/tmp")
+    assert local.cluster_temp_dir(long_dir) == Path("/var/tmp") / temp.name
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t" / ("z" * 40)))
+    assert local.cluster_temp_dir(long_dir) == temp
+    # Should even /tmp not fit: one clear error.
+    monkeypatch.setattr(local, "_MAX_RAY_TEMP_DIR", 20)
+    with pytest.raises(CrucibleError, match=r"too long for Ray's socket paths; set \$TMPDIR"):
+        local.cluster_temp_dir(long_dir)
+
+
+def test_private_temp_dir_refuses_what_is_not_a_directory_of_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The private dir lies in /tmp, writable by every user: a symlink, a file or another
+    user's directory in its place is refused, and the symlink's target is left as it was."""
+    made = tmp_path / "made"
+    old_umask = os.umask(0)  # mkdir's mode passes through the umask; the result must not
+    try:
+        local._make_private_dir(made)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(made.lstat().st_mode) == 0o700
+    made.chmod(0o755)
+    local._make_private_dir(made)  # ours already: taken, and made private again
+    assert stat.S_IMODE(made.lstat().st_mode) == 0o700
+
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(CrucibleError, match=re.escape(f"{link} is a symlink;")):
+        local._make_private_dir(link)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(CrucibleError, match=re.escape(f"{file} is not a directory")):
+        local._make_private_dir(file)
+
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(made).st_uid + 1)
+    with pytest.raises(
+        CrucibleError, match=re.escape(f"{made} belongs to uid ") + ".*, not to you"
+    ):
+        local._make_private_dir(made)
+
+
+def test_down_removes_only_the_temp_dir_up_made(tmp_path: Path) -> None:
+    """`down` removes the recorded temp dir only if it is the one made for this state dir."""
+    state_dir = tmp_path / "cluster"
+    state_dir.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    state = local.ClusterState(str(state_dir), local.Ports(), temp_dir=str(elsewhere))
+    local._save_state(state)
+    local.down(state_dir)
+    assert elsewhere.exists()  # an edited cluster.json does not make `down` remove it
+
+    mine = tmp_path / local.cluster_temp_dir(state_dir).name
+    (mine / "ray" / "session_x").mkdir(parents=True)
+    local._save_state(local.ClusterState(str(state_dir), local.Ports(), temp_dir=str(mine)))
+    local.down(state_dir)
+    assert not mine.exists()
 
 
 def test_missing_prometheus_binary_is_a_clear_error() -> None:

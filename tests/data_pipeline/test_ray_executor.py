@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from crucible.cluster.storage import Location, location
 from crucible.data_pipeline.run import run_pipeline
 from crucible.data_pipeline.spec import DataSpec
 
@@ -40,18 +41,18 @@ def dedup_rows(out_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def filtered(corpus: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def filtered(corpus: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> list[Location]:
     """The corpus's filtered parts (the dedup stages' input), from the in-process executor."""
     from crucible.data_pipeline.stages import work_paths
 
-    run = tmp_path_factory.mktemp("filtered") / "run"
+    run = location(tmp_path_factory.mktemp("filtered") / "run")
     run_pipeline(DataSpec(inputs=[str(corpus["dir"])]), run, executor="local", progress=False)
-    return sorted(work_paths(run)["filtered"].glob("part-*.parquet"))
+    return work_paths(run)["filtered"].glob("part-*.parquet")
 
 
 @pytest.mark.slow
 def test_small_partitions_same_dedup(
-    corpus: dict[str, Any], filtered: list[Path], ray_local: Any, tmp_path: Path
+    corpus: dict[str, Any], filtered: list[Location], ray_local: Any, tmp_path: Path
 ) -> None:
     """Partitions computed from the data size: a tiny per-task budget splits every groupby into
     many partitions (more than CPUs) and the dedup results are unchanged."""
@@ -65,8 +66,8 @@ def test_small_partitions_same_dedup(
     got = {}
     for name, ex in (("big", big), ("small", small)):
         got[name] = (
-            ex.exact_dedup(files, tmp_path / name / "exact"),
-            ex.fuzzy_dedup(files, tmp_path / name / "minhash", spec),
+            ex.exact_dedup(files, location(tmp_path / name / "exact")),
+            ex.fuzzy_dedup(files, location(tmp_path / name / "minhash"), spec),
         )
     assert got["big"][0] == got["small"][0]
     for k in ("edges", "exact_checked", "exact_kept", "duplicates", "cluster_sizes"):
@@ -82,7 +83,7 @@ def _block_stats(table: Any) -> dict[str, list[int]]:
 
 @pytest.mark.slow
 def test_band_rows_in_bounded_blocks(
-    corpus: dict[str, Any], filtered: list[Path], ray_local: Any
+    corpus: dict[str, Any], filtered: list[Location], ray_local: Any
 ) -> None:
     """The bucket shuffle's input comes in blocks of about ``block_bytes`` however big a part
     is: a shuffle map task holds several times its input, which had grown to whole parts."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from crucible.cluster.storage import location
 from crucible.jobs.spec import TrainRunSpec, parse_spec
 from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.export import consolidate, export_checkpoint, load_model
@@ -45,7 +46,8 @@ def train(spec: TrainRunSpec, resume: bool = False, during=None) -> tuple[Path, 
     """Submit ``spec`` as a Ray job, wait for it; return (run dir, job log)."""
     from crucible.jobs.submit import submit_run
 
-    client, job_id, run_dir = submit_run(spec, resume=resume)
+    client, job_id, run = submit_run(spec, resume=resume)
+    run_dir = run.local_path  # these runs' storage is a local path
     worker = threading.Thread(target=during, args=(run_dir,), daemon=True) if during else None
     if worker:
         worker.start()
@@ -76,9 +78,9 @@ def branch(src: Path, spec: TrainRunSpec, at_step: int) -> TrainRunSpec:
     """A copy of run ``src`` as run ``spec.name`` whose newest checkpoint is ``at_step``."""
     dst = Path(spec.cluster.storage) / spec.name
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ray", "workers", "jobs.jsonl"))
-    for step in ckpt.committed_steps(dst / "checkpoints"):
+    for step in ckpt.committed_steps(location(dst / "checkpoints")):
         if step > at_step:
-            shutil.rmtree(ckpt.step_path(dst / "checkpoints", step))
+            shutil.rmtree(dst / "checkpoints" / f"step-{step}")
     shutil.rmtree(dst / "checkpoints" / "universal", ignore_errors=True)
     (dst / "checkpoints" / "latest").write_text(f"step-{at_step}\n")
     return spec
@@ -121,7 +123,7 @@ def test_steps_are_reported_and_every_rank_is_in_every_checkpoint(reference) -> 
     assert all(r["tokens"] == 16 * 64 and r["step_seconds"] > 0 for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]  # it learns
     assert [r["step"] for r in steps if "heldout_loss" in r] == [10, 20]
-    root = run_dir / "checkpoints"
+    root = location(run_dir / "checkpoints")
     assert ckpt.committed_steps(root) == [10, 15, 20]  # last 2 + every 10th
     assert (root / "latest").read_text().strip() == "step-20"
     for step in (10, 15, 20):
@@ -181,8 +183,8 @@ def test_sigkilled_worker_resumes_bitwise_identical(env, train_shards, reference
     steps = [r["step"] for r in records(run_dir, "step")]
     assert max(steps[: steps.index(10) + 2]) > 10  # killed after step 10 ran on (not at the end)
     assert step_losses(run_dir) == step_losses(ref_dir)  # every step, bitwise
-    ours, _ = consolidate(ckpt.step_path(run_dir / "checkpoints", 20))
-    theirs, _ = consolidate(ckpt.step_path(ref_dir / "checkpoints", 20))
+    ours, _ = consolidate(ckpt.step_path(location(run_dir / "checkpoints"), 20))
+    theirs, _ = consolidate(ckpt.step_path(location(ref_dir / "checkpoints"), 20))
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
@@ -198,7 +200,9 @@ def test_world_size_2_to_1_and_1_to_2(env, train_shards, reference) -> None:
     assert got[11] == pytest.approx(ref[11], rel=FIRST_STEP_RTOL)
     for s in range(12, 21):
         assert got[s] == pytest.approx(ref[s], rel=RESHARD_RTOL), s
-    assert ckpt.read_manifest(ckpt.step_path(run21 / "checkpoints", 20))["world_size"] == 1
+    assert (
+        ckpt.read_manifest(ckpt.step_path(location(run21 / "checkpoints"), 20))["world_size"] == 1
+    )
     assert_same_data_position(run21, ref_dir, 20)
 
     spec12 = with_workers(parse_spec(_spec_data("ws12", env, train_shards)), 2)  # type: ignore[arg-type]
@@ -207,14 +211,16 @@ def test_world_size_2_to_1_and_1_to_2(env, train_shards, reference) -> None:
     got = step_losses(run12)
     for s in range(16, 21):
         assert got[s] == pytest.approx(ref[s], rel=RESHARD_RTOL), s
-    assert ckpt.read_manifest(ckpt.step_path(run12 / "checkpoints", 20))["world_size"] == 2
+    assert (
+        ckpt.read_manifest(ckpt.step_path(location(run12 / "checkpoints"), 20))["world_size"] == 2
+    )
     assert_same_data_position(run12, ref_dir, 20)
 
 
 def assert_same_data_position(run: Path, ref: Path, step: int) -> None:
     """Exact: after a world-size change the run has consumed the same samples as the reference."""
-    ours = ckpt.read_state(ckpt.step_path(run / "checkpoints", step))
-    theirs = ckpt.read_state(ckpt.step_path(ref / "checkpoints", step))
+    ours = ckpt.read_state(ckpt.step_path(location(run / "checkpoints"), step))
+    theirs = ckpt.read_state(ckpt.step_path(location(ref / "checkpoints"), step))
     assert ours["samples_consumed"] == theirs["samples_consumed"] == 16 * step
     assert ours["reader"] == theirs["reader"]
     assert [r["tokens"] for r in records(run, "step")][-5:] == [16 * 64] * 5
@@ -225,7 +231,7 @@ def test_export_to_transformers_and_torch(reference, tmp_path: Path) -> None:
 
     run_dir, _ = reference
     model = load_model(run_dir)  # the newest valid checkpoint: step-20
-    sd, cfg = consolidate(ckpt.step_path(run_dir / "checkpoints", 20))
+    sd, cfg = consolidate(ckpt.step_path(location(run_dir / "checkpoints"), 20))
     assert cfg.n_layers == 2 and torch.equal(model.tok_emb.weight, sd["tok_emb.weight"])
 
     out = export_checkpoint(run_dir / "checkpoints" / "step-20", "hf", tmp_path / "hf")

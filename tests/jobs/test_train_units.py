@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.cli.train import app
 from crucible.jobs.train import checkpoint as ckpt
@@ -49,9 +52,18 @@ def test_constant_and_wsd() -> None:
 # --- checkpoints -----------------------------------------------------------------------
 
 
-def _write_fake_save(root: Path, step: int, world: int, skip: str | None = None) -> Path:
-    """The files a ``world``-rank ZeRO-3 save leaves in ``step-<N>.tmp`` (real bytes)."""
-    tmp = root / f"step-{step}.tmp"
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> Location:
+    """A checkpoints directory on a local path and on an S3 bucket: one protocol."""
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3")
+        return location(f"{s3.bucket('ckpt')}/{request.node.name}/checkpoints")
+    return location(tmp_path / "checkpoints")
+
+
+def _write_fake_save(root: Location, step: int, world: int, skip: str | None = None) -> Path:
+    """The files a ``world``-rank ZeRO-3 save leaves in its stage (real bytes)."""
+    stage = ckpt.stage_dir(root, step, "test")
     files = ["zero_to_fp32.py", "crucible_state/state.json"]
     for r in range(world):
         files += [
@@ -62,74 +74,139 @@ def _write_fake_save(root: Path, step: int, world: int, skip: str | None = None)
     for i, rel in enumerate(files):
         if rel == skip:
             continue
-        p = tmp / rel
+        p = stage / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(bytes([step % 256, i]) * (1000 + 37 * i))
-    return tmp
+    return stage
 
 
-def _save(root: Path, step: int, world: int = 2) -> Path:
-    tmp = _write_fake_save(root, step, world)
+def _publish(root: Location, step: int, world: int, skip: str | None = None) -> dict:
+    """Every rank's half of a save: write, hash and publish its files; the gathered digests."""
+    ckpt.clear_for_save(root, step)
+    stage = _write_fake_save(root, step, world, skip)
     files: dict = {}
-    for r in range(world):  # each rank hashes what it wrote
-        files |= ckpt.hash_own_files(tmp, r, world)
-    return ckpt.commit(root, step, files, world)
+    for r in range(world):  # each rank hashes and publishes what it wrote
+        mine = ckpt.hash_own_files(stage, r, world)
+        ckpt.publish_own(root, step, stage, mine)
+        files |= mine
+    return files
 
 
-def test_commit_writes_manifest_last_renames_and_points_latest(tmp_path: Path) -> None:
-    path = _save(tmp_path, 5)
-    assert path == tmp_path / "step-5" and not (tmp_path / "step-5.tmp").exists()
-    assert (tmp_path / "latest").read_text().strip() == "step-5"
+def _save(root: Location, step: int, world: int = 2) -> Location:
+    return ckpt.commit(root, step, _publish(root, step, world), world)
+
+
+def test_commit_writes_manifest_last_and_points_latest(root: Location) -> None:
+    path = _save(root, 5)
+    assert path.uri == (root / "step-5").uri and "step-5.tmp" not in root.ls()
+    assert (root / "latest").read_text().strip() == "step-5"
     manifest = ckpt.read_manifest(path)
-    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
-    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    assert set(manifest["files"]) == set(path.walk()) - {"manifest.json"}
     for rel, entry in manifest["files"].items():
-        assert entry["bytes"] == (path / rel).stat().st_size
-        assert entry["sha256"] == ckpt.sha256_file(path / rel)
+        assert entry["bytes"] == (path / rel).size()
+        assert entry["sha256"] == (path / rel).sha256()
     assert manifest["total_bytes"] == sum(e["bytes"] for e in manifest["files"].values())
     assert ckpt.verify(path) is None
 
 
-def test_every_ranks_shards_must_be_present_to_commit(tmp_path: Path) -> None:
-    _save(tmp_path, 5)
+def test_every_ranks_shards_must_be_present_to_commit(root: Location) -> None:
+    _save(root, 5)
     lost = "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    tmp = _write_fake_save(tmp_path, 10, 2, skip=lost)
-    files = ckpt.hash_own_files(tmp, 0, 2) | ckpt.hash_own_files(tmp, 1, 2)
+    files = _publish(root, 10, 2, skip=lost)
     with pytest.raises(CrucibleError, match="zero_pp_rank_1_mp_rank_00_optim_states"):
-        ckpt.commit(tmp_path, 10, files, 2)
-    assert ckpt.committed_steps(tmp_path) == [5]
-    assert (tmp_path / "latest").read_text().strip() == "step-5"
+        ckpt.commit(root, 10, files, 2)
+    assert ckpt.committed_steps(root) == [5]
+    assert (root / "latest").read_text().strip() == "step-5"
 
 
-def test_truncated_shard_in_newest_falls_back_to_previous(tmp_path: Path, capsys) -> None:
-    _save(tmp_path, 5)
-    newest = _save(tmp_path, 10)
+def test_truncated_shard_in_newest_falls_back_to_previous(root: Location, capsys) -> None:
+    _save(root, 5)
+    newest = _save(root, 10)
     shard = newest / "ds" / "zero_pp_rank_1_mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[:100])
-    assert ckpt.latest_valid(tmp_path) == tmp_path / "step-5"
+    assert ckpt.latest_valid(root).uri == (root / "step-5").uri  # type: ignore[union-attr]
     out = capsys.readouterr().out
     assert "skipping checkpoint step-10" in out and str(shard) in out
 
 
-def test_same_size_corruption_is_caught_by_sha256_not_by_size(tmp_path: Path) -> None:
-    _save(tmp_path, 5)
-    newest = _save(tmp_path, 10)
+def test_same_size_corruption_is_caught_by_sha256_not_by_size(root: Location) -> None:
+    _save(root, 5)
+    newest = _save(root, 10)
     shard = newest / "ds" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
     data[7] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert ckpt.verify(newest, "size") is None
     assert "sha256" in (ckpt.verify(newest, "sha256") or "")
-    assert ckpt.latest_valid(tmp_path, "sha256") == tmp_path / "step-5"
+    assert ckpt.latest_valid(root, "sha256").uri == (root / "step-5").uri  # type: ignore[union-attr]
 
 
-def test_a_save_that_died_before_its_manifest_is_skipped(tmp_path: Path) -> None:
-    _save(tmp_path, 5)
-    _write_fake_save(tmp_path, 10, 2).rename(tmp_path / "step-10")  # renamed, no manifest
-    assert "manifest.json is missing" in (ckpt.verify(tmp_path / "step-10") or "")
-    assert ckpt.latest_valid(tmp_path) == tmp_path / "step-5"
-    _write_fake_save(tmp_path, 15, 2)  # an unfinished .tmp is never a candidate
-    assert ckpt.committed_steps(tmp_path) == [5, 10]
+def test_each_rank_fetches_and_checks_only_its_own_files(root: Location) -> None:
+    path = _save(root, 5)
+    manifest = ckpt.read_manifest(path)
+    mine = ckpt.owned_by(manifest["files"], 1, 2)
+    assert mine and all("rank_1_" in f or "rank-1" in f for f in mine)
+    local, bad = ckpt.fetch(path, mine, manifest)
+    assert bad is None and all((local / f).is_file() for f in mine)
+    victim = path / mine[0]
+    data = bytearray(victim.read_bytes())
+    data[3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    if not root.is_local:  # a fresh fetch (another node) reads the object again
+        manifest = manifest | {"created": manifest["created"] + 1}
+    _, bad = ckpt.fetch(path, mine, manifest)
+    assert bad is not None and mine[0] in bad
+    # rank 0's files are untouched: its own check passes (the group decision is the loop's)
+    assert ckpt.fetch(path, ckpt.owned_by(manifest["files"], 0, 2), manifest)[1] is None
+
+
+def test_a_save_that_died_before_its_manifest_is_skipped(root: Location) -> None:
+    _save(root, 5)
+    _publish(root, 10, 2)  # every rank's files are there, the manifest never came
+    if root.is_local:
+        os.replace(root.local_path / "step-10.tmp", root.local_path / "step-10")
+    assert "manifest.json is missing" in (ckpt.verify(root / "step-10") or "")
+    assert ckpt.latest_valid(root).uri == (root / "step-5").uri  # type: ignore[union-attr]
+    _publish(root, 15, 2)  # an unfinished save is never a candidate
+    assert ckpt.committed_steps(root) == [5]
+    _save(root, 20)
+    ckpt.retain(root, keep_last=2, keep_every=None)  # leftovers older than the newest go
+    assert [n for n in root.ls() if n.startswith("step-")] == ["step-20", "step-5"]
+
+
+_CHOOSE = """
+import json, sys
+import torch.distributed as dist
+from crucible.cluster.storage import location
+from crucible.jobs.train.loop import choose_checkpoint
+rank, init, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+got = choose_checkpoint(location(root), "sha256", rank, 2)
+print(json.dumps(got[0].name if got else None))
+dist.destroy_process_group()
+"""
+
+
+def test_one_ranks_bad_file_moves_the_whole_group_back(root: Location, tmp_path: Path) -> None:
+    """Each rank checks only its own files; rank 1's corrupt shard in step-10 makes both
+    ranks load step-5, though rank 0's files of step-10 are intact (one decision)."""
+    _save(root, 5)
+    newest = _save(root, 10)
+    victim = newest / "ds" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    init = f"file://{tmp_path / 'store'}"
+    procs = []
+    for r in (0, 1):  # two "nodes": a scratch directory each
+        env = {**os.environ, "CRUCIBLE_SCRATCH": str(tmp_path / f"node{r}")}
+        cmd = [sys.executable, "-c", _CHOOSE, str(r), init, root.uri]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [json.loads(o.strip().splitlines()[-1]) for o in outs] == ["step-5", "step-5"]
+    # rank 0 says why, naming rank 1's file
+    assert "skipping checkpoint step-10" in outs[0] and "rank_1_mp_rank_00_optim" in outs[0]
 
 
 @pytest.mark.parametrize("zipfile", [True, False])
@@ -175,7 +252,7 @@ def test_save_hashed_starts_writeback_of_every_written_stretch(
 
 
 def test_hash_own_files_trusts_recorded_digests_only_at_the_files_size(tmp_path: Path) -> None:
-    tmp = _write_fake_save(tmp_path, 5, 1)
+    tmp = _write_fake_save(location(tmp_path), 5, 1)
     rel = "ds/zero_pp_rank_0_mp_rank_00_model_states.pt"
     size = (tmp / rel).stat().st_size
     known = {os.path.abspath(tmp / rel): {"sha256": "recorded", "bytes": size}}
@@ -184,21 +261,21 @@ def test_hash_own_files_trusts_recorded_digests_only_at_the_files_size(tmp_path:
     assert ckpt.hash_own_files(tmp, 0, 1, known)[rel]["sha256"] == ckpt.sha256_file(tmp / rel)
 
 
-def test_retention_keeps_last_k_plus_every_m(tmp_path: Path) -> None:
+def test_retention_keeps_last_k_plus_every_m(root: Location) -> None:
     deleted = []
     for step in range(5, 55, 5):
-        _save(tmp_path, step, world=1)
-        deleted += ckpt.retain(tmp_path, keep_last=2, keep_every=20)
-    assert ckpt.committed_steps(tmp_path) == [20, 40, 45, 50]
+        _save(root, step, world=1)
+        deleted += ckpt.retain(root, keep_last=2, keep_every=20)
+    assert ckpt.committed_steps(root) == [20, 40, 45, 50]
     assert sorted(deleted) == [5, 10, 15, 25, 30, 35]
-    assert ckpt.latest_valid(tmp_path) == tmp_path / "step-50"
+    assert ckpt.latest_valid(root).uri == (root / "step-50").uri  # type: ignore[union-attr]
 
 
-def test_retention_without_keep_every(tmp_path: Path) -> None:
+def test_retention_without_keep_every(root: Location) -> None:
     for step in (1, 2, 3, 4):
-        _save(tmp_path, step, world=1)
-    ckpt.retain(tmp_path, keep_last=3, keep_every=None)
-    assert ckpt.committed_steps(tmp_path) == [2, 3, 4]
+        _save(root, step, world=1)
+    ckpt.retain(root, keep_last=3, keep_every=None)
+    assert ckpt.committed_steps(root) == [2, 3, 4]
 
 
 # --- plan, dry run, up-front checks ----------------------------------------------------

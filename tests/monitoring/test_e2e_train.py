@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import requests
 
+from crucible.cluster.storage import location
 from crucible.data_pipeline.sample import generate_corpus
 from crucible.jobs.spec import parse_spec
 from crucible.monitoring import dashboards as dash
@@ -51,7 +52,8 @@ def run_job(spec_data: dict[str, Any], during=None) -> tuple[Path, str]:
     """Submit a spec as a Ray job and wait for it; return (run dir, job log)."""
     from crucible.jobs.submit import submit_run
 
-    client, job_id, run_dir = submit_run(parse_spec(spec_data))
+    client, job_id, run = submit_run(parse_spec(spec_data))
+    run_dir = run.local_path  # these runs' storage is a local path
     t0 = time.monotonic()
     worker = threading.Thread(target=during, args=(run_dir,), daemon=True) if during else None
     if worker:
@@ -284,7 +286,7 @@ def test_the_ledger_adds_up_with_the_lost_steps_attributed(train_run) -> None:
     # The checkpoint's copy of the ledger is the ledger as it stood then (one source).
     from crucible.jobs.train import checkpoint as ckpt
 
-    state = ckpt.read_state(ckpt.step_path(run_dir / "checkpoints", STEPS))
+    state = ckpt.read_state(ckpt.step_path(location(run_dir / "checkpoints"), STEPS))
     assert 0 < state["ledger"]["worker_seconds"] < led.total_seconds
     assert state["ledger"]["attempts"] == 2
 

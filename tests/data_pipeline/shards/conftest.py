@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from crucible.data_pipeline.executors.local import LocalExecutor
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.manifest import Manifest
 from crucible.data_pipeline.shards.spec import ShardSpec
@@ -107,7 +108,9 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tupl
 def shard_set(tmp_path_factory, documents) -> tuple[Path, Manifest]:
     """A shard set built in-process from :func:`documents` (tests must not modify it)."""
     out = tmp_path_factory.mktemp("built") / "shards"
-    return out, build_shards(documents[0], ShardSpec.model_validate(SPEC), out, "local", "spec-1")
+    return out, build_shards(
+        documents[0], ShardSpec.model_validate(SPEC), out, LocalExecutor(), "spec-1"
+    )
 
 
 @pytest.fixture
@@ -117,6 +120,6 @@ def fresh_shards(tmp_path: Path, documents) -> Callable[..., tuple[Path, Manifes
     def build(**over) -> tuple[Path, Manifest]:
         out = tmp_path / f"shards-{len(list(tmp_path.iterdir()))}"
         spec = ShardSpec.model_validate({**SPEC, **over})
-        return out, build_shards(documents[0], spec, out, "local", "spec-1")
+        return out, build_shards(documents[0], spec, out, LocalExecutor(), "spec-1")
 
     return build

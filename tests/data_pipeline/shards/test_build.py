@@ -11,9 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from crucible.cluster.storage import location
+from crucible.data_pipeline.executors.local import LocalExecutor
+from crucible.data_pipeline.executors.ray import RayExecutor
 from crucible.data_pipeline.shards import build as build_mod
 from crucible.data_pipeline.shards.build import build_shards
-from crucible.data_pipeline.shards.manifest import file_sha256, read_manifest
+from crucible.data_pipeline.shards.manifest import read_manifest
 from crucible.data_pipeline.shards.spec import ShardSpec
 from crucible.data_pipeline.tokens.pack import unpack_rows
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -53,7 +56,7 @@ def test_manifest_describes_the_files_exactly(shard_set) -> None:
         assert split.rows == sum(s.rows for s in split.shards)
         for s in split.shards:
             assert (shards / s.file).stat().st_size == s.bytes
-            assert file_sha256(shards / s.file) == s.sha256
+            assert location(shards / s.file).sha256() == s.sha256
     assert m.splits["train"].rows + m.splits["heldout"].rows == m.totals.rows
     assert m.splits["heldout"].rows == round(m.totals.rows * 0.05)
     assert m.totals.bytes == sum(s.bytes for sp in m.splits.values() for s in sp.shards)
@@ -104,10 +107,10 @@ def test_rerun_keeps_a_finished_set_and_refuses_another_specs(
     out, m = fresh_shards()
     mtime = (out / "manifest.json").stat().st_mtime_ns
     spec = ShardSpec.model_validate(spec_dict)
-    assert build_shards(documents[0], spec, out, "local", "spec-1") == m
+    assert build_shards(documents[0], spec, out, LocalExecutor(), "spec-1") == m
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
     with pytest.raises(CrucibleError, match="holds shards of another spec"):
-        build_shards(documents[0], spec, out, "local", "spec-2")
+        build_shards(documents[0], spec, out, LocalExecutor(), "spec-2")
 
 
 def test_a_crash_before_the_manifest_leaves_no_shard_set(
@@ -119,11 +122,51 @@ def test_a_crash_before_the_manifest_leaves_no_shard_set(
     monkeypatch.setattr(build_mod, "write_manifest", crash)
     out = tmp_path / "shards"
     with pytest.raises(OSError, match="disk full"):
-        build_shards(documents[0], ShardSpec.model_validate(spec_dict), out, "local", "x")
+        build_shards(documents[0], ShardSpec.model_validate(spec_dict), out, LocalExecutor(), "x")
     assert list(tmp_path.iterdir()) == []
     out.mkdir()  # a directory without a manifest is not a shard set
     with pytest.raises(CrucibleError, match="not a shard set"):
         read_manifest(out)
+
+
+_KILLED_BUILD = """
+import os, signal, sys
+from crucible.data_pipeline.executors.local import LocalExecutor
+from crucible.data_pipeline.shards import build
+from crucible.data_pipeline.shards.spec import ShardSpec
+import json
+route = build.route_rows
+def route_then_die(job):
+    out = route(job)
+    os.kill(os.getpid(), signal.SIGKILL)  # after the first packed file is routed
+build.route_rows = route_then_die
+spec = ShardSpec.model_validate(json.loads(sys.argv[3]))
+build.build_shards(sys.argv[1], spec, sys.argv[2], LocalExecutor(), "spec-1")
+"""
+
+
+def test_a_build_killed_midway_is_never_complete_and_a_rerun_cleans_up(
+    shard_set, documents, tmp_path, spec_dict
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-c", _KILLED_BUILD, str(documents[0]), str(out), json.dumps(spec_dict)]
+    assert subprocess.run(cmd, check=False).returncode == -9
+    assert (out / "_work").is_dir() and (out / "tokenizer.json").is_file()  # it got that far
+    with pytest.raises(CrucibleError, match="not a shard set"):
+        read_manifest(out)
+    m = build_shards(
+        documents[0], ShardSpec.model_validate(spec_dict), out, LocalExecutor(), "spec-1"
+    )
+    assert m.fingerprint == shard_set[1].fingerprint  # the same set as an uninterrupted build
+    listed = {s.file for sp in m.splits.values() for s in sp.shards} | {"tokenizer.json"}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    hf = {"dataset_dict.json"} | {
+        f"{s}/{f}" for s in m.splits for f in ("dataset_info.json", "state.json")
+    }
+    assert on_disk == listed | hf | {"manifest.json"}  # nothing left of the killed attempt
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, spec_dict, make_documents) -> None:
@@ -132,11 +175,11 @@ def test_bad_inputs_are_clear_errors(tmp_path, spec_dict, make_documents) -> Non
     make_documents(docs, files=1, docs=5)
     (docs / "_SUCCESS").unlink()
     with pytest.raises(CrucibleError, match="no _SUCCESS"):
-        build_shards(docs, spec, tmp_path / "s", "local", "x")
+        build_shards(docs, spec, tmp_path / "s", LocalExecutor(), "x")
     (docs / "_SUCCESS").touch()
     pq.write_table(pa.table({"id": ["a"]}), docs / "part-00009.parquet")
     with pytest.raises(CrucibleError, match=r"part-00009.parquet lacks column\(s\) text"):
-        build_shards(docs, spec, tmp_path / "s", "local", "x")
+        build_shards(docs, spec, tmp_path / "s", LocalExecutor(), "x")
     empty = tmp_path / "empty"
     empty.mkdir()
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["", None]}), empty / "part-0.parquet")
@@ -146,7 +189,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, spec_dict, make_documents) -> Non
             empty,
             ShardSpec.model_validate({**spec_dict, "tokenizer": {"path": str(_tok(tmp_path))}}),
             tmp_path / "s",
-            "local",
+            LocalExecutor(),
             "x",
         )
     (docs / "part-00009.parquet").unlink()
@@ -155,7 +198,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, spec_dict, make_documents) -> Non
             docs.parent / "docs",
             ShardSpec.model_validate({**spec_dict, "heldout_rows": 10**6}),
             tmp_path / "s",
-            "local",
+            LocalExecutor(),
             "x",
         )
     assert not (tmp_path / "s").exists()
@@ -182,7 +225,11 @@ def test_ray_executor_builds_the_same_shards_as_local(
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         m = build_shards(
-            documents[0], ShardSpec.model_validate(spec_dict), tmp_path / "shards", "ray", "spec-1"
+            documents[0],
+            ShardSpec.model_validate(spec_dict),
+            tmp_path / "shards",
+            RayExecutor(),
+            "spec-1",
         )
     finally:
         if started:

@@ -69,10 +69,10 @@ def test_build_from_path_checks_the_eos_token(tmp_path: Path) -> None:
         CORPUS, TokenizerTrainSpec(vocab_size=300, special_tokens=["<s>"], eos_token="<s>")
     )
     save_tokenizer(tok, tmp_path / "tokenizer.json")
-    ok = build_tokenizer(TokenizerSpec(path=tmp_path / "tokenizer.json", eos_token="<s>"), [])
+    ok = build_tokenizer(TokenizerSpec(path=str(tmp_path / "tokenizer.json"), eos_token="<s>"), [])
     assert tokenizer_fingerprint(ok) == tokenizer_fingerprint(tok)
     with pytest.raises(CrucibleError, match="no EOS token '<\\|endoftext\\|>'"):
-        build_tokenizer(TokenizerSpec(path=tmp_path / "tokenizer.json"), [])
+        build_tokenizer(TokenizerSpec(path=str(tmp_path / "tokenizer.json")), [])
 
 
 def test_spec_rejects_ambiguous_or_inconsistent_tokenizer_sections() -> None:
