@@ -33,8 +33,9 @@ def main() -> int:
         tempfile.TemporaryDirectory() as tmp,
     ):
         got = drill.run_drill(cluster, server, Path(tmp), reference=not args.no_reference)
-    resumes = drill.records(got.run, "resume")
-    bitwise = drill.step_losses(got.run) == drill.step_losses(got.ref_run) if got.ref_run else None
+        resumes = drill.records(got.run, "resume")  # read while the bucket is up
+        ours = drill.step_losses(got.run)
+        bitwise = ours == drill.step_losses(got.ref_run) if got.ref_run else None
     print(f"\n{'phase':<52} {'wall s':>8}")
     for phase, seconds in got.phases.items():
         print(f"{phase:<52} {seconds:8.1f}")

@@ -390,7 +390,9 @@ def data_spec(name: str, storage: str, inputs: str) -> Any:
             "cluster": {"storage": storage},
             "data": {
                 "inputs": [inputs],
-                "language": {"enabled": False},
+                # exact dedup writes its results to the bucket like MinHash would; MinHash's
+                # dozen shuffles would add minutes of Ray Data's fixed cost per shuffle here
+                "dedup": {"minhash": {"enabled": False}},
                 "shards": {
                     "seq_len": 64,
                     "rows_per_shard": 100,
