@@ -100,7 +100,7 @@ def run_pipeline(
     ex = _executor(executor, spec)
     t0 = time.time()
     parts = list(range(len(inputs)))
-    metrics = _DataMonitor(run_dir.name)
+    metrics = _DataMonitor(run_dir.name, on_cluster=executor == "ray")
 
     # 1. filter
     step_stats: dict[str, Any] = {}
@@ -179,21 +179,20 @@ def run_pipeline(
 
 
 class _DataMonitor:
-    """Prometheus metrics of a data run, served while it runs on a crucible cluster.
+    """Prometheus metrics of a data run, served while it runs on a Ray cluster.
 
-    Only when the job runs under a crucible cluster (``$CRUCIBLE_CLUSTER_STATE`` set) is an
-    exporter started and announced to its Prometheus; at the end it stays up one scrape
-    interval so the final totals are scraped. Metrics never stop the pipeline.
+    With the Ray executor the driver serves its metrics and registers them with the cluster's
+    target registry (:mod:`crucible.monitoring.discovery`); at the end it stays up one scrape
+    interval so the final totals are scraped. In-process runs export nothing. Metrics never
+    stop the pipeline.
     """
 
     LINGER_S = 6.0  # the local cluster's scrape interval is 5 s
 
-    def __init__(self, run: str) -> None:
-        import os
-
+    def __init__(self, run: str, on_cluster: bool) -> None:
         self.port: int | None = None
         self.dm: Any = None
-        if not os.environ.get("CRUCIBLE_CLUSTER_STATE"):
+        if not on_cluster:
             return
         try:
             from crucible.monitoring.exporter import start_exporter

@@ -154,6 +154,12 @@ def _ensure_ray() -> Any:
     if not ray.is_initialized():
         # inside a Ray job RAY_ADDRESS names the cluster; otherwise start a private local one
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+    try:  # the cluster's scrape-target registry, for the driver's metrics (this is the head)
+        from crucible.monitoring.discovery import ensure_registry
+
+        ensure_registry()
+    except Exception as e:  # metrics never stop a job
+        print(f"warning: metrics discovery unavailable ({type(e).__name__}: {e})", flush=True)
     return ray
 
 

@@ -34,6 +34,9 @@ def up(
     metrics_export_port: int = typer.Option(local.Ports.metrics_export, help="Ray metrics."),
     dashboard_agent_port: int = typer.Option(local.Ports.dashboard_agent, help="Ray agent."),
     prometheus_port: int = typer.Option(local.Ports.prometheus, help="Prometheus web/API."),
+    metrics_discovery_port: int = typer.Option(
+        local.Ports.metrics_discovery, help="crucible's scrape-target registry (HTTP SD)."
+    ),
     prometheus_bin: str | None = typer.Option(None, help="Path of the prometheus binary."),
 ) -> None:
     """Start a token-authenticated Ray head and a Prometheus on 127.0.0.1."""
@@ -44,6 +47,7 @@ def up(
         metrics_export=metrics_export_port,
         dashboard_agent=dashboard_agent_port,
         prometheus=prometheus_port,
+        metrics_discovery=metrics_discovery_port,
     )
     t0 = time.monotonic()
     with console.status("starting Ray head and Prometheus ..."):

@@ -196,6 +196,7 @@ def run_train(run_dir: Location) -> int:
     check_shards(spec)
     if not ray.is_initialized():
         ray.init(log_to_driver=True, runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+    start_metrics_registry()
     resources = ray.cluster_resources()
     use_gpu = decide_gpu(spec, resources)
     check_resources(spec, resources, use_gpu)
@@ -239,6 +240,17 @@ def run_train(run_dir: Location) -> int:
         )
     print(summarize(run_dir, time.perf_counter() - t0), flush=True)
     return 0
+
+
+def start_metrics_registry() -> None:
+    """Make sure the cluster's scrape-target registry runs (this driver is on the head node);
+    metrics never stop a job, so a failure is a warning."""
+    try:
+        from crucible.monitoring.discovery import ensure_registry
+
+        ensure_registry()
+    except Exception as e:
+        print(f"warning: metrics discovery unavailable ({type(e).__name__}: {e})", flush=True)
 
 
 def summarize(run_dir: Location, seconds: float) -> str:

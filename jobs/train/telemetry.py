@@ -1,8 +1,8 @@
 """What a training rank tells the outside world: Prometheus metrics, the GPU-hours ledger and
 the hang watchdog, behind one exception-safe object the train loop calls once per event.
 
-Every rank serves its metrics (announced to the cluster's Prometheus through
-``$CRUCIBLE_CLUSTER_STATE``, which the local cluster sets for every process it starts) and
+Every rank serves its metrics on its node's address (registered with the cluster's target
+registry, from which Prometheus discovers them; see :mod:`crucible.monitoring.discovery`) and
 runs a watchdog; rank 0 alone records the run-wide series and writes the ledger for all
 devices of the attempt. Nothing here touches torch's random generators or the tensors being
 trained, and no failure in here reaches the loop: metrics never break training.

@@ -99,14 +99,23 @@ def test_lifecycle_submit_auth_prometheus_and_down() -> None:
         bad = {"Authorization": "Bearer " + "0" * 64}
         assert requests.get(url, headers=bad, timeout=10).status_code in (401, 403)
         assert requests.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
-        # The dashboard and Prometheus listen on loopback only.
+        # Nothing the cluster started listens beyond loopback: not the dashboard, Prometheus,
+        # GCS, raylet, object manager, agents, Ray's metrics port or its client server.
+        pids = set()
+        for rec in state.procs:
+            root = rec.handle()
+            assert root is not None
+            pids |= {root.pid, *(c.pid for c in root.children(recursive=True))}
         listening = {
-            (c.laddr.ip, c.laddr.port)
+            (c.laddr.ip, c.laddr.port, c.pid)
             for c in psutil.net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN
+            if c.status == psutil.CONN_LISTEN and c.pid in pids
         }
-        for port in (ports.dashboard, ports.prometheus):
-            assert {ip for ip, p in listening if p == port} == {"127.0.0.1"}
+        assert len(listening) > 5
+        loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+        assert {ip for ip, _, _ in listening} <= loopback, listening
+        for port in (ports.dashboard, ports.prometheus, ports.metrics_export, ports.client_server):
+            assert {ip for ip, p, _ in listening if p == port} <= loopback
 
         # Prometheus scrapes Ray's metrics: a `ray` target reports up.
         deadline = time.monotonic() + 60

@@ -109,17 +109,20 @@ def feed(
 @pytest.fixture
 def live_run(prometheus: ClusterState, tmp_path: Path) -> Iterator[float]:
     """Real exporters fed in real time; yields when feeding started."""
-    state = prometheus.state_dir
     ranks = [TrainMetrics(FLOPS_PER_TOKEN, FLOPS_PER_TOKEN * 4 / 3, DEVICES, PEAK, rank=r,
                           total_steps=1000, gpu_budget_seconds=3600.0)
              for r in range(DEVICES)]  # fmt: skip
     ranks[0].registry.register(LedgerCollector(tmp_path))
     ranks[0].on_restart(1)
     data = DataMetrics()
-    ports = [start_exporter("itest", "train", r, m.registry, state_dir=state)
-             for r, m in enumerate(ranks)]  # fmt: skip
-    ports.append(start_exporter("itest-data", "data", 0, data.registry, state_dir=state))
-    assert None not in ports
+    exporters = [("itest", "train", r, m.registry) for r, m in enumerate(ranks)]
+    exporters.append(("itest-data", "data", 0, data.registry))
+    ports = []
+    for run, job, rank, reg in exporters:  # announced as the cluster's registry would be
+        ports.append(start_exporter(run, job, rank, reg, host="127.0.0.1", announce=False))
+        assert ports[-1] is not None
+        labels = {"run": run, "job": job, "rank": str(rank)}
+        prometheus.registry.register(f"127.0.0.1:{ports[-1]}", labels)
     stop = threading.Event()
     t = threading.Thread(target=feed, args=(stop, tmp_path, ranks, data), daemon=True)
     t.start()
@@ -129,6 +132,7 @@ def live_run(prometheus: ClusterState, tmp_path: Path) -> Iterator[float]:
         stop.set()
         t.join()
         for p in ports:
+            prometheus.registry.deregister(f"127.0.0.1:{p}")
             stop_exporter(p)  # type: ignore[arg-type]
 
 
