@@ -48,6 +48,7 @@ RAY_ENV = {
     # Train job it never becomes idle, so the head would wait all 30 s at teardown.
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
+HEAD_IP = "127.0.0.4"
 # Requests moto serves before it enforces IAM auth: the setup of the two identities.
 _UNAUTHENTICATED_SETUP_CALLS = 6
 
@@ -172,7 +173,7 @@ class Cluster:
         )
         cmd = [
             str(Path(sys.executable).parent / "ray"), "start", "--block",
-            "--address", f"{local.HOST}:{self.state.ports.gcs}",
+            "--address", f"{self.state.node_ip}:{self.state.ports.gcs}",
             "--node-ip-address", ip,
             "--num-cpus", "1",
             "--resources", json.dumps({f"node_{name}": 1}),
@@ -263,7 +264,9 @@ def multinode(server: S3Server, nodes: dict[str, str]) -> Iterator[Cluster]:
     os.environ.update(RAY_ENV | server.env | ours)
     cluster = None
     try:
-        state, started = local.up(home / "cluster", local.free_ports(), num_cpus=1)
+        # the head on an address of its own, as on a real cluster (nodes join it there)
+        state, started = local.up(home / "cluster", local.free_ports(), num_cpus=1,
+                                  node_ip=HEAD_IP)  # fmt: skip
         assert started
         # the client (this process) is not a node: a scratch of its own
         os.environ["CRUCIBLE_SCRATCH"] = str(home / "scratch-client")
@@ -288,7 +291,7 @@ def multinode(server: S3Server, nodes: dict[str, str]) -> Iterator[Cluster]:
 
 # --- the drill ------------------------------------------------------------------------------
 
-MAX_STEPS, EVERY, KILL_AFTER = 24, 4, 8
+MAX_STEPS, EVERY, KILL_AFTER = 24, 6, 6
 
 
 @dataclass
@@ -296,6 +299,7 @@ class Drill:
     """What the drill did and saw."""
 
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase
+    started: float = 0.0  # unix time the drill began (for Prometheus range queries)
     data_run: str = ""
     ref_run: str = ""
     run: str = ""
@@ -390,9 +394,6 @@ def data_spec(name: str, storage: str, inputs: str) -> Any:
             "cluster": {"storage": storage},
             "data": {
                 "inputs": [inputs],
-                # exact dedup writes its results to the bucket like MinHash would; MinHash's
-                # dozen shuffles would add minutes of Ray Data's fixed cost per shuffle here
-                "dedup": {"minhash": {"enabled": False}},
                 "shards": {
                     "seq_len": 64,
                     "rows_per_shard": 100,
@@ -421,6 +422,7 @@ def train_spec(name: str, storage: str, shards: str) -> Any:
                 "max_steps": MAX_STEPS,
                 "placement_strategy": "STRICT_SPREAD",
                 "max_failures": 2,
+                "gpu_hour_budget": 1.0,
             },
         }
     )
@@ -449,7 +451,7 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
     """
     from crucible.jobs.train.export import export_checkpoint
 
-    drill = Drill()
+    drill = Drill(started=time.time())
     bucket = server.bucket("drill")
     storage = f"{bucket}/runs"
     with _timed(drill, "upload raw text"):
@@ -476,7 +478,18 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
                 return latest.read_text().strip() == f"step-{KILL_AFTER}"
             return False
 
+        def past_it() -> bool:
+            # a step after the checkpoint is in the GPU-hours ledger: work the loss destroys
+            from crucible.monitoring.ledger import read_attempts
+
+            attempts, _ = read_attempts(run)
+            steps = (
+                [r["step"] for r in attempts[-1].records if r["kind"] == "step"] if attempts else []
+            )
+            return max(steps, default=0) > KILL_AFTER
+
         _wait_for(committed, f"checkpoint step-{KILL_AFTER} committed", done)
+        _wait_for(past_it, f"a step after step-{KILL_AFTER} in the ledger", done)
         pids, drill.placements["before"] = placement(cluster, run, done)
         drill.nodes_before = cluster.alive()
         cluster.kill("b")
@@ -492,6 +505,19 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
     with _timed(drill, "export from S3 to transformers"):
         drill.export_dir = str(export_checkpoint(run.uri, "hf", workdir / "hf"))
     return drill
+
+
+def prometheus_range(url: str, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+    """``expr`` evaluated over ``[start, end]`` every 5 s, as a dashboard over that time range
+    shows it (a finished job's series are stale at the end, not absent from the range)."""
+    r = requests.get(
+        f"{url}/api/v1/query_range",
+        params={"query": expr, "start": start, "end": end, "step": 5},
+        timeout=30,
+    )
+    r.raise_for_status()
+    result: list[dict[str, Any]] = r.json()["data"]["result"]
+    return result
 
 
 def step_losses(run: str | Location) -> dict[int, float]:

@@ -112,6 +112,9 @@ class ClusterState:
     num_cpus: int | None = None
     temp_dir: str = ""
     """The private directory :func:`cluster_temp_dir` that holds Ray's temp dir."""
+    node_ip: str = HOST
+    """The head's Ray node address: 127.0.0.1 (this machine only) unless ``up`` was given
+    another one for nodes to join."""
 
     @property
     def ray_temp_dir(self) -> Path:
@@ -150,6 +153,7 @@ def load_state(state_dir: Path) -> ClusterState | None:
             started_at=raw.get("started_at", 0.0),
             num_cpus=raw.get("num_cpus"),
             temp_dir=raw.get("temp_dir", ""),
+            node_ip=raw.get("node_ip", HOST),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise CrucibleError(
@@ -397,7 +401,7 @@ def prometheus_config(state: ClusterState, scrape_interval_s: float = 5.0) -> st
     from crucible.monitoring.discovery import PATH, scrape_config
 
     config = scrape_config(
-        f"http://{HOST}:{state.ports.metrics_discovery}{PATH}",
+        f"http://{state.node_ip}:{state.ports.metrics_discovery}{PATH}",
         ray_sd_file=str(state.ray_temp_dir / "prom_metrics_service_discovery.json"),
         scrape_interval_s=scrape_interval_s,
         rule_files=[str(Path(state.state_dir) / "prometheus" / "rules" / "*.yml")],
@@ -417,10 +421,21 @@ def up(
     num_cpus: int | None = None,
     prometheus_bin: str | None = None,
     timeout: float = 120.0,
+    node_ip: str | None = None,
 ) -> tuple[ClusterState, bool]:
     """Start the local cluster; return its state and whether it was started now.
 
     A cluster already running in ``state_dir`` is left as it is (returned with False).
+
+    Args:
+        state_dir: the state directory.
+        ports: the fixed ports.
+        num_cpus: CPUs Ray may use (default: all).
+        prometheus_bin: the prometheus binary.
+        timeout: seconds to wait for each service.
+        node_ip: None (the default): a cluster of this machine alone, every Ray service on
+            127.0.0.1. An address (not 127.0.0.1): a head other nodes can join, its Ray
+            services on that address (the multi-node tests join nodes on 127.0.0.x).
     """
     state_dir = (state_dir or default_state_dir()).expanduser().resolve()
     existing = load_state(state_dir)
@@ -447,6 +462,7 @@ def up(
         started_at=time.time(),
         num_cpus=num_cpus,
         temp_dir=str(temp_dir),
+        node_ip=node_ip or HOST,
     )
     ray_temp = state.ray_temp_dir
 
@@ -456,21 +472,22 @@ def up(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token_path),
         RAY_USAGE_STATS_ENABLED="0",
-        # A cluster of this machine alone: Ray keeps 127.0.0.1 as the node address instead of
-        # mapping it to the routable one, so every service it starts (GCS, raylet, object
-        # manager, agents, its metrics port) binds loopback (Ray's switch for single-machine
-        # Windows/macOS clusters; nodes joined by hand still get the address they are given).
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         # Where the jobs' drivers serve crucible's scrape targets (monitoring.discovery).
         CRUCIBLE_METRICS_SD_PORT=str(ports.metrics_discovery),
     )
     env.pop("RAY_AUTH_TOKEN", None)
+    if node_ip is None:
+        # A cluster of this machine alone: Ray keeps 127.0.0.1 as the node address instead of
+        # mapping it to the routable one, so every service it starts (GCS, raylet, object
+        # manager, agents, its metrics port, the client server) binds loopback. This is Ray's
+        # switch for single-machine clusters on Windows and macOS; 0 on Linux means the same.
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # Ray drains a node for up to 30 s on SIGTERM, for Serve traffic; crucible runs no Serve,
     # so `down` stops at once.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     cmd = [
         ray, "start", "--head", "--block",
-        "--node-ip-address", HOST,
+        "--node-ip-address", state.node_ip,
         "--port", str(ports.gcs),
         "--dashboard-host", HOST,
         "--dashboard-port", str(ports.dashboard),
@@ -697,7 +714,7 @@ def _ray_address(state: ClusterState) -> str:
     try:
         return current.read_text().strip()
     except OSError:
-        return f"{HOST}:{state.ports.gcs}"
+        return f"{state.node_ip}:{state.ports.gcs}"
 
 
 def _ray_health(state: ClusterState) -> dict[str, Any]:

@@ -3,9 +3,9 @@
 Rank 0 of each training attempt appends intervals to ``<run_dir>/ledger/attempt-<k>.jsonl``
 (a new log per attempt, a :class:`~crucible.cluster.storage.JsonlLog`) as they end: start-up,
 each step (with its data wait), checkpoints (committed or not), evaluations, idle time. Records
-are made durable at checkpoints and at the end, and at most every second otherwise (every few
-seconds on object stores, which cannot append), so a killed process or a machine crash loses
-at most that much.
+are made durable at checkpoints and at the end, and at most every second otherwise (on object
+stores, which cannot append, by rewriting the current segment), so a killed process or a
+machine crash loses at most that much.
 
 :func:`account` reads the ledger after the fact. Whether a step was *productive* is only
 known in hindsight: a step counts if the run's final state descends from it, i.e. it was
@@ -88,7 +88,7 @@ class LedgerWriter:
         try:
             self.attempt = 1 + max((_attempt_index(n) for n in d.ls()), default=0)
             if fsync_every_s is None:
-                fsync_every_s = 1.0 if d.renames else 5.0
+                fsync_every_s = 1.0
             self._log = JsonlLog(d / f"attempt-{self.attempt}.jsonl", sync_every_s=fsync_every_s)
         except (OSError, ValueError) as e:
             log.warning("GPU-hours ledger disabled: cannot create it in %s (%s)", run_dir, e)

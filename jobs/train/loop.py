@@ -49,7 +49,7 @@ def open_metrics(run_dir: Location) -> JsonlLog:
     Args:
         run_dir: the run directory.
     """
-    return JsonlLog(run_dir / METRICS, sync_every_s=5.0)
+    return JsonlLog(run_dir / METRICS, sync_every_s=1.0)
 
 
 def say(message: str) -> None:

@@ -102,11 +102,12 @@ def test_multinode_drill_on_object_storage_resumes_bitwise(s3, tmp_path) -> None
     with drill.multinode(s3, {"b": "127.0.0.2"}) as cluster:
         ids_before = cluster.alive()
         got = drill.run_drill(cluster, s3, tmp_path)
+        watched = what_prometheus_saw(cluster.state.prometheus_url, got)
     print("\n" + "\n".join(f"{k:<52} {v:6.1f} s" for k, v in got.phases.items()))
 
     # The nodes were distinct hosts to Ray: a head and a node on 127.0.0.2, then 127.0.0.3.
     assert {n: ip for n, (_, ip) in ids_before.items() if n != "head"} == {"b": "127.0.0.2"}
-    assert ids_before["head"][1] not in ("127.0.0.2", "127.0.0.3")
+    assert ids_before["head"][1] == drill.HEAD_IP
     assert set(got.nodes_after) == {"head", "c"} and got.nodes_after["c"][1] == "127.0.0.3"
     assert got.nodes_after["head"][0] == ids_before["head"][0]
     # STRICT_SPREAD: one rank on each 1-CPU node, before and after the loss of node b.
@@ -135,6 +136,13 @@ def test_multinode_drill_on_object_storage_resumes_bitwise(s3, tmp_path) -> None
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
+    # Prometheus, finding targets only through the registry's HTTP SD, scraped ranks on every
+    # node the run used, saw the restart and the lost device time; every dashboard panel
+    # (GPU-only ones aside) has data for the runs.
+    assert watched["instances"] == {drill.HEAD_IP, "127.0.0.2", "127.0.0.3"}, watched
+    assert watched["restarts"] >= 1 and watched["lost_seconds"] > 0, watched
+    assert watched["empty_panels"] == [], watched["empty_panels"]
+
     # The export read the run from S3; transformers gives crucible's logits.
     model = load_model(got.run)
     hf = AutoModelForCausalLM.from_pretrained(got.export_dir).eval()
@@ -142,3 +150,46 @@ def test_multinode_drill_on_object_storage_resumes_bitwise(s3, tmp_path) -> None
     with torch.no_grad():
         diff = (hf(tokens).logits - model(tokens)[0]).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+def what_prometheus_saw(url: str, got: drill.Drill) -> dict:
+    """From the cluster's Prometheus, over the drill's time span: which hosts served rank
+    metrics of the node-loss run, its restarts and lost device-seconds, and the dashboard
+    panels without data. Waits (bounded) for the last scrapes of the final attempt."""
+    import time
+
+    from crucible.monitoring import dashboards as dash
+
+    runs = {"training": "node-loss", "cost": "node-loss", "data": "data"}
+    panels = [
+        (name, p["title"], t["expr"])
+        for name, build in dash.DASHBOARDS.items()
+        for p in build()["panels"]
+        if p["title"] not in dash.GPU_ONLY
+        for t in p["targets"]
+    ]
+
+    def look() -> dict:
+        end = time.time()
+        rng = lambda e: drill.prometheus_range(url, e, got.started, end)  # noqa: E731
+        loss = rng('crucible_train_step_seconds_count{run="node-loss"}')  # every rank's
+        restarts = rng('max(crucible_train_restarts_total{run="node-loss"})')
+        lost = rng('max(crucible_gpu_seconds_total{run="node-loss", phase="lost"})')
+        empty = [
+            (n, title)
+            for n, title, e in panels
+            if not rng(e.replace("$run", runs[n]).replace("$__rate_interval", "30s"))
+        ]
+        return {
+            "instances": {s["metric"]["instance"].rsplit(":", 1)[0] for s in loss},
+            "restarts": max((float(v) for s in restarts for _, v in s["values"]), default=0),
+            "lost_seconds": max((float(v) for s in lost for _, v in s["values"]), default=0),
+            "empty_panels": sorted(set(empty)),
+        }
+
+    deadline = time.monotonic() + 60
+    seen = look()
+    while time.monotonic() < deadline and (seen["empty_panels"] or seen["lost_seconds"] <= 0):
+        time.sleep(2)
+        seen = look()
+    return seen
