@@ -8,6 +8,7 @@ connection failures into one-line errors, and follows logs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from crucible.cluster import local
@@ -67,18 +69,34 @@ class JobsClient:
     def __init__(self, target: Target):
         self.target = target
         headers = local.auth_headers(target.token_path) if target.token_path else {}
-        try:
+        with self._errors():
             self._client = JobSubmissionClient(target.dashboard_url, headers=headers)
+
+    @contextlib.contextmanager
+    def _errors(self, job_id: str | None = None) -> Iterator[None]:
+        """Turn the Jobs API's failures into one-line errors: unreachable, refused token,
+        unknown job."""
+        url = self.target.dashboard_url
+        try:
+            yield
         except (ConnectionError, requests.RequestException) as e:
             raise CrucibleError(
-                f"the Ray cluster at {target.dashboard_url} does not answer "
-                f"({type(e).__name__}); check the address or start it with `crucible cluster up`"
+                f"the Ray cluster at {url} does not answer ({type(e).__name__}); check the "
+                "address or start it with `crucible cluster up`"
             ) from None
-        except RuntimeError as e:
-            if "401" in str(e) or "403" in str(e) or "uthenticat" in str(e):
+        except (AuthenticationError, RuntimeError) as e:
+            text = str(e)
+            if isinstance(e, AuthenticationError) or any(
+                k in text for k in ("401", "403", "uthenticat", "nauthorized")
+            ):
+                which = str(self.target.token_path) if self.target.token_path else "none found"
                 raise CrucibleError(
-                    f"the Ray cluster at {target.dashboard_url} refused the auth token; "
-                    "pass the cluster's token file with cluster.token_path"
+                    f"the Ray cluster at {url} refused the auth token ({which}); pass that "
+                    "cluster's token file with --token-path or cluster.token_path"
+                ) from None
+            if job_id is not None and ("does not exist" in text or "404" in text):
+                raise CrucibleError(
+                    f"no job {job_id!r} on {url}; see `crucible jobs list`"
                 ) from None
             raise
 
@@ -100,13 +118,14 @@ class JobsClient:
     ) -> str:
         """Submit ``entrypoint``; return the submission id."""
         try:
-            return self._client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=submission_id,
-                runtime_env=runtime_env,
-                metadata=metadata,
-                entrypoint_num_cpus=entrypoint_num_cpus,
-            )
+            with self._errors():
+                return self._client.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=submission_id,
+                    runtime_env=runtime_env,
+                    metadata=metadata,
+                    entrypoint_num_cpus=entrypoint_num_cpus,
+                )
         except RuntimeError as e:
             msg = str(e).splitlines()[0]
             if "already exists" in msg:
@@ -129,17 +148,12 @@ class JobsClient:
         return self._call(self._client.stop_job, job_id)
 
     def list(self) -> list[Any]:
-        return self._client.list_jobs()
+        with self._errors():
+            return self._client.list_jobs()
 
     def _call(self, fn: Any, job_id: str) -> Any:
-        try:
+        with self._errors(job_id):
             return fn(job_id)
-        except RuntimeError as e:
-            if "does not exist" in str(e) or "404" in str(e):
-                raise CrucibleError(
-                    f"no job {job_id!r} on {self.target.dashboard_url}; see `crucible jobs list`"
-                ) from None
-            raise
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> JobStatus:
         """Block until the job reaches a terminal state (or ``timeout``); return its status."""

@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from crucible.cluster.spec import ClusterSpec
+from crucible.jobs.cli.options import Address, StateDir, TokenPath, cluster_spec
 from crucible.jobs.client import JobsClient
 
 app = typer.Typer(help="List, inspect, follow and stop jobs on the cluster.", no_args_is_help=True)
 console = Console()
 
-Address = typer.Option(
-    "local", "--address", help="'local' or a Ray dashboard URL of a remote cluster."
-)
 
-
-def _client(address: str) -> JobsClient:
-    return JobsClient.for_cluster(ClusterSpec(address=address))
+def _client(address: str | None, state_dir: Path | None, token_path: Path | None) -> JobsClient:
+    return JobsClient.for_cluster(cluster_spec(address, state_dir, token_path))
 
 
 @app.command("list")
 def list_(
-    address: str = Address,
+    address: str | None = Address,
+    state_dir: Path | None = StateDir,
+    token_path: Path | None = TokenPath,
     all_: bool = typer.Option(False, "--all", help="Also jobs not submitted by crucible."),
 ) -> None:
-    """Jobs on the cluster, newest first."""
-    jobs = sorted(_client(address).list(), key=lambda j: j.start_time or 0, reverse=True)
+    """Jobs on the cluster, newest first (full ids: `logs` and `stop` take them)."""
+    client = _client(address, state_dir, token_path)
+    jobs = sorted(client.list(), key=lambda j: j.start_time or 0, reverse=True)
     table = Table("job", "run", "kind", "status", "started", "duration")
+    table.columns[0].no_wrap = True
+    table.columns[0].overflow = "fold"  # never "…": the id is what the other verbs need
     for j in jobs:
         meta = j.metadata or {}
         if not all_ and "crucible_run" not in meta:
@@ -45,13 +47,18 @@ def list_(
             time.strftime("%m-%d %H:%M:%S", time.localtime(start)) if start else "-",
             f"{end - start:.0f}s" if start else "-",
         )
-    console.print(table)
+    Console(width=max(console.width, 160)).print(table)
 
 
 @app.command("status")
-def status(job: str = typer.Argument(..., help="Submission id."), address: str = Address) -> None:
+def status(
+    job: str = typer.Argument(..., help="Submission id."),
+    address: str | None = Address,
+    state_dir: Path | None = StateDir,
+    token_path: Path | None = TokenPath,
+) -> None:
     """Status and message of one job."""
-    info = _client(address).info(job)
+    info = _client(address, state_dir, token_path).info(job)
     console.print(f"{job}: {getattr(info.status, 'value', info.status)}")
     if info.message:
         console.print(info.message)
@@ -60,11 +67,13 @@ def status(job: str = typer.Argument(..., help="Submission id."), address: str =
 @app.command("logs")
 def logs(
     job: str = typer.Argument(..., help="Submission id."),
-    address: str = Address,
+    address: str | None = Address,
+    state_dir: Path | None = StateDir,
+    token_path: Path | None = TokenPath,
     follow_: bool = typer.Option(False, "--follow", "-f", help="Keep printing until it ends."),
 ) -> None:
     """The job's driver log."""
-    client = _client(address)
+    client = _client(address, state_dir, token_path)
     if follow_:
         from crucible.jobs.submit import follow
 
@@ -73,7 +82,12 @@ def logs(
 
 
 @app.command("stop")
-def stop(job: str = typer.Argument(..., help="Submission id."), address: str = Address) -> None:
+def stop(
+    job: str = typer.Argument(..., help="Submission id."),
+    address: str | None = Address,
+    state_dir: Path | None = StateDir,
+    token_path: Path | None = TokenPath,
+) -> None:
     """Ask the cluster to stop a job."""
-    stopped = _client(address).stop(job)
+    stopped = _client(address, state_dir, token_path).stop(job)
     console.print(f"{job}: {'stop requested' if stopped else 'already finished'}")

@@ -7,6 +7,7 @@ Both read the run's own files, so they work without Grafana and after the job ha
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console, Group
@@ -16,21 +17,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from crucible.jobs.cli.options import Address, StateDir, TokenPath, cluster_spec, prometheus_url
 from crucible.jobs.runs import find_run
 from crucible.monitoring.report import write_report
 from crucible.monitoring.status import RunStatus, age, fmt_duration, run_status
-
-
-def _prometheus_url(explicit: str | None) -> str | None:
-    if explicit:
-        return explicit
-    from crucible.cluster.local import default_state_dir, load_state
-
-    try:
-        state = load_state(default_state_dir())
-    except Exception:  # an unreadable cluster state only loses the alerts line
-        return None
-    return state.prometheus_url if state is not None and state.alive() else None
 
 
 def render(st: RunStatus) -> Panel:
@@ -97,13 +87,17 @@ def monitor_cmd(
     once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
     interval: float = typer.Option(2.0, help="Seconds between refreshes."),
     prometheus: str | None = typer.Option(
-        None, help="Prometheus URL (default: the local cluster's, if running)."
+        None,
+        help="Prometheus URL (default: the local cluster's; for a remote one $RAY_PROMETHEUS_HOST).",
     ),
     storage: str | None = typer.Option(None, help="Where run names are looked up."),
+    address: str | None = Address,
+    state_dir: Path | None = StateDir,
+    token_path: Path | None = TokenPath,
 ) -> None:
     """Live view of a training run: progress, tokens/s, MFU, loss, GPU-hours, alerts."""
     run_dir = find_run(run, storage)
-    url = _prometheus_url(prometheus)
+    url = prometheus_url(cluster_spec(address, state_dir, token_path), prometheus)
     console = Console()
     if once:
         console.print(render(run_status(run_dir, url)))

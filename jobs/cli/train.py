@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from crucible.errors import CrucibleError
+from crucible.jobs.cli.options import Address, StateDir, TokenPath, cluster_spec
 
 app = typer.Typer(
     help="Train a GPT with DeepSpeed ZeRO-3 on Ray Train workers.", no_args_is_help=True
@@ -87,8 +88,12 @@ def resume_cmd(
     set_: list[str] = SetOption,
     storage: str | None = typer.Option(None, help="Storage root the run name is under."),
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
+    address: str | None = Address,
+    state_dir: Path | None = StateDir,
+    token_path: Path | None = TokenPath,
 ) -> None:
-    """Start a stopped or failed run again from its newest valid checkpoint.
+    """Start a stopped or failed run again from its newest valid checkpoint (on the cluster
+    its spec names, or the one the options give).
 
     ``--set train.num_workers=M`` resumes on another world size (same global batch and data
     order; the checkpoint is converted to DeepSpeed's universal format).
@@ -103,6 +108,9 @@ def resume_cmd(
         raise CrucibleError(f"run {d} is a {spec.kind} run; `crucible resume` resumes train runs")
     if set_:
         spec = parse_spec(apply_overrides(spec.model_dump(mode="json"), set_), source=str(d))
+    if address or state_dir or token_path:
+        where = cluster_spec(address, state_dir, token_path, base=spec.cluster)
+        spec = spec.model_copy(update={"cluster": where})
     _submit(spec, resume=True, detach=detach)
 
 

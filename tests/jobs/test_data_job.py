@@ -15,11 +15,16 @@ import yaml
 from crucible.data_pipeline.sample import generate_corpus
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: Path, columns: int = 100) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "crucible", *args],
-        capture_output=True, text=True, cwd=cwd, env=dict(os.environ), timeout=600,
+        capture_output=True, text=True, cwd=cwd, timeout=600,
+        env={**os.environ, "COLUMNS": str(columns)},
     )  # fmt: skip
+
+
+def r_submit_words(tmp_path: Path) -> list[str]:
+    return (tmp_path / "submit.out").read_text().split()
 
 
 @pytest.mark.slow
@@ -39,6 +44,7 @@ def test_data_run_on_the_cluster(tmp_path: Path, cluster_env: Path) -> None:
     r = cli("data", "run", "d.yaml", cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "submitted job crucible-jobtest-0-" in r.stdout
+    (tmp_path / "submit.out").write_text(r.stdout)
     assert "SUCCEEDED" in r.stdout
     run = tmp_path / "runs" / "jobtest"
     resolved = yaml.safe_load((run / "spec.resolved.yaml").read_text())
@@ -51,8 +57,23 @@ def test_data_run_on_the_cluster(tmp_path: Path, cluster_env: Path) -> None:
 
     r = cli("data", "stats", "jobtest", "--storage", "runs", cwd=tmp_path)
     assert r.returncode == 0 and "minhash" in r.stdout.lower(), r.stdout + r.stderr
-    r = cli("jobs", "list", cwd=tmp_path)
-    assert r.returncode == 0 and "jobtest" in r.stdout
+    job_id = next(w for w in r_submit_words(tmp_path) if w.startswith("crucible-jobtest-0-"))
+    # The same cluster named by its state directory (any cluster: --address/--token-path);
+    # a narrow terminal still gets whole ids, which `logs` and `stop` take.
+    state_dir = str(cluster_env / "cluster")
+    r = cli("jobs", "list", "--state-dir", state_dir, cwd=tmp_path, columns=60)
+    assert r.returncode == 0 and job_id in r.stdout.replace("\n", "").replace("│", "")
+    r = cli("jobs", "logs", job_id, "--state-dir", state_dir, cwd=tmp_path)
+    assert r.returncode == 0 and "documents" in r.stdout
+    # A wrong token is one line, no traceback.
+    bad = tmp_path / "bad-token"
+    bad.write_text("0" * 64)
+    dashboard = json.loads((cluster_env / "cluster" / "cluster.json").read_text())["ports"]
+    url = f"http://127.0.0.1:{dashboard['dashboard']}"
+    r = cli("jobs", "list", "--address", url, "--token-path", str(bad), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refused the auth token" in lines[0] and str(bad) in lines[0]
 
     # Same spec again: the finished run does nothing new (same stats, same documents).
     r = cli("data", "run", "d.yaml", cwd=tmp_path)
