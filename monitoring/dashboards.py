@@ -1,9 +1,11 @@
 """Grafana dashboards (Training, Data pipeline, Cost), built here and written as JSON.
 
 ``python -m crucible.monitoring.dashboards`` rewrites ``monitoring/dashboards/*.json``; a test
-checks the files match this code. Every panel queries the datasource with the fixed uid
-:data:`DATASOURCE_UID` that ``monitoring/grafana/provisioning`` creates, and a ``$run``
-variable; importing into an existing Grafana only needs a Prometheus datasource with that uid.
+checks the files match this code. Every panel queries ``${datasource}``, a datasource template
+variable (any Prometheus of the Grafana it is imported into; ``__inputs`` makes Grafana's
+import dialog ask for one), and takes a ``$run`` variable. With the provisioning files in
+``monitoring/grafana/provisioning`` the variable starts on the datasource they create
+(uid :data:`DATASOURCE_UID`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 DATASOURCE_UID = "crucible-prometheus"
-DS = {"type": "prometheus", "uid": DATASOURCE_UID}
+DS = {"type": "prometheus", "uid": "${datasource}"}
+INPUT = "DS_PROMETHEUS"  # the import dialog's name for the datasource it asks for
 OUT_DIR = Path(__file__).parent / "dashboards"
 SCHEMA_VERSION = 39
 # Panels whose series exist only on NVIDIA GPUs (NVML / torch.cuda); empty on CPU runs.
@@ -89,6 +92,19 @@ def dashboard(uid: str, title: str, panels: list[dict[str, Any]], run_metric: st
         row_h = max(row_h, g["h"])
         p["id"] = i
     return {
+        "__inputs": [
+            {
+                "name": INPUT,
+                "label": "Prometheus",
+                "description": "Prometheus scraping crucible",
+                "type": "datasource",
+                "pluginId": "prometheus",
+                "pluginName": "Prometheus",
+            }
+        ],
+        "__requires": [
+            {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"}
+        ],
         "uid": uid,
         "title": title,
         "tags": ["crucible"],
@@ -102,6 +118,18 @@ def dashboard(uid: str, title: str, panels: list[dict[str, Any]], run_metric: st
         "templating": {
             "list": [
                 {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {"text": "Crucible Prometheus", "value": DATASOURCE_UID},
+                    "hide": 0,
+                    "includeAll": False,
+                    "multi": False,
+                    "refresh": 1,
+                    "regex": "",
+                },
+                {
                     "name": "run",
                     "label": "Run",
                     "type": "query",
@@ -112,7 +140,7 @@ def dashboard(uid: str, title: str, panels: list[dict[str, Any]], run_metric: st
                     "includeAll": False,
                     "multi": False,
                     "sort": 1,
-                }
+                },
             ]
         },
         "panels": panels,

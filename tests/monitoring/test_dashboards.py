@@ -40,14 +40,20 @@ def test_dashboard_model(name: str) -> None:
     d = json.loads((dash.OUT_DIR / f"{name}.json").read_text())
     assert isinstance(d["schemaVersion"], int) and d["schemaVersion"] >= 36
     assert d["uid"] and len(d["uid"]) <= 40 and d["title"]
-    (var,) = d["templating"]["list"]
-    assert var["name"] == "run" and var["datasource"]["uid"] == dash.DATASOURCE_UID
+    # Imports into any Grafana: the datasource is a variable the import dialog asks for.
+    ds_var, run_var = d["templating"]["list"]
+    assert ds_var["name"] == "datasource" and ds_var["type"] == "datasource"
+    assert ds_var["query"] == "prometheus" and ds_var["current"]["value"] == dash.DATASOURCE_UID
+    assert run_var["name"] == "run" and run_var["datasource"]["uid"] == "${datasource}"
+    (inp,) = d["__inputs"]
+    assert inp["type"] == "datasource" and inp["pluginId"] == "prometheus"
+    assert dash.DATASOURCE_UID not in json.dumps(d["panels"])  # no fixed uid in any query
     ids, cells = set(), set()
     for p in d["panels"]:
         assert p["id"] not in ids
         ids.add(p["id"])
         assert p["type"] in {"timeseries", "stat", "heatmap", "bargauge"}
-        assert p["datasource"] == {"type": "prometheus", "uid": dash.DATASOURCE_UID}
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         g = p["gridPos"]
         assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0
         for x in range(g["x"], g["x"] + g["w"]):  # no two panels overlap
@@ -58,10 +64,10 @@ def test_dashboard_model(name: str) -> None:
         refs = [t["refId"] for t in p["targets"]]
         assert len(set(refs)) == len(refs)
         for t in p["targets"]:
-            assert t["expr"] and t["datasource"]["uid"] == dash.DATASOURCE_UID
+            assert t["expr"] and t["datasource"]["uid"] == "${datasource}"
 
 
-def test_provisioning_uses_the_dashboards_uid() -> None:
+def test_provisioning_creates_the_variables_default_datasource() -> None:
     ds = yaml.safe_load((PROVISIONING / "datasources" / "crucible.yml").read_text())
     assert ds["datasources"][0]["uid"] == dash.DATASOURCE_UID
     assert ds["datasources"][0]["type"] == "prometheus"
