@@ -66,6 +66,56 @@ _CATALOGUE: dict[str, Accelerator] = {
 GPU_NAMES = (*_CATALOGUE, "cpu")
 
 
+@dataclass(frozen=True)
+class Fabric:
+    """How one GPU type's nodes talk to each other, and what NCCL needs to use it."""
+
+    name: str  # "efa" (AWS) or "infiniband"
+    nccl_env: dict[str, str]  # set in every Ray node's environment
+    aws_instance: str | None = None  # the instance type of 8 such GPUs (launcher, AWS)
+    efa_interfaces: int = 0  # EFA network cards of that instance type
+
+
+# NCCL's bootstrap and its TCP fallback skip loopback and the container bridge.
+_SOCKETS = {"NCCL_SOCKET_IFNAME": "^lo,docker0", "NCCL_DEBUG": "WARN"}
+# EFA through NCCL's libfabric plugin (aws-ofi-nccl, in AWS's Deep Learning AMIs and images):
+# GPUDirect RDMA on the EFA devices, and fork-safety for Ray's forked workers.
+_EFA = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1", **_SOCKETS}
+# InfiniBand verbs on the node's Mellanox HCAs (DGX/HGX: one 200/400 Gb/s HCA per GPU).
+_IB = {"NCCL_IB_DISABLE": "0", "NCCL_IB_HCA": "mlx5", **_SOCKETS}
+# AWS EC2 user guide, "EFA configuration for P5 and P5e instances" and instance specs:
+# p4d/p4de 4 EFA network cards (400 Gb/s), p5 32 (3200 Gb/s), p5en 16 EFAv3 (3200 Gb/s).
+FABRICS: dict[str, dict[str, Fabric]] = {
+    "efa": {
+        "a100-40gb": Fabric("efa", _EFA, "p4d.24xlarge", 4),
+        "a100-80gb": Fabric("efa", _EFA, "p4de.24xlarge", 4),
+        "h100-sxm": Fabric("efa", _EFA, "p5.48xlarge", 32),
+        "h200": Fabric("efa", _EFA, "p5en.48xlarge", 16),
+    },
+    "infiniband": {name: Fabric("infiniband", _IB) for name in _CATALOGUE},
+}
+
+
+def get_fabric(kind: str, gpu: str) -> Fabric:
+    """The fabric ``kind`` (``efa`` or ``infiniband``) for nodes of ``gpu``.
+
+    Args:
+        kind: ``efa`` (AWS) or ``infiniband``.
+        gpu: a GPU name of the catalogue.
+
+    Raises:
+        CrucibleError: an unknown fabric, or no such node for that GPU.
+    """
+    if kind not in FABRICS:
+        raise CrucibleError(f"fabric {kind!r} is unknown; use one of {', '.join(FABRICS)}")
+    if gpu not in FABRICS[kind]:
+        raise CrucibleError(
+            f"no {kind} node is known for cluster.gpu {gpu!r}; use one of "
+            f"{', '.join(FABRICS[kind])}"
+        )
+    return FABRICS[kind][gpu]
+
+
 def get_accelerator(name: str, field: str = "cluster.gpu") -> Accelerator:
     """The catalogue entry for ``name`` (``cpu`` is measured on first use).
 

@@ -1,38 +1,44 @@
-"""Launch configurations sized from a plan: Ray's cluster launcher YAML and KubeRay manifests.
+"""Launch configurations sized from a plan, that run as generated: Ray's cluster launcher YAML
+and KubeRay manifests, with what Prometheus needs to watch them.
 
 crucible schedules nothing itself. These files start a Ray cluster with the tools people
 already use — ``ray up`` on VMs (AWS or on-premises machines), KubeRay on Kubernetes — with
 one CPU head (``num-cpus 0``: it only coordinates) and ``plan.nodes`` GPU workers of
-``plan.gpus_per_node`` GPUs each. Ray runs with token authentication; the token travels as
-a file (launcher ``file_mounts``) or a Kubernetes Secret reference, never inside the config.
+``plan.gpus_per_node`` GPUs each, and:
 
-The same train spec that runs on the local cluster runs on these: only ``cluster.address``
-(the head's dashboard URL) and ``cluster.storage`` (a path every node mounts, or s3://)
-differ.
+- crucible on every node: the launcher installs it from a copy of this source; KubeRay pods
+  run an image with crucible installed (``Dockerfile`` written beside the manifests);
+- the run's storage on its URI (object storage: nothing to mount; a shared path: a volume);
+- NCCL set up for the fabric the planner assumes (:data:`crucible.cluster.hardware.FABRICS`):
+  EFA network cards and a cluster placement group on AWS, RDMA devices and ``IPC_LOCK`` in
+  pods;
+- Ray token authentication with a token made for that cluster (a new file, mode 0600, never
+  the laptop's own and never inside a config), reaching pods from a Kubernetes Secret;
+- Prometheus: the target registry's HTTP service discovery for crucible's exporters
+  (:mod:`crucible.monitoring.discovery`) and Ray's own metrics, as a scrape config for the
+  launcher's head and as the Prometheus Operator objects KubeRay documents
+  (PodMonitor/ServiceMonitor) plus a ScrapeConfig for crucible's targets.
 """
 
 from __future__ import annotations
 
+import base64
 import math
-import shlex
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import crucible
+from crucible.cluster.hardware import Fabric, get_fabric
 from crucible.cluster.planner import GiB, Plan
 from crucible.errors import CrucibleError
+from crucible.monitoring.discovery import DEFAULT_PORT, PATH, PORT_ENV
 
 TOKEN_KEY = "auth_token"
 REMOTE_TOKEN = "~/.crucible/auth_token"
 REMOTE_SRC = "~/crucible"
-# On-demand instance types with 8 of each GPU and one NIC per GPU (EFA).
-AWS_INSTANCES = {
-    "a100-40gb": "p4d.24xlarge",
-    "a100-80gb": "p4de.24xlarge",
-    "h100-sxm": "p5.48xlarge",
-    "h200": "p5en.48xlarge",
-}
+METRICS_PORT = 8080  # Ray's metrics port in KubeRay pods (KubeRay's default, named "metrics")
 
 
 def _ray_version() -> str:
@@ -52,13 +58,33 @@ class LaunchOptions:
     head_ip: str | None = None  # local provider
     worker_ips: list[str] = field(default_factory=list)  # local provider
     ssh_user: str = "ubuntu"
-    token_path: Path | None = None  # local file with the Ray auth token (launcher)
-    image: str = ""  # KubeRay container image (default: rayproject/ray:<ray>-py311-gpu)
+    token_path: Path | None = None  # this cluster's token file (launcher; see new_token)
+    subnet: str | None = None  # AWS subnet of the GPU nodes (EFA needs an explicit one)
+    security_group: str | None = None  # AWS security group allowing all traffic inside it
+    placement_group: str | None = None  # AWS cluster placement group (default: <name>-pg)
+    fabric: str | None = None  # efa or infiniband (default: efa on AWS, else infiniband)
+    image: str = ""  # KubeRay image with crucible installed (default: crucible:<v>-ray<v>-gpu)
     namespace: str = "default"
     token_secret: str = "crucible-ray-token"  # Secret with key auth_token (KubeRay)
-    storage_claim: str = "crucible-storage"  # ReadWriteMany PVC shared by all pods
-    storage_mount: str = "/mnt/crucible"
+    rdma_resource: str = "rdma/rdma_shared_device_a"  # k8s-rdma-shared-dev-plugin's default
+    storage: str = ""  # the runs' storage URI (cluster.storage)
+    storage_claim: str = "crucible-storage"  # ReadWriteMany PVC, when storage is a path
     cpus_per_gpu: int = 10
+
+
+def new_token(path: Path) -> Path:
+    """Write a new Ray auth token for one cluster to ``path`` (mode 0600); return ``path``.
+
+    Args:
+        path: the token file to create (an existing one is kept: the cluster may use it).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = path.open("x")
+        path.chmod(0o600)
+        with fd:
+            fd.write(secrets.token_hex(32))
+    return path
 
 
 def _check_name(name: str) -> str:
@@ -71,13 +97,39 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _fabric(plan: Plan, opts: LaunchOptions) -> Fabric:
+    kind = opts.fabric or ("efa" if opts.provider == "aws" else "infiniband")
+    return get_fabric(kind, plan.gpu)
+
+
 def _worker_memory_gib(plan: Plan) -> int:
     # Room for offloaded model states (DeepSpeed's CPU estimate) plus data loading.
     return max(256, math.ceil(plan.state_cpu_bytes_per_node * 1.25 / GiB) + 64)
 
 
-def _start_env() -> str:
-    return f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={REMOTE_TOKEN}"
+def _exports(env: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in env.items())
+
+
+def _node_env(fabric: Fabric) -> dict[str, str]:
+    return {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": REMOTE_TOKEN,
+        PORT_ENV: str(DEFAULT_PORT),
+        **fabric.nccl_env,
+    }
+
+
+def _efa_interfaces(fabric: Fabric, opts: LaunchOptions) -> list[dict[str, Any]]:
+    """EFA on every network card: an EFA with IP on card 0, EFA-only on the others (the
+    AWS user guide's configuration for instances with several network cards)."""
+    common = {"SubnetId": opts.subnet, "Groups": [opts.security_group]}
+    cards = [{"NetworkCardIndex": 0, "DeviceIndex": 0, "InterfaceType": "efa", **common}]
+    cards += [
+        {"NetworkCardIndex": i, "DeviceIndex": 1, "InterfaceType": "efa-only", **common}
+        for i in range(1, fabric.efa_interfaces)
+    ]
+    return cards
 
 
 def ray_launcher_config(plan: Plan, opts: LaunchOptions) -> dict[str, Any]:
@@ -85,34 +137,49 @@ def ray_launcher_config(plan: Plan, opts: LaunchOptions) -> dict[str, Any]:
 
     Args:
         plan: the plan (GPU type, nodes, GPUs per node, CPU memory for offload).
-        opts: provider, names and the local token file.
+        opts: provider, names, network and this cluster's token file.
 
     Raises:
-        CrucibleError: no token file, an unknown provider, or a GPU/provider mismatch.
+        CrucibleError: no token file, an unknown provider, a GPU/provider mismatch, or AWS
+            without a subnet and security group.
     """
     name = _check_name(opts.name)
     if opts.token_path is None or not Path(opts.token_path).expanduser().is_file():
         raise CrucibleError(
-            f"cluster.token_path {opts.token_path} is not a file; create a Ray auth token "
-            "file (e.g. `python -c 'import secrets; print(secrets.token_hex(32))' > token`)"
+            f"token file {opts.token_path} does not exist; `crucible cluster config` makes "
+            "one for the cluster"
         )
     gpus = plan.gpus_per_node
+    fabric = _fabric(plan, opts)
     worker_resources = {"CPU": gpus * opts.cpus_per_gpu, "GPU": gpus}
     if opts.provider == "aws":
-        if plan.gpu not in AWS_INSTANCES or gpus != 8:
+        if fabric.aws_instance is None or gpus != 8:
             raise CrucibleError(
                 f"cluster.gpu {plan.gpu} with {gpus} GPUs per node has no AWS instance type; "
-                f"use one of {', '.join(AWS_INSTANCES)} with 8 GPUs per node, or --provider local"
+                "use 8 GPUs per node of a100-40gb, a100-80gb, h100-sxm or h200, or "
+                "--provider local"
+            )
+        if not opts.subnet or not opts.security_group:
+            raise CrucibleError(
+                "EFA needs the GPU nodes' network given: --aws-subnet subnet-... and "
+                "--aws-security-group sg-... (one that allows all traffic within itself)"
             )
         provider: dict[str, Any] = {
             "type": "aws",
             "region": opts.region,
             "cache_stopped_nodes": False,
         }
-        head_cfg: dict[str, Any] = {"InstanceType": opts.head_instance}
+        head_cfg: dict[str, Any] = {
+            "InstanceType": opts.head_instance,
+            "SubnetIds": [opts.subnet],
+            "SecurityGroupIds": [opts.security_group],
+        }
         worker_cfg: dict[str, Any] = {
-            "InstanceType": AWS_INSTANCES[plan.gpu],
+            "InstanceType": fabric.aws_instance,
             "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 1024}}],
+            "NetworkInterfaces": _efa_interfaces(fabric, opts),
+            # one spine: the nodes of a cluster placement group share the EFA fabric
+            "Placement": {"GroupName": opts.placement_group or f"{name}-pg"},
         }
     elif opts.provider == "local":
         if not opts.head_ip or len(opts.worker_ips) != plan.nodes:
@@ -125,6 +192,7 @@ def ray_launcher_config(plan: Plan, opts: LaunchOptions) -> dict[str, Any]:
     else:
         raise CrucibleError(f"provider {opts.provider!r} is not supported; use aws or local")
     src = str(Path(crucible.__file__).parent)
+    env = _exports(_node_env(fabric))
     config = {
         "cluster_name": name,
         "max_workers": plan.nodes,
@@ -142,20 +210,26 @@ def ray_launcher_config(plan: Plan, opts: LaunchOptions) -> dict[str, Any]:
             },
         },
         "head_node_type": "head",
-        # The token file and crucible's source are copied to every node, not embedded here.
+        # This cluster's token file and crucible's source go to every node, not into here.
         "file_mounts": {REMOTE_TOKEN: str(Path(opts.token_path).expanduser()), REMOTE_SRC: src},
         "setup_commands": [
-            f"pip install 'ray[default]=={_ray_version()}' && pip install -e {REMOTE_SRC}"
+            f"pip install 'ray[default,data,train]=={_ray_version()}' && pip install {REMOTE_SRC}"
         ],
         "head_start_ray_commands": [
             "ray stop",
-            f"chmod 600 {REMOTE_TOKEN}; {_start_env()} ray start --head --port=6379 "
-            "--num-cpus=0 --dashboard-host=0.0.0.0 "
+            f"chmod 600 {REMOTE_TOKEN}; {env} ray start --head --port=6379 "
+            "--num-cpus=0 --dashboard-host=0.0.0.0 --metrics-export-port=8080 "
             "--autoscaling-config=~/ray_bootstrap_config.yaml",
+            # Prometheus on the head, finding every node's targets as in scrape_config()
+            "python -m crucible.monitoring.discovery --prometheus-config > "
+            "~/crucible-prometheus.yml && (command -v prometheus >/dev/null && nohup "
+            "prometheus --config.file=$HOME/crucible-prometheus.yml "
+            "--web.listen-address=127.0.0.1:9090 >/tmp/prometheus.log 2>&1 &) || true",
         ],
         "worker_start_ray_commands": [
             "ray stop",
-            f"chmod 600 {REMOTE_TOKEN}; {_start_env()} ray start --address=$RAY_HEAD_IP:6379",
+            f"chmod 600 {REMOTE_TOKEN}; {env} ray start --address=$RAY_HEAD_IP:6379 "
+            "--metrics-export-port=8080",
         ],
     }
     if opts.provider == "local":
@@ -165,9 +239,14 @@ def ray_launcher_config(plan: Plan, opts: LaunchOptions) -> dict[str, Any]:
 
 
 def _container(
-    name: str, image: str, opts: LaunchOptions, resources: dict[str, Any], ports: list[int]
+    name: str,
+    image: str,
+    opts: LaunchOptions,
+    resources: dict[str, Any],
+    ports: list[tuple[str, int]],
+    env: dict[str, str],
 ) -> dict[str, Any]:
-    return {
+    c: dict[str, Any] = {
         "name": name,
         "image": image,
         "env": [
@@ -176,63 +255,96 @@ def _container(
                 "name": "RAY_AUTH_TOKEN",
                 "valueFrom": {"secretKeyRef": {"name": opts.token_secret, "key": TOKEN_KEY}},
             },
+            *({"name": k, "value": v} for k, v in env.items()),
         ],
         "resources": {"requests": resources, "limits": resources},
-        "ports": [{"containerPort": p} for p in ports],
-        "volumeMounts": [
-            {"name": "storage", "mountPath": opts.storage_mount},
-            {"name": "dshm", "mountPath": "/dev/shm"},  # NCCL and torch need a large /dev/shm
-        ],
+        "ports": [{"name": n, "containerPort": p} for n, p in ports],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],  # NCCL needs /dev/shm
     }
+    if not opts.storage or "://" not in opts.storage:  # a shared path: the PVC holds it
+        c["volumeMounts"].append({"name": "storage", "mountPath": opts.storage or "/mnt/runs"})
+    return c
 
 
 def _volumes(opts: LaunchOptions) -> list[dict[str, Any]]:
-    return [
-        {"name": "storage", "persistentVolumeClaim": {"claimName": opts.storage_claim}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-    ]
+    vols: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    if not opts.storage or "://" not in opts.storage:
+        vols.append({"name": "storage", "persistentVolumeClaim": {"claimName": opts.storage_claim}})
+    return vols
 
 
-def kuberay_manifests(plan: Plan, opts: LaunchOptions, run_dir: str) -> list[dict[str, Any]]:
-    """A KubeRay ``RayCluster`` sized from the plan and a ``RayJob`` running the crucible job.
+def default_image() -> str:
+    """The image name the generated Dockerfile builds (crucible's and Ray's versions)."""
+    return f"crucible:{crucible.__version__}-ray{_ray_version()}-gpu"
+
+
+def dockerfile() -> str:
+    """A Dockerfile for the pods: Ray's GPU image with crucible (a wheel built from this
+    source) and DeepSpeed's FusedAdam built in."""
+    return (
+        f"# Build: pip wheel --no-deps -w . <crucible source>; docker build -t {default_image()} .\n"
+        f"FROM rayproject/ray:{_ray_version()}-py311-gpu\n"
+        "COPY crucible-*.whl /tmp/\n"
+        "RUN DS_BUILD_FUSED_ADAM=1 pip install --no-cache-dir /tmp/crucible-*.whl "
+        "&& rm /tmp/crucible-*.whl\n"
+    )
+
+
+def kuberay_manifests(
+    plan: Plan, opts: LaunchOptions, spec_yaml: str, resume: bool = False
+) -> list[dict[str, Any]]:
+    """A KubeRay ``RayCluster`` sized from the plan, a ``RayJob`` that runs the spec it carries,
+    and the Prometheus Operator objects that scrape Ray's and crucible's metrics.
 
     Args:
         plan: the plan (nodes, GPUs per node, CPU memory for offload).
-        opts: image, namespace, token Secret, storage claim and mount.
-        run_dir: the run directory as the pods see it (on the shared storage), holding the
-            resolved spec; the job's entrypoint is ``python -m crucible.jobs.entry RUN_DIR``.
+        opts: image, namespace, token Secret, storage, fabric.
+        spec_yaml: the resolved spec the job runs (shipped inside the RayJob).
+        resume: the job resumes the run instead of starting it.
     """
     name = _check_name(opts.name)
-    image = opts.image or f"rayproject/ray:{_ray_version()}-py311-gpu"
+    image = opts.image or default_image()
     meta = {"name": name, "namespace": opts.namespace, "labels": {"app": "crucible"}}
     gpus = plan.gpus_per_node
-    worker_res = {
+    fabric = _fabric(plan, opts)
+    worker_res: dict[str, str] = {
         "cpu": str(gpus * opts.cpus_per_gpu),
         "memory": f"{_worker_memory_gib(plan)}Gi",
         "nvidia.com/gpu": str(gpus),
     }
+    if fabric.name == "efa":  # the EFA device plugin's resource
+        worker_res["vpc.amazonaws.com/efa"] = str(fabric.efa_interfaces)
+    else:
+        worker_res[opts.rdma_resource] = "1"
+    env = {PORT_ENV: str(DEFAULT_PORT), **fabric.nccl_env}
+    head_container = _container(
+        "ray-head", image, opts, {"cpu": "8", "memory": "32Gi"},
+        [("gcs-server", 6379), ("dashboard", 8265), ("metrics", METRICS_PORT),
+         ("crucible-sd", DEFAULT_PORT)],
+        env,
+    )  # fmt: skip
+    worker_container = _container(
+        "ray-worker", image, opts, worker_res, [("metrics", METRICS_PORT)], env
+    )
+    # RDMA needs locked memory; NCCL's RDMA does not work within memory limits without it.
+    worker_container["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
     head = {
-        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-        "template": {
-            "spec": {
-                "containers": [
-                    _container(
-                        "ray-head", image, opts, {"cpu": "8", "memory": "32Gi"}, [6379, 8265, 10001]
-                    )
-                ],
-                "volumes": _volumes(opts),
-            }
+        "rayStartParams": {
+            "dashboard-host": "0.0.0.0",
+            "num-cpus": "0",
+            "metrics-export-port": str(METRICS_PORT),
         },
+        "template": {"spec": {"containers": [head_container], "volumes": _volumes(opts)}},
     }
     workers = {
         "groupName": "gpu-workers",
         "replicas": plan.nodes,
         "minReplicas": plan.nodes,
         "maxReplicas": plan.nodes,
-        "rayStartParams": {},
+        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
         "template": {
             "spec": {
-                "containers": [_container("ray-worker", image, opts, worker_res, [])],
+                "containers": [worker_container],
                 "volumes": _volumes(opts),
                 "tolerations": [
                     {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -250,13 +362,15 @@ def kuberay_manifests(plan: Plan, opts: LaunchOptions, run_dir: str) -> list[dic
             "workerGroupSpecs": [workers],
         },
     }
-    submitter = _container("ray-job-submitter", image, opts, {"cpu": "1", "memory": "2Gi"}, [])
+    submitter = _container("ray-job-submitter", image, opts, {"cpu": "1", "memory": "2Gi"}, [], {})
+    blob = base64.b64encode(spec_yaml.encode()).decode()
+    entry = "python -m crucible.jobs.entry --spec " + blob + (" --resume" if resume else "")
     job = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {**meta, "name": f"{name}-job"},
         "spec": {
-            "entrypoint": f"python -m crucible.jobs.entry {shlex.quote(run_dir)}",
+            "entrypoint": entry,
             "clusterSelector": {"ray.io/cluster": name},
             "submitterPodTemplate": {
                 "spec": {
@@ -267,4 +381,54 @@ def kuberay_manifests(plan: Plan, opts: LaunchOptions, run_dir: str) -> list[dic
             },
         },
     }
-    return [cluster, job]
+    return [cluster, job, *prometheus_operator_objects(name, opts.namespace)]
+
+
+def prometheus_operator_objects(name: str, namespace: str) -> list[dict[str, Any]]:
+    """What a Prometheus Operator needs to watch the cluster: KubeRay's documented
+    ServiceMonitor (head) and PodMonitor (workers) for Ray's metrics port, and a ScrapeConfig
+    reading crucible's targets from the head's registry (HTTP service discovery).
+
+    Args:
+        name: the RayCluster's name.
+        namespace: its namespace.
+    """
+    labels = {"release": "prometheus"}  # what kube-prometheus-stack selects by default
+    node = {"ray.io/cluster": name}
+    return [
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": {"name": f"{name}-ray-head", "namespace": namespace, "labels": labels},
+            "spec": {
+                "namespaceSelector": {"matchNames": [namespace]},
+                "selector": {"matchLabels": {**node, "ray.io/node-type": "head"}},
+                "endpoints": [{"port": "metrics", "path": "/metrics"}],
+                "targetLabels": ["ray.io/cluster"],
+            },
+        },
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": {"name": f"{name}-ray-workers", "namespace": namespace, "labels": labels},
+            "spec": {
+                "namespaceSelector": {"matchNames": [namespace]},
+                "selector": {"matchLabels": {**node, "ray.io/node-type": "worker"}},
+                "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}],
+            },
+        },
+        {
+            "apiVersion": "monitoring.coreos.com/v1alpha1",
+            "kind": "ScrapeConfig",
+            "metadata": {"name": f"{name}-crucible", "namespace": namespace, "labels": labels},
+            "spec": {
+                "httpSDConfigs": [
+                    {
+                        "url": f"http://{name}-head-svc.{namespace}.svc:{DEFAULT_PORT}{PATH}",
+                        "refreshInterval": "15s",
+                    }
+                ],
+                "scrapeInterval": "15s",
+            },
+        },
+    ]

@@ -6,7 +6,10 @@ cluster it was submitted to.
 
 from __future__ import annotations
 
+import base64
 import sys
+
+import yaml
 
 from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
@@ -31,12 +34,36 @@ def run(run_dir: Location, executor: str = "ray") -> int:
     raise CrucibleError(f"jobs of kind {spec.kind!r} are not runnable by this crucible version")
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        print("usage: python -m crucible.jobs.entry RUN_URI", file=sys.stderr)
-        sys.exit(2)
+def run_shipped(blob: str, resume: bool = False) -> int:
+    """Run a spec that came with the job (base64 of its resolved YAML, as generated KubeRay
+    RayJobs carry it): prepare its run directory here, on the cluster, then run it.
+
+    Args:
+        blob: base64 of the resolved spec YAML.
+        resume: resume an existing run of this name (a changed spec is otherwise refused).
+    """
+    from crucible.jobs.runs import prepare_run
+    from crucible.jobs.spec import parse_spec
+
     try:
-        sys.exit(run(location(sys.argv[1])))
+        data = yaml.safe_load(base64.b64decode(blob, validate=True))
+    except (ValueError, yaml.YAMLError) as e:
+        raise CrucibleError(f"the job's --spec is not base64 of a YAML spec ({e})") from None
+    return run(prepare_run(parse_spec(data, source="--spec"), resume=resume))
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    try:
+        if len(args) in (2, 3) and args[0] == "--spec" and args[2:] in ([], ["--resume"]):
+            sys.exit(run_shipped(args[1], resume=args[2:] == ["--resume"]))
+        if len(args) != 1 or args[0].startswith("-"):
+            print(
+                "usage: python -m crucible.jobs.entry RUN_URI | --spec BASE64_YAML [--resume]",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        sys.exit(run(location(args[0])))
     except CrucibleError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

@@ -217,3 +217,37 @@ def scrape_config(
     if rule_files:
         config["rule_files"] = rule_files
     return config
+
+
+# Where Ray's head writes the discovery file of its per-node metrics agents (Ray's default
+# temp dir; see Ray's "Collecting and monitoring metrics").
+RAY_SD_FILE = "/tmp/ray/session_latest/metrics/prometheus/prom_metrics_service_discovery.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m crucible.monitoring.discovery --prometheus-config``: on a cluster's head,
+    print the Prometheus config of :func:`scrape_config` for this head (launch configs run
+    it before starting Prometheus there)."""
+    import argparse
+
+    import yaml
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--prometheus-config", action="store_true", required=True)
+    ap.add_argument("--scrape-interval", type=float, default=15.0)
+    ap.add_argument("--ray-sd-file", default=RAY_SD_FILE)
+    args = ap.parse_args(argv)
+    import ray
+
+    host = str(ray.util.get_node_ip_address())  # the address the registry binds on the head
+    cfg = scrape_config(
+        f"http://{host}:{sd_port()}{PATH}",
+        ray_sd_file=args.ray_sd_file,
+        scrape_interval_s=args.scrape_interval,
+    )
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -194,39 +194,56 @@ def write_launch_config(
     provider: str = "aws",
     head_ip: str | None = None,
     worker_ips: list[str] | None = None,
+    subnet: str | None = None,
+    security_group: str | None = None,
+    fabric: str | None = None,
     image: str = "",
     namespace: str = "default",
     token_secret: str = "crucible-ray-token",
     storage_claim: str = "crucible-storage",
     overrides: list[str] | None = None,
-) -> Path:
-    """Plan a train spec and write its Ray launcher YAML or KubeRay manifests.
+) -> list[Path]:
+    """Plan a train spec and write what launches a cluster for it; return the files.
+
+    ``ray-launcher``: the ``ray up`` YAML and a new auth token file for that cluster.
+    ``kuberay``: the RayCluster, a RayJob carrying the resolved spec and the Prometheus
+    Operator objects; the Dockerfile of the image they run; a new token file to create the
+    cluster's Secret from.
 
     Args:
         spec_path: the train spec.
         target: ``ray-launcher`` or ``kuberay``.
-        out_dir: directory for the written file.
+        out_dir: directory for the written files.
         nodes: overrides cluster.nodes.
         gpu: overrides cluster.gpu.
         provider: ray-launcher provider, ``aws`` or ``local``.
         head_ip: local provider: the head machine.
         worker_ips: local provider: one address per node.
-        image: KubeRay container image (with crucible installed).
+        subnet: AWS subnet of the nodes (EFA needs one).
+        security_group: AWS security group of the nodes.
+        fabric: ``efa`` or ``infiniband`` (default: efa on AWS, infiniband otherwise).
+        image: KubeRay container image with crucible installed (default: the Dockerfile's).
         namespace: Kubernetes namespace.
         token_secret: Secret holding the Ray auth token under key ``auth_token``.
-        storage_claim: ReadWriteMany PersistentVolumeClaim for runs, shards, checkpoints.
+        storage_claim: ReadWriteMany PersistentVolumeClaim, when cluster.storage is a path.
         overrides: ``key.path=value`` spec overrides.
     """
     import re
 
     import yaml
 
-    from crucible.cluster.launch import LaunchOptions, kuberay_manifests, ray_launcher_config
-    from crucible.cluster.local import default_state_dir
+    from crucible.cluster.launch import (
+        LaunchOptions,
+        dockerfile,
+        kuberay_manifests,
+        new_token,
+        ray_launcher_config,
+    )
+    from crucible.jobs.runs import absolutize
 
     if target not in ("ray-launcher", "kuberay"):
         raise CrucibleError(f"--target {target!r} is invalid: use ray-launcher or kuberay")
-    from crucible.jobs.spec import load_spec
+    from crucible.jobs.spec import dump_spec, load_spec
 
     spec = load_spec(spec_path, _spec_overrides(nodes, gpu, None, overrides or []))
     result = make_plan(spec_path, nodes=nodes, gpu=gpu, overrides=overrides)
@@ -238,53 +255,70 @@ def write_launch_config(
     name = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-")[:50] or "crucible"
     if not name[0].isalpha():
         name = f"c-{name}"[:50]
-    storage = spec.cluster.storage
-    mount = storage if storage.startswith("/") else "/mnt/crucible"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    token = new_token(out_dir / f"{name}.auth_token")  # this cluster's own, never the laptop's
     opts = LaunchOptions(
         name=name,
         provider=provider,
         head_ip=head_ip,
         worker_ips=list(worker_ips or []),
-        token_path=spec.cluster.token_path or default_state_dir() / "auth_token",
+        token_path=token,
+        subnet=subnet,
+        security_group=security_group,
+        fabric=fabric,
         image=image,
         namespace=namespace,
         token_secret=token_secret,
+        storage=spec.cluster.storage,
         storage_claim=storage_claim,
-        storage_mount=mount,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [token]
     if target == "ray-launcher":
         out = out_dir / f"{name}-ray-cluster.yaml"
-        text = yaml.safe_dump(ray_launcher_config(result, opts), sort_keys=False)
-    else:
-        out = out_dir / f"{name}-kuberay.yaml"
-        docs = kuberay_manifests(result, opts, f"{mount.rstrip('/')}/{spec.name}")
-        text = yaml.safe_dump_all(docs, sort_keys=False)
-    out.write_text(text)
-    return out
+        out.write_text(yaml.safe_dump(ray_launcher_config(result, opts), sort_keys=False))
+        return [out, *written]
+    if "://" not in spec.cluster.storage and not spec.cluster.storage.startswith("/"):
+        raise CrucibleError(
+            f"cluster.storage {spec.cluster.storage!r} is relative; pods need an object-store "
+            "URI (s3://...) or an absolute path on the shared volume"
+        )
+    resolved = dump_spec(absolutize(spec))
+    out = out_dir / f"{name}-kuberay.yaml"
+    out.write_text(yaml.safe_dump_all(kuberay_manifests(result, opts, resolved), sort_keys=False))
+    (out_dir / "Dockerfile").write_text(dockerfile())
+    return [out, out_dir / "Dockerfile", *written]
 
 
 def config_cmd(
     spec: Path = typer.Argument(..., help="The train spec to plan and launch."),
     target: str = typer.Option(..., "--target", help="ray-launcher or kuberay."),
-    out: Path = typer.Option(Path("."), "--out", help="Directory for the written file."),
+    out: Path = typer.Option(Path("."), "--out", help="Directory for the written files."),
     nodes: int | None = typer.Option(None, "--nodes", help="Overrides cluster.nodes."),
     gpu: str | None = typer.Option(None, "--gpu", help="Overrides cluster.gpu."),
     provider: str = typer.Option("aws", "--provider", help="ray-launcher: aws or local."),
     head_ip: str | None = typer.Option(None, "--head-ip", help="local provider: head address."),
     worker_ip: list[str] = typer.Option([], "--worker-ip", help="local provider, per node."),
-    image: str = typer.Option("", "--image", help="KubeRay image with crucible installed."),
+    aws_subnet: str | None = typer.Option(None, "--aws-subnet", help="AWS: the nodes' subnet."),
+    aws_security_group: str | None = typer.Option(
+        None, "--aws-security-group", help="AWS: a group allowing all traffic within itself."
+    ),
+    fabric: str | None = typer.Option(
+        None, "--fabric", help="efa or infiniband (default: efa on AWS, else infiniband)."
+    ),
+    image: str = typer.Option(
+        "", "--image", help="KubeRay image with crucible installed (default: the Dockerfile's)."
+    ),
     namespace: str = typer.Option("default", "--namespace", help="Kubernetes namespace."),
     token_secret: str = typer.Option(
         "crucible-ray-token", "--token-secret", help="Secret with key auth_token."
     ),
     storage_claim: str = typer.Option(
-        "crucible-storage", "--storage-claim", help="ReadWriteMany PVC for run directories."
+        "crucible-storage", "--storage-claim", help="ReadWriteMany PVC, for a path storage."
     ),
     set_: list[str] = typer.Option([], "--set", help="Spec override key.path=value."),
 ) -> None:
-    """Write a Ray cluster launcher YAML or KubeRay RayCluster + RayJob sized from the plan."""
-    path = write_launch_config(
+    """Write a Ray cluster launcher YAML or KubeRay manifests sized from the plan."""
+    paths = write_launch_config(
         spec,
         target,
         out,
@@ -293,10 +327,14 @@ def config_cmd(
         provider=provider,
         head_ip=head_ip,
         worker_ips=worker_ip,
+        subnet=aws_subnet,
+        security_group=aws_security_group,
+        fabric=fabric,
         image=image,
         namespace=namespace,
         token_secret=token_secret,
         storage_claim=storage_claim,
         overrides=set_,
     )
-    typer.echo(f"wrote {path}")
+    for p in paths:
+        typer.echo(f"wrote {p}")

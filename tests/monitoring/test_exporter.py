@@ -21,7 +21,7 @@ from crucible.monitoring.metrics import TrainMetrics
 def test_serves_metrics_on_the_given_address() -> None:
     m = TrainMetrics(1e9, 1e9, num_devices=1, peak_flops_per_device=1e12)
     m.on_step(1, 2.0, 1e-3, 1.0, tokens=256, samples=2, step_seconds=0.5)
-    port = start_exporter("r1", "train", 0, m.registry, announce=False)  # outside Ray: loopback
+    port = start_exporter("r1", "train", 0, m.registry, host="127.0.0.1", announce=False)
     assert port is not None
     try:
         body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -40,14 +40,21 @@ def test_port_in_use_returns_none_and_logs_once(caplog: pytest.LogCaptureFixture
         busy = s.getsockname()[1]
         with caplog.at_level(logging.WARNING, logger="crucible.monitoring.exporter"):
             for _ in range(2):
-                assert start_exporter("r", "train", 0, m.registry, port=busy) is None
+                assert start_exporter("r", "t", 0, m.registry, port=busy, host="127.0.0.1") is None
     assert len([r for r in caplog.records if "cannot bind" in r.getMessage()]) == 1
 
 
 def test_without_a_registry_the_exporter_still_serves(caplog: pytest.LogCaptureFixture) -> None:
-    """Outside Ray there is no registry to announce to: served, unannounced, no error."""
+    """Outside a crucible cluster there is no registry to announce to: served, unannounced,
+    no error."""
+    import ray
+
+    if ray.is_initialized():  # a Ray of an earlier test in this process has no registry
+        from crucible.monitoring import discovery
+
+        assert discovery.find_registry(timeout_s=0) is None
     with caplog.at_level(logging.WARNING, logger="crucible.monitoring.exporter"):
-        port = start_exporter("r", "data", 0, CollectorRegistry())
+        port = start_exporter("r", "data", 0, CollectorRegistry(), host="127.0.0.1")
     assert port is not None
     try:
         assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).ok
@@ -57,12 +64,13 @@ def test_without_a_registry_the_exporter_still_serves(caplog: pytest.LogCaptureF
 
 def test_registry_serves_http_sd_and_drops_a_dead_target() -> None:
     reg = TargetRegistry("127.0.0.1", 0, probe_s=0.2, misses=2)
-    live = start_exporter("r", "train", 0, CollectorRegistry(), announce=False)
+    live = start_exporter("r", "train", 0, CollectorRegistry(), host="127.0.0.1", announce=False)
     code = (
         "import sys, time\n"
         "from prometheus_client import CollectorRegistry\n"
         "from crucible.monitoring.exporter import start_exporter\n"
-        "print(start_exporter('r', 'train', 1, CollectorRegistry(), announce=False), flush=True)\n"
+        "print(start_exporter('r', 'train', 1, CollectorRegistry(), host='127.0.0.1',\n"
+        "                     announce=False), flush=True)\n"
         "time.sleep(600)\n"
     )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
