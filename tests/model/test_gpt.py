@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import resource
-import time
 from collections.abc import Callable
 
 import pytest
@@ -174,15 +173,12 @@ def test_activation_checkpointing_same_gradients(
     assert "forward" not in model.blocks[0].__dict__
 
 
-def test_gpt3_175b_builds_on_meta_quickly() -> None:
+def test_gpt3_175b_builds_on_meta_without_host_memory() -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     model = build_model(get_preset("gpt3-175b"), device="meta")
-    elapsed = time.perf_counter() - start
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) > 174e9
-    assert elapsed < 10, elapsed
     assert grown_kib < 512 * 1024  # well under 1 GiB of host memory (weights would be 350 GB)
 
 

