@@ -31,7 +31,7 @@ from typing import Any
 
 import crucible
 from crucible.cluster.hardware import Fabric, get_fabric
-from crucible.cluster.planner import GiB, Plan
+from crucible.cluster.plan import GiB, Plan
 from crucible.errors import CrucibleError
 from crucible.monitoring.discovery import DEFAULT_PORT, PATH, PORT_ENV
 
@@ -104,7 +104,7 @@ def _fabric(plan: Plan, opts: LaunchOptions) -> Fabric:
 
 def _worker_memory_gib(plan: Plan) -> int:
     # Room for offloaded model states (DeepSpeed's CPU estimate) plus data loading.
-    return max(256, math.ceil(plan.state_cpu_bytes_per_node * 1.25 / GiB) + 64)
+    return max(256, math.ceil(plan.run.memory.state_cpu_bytes_per_node * 1.25 / GiB) + 64)
 
 
 def _exports(env: dict[str, str]) -> str:

@@ -1,5 +1,6 @@
 """The shape of a GPT (:class:`ModelConfig`) and the ``model:`` section of a run spec
-(:class:`ModelSpec`: a preset plus overrides, plus how to parallelise it).
+(:class:`ModelSpec`: a preset plus overrides, plus how to parallelise it,
+:class:`ParallelSpec`, which :mod:`crucible.model.parallelize` applies).
 
 Everything that cannot work (heads not dividing ``d_model``, ``n_kv_heads`` not dividing
 ``n_heads``, rotary with an odd head dim, an unknown preset) fails here, at spec validation,
@@ -16,16 +17,89 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from crucible.config import StrictModel, validate
 from crucible.errors import CrucibleError
-from crucible.model.parallelize import ParallelSpec
 
 
-def _field_error(model: str, field: str, value: Any, message: str) -> ValidationError:
+def _field_error(
+    model: str, field: str, value: Any, message: str, kind: str = "invalid_shape"
+) -> ValidationError:
     # A model-level check that still reports the field it is about (pydantic would otherwise
     # put it at the root of the section).
-    err = InitErrorDetails(
-        type=PydanticCustomError("invalid_shape", message), loc=(field,), input=value
-    )
+    err = InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=value)
     return ValidationError.from_exception_data(model, [err])
+
+
+class ParallelSpec(StrictModel):
+    """How the model is sharded and wrapped (the ``model.parallel`` section of a spec)."""
+
+    zero_stage: int = Field(default=3, ge=0, le=3, description="DeepSpeed ZeRO stage 0–3.")
+    precision: Literal["bf16", "fp32"] = Field(
+        default="bf16", description="bf16 mixed precision (fp32 master weights) or pure fp32."
+    )
+    overlap_comm: bool = Field(
+        default=True, description="Overlap gradient reduction with backward."
+    )
+    contiguous_gradients: bool = Field(
+        default=True, description="Copy gradients into one buffer to avoid fragmentation."
+    )
+    prefetch_bucket_size: int = Field(
+        default=50_000_000, gt=0, description="ZeRO-3: parameters (elements) fetched ahead."
+    )
+    reduce_bucket_size: int = Field(
+        default=500_000_000, gt=0, description="Elements reduced at once in gradient reduction."
+    )
+    param_persistence_threshold: int = Field(
+        default=100_000, ge=0, description="ZeRO-3: parameters smaller than this stay unsharded."
+    )
+    max_live_parameters: int = Field(
+        default=1_000_000_000, gt=0, description="ZeRO-3: most gathered parameters held at once."
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        default="none", description="Keep optimizer states (and step) in CPU memory."
+    )
+    offload_params: Literal["none", "cpu"] = Field(
+        default="none", description="ZeRO-3: keep parameter shards in CPU memory."
+    )
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute each block's activations in backward."
+    )
+    compile: bool = Field(default=False, description="torch.compile each transformer block.")
+    zero_hpz_partition_size: int = Field(
+        default=1, ge=1, description="ZeRO++ hpZ: secondary weight shard group size (GPUs/node)."
+    )
+    zero_quantized_weights: bool = Field(
+        default=False, description="ZeRO++ qwZ: int8-quantised weight all-gather."
+    )
+    zero_quantized_gradients: bool = Field(
+        default=False, description="ZeRO++ qgZ: int4-quantised gradient reduce-scatter."
+    )
+
+    @model_validator(mode="after")
+    def _check_stage(self) -> ParallelSpec:
+        needs3 = {
+            "offload_params": self.offload_params != "none",
+            "zero_hpz_partition_size": self.zero_hpz_partition_size > 1,
+            "zero_quantized_weights": self.zero_quantized_weights,
+            "zero_quantized_gradients": self.zero_quantized_gradients,
+        }
+        for field, used in needs3.items():
+            if used and self.zero_stage != 3:
+                value = getattr(self, field)
+                raise _field_error(
+                    "ParallelSpec",
+                    field,
+                    value,
+                    f"needs zero_stage 3 (got {self.zero_stage})",
+                    kind="parallel",
+                )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise _field_error(
+                "ParallelSpec",
+                "offload_optimizer",
+                self.offload_optimizer,
+                "needs zero_stage 1, 2 or 3",
+                kind="parallel",
+            )
+        return self
 
 
 class ModelConfig(StrictModel):

@@ -1,8 +1,8 @@
 """Everything that wraps the GPT for distributed training, kept out of the model itself.
 
-:class:`ParallelSpec` is the typed ``model.parallel`` section; :func:`build_deepspeed_config`
-turns it into a DeepSpeed config; :func:`parallelize` applies activation checkpointing and
-``torch.compile`` (in that order, see there); :func:`build_zero3_model` constructs a model
+:func:`build_deepspeed_config` turns the typed ``model.parallel`` section
+(:class:`crucible.model.config.ParallelSpec`) into a DeepSpeed config; :func:`parallelize`
+applies activation checkpointing and ``torch.compile`` (in that order, see there); :func:`build_zero3_model` constructs a model
 already sharded under ``deepspeed.zero.Init`` so no rank ever holds the full weights.
 
 DeepSpeed is imported inside the functions that need it: the spec and config generation
@@ -12,86 +12,13 @@ stay importable (and fast) where DeepSpeed is absent or slow to import.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
-
-from crucible.config import StrictModel
 from crucible.errors import CrucibleError
 
 if TYPE_CHECKING:
-    from crucible.model.config import ModelConfig
+    from crucible.model.config import ModelConfig, ParallelSpec
     from crucible.model.gpt import GPT
-
-
-class ParallelSpec(StrictModel):
-    """How the model is sharded and wrapped (the ``model.parallel`` section of a spec)."""
-
-    zero_stage: int = Field(default=3, ge=0, le=3, description="DeepSpeed ZeRO stage 0–3.")
-    precision: Literal["bf16", "fp32"] = Field(
-        default="bf16", description="bf16 mixed precision (fp32 master weights) or pure fp32."
-    )
-    overlap_comm: bool = Field(
-        default=True, description="Overlap gradient reduction with backward."
-    )
-    contiguous_gradients: bool = Field(
-        default=True, description="Copy gradients into one buffer to avoid fragmentation."
-    )
-    prefetch_bucket_size: int = Field(
-        default=50_000_000, gt=0, description="ZeRO-3: parameters (elements) fetched ahead."
-    )
-    reduce_bucket_size: int = Field(
-        default=500_000_000, gt=0, description="Elements reduced at once in gradient reduction."
-    )
-    param_persistence_threshold: int = Field(
-        default=100_000, ge=0, description="ZeRO-3: parameters smaller than this stay unsharded."
-    )
-    max_live_parameters: int = Field(
-        default=1_000_000_000, gt=0, description="ZeRO-3: most gathered parameters held at once."
-    )
-    offload_optimizer: Literal["none", "cpu"] = Field(
-        default="none", description="Keep optimizer states (and step) in CPU memory."
-    )
-    offload_params: Literal["none", "cpu"] = Field(
-        default="none", description="ZeRO-3: keep parameter shards in CPU memory."
-    )
-    activation_checkpointing: bool = Field(
-        default=False, description="Recompute each block's activations in backward."
-    )
-    compile: bool = Field(default=False, description="torch.compile each transformer block.")
-    zero_hpz_partition_size: int = Field(
-        default=1, ge=1, description="ZeRO++ hpZ: secondary weight shard group size (GPUs/node)."
-    )
-    zero_quantized_weights: bool = Field(
-        default=False, description="ZeRO++ qwZ: int8-quantised weight all-gather."
-    )
-    zero_quantized_gradients: bool = Field(
-        default=False, description="ZeRO++ qgZ: int4-quantised gradient reduce-scatter."
-    )
-
-    @model_validator(mode="after")
-    def _check_stage(self) -> ParallelSpec:
-        needs3 = {
-            "offload_params": self.offload_params != "none",
-            "zero_hpz_partition_size": self.zero_hpz_partition_size > 1,
-            "zero_quantized_weights": self.zero_quantized_weights,
-            "zero_quantized_gradients": self.zero_quantized_gradients,
-        }
-        for field, used in needs3.items():
-            if used and self.zero_stage != 3:
-                value = getattr(self, field)
-                raise _field_error(field, value, f"needs zero_stage 3 (got {self.zero_stage})")
-        if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise _field_error(
-                "offload_optimizer", self.offload_optimizer, "needs zero_stage 1, 2 or 3"
-            )
-        return self
-
-
-def _field_error(field: str, value: Any, message: str) -> ValidationError:
-    err = InitErrorDetails(type=PydanticCustomError("parallel", message), loc=(field,), input=value)
-    return ValidationError.from_exception_data("ParallelSpec", [err])
 
 
 def build_deepspeed_config(

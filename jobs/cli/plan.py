@@ -1,5 +1,7 @@
 """``crucible plan``: memory, batch, time, GPU-hours, energy and cost of a run, before renting
-a GPU; ``crucible cluster config``: Ray cluster launcher / KubeRay configs sized from a plan.
+a GPU; the per-rank plan ``crucible train run --dry-run`` prints; ``crucible cluster
+config``: Ray cluster launcher / KubeRay configs sized from a plan. All three come from the
+one planner (:mod:`crucible.cluster.plan`) that the train job runs.
 
 ``crucible plan SPEC.yaml [--nodes N --gpu a100-80gb --set key=value]`` plans a train spec;
 ``crucible plan --model gpt3-175b --nodes 128 --gpu a100-80gb --tokens 300e9`` plans a preset
@@ -11,17 +13,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
-from crucible.cluster.planner import Plan, plan, plan_from_spec
-from crucible.cluster.report import plan_renderable
+from crucible.cluster.plan import Plan, RunPlan, format_bytes, plan, plan_from_spec
+from crucible.cluster.plan.render import plan_renderable
 from crucible.cluster.spec import ClusterSpec
 from crucible.config import validate
 from crucible.errors import CrucibleError
-from crucible.model.config import resolve_model
-from crucible.model.parallelize import ParallelSpec
+from crucible.model.config import ParallelSpec, resolve_model
+
+if TYPE_CHECKING:
+    from crucible.jobs.spec import TrainRunSpec
 
 
 def _spec_overrides(
@@ -176,12 +181,66 @@ def plan_cmd(
         overrides=set_,
     )
     if as_json:
-        data = asdict(result) | {"feasible": result.feasible, "num_gpus": result.num_gpus}
+        data = asdict(result) | {
+            "feasible": result.feasible,
+            "num_gpus": result.num_gpus,
+            "micro_batch_size": result.micro_batch_size,
+            "grad_accum_steps": result.grad_accum_steps,
+            "steps": result.steps,
+            "memory_bytes": result.memory_bytes,
+        }
         typer.echo(json.dumps(data, indent=1, default=str))
     else:
         Console(width=120).print(plan_renderable(result))
     if not result.feasible:
         raise typer.Exit(1)
+
+
+def format_run_plan(spec: TrainRunSpec, plan: RunPlan) -> str:
+    """The dry-run printout: the per-rank plan and the DeepSpeed config every rank runs.
+
+    Args:
+        spec: the train spec.
+        plan: from :func:`crucible.cluster.plan.plan_run`.
+    """
+    cfg = spec.model.resolve()
+    tokens = plan.total_steps * plan.tokens_per_step
+    mem = plan.memory
+    lines = [
+        f"run {spec.name}: {spec.model.preset or 'custom'} model, {plan.params:,} parameters "
+        f"({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+        f"vocab {cfg.vocab_size})",
+        f"workers: {plan.world_size} × {spec.train.cpus_per_worker:g} CPU"
+        + (
+            ", GPU (NCCL)"
+            if spec.train.use_gpu
+            else ", GPU if the cluster has them"
+            if spec.train.use_gpu is None
+            else ", CPU (gloo)"
+        ),
+        f"batch: global {plan.global_batch_size} sequences × {plan.seq_len} tokens = "
+        f"{plan.tokens_per_step:,} tokens/step; micro-batch {plan.micro_batch_size} × "
+        f"{plan.grad_accum_steps} accumulation steps × {plan.world_size} ranks",
+        f"steps: {plan.total_steps:,} ({tokens:,.0f} tokens, "
+        f"{6 * plan.params * tokens:.3g} FLOPs at 6·N·D; "
+        f"{plan.flops_per_token * tokens:.3g} model FLOPs with attention)",
+        f"memory per rank: {format_bytes(mem.total_bytes)} = model states "
+        f"{format_bytes(mem.state_bytes - mem.gather_buffer_bytes)} "
+        f"(ZeRO-{spec.model.parallel.zero_stage}, DeepSpeed's estimate) + gather buffer "
+        f"{format_bytes(mem.gather_buffer_bytes)}"
+        + (f" + hpZ shard {format_bytes(mem.hpz_bytes)}" if mem.hpz_bytes else "")
+        + f" + activations {format_bytes(mem.activation_bytes)} (micro-batch "
+        f"{plan.micro_batch_size}, checkpointing "
+        f"{'on' if spec.model.parallel.activation_checkpointing else 'off'}) + logits "
+        f"{format_bytes(mem.logits_bytes)}",
+        f"checkpoints: every {spec.checkpoint.every_steps} steps, keep last "
+        f"{spec.checkpoint.keep_last}"
+        + (f" + every {spec.checkpoint.keep_every}" if spec.checkpoint.keep_every else "")
+        + f", about {format_bytes(14 * plan.params)} each (14 bytes/param)",
+        "DeepSpeed config:",
+        json.dumps(plan.ds_config, indent=2),
+    ]
+    return "\n".join(lines)
 
 
 def write_launch_config(

@@ -32,17 +32,18 @@ def dry_run_text(spec: object) -> str:
     Args:
         spec: a validated train spec.
     """
+    from crucible.cluster.plan import plan_run
     from crucible.data_pipeline.shards.manifest import read_manifest
-    from crucible.jobs.train.plan import format_plan, make_plan
+    from crucible.jobs.cli.plan import format_run_plan
 
     seq_len = None
     shards = spec.data.shards  # type: ignore[attr-defined]
     with contextlib.suppress(CrucibleError):
         seq_len = read_manifest(shards).seq_len
     use_gpu = bool(spec.train.use_gpu)  # type: ignore[attr-defined]
-    plan = make_plan(spec, spec.train.num_workers, seq_len, use_gpu)  # type: ignore[arg-type, attr-defined]
+    plan = plan_run(spec, spec.train.num_workers, seq_len, use_gpu)  # type: ignore[arg-type, attr-defined]
     note = "" if seq_len else f"\n(shards {shards} not found: sequence length from the model)"
-    return format_plan(spec, plan) + note  # type: ignore[arg-type]
+    return format_run_plan(spec, plan) + note  # type: ignore[arg-type]
 
 
 def _submit(spec: object, resume: bool, detach: bool) -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from crucible.cluster.launch import LaunchOptions, kuberay_manifests, ray_launcher_config
-from crucible.cluster.planner import plan
+from crucible.cluster.plan import plan
 from crucible.cluster.spec import ClusterSpec
 from crucible.errors import CrucibleError
 from crucible.jobs.cli.plan import write_launch_config

@@ -8,10 +8,15 @@ import math
 
 import pytest
 
-from crucible.cluster.comm import zero_comm_volume
-from crucible.cluster.memory import activation_bytes, logits_bytes, zero2_states, zero3_states
-from crucible.cluster.planner import plan, plan_from_spec
-from crucible.cluster.report import format_plan
+from crucible.cluster.plan import plan, plan_from_spec
+from crucible.cluster.plan.comm import zero_comm_volume
+from crucible.cluster.plan.memory import (
+    activation_bytes,
+    logits_bytes,
+    zero2_states,
+    zero3_states,
+)
+from crucible.cluster.plan.render import format_plan
 from crucible.cluster.spec import ClusterSpec
 from crucible.config import validate
 from crucible.jobs.spec import parse_spec
@@ -21,8 +26,7 @@ from crucible.model.accounting import (
     model_flops_per_token,
     num_params,
 )
-from crucible.model.config import ModelConfig
-from crucible.model.parallelize import ParallelSpec
+from crucible.model.config import ModelConfig, ParallelSpec
 from crucible.model.presets import get_preset
 
 GiB = 2**30
@@ -77,7 +81,7 @@ def test_plan_model_states_are_deepspeed_all_cold_figures(preset, nodes, offload
     )
     off = offload == "cpu"
     cpu3, gpu3, _ = estimate_zero3_model_states_mem_needs(n, big, 8, nodes, off, False, True)
-    assert (pl.state_bytes, pl.state_cpu_bytes_per_node) == (gpu3, cpu3)
+    assert (pl.run.memory.state_bytes, pl.run.memory.state_cpu_bytes_per_node) == (gpu3, cpu3)
     assert pl.states_by_stage[2] == estimate_zero2_model_states_mem_needs(n, 8, nodes, off)[1]
 
 
@@ -169,8 +173,8 @@ def test_micro_batch_is_the_largest_that_fits_and_accumulation_fills_the_batch()
     assert pl.memory_bytes <= pl.usable_memory_bytes
     k = pl.max_micro_batch_size
     per_seq = activation_bytes(cfg, 1, 2048, True) + logits_bytes(cfg, 1, 2048)
-    assert pl.state_bytes + k * per_seq <= pl.usable_memory_bytes
-    assert pl.state_bytes + (k + 1) * per_seq > pl.usable_memory_bytes
+    assert pl.run.memory.state_bytes + k * per_seq <= pl.usable_memory_bytes
+    assert pl.run.memory.state_bytes + (k + 1) * per_seq > pl.usable_memory_bytes
 
 
 def test_time_energy_and_cost_arithmetic():
@@ -195,7 +199,7 @@ def test_checkpointing_counts_the_recomputed_forward():
     off = plan(cfg, _cluster(), activation_checkpointing=False, **kw)
     ratio = hardware_flops_per_token(cfg, 2048, True) / hardware_flops_per_token(cfg, 2048, False)
     assert on.compute_seconds / off.compute_seconds == pytest.approx(ratio)
-    assert on.activation_bytes < off.activation_bytes
+    assert on.run.memory.activation_bytes < off.run.memory.activation_bytes
 
 
 def test_indivisible_global_batch_is_infeasible_with_fixes():
@@ -265,7 +269,7 @@ def test_deepspeed_config_carries_the_zeropp_knobs():
         tokens=1e9,
         alternatives=False,
     )
-    ds = pl.deepspeed_config(par)
+    ds = pl.ds_config
     zero = ds["zero_optimization"]
     assert (
         zero["zero_hpz_partition_size"],
@@ -273,7 +277,7 @@ def test_deepspeed_config_carries_the_zeropp_knobs():
         zero["zero_quantized_gradients"],
     ) == (8, True, True)
     assert ds["train_batch_size"] == 512 == pl.micro_batch_size * pl.grad_accum_steps * 32
-    assert pl.hpz_bytes == 2 * pl.params // 8  # hpZ's secondary bf16 shard (ZeRO++ §3.2)
+    assert pl.run.memory.hpz_bytes == 2 * pl.params // 8  # hpZ's secondary bf16 shard (ZeRO++ §3.2)
 
 
 def _train_spec(nodes: int, **cluster):

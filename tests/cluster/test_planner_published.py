@@ -1,6 +1,6 @@
 """The planner against published training runs on A100s.
 
-One set of step-model constants (:class:`crucible.cluster.planner.StepModel` defaults) serves
+One set of step-model constants (:class:`crucible.cluster.plan.StepModel` defaults) serves
 every point below; they were fitted once to minimise the worst relative error over these
 points, not adjusted per point. Throughput in TFLOP/s per GPU is compared in the count each
 source uses: Megatron-LM counts the recomputed forward (hardware FLOPs, 8·N per token with
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from crucible.cluster.planner import plan
+from crucible.cluster.plan import plan
 from crucible.cluster.spec import ClusterSpec
 from crucible.config import validate
 from crucible.model.config import ModelConfig

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from crucible.cluster.plan import plan_run
 from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.cli.train import app
 from crucible.jobs.train import checkpoint as ckpt
-from crucible.jobs.train.plan import make_plan
 from crucible.jobs.train.run import check_resources, check_shards
 from crucible.jobs.train.schedule import lr_at
 from crucible.jobs.train.spec import OptimSpec
@@ -283,17 +283,17 @@ def test_retention_without_keep_every(root: Location) -> None:
 
 def test_plan_splits_the_global_batch(make_spec, tmp_path: Path) -> None:
     spec = make_spec("p", tmp_path, optim={"global_batch_size": 24, "micro_batch_size": 3})
-    plan = make_plan(spec, 2, seq_len=64)
+    plan = plan_run(spec, 2, seq_len=64)
     assert (plan.grad_accum_steps, plan.tokens_per_step, plan.total_steps) == (4, 24 * 64, 20)
     assert plan.ds_config["train_batch_size"] == 24
     assert plan.ds_config["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(CrucibleError, match="multiple of optim.micro_batch_size 3 × 5 workers"):
-        make_plan(spec, 5, seq_len=64)
+        plan_run(spec, 5, seq_len=64)
 
 
 def test_plan_from_token_budget(make_spec, tmp_path: Path) -> None:
     spec = make_spec("p", tmp_path, train={"max_steps": None, "max_tokens": 10_000})
-    assert make_plan(spec, 2, seq_len=64).total_steps == math.ceil(10_000 / (16 * 64))
+    assert plan_run(spec, 2, seq_len=64).total_steps == math.ceil(10_000 / (16 * 64))
 
 
 def test_gpt3_175b_dry_run_on_this_machine() -> None:

@@ -14,8 +14,8 @@ import torch
 
 from crucible.config import validate
 from crucible.errors import CrucibleError
-from crucible.model.config import ModelConfig
-from crucible.model.parallelize import ParallelSpec, build_deepspeed_config, parallelize
+from crucible.model.config import ModelConfig, ParallelSpec
+from crucible.model.parallelize import build_deepspeed_config, parallelize
 
 
 def _free_port() -> int:

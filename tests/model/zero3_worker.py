@@ -16,13 +16,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from crucible.model.config import ParallelSpec
 from crucible.model.gpt import build_model, init_weights
-from crucible.model.parallelize import (
-    ParallelSpec,
-    build_deepspeed_config,
-    build_zero3_model,
-    parallelize,
-)
+from crucible.model.parallelize import build_deepspeed_config, build_zero3_model, parallelize
 from crucible.model.presets import get_preset
 
 

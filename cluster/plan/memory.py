@@ -20,8 +20,26 @@ its 2·s·b·h-byte input, plus one layer's full activations while it is recompu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from crucible.model.config import ModelConfig
+from crucible.model.accounting import largest_layer_params, num_params
+
+if TYPE_CHECKING:
+    from crucible.model.config import ModelConfig, ParallelSpec
+
+GiB = 2**30
+
+
+def format_bytes(n: float, digits: int = 2) -> str:
+    """``n`` bytes as GiB, or as MiB below one GiB (so tiny models stay readable).
+
+    Args:
+        n: bytes.
+        digits: decimals shown.
+    """
+    if n < GiB:
+        return f"{n / 2**20:,.{digits}f} MiB"
+    return f"{n / GiB:,.{digits}f} GiB"
 
 
 @dataclass(frozen=True)
@@ -180,3 +198,91 @@ def logits_bytes(cfg: ModelConfig, micro: int, seq: int) -> int:
         seq: sequence length.
     """
     return 10 * micro * seq * cfg.vocab_size
+
+
+@dataclass(frozen=True)
+class MemoryPerGpu:
+    """Peak memory of one GPU (one data-parallel rank), by what holds it."""
+
+    state_bytes: int
+    """Model states, DeepSpeed's estimate (includes the ZeRO-3 gather buffer)."""
+    gather_buffer_bytes: int
+    """The part of :attr:`state_bytes` that gathers the largest layer whole (ZeRO-3)."""
+    state_cpu_bytes_per_node: int
+    """Host memory per node for model states (offload, ``zero.Init``)."""
+    hpz_bytes: int
+    """ZeRO++ hpZ secondary weight shard."""
+    activation_bytes: int
+    logits_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Model states + hpZ shard + activations + logits."""
+        return self.state_bytes + self.hpz_bytes + self.activation_bytes + self.logits_bytes
+
+
+def state_memory(
+    cfg: ModelConfig, parallel: ParallelSpec, stage: int, gpus_per_node: int, nodes: int
+) -> StateMemory:
+    """Model-state memory of ``cfg`` at ZeRO ``stage`` with ``parallel``'s offload knobs.
+
+    Args:
+        cfg: the model shape.
+        parallel: the parallel section (offload settings).
+        stage: ZeRO stage (may differ from ``parallel.zero_stage``, to compare stages).
+        gpus_per_node: GPUs per node.
+        nodes: nodes.
+    """
+    return model_states(
+        stage,
+        num_params(cfg),
+        largest_layer_params(cfg),
+        gpus_per_node,
+        nodes,
+        offload_optimizer=parallel.offload_optimizer != "none",
+        offload_params=parallel.offload_params != "none" and stage == 3,
+    )
+
+
+def hpz_bytes(cfg: ModelConfig, parallel: ParallelSpec) -> int:
+    """The ZeRO++ hpZ secondary shard: bf16 weights over the hpZ group (0 without hpZ).
+
+    Args:
+        cfg: the model shape.
+        parallel: the parallel section.
+    """
+    hpz = parallel.zero_hpz_partition_size
+    return int(2 * num_params(cfg) / hpz) if hpz > 1 else 0
+
+
+def memory_per_gpu(
+    cfg: ModelConfig,
+    parallel: ParallelSpec,
+    *,
+    gpus_per_node: int,
+    nodes: int,
+    micro_batch_size: int,
+    seq_len: int,
+    scores_stored: bool,
+) -> MemoryPerGpu:
+    """Peak memory of one GPU training ``cfg`` with ``parallel`` on ``nodes`` × ``gpus_per_node``.
+
+    Args:
+        cfg: the model shape.
+        parallel: ZeRO stage, offload, hpZ and activation checkpointing.
+        gpus_per_node: GPUs per node.
+        nodes: nodes (every GPU is a data-parallel rank).
+        micro_batch_size: sequences per GPU per forward.
+        seq_len: sequence length.
+        scores_stored: attention scores are materialised (no flash attention).
+    """
+    states = state_memory(cfg, parallel, parallel.zero_stage, gpus_per_node, nodes)
+    ckpt = parallel.activation_checkpointing
+    return MemoryPerGpu(
+        state_bytes=states.gpu_bytes,
+        gather_buffer_bytes=states.largest_layer_bytes,
+        state_cpu_bytes_per_node=states.cpu_bytes,
+        hpz_bytes=hpz_bytes(cfg, parallel),
+        activation_bytes=activation_bytes(cfg, micro_batch_size, seq_len, ckpt, scores_stored),
+        logits_bytes=logits_bytes(cfg, micro_batch_size, seq_len),
+    )

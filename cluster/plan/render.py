@@ -8,11 +8,12 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from crucible.cluster.planner import GiB, Plan
+from crucible.cluster.plan.memory import GiB, format_bytes
+from crucible.cluster.plan.result import Plan
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:,.1f} GiB"
+    return format_bytes(n, digits=1)
 
 
 def _zero_knobs(pl: Plan) -> str:
@@ -31,18 +32,19 @@ def _zero_knobs(pl: Plan) -> str:
 
 
 def _memory_table(pl: Plan) -> Table:
+    mem = pl.run.memory
     t = Table(title="memory per GPU", title_justify="left", show_header=True)
     t.add_column("item")
     t.add_column("bytes", justify="right")
-    t.add_row(f"model states ({_zero_knobs(pl)}, DeepSpeed's estimate)", _gib(pl.state_bytes))
-    if pl.hpz_bytes:
-        t.add_row("ZeRO++ hpZ secondary weight shard", _gib(pl.hpz_bytes))
+    t.add_row(f"model states ({_zero_knobs(pl)}, DeepSpeed's estimate)", _gib(mem.state_bytes))
+    if mem.hpz_bytes:
+        t.add_row("ZeRO++ hpZ secondary weight shard", _gib(mem.hpz_bytes))
     ck = "on" if pl.activation_checkpointing else "off"
     t.add_row(
         f"activations (micro-batch {pl.micro_batch_size}, checkpointing {ck})",
-        _gib(pl.activation_bytes),
+        _gib(mem.activation_bytes),
     )
-    t.add_row("output logits + loss", _gib(pl.logits_bytes))
+    t.add_row("output logits + loss", _gib(mem.logits_bytes))
     t.add_row("total", _gib(pl.memory_bytes), style="bold")
     t.add_row(
         f"usable on {pl.gpu} ({_gib(pl.gpu_memory_bytes)} less headroom)",
@@ -50,7 +52,7 @@ def _memory_table(pl: Plan) -> Table:
     )
     for stage, nbytes in pl.states_by_stage.items():
         t.add_row(f"  model states at ZeRO-{stage} (same offload)", _gib(nbytes), style="dim")
-    t.add_row("CPU memory per node for model states", _gib(pl.state_cpu_bytes_per_node))
+    t.add_row("CPU memory per node for model states", _gib(mem.state_cpu_bytes_per_node))
     return t
 
 
@@ -60,7 +62,7 @@ def _time_table(pl: Plan) -> Table:
     t.add_column("value", justify="right")
     t.add_row(
         "batch",
-        f"{pl.global_batch_size:,} × {pl.seq_len:,} tokens = micro-batch "
+        f"{pl.run.global_batch_size:,} × {pl.run.seq_len:,} tokens = micro-batch "
         f"{pl.micro_batch_size} × {pl.grad_accum_steps} accumulation × {pl.num_gpus:,} GPUs",
     )
     t.add_row("largest micro-batch that fits", str(pl.max_micro_batch_size))
