@@ -39,18 +39,19 @@ def worker(spec_path: Path, out: Path, s3_root: str, rounds: int) -> None:
     import torch.distributed as dist
     import yaml
 
+    from crucible.cluster.plan import plan_run
     from crucible.cluster.storage import location, scratch_dir
     from crucible.jobs.spec import parse_spec
     from crucible.jobs.train import checkpoint as ckpt
-    from crucible.jobs.train.loop import build_engine, choose_checkpoint, save
-    from crucible.jobs.train.plan import make_plan
+    from crucible.jobs.train.checkpoint import choose_checkpoint, save
+    from crucible.jobs.train.engine import build_engine
     from crucible.jobs.train.state import make_deterministic
 
     make_deterministic(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = parse_spec(yaml.safe_load(spec_path.read_text()))
-    plan = make_plan(spec, world, seq_len=64)
+    plan = plan_run(spec, world, seq_len=64)
     engine = build_engine(spec, plan)
     vocab = spec.model.resolve().vocab_size
     ids = torch.randint(0, vocab, (plan.micro_batch_size, 65), generator=torch.Generator())

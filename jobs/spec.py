@@ -20,8 +20,14 @@ from crucible.cluster.storage import Location
 from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, validate
 from crucible.data_pipeline.spec import DataSpec
 from crucible.errors import CrucibleError
-from crucible.jobs.train.spec import CheckpointSpec, OptimSpec, TrainDataSpec, TrainSpec
-from crucible.model.config import ModelSpec
+from crucible.jobs.train.spec import (
+    CheckpointSpec,
+    MonitoringSpec,
+    OptimSpec,
+    TrainDataSpec,
+    TrainSpec,
+)
+from crucible.model.spec import ModelSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -60,6 +66,9 @@ class TrainRunSpec(_RunBase):
         default_factory=CheckpointSpec, description="Checkpoint frequency and retention."
     )
     train: TrainSpec = Field(description="Workers and the training budget.")
+    monitoring: MonitoringSpec = Field(
+        default_factory=MonitoringSpec, description="Loggers besides Prometheus."
+    )
 
 
 RunSpec = DataRunSpec | TrainRunSpec

@@ -17,10 +17,13 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 _OVERLAP_BYTES = 1 << 20
 _WRITEBACK_BYTES = 32 << 20
@@ -98,11 +101,16 @@ def save_hashed(obj: Any, path: Path, zipfile: bool = True) -> dict[str, Any]:
     return {"sha256": w.sha256.hexdigest(), "bytes": w.bytes}
 
 
-class HashingCheckpointEngine(TorchCheckpointEngine):
-    """:class:`TorchCheckpointEngine` that records ``{abspath: {sha256, bytes}}`` per save."""
+class HashingCheckpointEngine(TorchCheckpointEngine):  # type: ignore[misc]
+    """:class:`TorchCheckpointEngine` that records ``{abspath: {sha256, bytes}}`` per save.
 
-    def __init__(self, config_params: Any = None) -> None:
-        super().__init__(config_params)
+    Args:
+        zipfile_serialization: torch's zip format or the legacy one, as the engine replaced.
+    """
+
+    def __init__(self, zipfile_serialization: bool) -> None:
+        super().__init__()
+        self.zipfile_serialization = zipfile_serialization
         self.written: dict[str, dict[str, Any]] = {}
 
     def save(self, state_dict: Any, path: str) -> None:
@@ -111,7 +119,7 @@ class HashingCheckpointEngine(TorchCheckpointEngine):
         )
 
 
-def install(engine: Any) -> HashingCheckpointEngine | None:
+def install(engine: DeepSpeedEngine) -> HashingCheckpointEngine | None:
     """Swap a DeepSpeed engine's plain ``torch.save`` engine for the hashing one.
 
     Other engines (DeepSpeed's fast, decoupled or DataStates writers, chosen in the DeepSpeed
@@ -126,6 +134,6 @@ def install(engine: Any) -> HashingCheckpointEngine | None:
     current = getattr(engine, "checkpoint_engine", None)
     if type(current) is not TorchCheckpointEngine:
         return None
-    hashing = HashingCheckpointEngine(engine._config)
+    hashing = HashingCheckpointEngine(bool(current.zipfile_serialization))
     engine.checkpoint_engine = hashing
     return hashing

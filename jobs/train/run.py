@@ -10,16 +10,19 @@ written with another world size is converted to DeepSpeed's universal format.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from crucible.cluster.storage import Location, location, read_jsonl
 from crucible.errors import CrucibleError
-from crucible.jobs.runs import load_run_spec
+from crucible.jobs.runs import load_train_spec
+from crucible.jobs.spec import TrainRunSpec
 from crucible.jobs.train import checkpoint as ckpt
-from crucible.jobs.train.priority import RANK_ENV, SETUP_HOOK
+
+if TYPE_CHECKING:
+    from crucible.data_pipeline.shards.manifest import Manifest
 
 
-def check_shards(spec: Any) -> Any:
+def check_shards(spec: TrainRunSpec) -> Manifest:
     """Check the shards as the workers will need them, from their manifest and a listing;
     return the manifest.
 
@@ -55,7 +58,7 @@ def check_shards(spec: Any) -> Any:
     return manifest
 
 
-def decide_gpu(spec: Any, resources: dict[str, float]) -> bool:
+def decide_gpu(spec: TrainRunSpec, resources: dict[str, float]) -> bool:
     """GPU workers if the spec says so, or (``use_gpu: null``) if the cluster has GPUs.
 
     Args:
@@ -67,7 +70,7 @@ def decide_gpu(spec: Any, resources: dict[str, float]) -> bool:
     return resources.get("GPU", 0) > 0
 
 
-def check_resources(spec: Any, resources: dict[str, float], use_gpu: bool) -> None:
+def check_resources(spec: TrainRunSpec, resources: dict[str, float], use_gpu: bool) -> None:
     """Refuse a run the cluster can never schedule, instead of waiting forever.
 
     Args:
@@ -89,7 +92,7 @@ def check_resources(spec: Any, resources: dict[str, float], use_gpu: bool) -> No
         )
 
 
-def check_placement(spec: Any, nodes: list[dict[str, float]], use_gpu: bool) -> None:
+def check_placement(spec: TrainRunSpec, nodes: list[dict[str, float]], use_gpu: bool) -> None:
     """Refuse a placement the cluster's nodes can never satisfy (Ray would wait forever).
 
     A worker's resources must fit on one node, so totals are not enough: two 1-CPU nodes
@@ -164,17 +167,6 @@ def prepare_reshard(root: Location, world: int) -> Location | None:
     return out
 
 
-# Ray starts task and actor processes at nice 15 (its `worker_niceness`), so that its daemons
-# win any contention with user code. The ranks of a data-parallel job run in lockstep: one rank
-# preempted by a daemon stalls every rank at the next collective. They run at the driver's
-# priority, as torchrun's ranks do (Ray's job supervisor sets the same variable to 0 for the
-# driver). On a 2-core machine with 2 ranks: 1.5% more steps/s (median of 10 interleaved pairs
-# of runs; 9 of the 10 faster). Ray Train's own actors go further down, under SCHED_IDLE, by
-# the job's setup hook (see .priority); the ranks carry RANK_ENV so that the hook leaves their
-# processes to the rank itself.
-WORKER_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0", RANK_ENV: "1"}}
-
-
 def run_train(run_dir: Location) -> int:
     """Train (or resume) the run in ``run_dir`` on the Ray cluster this process is attached
     to; return an exit code.
@@ -191,11 +183,10 @@ def run_train(run_dir: Location) -> int:
 
     from crucible.jobs.train.loop import train_loop_per_worker
 
-    spec = load_run_spec(run_dir)
-    assert spec.kind == "train"
+    spec = load_train_spec(run_dir)
     check_shards(spec)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+        ray.init(log_to_driver=True)
     start_metrics_registry()
     resources = ray.cluster_resources()
     use_gpu = decide_gpu(spec, resources)
@@ -218,14 +209,11 @@ def run_train(run_dir: Location) -> int:
             resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
             placement_strategy=t.placement_strategy,
         ),
-        # ray.train exports Train v2's RunConfig at run time (v2 is the default); mypy reads
-        # the v1 class, which has no worker_runtime_env.
-        run_config=RunConfig(  # type: ignore[call-arg]
+        run_config=RunConfig(
             storage_path=attempts.path,
             storage_filesystem=attempts.fs,
             name=f"attempt-{attempt}",
             failure_config=FailureConfig(max_failures=t.max_failures),
-            worker_runtime_env=WORKER_RUNTIME_ENV,
         ),
     )
     t0 = time.perf_counter()

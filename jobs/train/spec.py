@@ -1,5 +1,5 @@
 """The sections of a train spec owned by the train job: ``data``, ``optim``, ``checkpoint``,
-``train`` (workers and budget)."""
+``train`` (workers and budget), ``monitoring`` (loggers besides Prometheus)."""
 
 from __future__ import annotations
 
@@ -105,3 +105,13 @@ class TrainSpec(StrictModel):
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("set train.max_steps or train.max_tokens")
         return self
+
+
+class MonitoringSpec(StrictModel):
+    """Where a run's metrics go besides Prometheus, the job log and ``metrics.jsonl``."""
+
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Extra loggers on rank 0: TensorBoard event files in <run>/tensorboard, "
+        "Weights & Biases in offline mode in <run>/wandb.",
+    )

@@ -152,14 +152,8 @@ def _kill_rank1_after(step: int, seen: dict):
         while time.monotonic() < deadline:
             if latest.exists() and latest.read_text().strip() == f"step-{step}":
                 pid = int((run_dir / "workers" / "rank-1.pid").read_text())
-                seen["nice"] = os.getpriority(os.PRIO_PROCESS, pid)
-                seen["policy"] = {
-                    (Path(f"/proc/{pid}/task/{t}/comm").read_text().strip(), t == str(pid)): (
-                        os.sched_getscheduler(int(t))
-                    )
-                    for t in os.listdir(f"/proc/{pid}/task")
-                }
                 os.kill(pid, signal.SIGKILL)
+                seen["killed"] = pid
                 return
             time.sleep(0.02)
 
@@ -171,13 +165,7 @@ def test_sigkilled_worker_resumes_bitwise_identical(env, train_shards, reference
     spec = parse_spec(_spec_data("killed", env, train_shards))
     seen: dict = {}
     run_dir, log = train(spec, during=_kill_rank1_after(10, seen))  # type: ignore[arg-type]
-    # The ranks run at the cluster's (this process's) priority, not at Ray's worker nice 15.
-    assert seen["nice"] == os.getpriority(os.PRIO_PROCESS, 0)
-    # Its gloo threads (started by the training thread) at normal priority, Ray's main thread
-    # (signal checks every 10 ms) under SCHED_IDLE (crucible.jobs.train.priority).
-    policy = seen["policy"]
-    assert {v for (name, _), v in policy.items() if name.startswith("gloo")} == {os.SCHED_OTHER}
-    assert [v for (_, main), v in policy.items() if main] == [os.SCHED_IDLE]
+    assert "killed" in seen  # killed once step-10 was committed, so the run resumed from it
     resumes = records(run_dir, "resume")
     assert len(resumes) == 1 and resumes[0]["step"] == 10, log[-3000:]
     steps = [r["step"] for r in records(run_dir, "step")]

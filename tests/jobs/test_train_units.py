@@ -178,7 +178,7 @@ _CHOOSE = """
 import json, sys
 import torch.distributed as dist
 from crucible.cluster.storage import location
-from crucible.jobs.train.loop import choose_checkpoint
+from crucible.jobs.train.checkpoint import choose_checkpoint
 rank, init, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
 got = choose_checkpoint(location(root), "sha256", rank, 2)
@@ -353,6 +353,6 @@ def test_shards_the_model_cannot_take_are_refused(make_spec, tmp_path: Path) -> 
     ],
 )
 def test_cuda_arch_list_without_variant_suffixes_for_deepspeed(given: str, expected: str) -> None:
-    from crucible.jobs.train.loop import deepspeed_arch_list
+    from crucible.jobs.train.environment import deepspeed_arch_list
 
     assert deepspeed_arch_list(given) == expected

@@ -1,0 +1,69 @@
+"""The training loop's cross-cutting concerns, one callback each: the GPU-hours ledger,
+Prometheus metrics, the hang watchdog, held-out evaluation, the job log and ``metrics.jsonl``,
+the loggers chosen in ``monitoring.loggers`` (TensorBoard, W&B) and checkpointing."""
+
+from __future__ import annotations
+
+import math
+
+from crucible.jobs.train.callbacks.base import (
+    Callback,
+    Callbacks,
+    Resumed,
+    StepResult,
+    TrainContext,
+)
+from crucible.jobs.train.callbacks.checkpointer import CheckpointerCallback
+from crucible.jobs.train.callbacks.evaluator import EvaluatorCallback
+from crucible.jobs.train.callbacks.ledger import LedgerCallback
+from crucible.jobs.train.callbacks.prometheus import PrometheusCallback, shared_peak_flops
+from crucible.jobs.train.callbacks.runlog import RunLogCallback
+from crucible.jobs.train.callbacks.watchdog import WatchdogCallback
+from crucible.monitoring.metrics import never_raise
+
+__all__ = [
+    "Callback",
+    "Callbacks",
+    "Resumed",
+    "StepResult",
+    "TrainContext",
+    "build_callbacks",
+]
+
+
+@never_raise
+def _peak(rank: int) -> tuple[str, float]:
+    return shared_peak_flops(rank)
+
+
+def build_callbacks(ctx: TrainContext, resumed_from: int) -> Callbacks:
+    """The callbacks of one attempt, in the order their hooks run.
+
+    Order matters: metrics fill in a step's MFU and the evaluator its held-out loss before
+    the loggers write the step; the checkpointer runs last, so the ledger holds the step
+    when its totals go into the checkpoint.
+
+    Args:
+        ctx: the rank's training context (every rank calls this: the peak FLOP/s is
+            measured on rank 0 and broadcast).
+        resumed_from: step of the checkpoint this attempt resumes from (0: fresh start).
+    """
+    device, peak = _peak(ctx.rank) or ("", math.nan)
+    ledger = LedgerCallback(ctx, resumed_from, device)
+    items: list[Callback] = [
+        ledger,
+        PrometheusCallback(ctx, peak or math.nan, restarts=max(ledger.attempt - 1, 0)),
+        WatchdogCallback(ctx),
+        EvaluatorCallback(ctx),
+        RunLogCallback(ctx),
+    ]
+    if "tensorboard" in ctx.spec.monitoring.loggers:
+        from crucible.jobs.train.callbacks.tensorboard import TensorBoardCallback
+
+        items.append(TensorBoardCallback(ctx))
+    if "wandb" in ctx.spec.monitoring.loggers:
+        from crucible.jobs.train.callbacks.wandb import WandbCallback
+
+        items.append(WandbCallback(ctx))
+    items.append(CheckpointerCallback(ctx, ledger))
+    return Callbacks(items)

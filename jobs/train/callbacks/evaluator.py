@@ -1,0 +1,88 @@
+"""Held-out loss every ``train.eval_every`` steps, over the first ``train.eval_batches`` global
+batches of the shards' held-out split (the same batches every time)."""
+
+from __future__ import annotations
+
+import time
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
+from crucible.jobs.train.engine import micro_batches
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from crucible.data_pipeline.training_reader import TrainingReader
+
+
+def evaluate(
+    engine: DeepSpeedEngine, reader: TrainingReader, batches: int, micro: int, doc_mask: bool
+) -> float:
+    """Token-weighted held-out loss over the first ``batches`` global batches of the split.
+
+    Args:
+        engine: the DeepSpeed engine.
+        reader: a held-out :class:`TrainingReader` of this rank.
+        batches: global batches to evaluate.
+        micro: rows per forward pass.
+        doc_mask: attend within documents only.
+    """
+    device = engine.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL reduces device tensors
+    engine.eval()
+    with torch.no_grad():
+        for batch in islice(reader.eval_batches(), batches):
+            for mb in micro_batches(batch, micro, device):
+                logits, _ = engine(
+                    mb["input_ids"], doc_ids=mb.get("doc_index") if doc_mask else None
+                )
+                labels = mb["labels"]
+                loss = F.cross_entropy(
+                    logits.float().view(-1, logits.size(-1)),
+                    labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                total += torch.stack([loss.double(), (labels != -100).sum().double()])
+    engine.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+class EvaluatorCallback(Callback):
+    """Adds ``heldout_loss`` to the steps it evaluates at and tells the other callbacks.
+
+    Args:
+        ctx: the rank's training context.
+    """
+
+    def __init__(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+        self.heldout: TrainingReader | None = None
+
+    def on_start(self) -> None:
+        from crucible.data_pipeline.training_reader import TrainingReader
+
+        spec = self.ctx.spec
+        if spec.train.eval_every:
+            self.heldout = TrainingReader(
+                spec.data.shards, spec.optim.global_batch_size, rank=self.ctx.rank,
+                world_size=self.ctx.world, split="heldout", verify="size",
+                doc_index=spec.data.mask_cross_document,
+            )  # fmt: skip
+
+    def on_step_end(self, result: StepResult) -> None:
+        t = self.ctx.spec.train
+        if self.heldout is None or result.step % t.eval_every:
+            return
+        t0 = time.time()
+        result.heldout_loss = evaluate(
+            self.ctx.engine, self.heldout, t.eval_batches, self.ctx.plan.micro_batch_size,
+            self.ctx.spec.data.mask_cross_document,
+        )  # fmt: skip
+        self.ctx.callbacks.on_eval(result.heldout_loss, t0, time.time())

@@ -1,0 +1,92 @@
+"""The GPU-hours ledger: rank 0 records where every device-second of the attempt went (see
+:mod:`crucible.monitoring.ledger`); its running totals go into each checkpoint."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
+from crucible.jobs.train.checkpoint import SaveStats
+from crucible.monitoring.metrics import never_raise
+
+if TYPE_CHECKING:
+    from crucible.monitoring.ledger import LedgerWriter
+
+
+class LedgerCallback(Callback):
+    """Rank 0 writes the attempt's ledger for all its devices; other ranks do nothing.
+
+    Args:
+        ctx: the rank's training context.
+        resumed_from: step of the checkpoint this attempt resumes from (0: fresh start).
+        device: the device, for the attempt's record.
+    """
+
+    def __init__(self, ctx: TrainContext, resumed_from: int, device: str) -> None:
+        self.ctx = ctx
+        self.writer: LedgerWriter | None = None
+        self._open(resumed_from, device)
+
+    @property
+    def attempt(self) -> int:
+        """This attempt's number (1 for the first; -1 where there is no ledger)."""
+        return self.writer.attempt if self.writer is not None else -1
+
+    @never_raise
+    def _open(self, resumed_from: int, device: str) -> None:
+        if self.ctx.rank != 0:
+            return
+        from crucible.monitoring.ledger import LedgerWriter
+
+        self.writer = LedgerWriter(
+            self.ctx.run_dir, self.ctx.world, resumed_from=resumed_from, device=device
+        )
+
+    @never_raise
+    def on_start(self) -> None:
+        if self.writer is not None:
+            self.writer.startup_done()
+
+    @never_raise
+    def on_step_end(self, result: StepResult) -> None:
+        if self.writer is not None:
+            self.writer.step(
+                result.step, result.started, result.started + result.seconds,
+                result.data_wait_seconds,
+            )  # fmt: skip
+
+    @never_raise
+    def on_eval(self, loss: float, t0: float, t1: float) -> None:
+        if self.writer is not None:
+            self.writer.interval("eval", t0, t1)
+
+    @never_raise
+    def on_save(self, stats: SaveStats, t0: float) -> None:
+        if self.writer is not None:  # the save, retention and Ray Train's report
+            self.writer.checkpoint(stats.step, t0, time.time(), committed=True)
+
+    @never_raise
+    def on_end(self, status: str) -> None:
+        if self.writer is not None:
+            self.writer.end(status)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The ledger so far, for a checkpoint's state: device-seconds by phase as
+        :func:`~crucible.monitoring.ledger.account` reads them (zeros off rank 0)."""
+        return self._totals() or {"worker_seconds": 0.0}
+
+    @never_raise
+    def _totals(self) -> dict[str, Any]:
+        if self.ctx.rank != 0:
+            return {}
+        from crucible.monitoring.ledger import account
+
+        s = account(self.ctx.run_dir, stale_after_s=math.inf)
+        return {
+            "worker_seconds": s.total_seconds,
+            "gpu_seconds": s.total_seconds if self.ctx.use_gpu else 0.0,
+            "seconds": s.seconds,
+            "attempts": s.attempts,
+        }
