@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from crucible.errors import CrucibleError
 
@@ -26,6 +27,23 @@ class StrictModel(BaseModel):
     """Base of every spec section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def field_error(
+    model: str, field: str, value: Any, message: str, kind: str = "invalid_shape"
+) -> ValidationError:
+    """A validation error of ``model`` located at ``field``: a model-level check that still
+    reports the field it is about (pydantic would otherwise put it at the section's root).
+
+    Args:
+        model: the model's class name.
+        field: the field the message is about.
+        value: its value.
+        message: what is wrong.
+        kind: pydantic's error type.
+    """
+    err = InitErrorDetails(type=PydanticCustomError(kind, message), loc=(field,), input=value)
+    return ValidationError.from_exception_data(model, [err])
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Everything that wraps the GPT for distributed training, kept out of the model itself.
 
 :func:`build_deepspeed_config` turns the typed ``model.parallel`` section
-(:class:`crucible.model.config.ParallelSpec`) into a DeepSpeed config; :func:`parallelize`
+(:class:`crucible.model.spec.ParallelSpec`) into a DeepSpeed config; :func:`parallelize`
 applies activation checkpointing and ``torch.compile`` (in that order, see there); :func:`build_zero3_model` constructs a model
 already sharded under ``deepspeed.zero.Init`` so no rank ever holds the full weights.
 
@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from crucible.errors import CrucibleError
 
 if TYPE_CHECKING:
-    from crucible.model.config import ModelConfig, ParallelSpec
+    from crucible.model.config import ModelConfig
     from crucible.model.gpt import GPT
+    from crucible.model.spec import ParallelSpec
 
 
 def build_deepspeed_config(

@@ -8,7 +8,7 @@ from typing import Any
 
 from crucible.cluster.plan.fit import PlanInputs, build_plan, fitting_nodes, max_micro_batch
 from crucible.cluster.plan.result import Alternative, Plan
-from crucible.model.config import ParallelSpec
+from crucible.model.spec import ParallelSpec
 
 
 def _variant(inp: PlanInputs, label: str, **changes: Any) -> tuple[str, PlanInputs] | None:

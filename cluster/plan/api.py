@@ -24,11 +24,12 @@ from crucible.cluster.plan.result import Plan
 from crucible.cluster.plan.run_plan import RunPlan, run_plan
 from crucible.cluster.plan.step_time import StepModel, Throughput
 from crucible.errors import CrucibleError
-from crucible.model.config import ParallelSpec
+from crucible.model.spec import ParallelSpec
 
 if TYPE_CHECKING:
     from crucible.cluster.spec import ClusterSpec
-    from crucible.model.config import ModelConfig, ModelSpec
+    from crucible.model.config import ModelConfig
+    from crucible.model.spec import ModelSpec
 
 
 class _Optim(Protocol):

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from crucible.model.accounting import largest_layer_params, num_params
 
 if TYPE_CHECKING:
-    from crucible.model.config import ModelConfig, ParallelSpec
+    from crucible.model.config import ModelConfig
+    from crucible.model.spec import ParallelSpec
 
 GiB = 2**30
 

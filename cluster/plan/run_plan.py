@@ -12,7 +12,8 @@ from crucible.model.accounting import model_flops_per_token, num_params
 from crucible.model.parallelize import build_deepspeed_config
 
 if TYPE_CHECKING:
-    from crucible.model.config import ModelConfig, ParallelSpec
+    from crucible.model.config import ModelConfig
+    from crucible.model.spec import ParallelSpec
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from crucible.model.accounting import (
 
 if TYPE_CHECKING:
     from crucible.cluster.hardware import Accelerator
-    from crucible.model.config import ModelConfig, ParallelSpec
+    from crucible.model.config import ModelConfig
+    from crucible.model.spec import ParallelSpec
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from crucible.model.accounting import (
     num_non_embedding_params,
     num_params,
 )
-from crucible.model.config import ModelConfig, resolve_model
+from crucible.model.config import ModelConfig
 from crucible.model.presets import PRESETS
+from crucible.model.spec import resolve_model
 
 app = typer.Typer(
     help="Inspect model shapes: parameters, FLOPs per token, memory.", no_args_is_help=True

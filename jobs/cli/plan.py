@@ -23,7 +23,7 @@ from crucible.cluster.plan.render import plan_renderable
 from crucible.cluster.spec import ClusterSpec
 from crucible.config import validate
 from crucible.errors import CrucibleError
-from crucible.model.config import ParallelSpec, resolve_model
+from crucible.model.spec import ParallelSpec, resolve_model
 
 if TYPE_CHECKING:
     from crucible.jobs.spec import TrainRunSpec

@@ -26,8 +26,9 @@ from crucible.model.accounting import (
     model_flops_per_token,
     num_params,
 )
-from crucible.model.config import ModelConfig, ParallelSpec
+from crucible.model.config import ModelConfig
 from crucible.model.presets import get_preset
+from crucible.model.spec import ParallelSpec
 
 GiB = 2**30
 SIZES = [1_000_003, 124_439_808, 6_658_859_008, 174_594_465_792, 1_000_000_000_000]

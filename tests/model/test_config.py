@@ -6,7 +6,8 @@ import pytest
 
 from crucible.config import validate
 from crucible.errors import CrucibleError
-from crucible.model.config import ModelConfig, ModelSpec, resolve_model
+from crucible.model.config import ModelConfig
+from crucible.model.spec import ModelSpec, resolve_model
 
 BASE = dict(vocab_size=100, n_layers=2, n_heads=4, d_model=64, max_seq_len=32)
 

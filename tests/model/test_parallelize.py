@@ -14,8 +14,9 @@ import torch
 
 from crucible.config import validate
 from crucible.errors import CrucibleError
-from crucible.model.config import ModelConfig, ParallelSpec
+from crucible.model.config import ModelConfig
 from crucible.model.parallelize import build_deepspeed_config, parallelize
+from crucible.model.spec import ParallelSpec
 
 
 def _free_port() -> int:

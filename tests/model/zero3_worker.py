@@ -16,10 +16,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from crucible.model.config import ParallelSpec
 from crucible.model.gpt import build_model, init_weights
 from crucible.model.parallelize import build_deepspeed_config, build_zero3_model, parallelize
 from crucible.model.presets import get_preset
+from crucible.model.spec import ParallelSpec
 
 
 def main(out: Path, steps: int) -> None:
