@@ -32,9 +32,9 @@ from typing import Any
 import psutil
 import pyarrow.parquet as pq
 import zstandard
+from dedup_quality import dedup_scores, similar_pairs, true_clusters  # beside this script
 
-from crucible.data_pipeline.dedup.evaluate import dedup_scores, similar_pairs, true_clusters
-from crucible.data_pipeline.run import run_pipeline
+from crucible.data_pipeline.pipeline import run_pipeline
 from crucible.data_pipeline.sample import generate_corpus
 from crucible.data_pipeline.spec import DataSpec
 

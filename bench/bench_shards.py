@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 import torch
 
 from crucible.data_pipeline.executors.local import LocalExecutor
-from crucible.data_pipeline.reader import TrainingReader
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.spec import ShardSpec, TokenizerTrainSpec
 from crucible.data_pipeline.tokens.pack import PackStats, encode_and_pack
 from crucible.data_pipeline.tokens.tokenizer import eos_id, train_tokenizer
+from crucible.data_pipeline.training_reader import TrainingReader
 
 
 def corpus(mbytes: float) -> list[str]:

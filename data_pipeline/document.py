@@ -1,4 +1,5 @@
-"""The unit that flows between steps: a document, and the record of one that was dropped."""
+"""The units that flow between steps: an input file, a document, and the record of a dropped
+document."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ ROW_BITS = 32
 def make_key(part: int, row: int) -> int:
     """The int64 dedup key of the ``row``-th document read from input part ``part``."""
     return (part << ROW_BITS) | row
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    """An input file, the reader step's item: its path and its part (index in the sorted
+    list of inputs)."""
+
+    part: int
+    path: str
 
 
 @dataclass(slots=True)

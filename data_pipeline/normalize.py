@@ -6,8 +6,8 @@ import re
 import unicodedata
 
 from crucible.data_pipeline.document import Document
+from crucible.data_pipeline.document_step import Step
 from crucible.data_pipeline.spec import NormalizeSpec
-from crucible.data_pipeline.step import Step
 
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 SPACES_RE = re.compile(r"[^\S\n]+")

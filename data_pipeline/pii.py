@@ -6,8 +6,8 @@ import ipaddress
 import re
 
 from crucible.data_pipeline.document import Document
+from crucible.data_pipeline.document_step import Step
 from crucible.data_pipeline.spec import PIISpec
-from crucible.data_pipeline.step import Step
 
 EMAIL_RE = re.compile(
     r"\b[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"

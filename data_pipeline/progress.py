@@ -12,11 +12,11 @@ from tqdm import tqdm
 class Progress:
     """A tqdm bar over input parts whose postfix shows throughput and per-step counts."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
+    def __init__(self, total: int, enabled: bool = True, desc: str = "filter") -> None:
         self.enabled = enabled
         self.t0 = time.time()
         self.bar = (
-            tqdm(total=total, unit="file", desc="filter", file=sys.stderr, dynamic_ncols=True)
+            tqdm(total=total, unit="file", desc=desc, file=sys.stderr, dynamic_ncols=True)
             if enabled
             else None
         )

@@ -20,8 +20,8 @@ def run(run_dir: Location, executor: str = "ray") -> int:
     """Run the job whose resolved spec is in ``run_dir``; return an exit code."""
     spec = load_run_spec(run_dir)
     if spec.kind == "data":
-        from crucible.data_pipeline.report import format_stats
-        from crucible.data_pipeline.run import run_pipeline
+        from crucible.data_pipeline.pipeline import run_pipeline
+        from crucible.data_pipeline.stats_report import format_stats
 
         assert spec.data is not None
         run_pipeline(spec.data, run_dir, executor=executor)  # type: ignore[arg-type]

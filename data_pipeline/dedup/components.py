@@ -4,16 +4,21 @@ Each operation is a reduce over the edges grouped by one endpoint, so on Ray Dat
 hash-partitioned shuffle by that endpoint: no task ever holds every edge. After O(log^2 n)
 rounds every component is a star around its smallest key, which is the deterministic survivor.
 The reduce functions are vectorised over any batch of complete groups, so the in-process
-executor runs the very same code on the whole edge list at once.
+executor runs the very same code on the whole edge list at once, and the round loop
+(:func:`connected_components`) is written once for every executor.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from crucible.data_pipeline.dedup.minhash import _mix
+from crucible.data_pipeline.executors.base import Dataset, Executor
 
 Edges = dict[str, np.ndarray]
+EDGE_BYTES = 16  # an {a, b} int64 edge row
 
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,38 +93,30 @@ def labels_from_stars(batch: Edges) -> dict[str, np.ndarray]:
     }
 
 
-def components_local(edges: Edges, max_rounds: int = 64) -> tuple[dict[str, np.ndarray], int]:
-    """``({key, root}, rounds)`` for every non-root node, all edges in memory (one process).
+def connected_components(ex: Executor, edges: Dataset, max_rounds: int = 64) -> tuple[Any, int]:
+    """``({key, root} rows, rounds)`` for every non-root node of the graph ``edges``.
+
+    Each round is both directions, then large-star and small-star, each a shuffle by ``a``;
+    it stops when a round leaves the edges' order-free checksum unchanged.
 
     Args:
-        edges: undirected edges ``{a, b}``.
+        ex: the executor.
+        edges: undirected edges ``{a, b}`` (int64), on ``ex``.
         max_rounds: give up (RuntimeError) after this many rounds; it converges in O(log^2 n).
     """
-    cur = {"a": np.asarray(edges["a"], np.int64), "b": np.asarray(edges["b"], np.int64)}
-    prev = None
+    cur, prev = edges, None
     for rnd in range(1, max_rounds + 1):
-        cur = small_star(large_star(both_directions(cur)))
-        sig = checksum(cur)
-        key = (int(sig["n"][0]), int(sig["h"][0]))
+        # both directions double the edges; a round never outgrows its input's size
+        nbytes = 2 * EDGE_BYTES * ex.count(cur)
+        cur = ex.map_batches(cur, both_directions)
+        cur = ex.shuffle(cur, ["a"], large_star, nbytes=nbytes)
+        cur = ex.materialize(ex.shuffle(cur, ["a"], small_star, nbytes=nbytes))
+        sums = ex.take_all(ex.map_batches(cur, checksum))
+        key = (
+            sum(int(r["n"]) for r in sums),
+            int(np.array([r["h"] for r in sums], dtype=np.uint64).sum(dtype=np.uint64)),
+        )
         if key == prev:
-            return labels_from_stars(cur), rnd
+            return ex.map_batches(cur, labels_from_stars), rnd
         prev = key
     raise RuntimeError(f"connected components did not converge in {max_rounds} rounds")
-
-
-def components_union_find(edges: Edges) -> dict[int, int]:
-    """Reference: ``{node: smallest node of its component}`` by union-find, for tests."""
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for u, v in zip(edges["a"].tolist(), edges["b"].tolist(), strict=True):
-        ru, rv = find(u), find(v)
-        if ru != rv:
-            parent[max(ru, rv)] = min(ru, rv)
-    return {x: find(x) for x in list(parent)}

@@ -1,13 +1,20 @@
 """Exact dedup: a 128-bit hash of the final normalised text; the smallest key per hash survives.
 
 :func:`exact_duplicates` takes any batch that holds complete hash groups: the in-process
-executor passes everything at once, the Ray executor each group of a hash-partitioned groupby.
+executor passes everything at once, the Ray executor each partition of a shuffle by hash.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import xxhash
+
+from crucible.cluster.storage import Location
+from crucible.data_pipeline.executors.base import Executor
+from crucible.data_pipeline.readers.parquet_columns import column_bytes
 
 
 def text_hash(text: str) -> str:
@@ -38,3 +45,20 @@ def exact_duplicates(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     start = group_starts(h)
     dup = start != np.arange(k.size)
     return {"key": k[dup], "dup_of": k[start[dup]]}
+
+
+def exact_dedup(ex: Executor, files: Sequence[Location], out_dir: Location) -> dict[str, Any]:
+    """Find the exact duplicates among the filtered ``files`` (a shuffle by text hash) and
+    write their ``{key, dup_of}`` rows by part into ``out_dir``.
+
+    Args:
+        ex: the executor.
+        files: the filtered parts (``key`` and ``text_hash`` columns).
+        out_dir: the new result directory.
+    """
+    columns = ["key", "text_hash"]
+    rows = ex.read_parquet(files, columns)
+    nbytes = column_bytes(files, columns)
+    dups = ex.materialize(ex.shuffle(rows, ["text_hash"], exact_duplicates, nbytes=nbytes))
+    ex.write_by_part(dups, out_dir)
+    return {"duplicates": ex.count(dups)}

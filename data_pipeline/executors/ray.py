@@ -1,12 +1,11 @@
-"""Ray Data executor: the same stages as the in-process executor, distributed.
+"""Ray Data executor: the executor contract (:mod:`.base`) on Ray Data, with bounded memory
+per task.
 
-- filter / final: one Ray Data task per input part (streamed, a few in flight per CPU);
-- exact dedup: a reduce by ``text_hash`` (a hash-partitioned shuffle, see
-  :meth:`RayExecutor._reduce`);
-- MinHash: band keys exploded (each row carrying its document's signature), a reduce by
-  ``bucket`` for the checked edges (pairs near the threshold get an exact check: texts joined
-  to pair ends by ``key``, ends paired by ``(a, b)``), then large-star / small-star rounds,
-  each a reduce by ``a``, until the edge checksum is stable.
+- tasks: one Ray Data task per item, in worker processes kept for them (see
+  :meth:`RayExecutor.run_tasks`), streamed as they finish;
+- Parquet columns: one task per file, read in batches of :attr:`RayExecutor.block_bytes`;
+- shuffles: a keyed ``repartition`` (hash-partitioned) and one reduce call per partition, the
+  partition count set by the data's size (:data:`PARTITION_BYTES` each).
 No task ever holds every edge or every document.
 """
 
@@ -15,37 +14,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
-from crucible.cluster.storage import Location, location
-from crucible.data_pipeline.dedup.components import (
-    both_directions,
-    checksum,
-    labels_from_stars,
-    large_star,
-    small_star,
-)
-from crucible.data_pipeline.dedup.exact import exact_duplicates
-from crucible.data_pipeline.dedup.lsh import bucket_edges, explode_bands
-from crucible.data_pipeline.dedup.results import with_part
-from crucible.data_pipeline.dedup.verify import (
-    attach_text,
-    doc_rows,
-    exact_edges,
-    pair_ends,
-    unique_pairs,
-)
-from crucible.data_pipeline.spec import DataSpec, MinHashSpec
-from crucible.data_pipeline.stages import filter_part, finalize_part
+from crucible.cluster.storage import Location
+from crucible.data_pipeline.executors.base import Batch, BatchFormat, Dataset, Executor
+from crucible.data_pipeline.readers.parquet_columns import iter_column_batches
+from crucible.data_pipeline.writers.by_part import with_part
 from crucible.errors import CrucibleError
 
 PARTITION_BYTES = 64 << 20
-"""Default bytes of shuffled data per task: every groupby's partition count is its data size
+"""Default bytes of shuffled data per task: every shuffle's partition count is its data size
 over this, and shuffle map inputs and blocks are a fixed share of it, so a task's memory stays
 the same as the corpus grows."""
 
@@ -53,71 +35,6 @@ BLOCK_FRACTION = 8
 """Blocks, read batches and shuffle map inputs are ``partition_bytes / BLOCK_FRACTION``: a
 SHUFFLE_V2 map task holds about five times its input at its peak (see
 :meth:`RayExecutor._bounded`), so its input must be a small share of a task's budget."""
-
-_EDGE_BYTES = 16  # an {a, b} int64 edge row
-_LABEL_BYTES = 16  # a {key, root} int64 row
-
-
-def _band_row_bytes(mh: MinHashSpec) -> int:
-    """Bytes of one exploded band row: bucket, key and the document's uint32 signature."""
-    return 8 + 8 + 4 * mh.num_perm
-
-
-def _select(batch: dict[str, np.ndarray], col: str, value: bool = True) -> dict[str, np.ndarray]:
-    """The ``{a, b}`` edges of a batch whose flag ``col`` equals ``value``."""
-    keep = np.asarray(batch[col], bool) == value
-    return {"a": np.asarray(batch["a"])[keep], "b": np.asarray(batch["b"])[keep]}
-
-
-def _num_rows(files: list[Location]) -> int:
-    """Rows of the Parquet ``files``, from their footers."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f.open_read()).metadata.num_rows for f in files)
-
-
-def _column_bytes(files: list[Location], columns: list[str]) -> int:
-    """Uncompressed bytes of ``columns`` in the Parquet ``files``, from their footers (close to
-    their size in memory, where the file size would understate compressed text several-fold)."""
-    import pyarrow.parquet as pq
-
-    total = 0
-    for f in files:
-        meta = pq.ParquetFile(f.open_read()).metadata
-        for g in range(meta.num_row_groups):
-            rg = meta.row_group(g)
-            for c in range(rg.num_columns):
-                col = rg.column(c)
-                if col.path_in_schema.split(".")[0] in columns:
-                    total += col.total_uncompressed_size
-    return total
-
-
-def _read_batches(
-    batch: dict[str, np.ndarray], columns: list[str], batch_bytes: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Stream ``columns`` of each Parquet file named in ``batch["path"]`` in bounded batches."""
-    import pyarrow.parquet as pq
-
-    for path in batch["path"]:
-        loc = location(str(path))
-        f = pq.ParquetFile(loc.open_read())
-        meta = f.metadata
-        nbytes = _column_bytes([loc], columns)
-        rows = max(int(meta.num_rows * batch_bytes // max(nbytes, 1)), 1)
-        for rb in f.iter_batches(batch_size=rows, columns=columns):
-            yield {c: _column_numpy(rb.column(c)) for c in columns}
-
-
-def _column_numpy(col: Any) -> np.ndarray:
-    """An Arrow column as numpy: lists as a 2-D array (fixed length here), else values."""
-    import pyarrow as pa
-
-    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-        n = len(col)
-        flat = col.flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(n, -1) if n else flat.reshape(0, 0)
-    return col.to_numpy(zero_copy_only=False)
 
 
 def _release_memory() -> None:
@@ -135,17 +52,27 @@ def _release_memory() -> None:
             ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc is loaded
 
 
-def _releasing(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-    """``fn``, followed by :func:`_release_memory`."""
+def _task(row: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict:
+    """One task of :meth:`RayExecutor.run_tasks`: items and results travel as JSON (a row's
+    values would otherwise become Arrow types, nested dicts structs)."""
+    try:
+        return {"seq": row["seq"], "result": json.dumps(fn(json.loads(row["item"])))}
+    finally:
+        _release_memory()
 
-    @functools.wraps(fn)
-    def run(row: dict) -> dict:
-        try:
-            return fn(row)
-        finally:
-            _release_memory()
 
-    return run
+def _one_item(batch: Any, fn: Callable[[dict[str, Any]], Batch]) -> Batch:
+    """The map side of :meth:`RayExecutor.from_tasks`: ``fn`` of a batch's single item."""
+    (row,) = batch.to_pylist()
+    return fn(json.loads(row["item"]))
+
+
+def _read_files(
+    batch: dict[str, Any], columns: list[str], batch_bytes: int
+) -> Iterator[dict[str, Any]]:
+    """``columns`` of each Parquet file named in ``batch["path"]``, in bounded batches."""
+    for path in batch["path"]:
+        yield from iter_column_batches(str(path), columns, batch_bytes)
 
 
 def _ensure_ray() -> Any:
@@ -163,16 +90,8 @@ def _ensure_ray() -> Any:
     return ray
 
 
-def _write_partitioned(ds: Any, out: Location) -> None:
-    """``ds`` (with ``key``) as Parquet partitioned by part into the new directory ``out``."""
-    out.mkdirs()
-    ds = ds.map_batches(with_part, batch_format="numpy")
-    if ds.count():
-        ds.write_parquet(out.path, filesystem=out.fs, partition_cols=["part"])
-
-
-class RayExecutor:
-    """Runs the pipeline's stages on Ray Data."""
+class RayExecutor(Executor):
+    """Runs every stage's primitives on Ray Data."""
 
     name = "ray"
 
@@ -182,7 +101,7 @@ class RayExecutor:
         """Connect to (or start) Ray.
 
         Args:
-            num_workers: concurrent per-part tasks (None: one per CPU).
+            num_workers: concurrent tasks of :meth:`run_tasks` (None: one per CPU).
             partition_bytes: bytes of shuffled data per task (see :data:`PARTITION_BYTES`).
         """
         if partition_bytes < 4096:
@@ -221,21 +140,30 @@ class RayExecutor:
         ctx.target_max_block_size = self.block_bytes
         return ds
 
-    @staticmethod
-    def _reduce(ds: Any, keys: list[str], parts: int, fn: Callable[[dict], dict]) -> Any:
-        """``fn`` on each of ``parts`` hash partitions of ``ds`` by ``keys``, one call each.
+    def run_tasks(
+        self, items: Sequence[dict[str, Any]], fn: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``fn`` on each item, one task each, in worker processes kept for these tasks.
 
-        ``groupby(keys).map_groups(fn)`` (2.60) sorts each partition, then calls ``fn`` once
-        per group: the bucket shuffle has about one group per row, so a reduce task made a
-        Python call and an output table per row. Every reduce function here takes any batch
-        of complete groups and orders it itself, and a keyed ``repartition`` emits each
-        partition as one block (its reduce never splits blocks), so one call per block is the
-        same result.
+        Ray reuses a worker process for any task with the same runtime environment, and a
+        process keeps the heap its earlier tasks grew (a shuffle reduce's, say). These tasks
+        are the same size whatever the corpus (one part, one file), so they get their own pool
+        (a distinct environment variable, as Ray Data does for its shuffle map tasks) and
+        their memory stays that of one item.
         """
-        part = ds.repartition(parts, keys=keys)
-        return part.map_batches(fn, batch_size=None, batch_format="numpy")
+        import ray.data
 
-    def _read(self, files: list[Location], columns: list[str]) -> Any:
+        if not items:
+            return
+        rows = [{"seq": i, "item": json.dumps(item)} for i, item in enumerate(items)]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        env = {"env_vars": {"CRUCIBLE_WORKER_POOL": "per-part"}}
+        task = functools.partial(_task, fn=fn)
+        out = ds.map(task, num_cpus=1, concurrency=self.num_workers, runtime_env=env)
+        for row in out.iter_rows():
+            yield int(row["seq"]), json.loads(row["result"])
+
+    def read_parquet(self, files: Sequence[Location], columns: list[str]) -> Any:
         """``columns`` of the Parquet ``files``: one task per file, streamed in row batches.
 
         ``ray.data.read_parquet`` (2.60) lists the files and reads them all in one task, which
@@ -247,220 +175,82 @@ class RayExecutor:
         rows = ray.data.from_items(
             [{"path": f.uri} for f in files], override_num_blocks=max(len(files), 1)
         )
-        read = functools.partial(_read_batches, columns=columns, batch_bytes=self.block_bytes)
+        read = functools.partial(_read_files, columns=columns, batch_bytes=self.block_bytes)
         return self._bounded(rows.map_batches(read, batch_size=1, batch_format="numpy"))
 
-    def _per_part(self, items: list[dict[str, Any]], fn: Callable[[dict], dict]) -> Any:
-        """``fn`` on each item, one task each, in worker processes kept for per-part tasks.
-
-        Ray reuses a worker process for any task with the same runtime environment, and a
-        process keeps the heap its earlier tasks grew (a shuffle reduce's, say). Per-part
-        tasks are the same size whatever the corpus, so they get their own pool (a distinct
-        environment variable, as Ray Data does for its shuffle map tasks) and their memory
-        stays that of one part.
-        """
-        import ray.data
-
-        ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
-        env = {"env_vars": {"CRUCIBLE_WORKER_POOL": "per-part"}}
-        return ds.map(_releasing(fn), num_cpus=1, concurrency=self.num_workers, runtime_env=env)
-
-    def filter_parts(
-        self,
-        items: list[tuple[int, str]],
-        spec: DataSpec,
-        run_dir: Location,
-        on_done: Callable[[int, dict[str, Any]], None],
-    ) -> None:
-        """Filter each ``(part, path)`` in a Ray Data task; ``on_done`` as each finishes."""
-        if not items:
-            return
-        blob = spec.model_dump_json()
-
-        def filter_part_task(row: dict[str, Any]) -> dict[str, Any]:
-            import json
-
-            s = DataSpec.model_validate_json(blob)
-            stats = filter_part(int(row["part"]), row["path"], s, location(row["run_dir"]))
-            return {"part": row["part"], "stats": json.dumps(stats)}
-
-        rows = [{"part": p, "path": path, "run_dir": run_dir.uri} for p, path in items]
-        self._drain(self._per_part(rows, filter_part_task), on_done)
-
-    @staticmethod
-    def _drain(ds: Any, on_done: Callable[[int, dict[str, Any]], None]) -> None:
-        import json
-
-        for row in ds.iter_rows():
-            on_done(int(row["part"]), json.loads(row["stats"]))
-
-    def map(self, fn: Callable[[dict], dict], items: list[dict]) -> list[dict]:
-        """``fn`` on each item, one Ray task each (per-part pool); results in item order."""
-        if not items:
-            return []
-        keys = list(items[0])  # the closure carries the key names only, not an item's payload
-
-        def task(row: dict[str, Any]) -> dict[str, Any]:
-            return {"seq": row["seq"], **fn({k: row[k] for k in keys})}
-
-        rows = self._per_part([{"seq": i, **item} for i, item in enumerate(items)], task)
-        out = sorted(rows.take_all(), key=lambda r: r["seq"])
-        return [{k: v for k, v in r.items() if k != "seq"} for r in out]
-
-    def map_reduce(
-        self,
-        items: list[dict],
-        map_fn: Callable[[dict], Any],
-        key: str,
-        reduce_fn: Callable[[Any], Any],
-        partitions: int,
-    ) -> list[dict]:
-        """Rows from ``map_fn`` of each item (a task each), hash-partitioned by ``key`` into
-        ``partitions`` groups of whole keys, each reduced by one ``reduce_fn`` call; its
-        result rows (Arrow tables on both sides).
-
-        Args:
-            items: inputs of the map side.
-            map_fn: item -> a ``pyarrow.Table`` of rows, ``key`` among their columns.
-            key: the grouping column.
-            reduce_fn: a table of whole groups -> a table of result rows.
-            partitions: reduce tasks (each holds about 1/partitions of the rows).
-        """
-        import ray.data
-
-        if not items:
-            return []
-
-        def mapper(batch: Any) -> Any:
-            (item,) = batch.to_pylist()
-            return map_fn(item)
-
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        rows = self._bounded(ds).map_batches(mapper, batch_size=1, batch_format="pyarrow")
-        part = rows.repartition(max(int(partitions), 1), keys=[key])
-        out = part.map_batches(reduce_fn, batch_size=None, batch_format="pyarrow")
-        return out.take_all()
-
-    def exact_dedup(self, files: list[Location], out_dir: Location) -> dict[str, Any]:
-        """Global exact dedup with a hash-partitioned groupby on the text hash."""
-        ds = self._read(files, ["key", "text_hash"])
-        parts = self._partitions(_column_bytes(files, ["key", "text_hash"]))
-        dups = self._reduce(ds, ["text_hash"], parts, exact_duplicates).materialize()
-        _write_partitioned(dups, out_dir)
-        return {"duplicates": int(dups.count())}
-
-    def _band_rows(self, files: list[Location], mh: MinHashSpec) -> Any:
-        """One ``{bucket, key, signature}`` row per (document, band) of ``files``, in blocks of
-        about :attr:`block_bytes`."""
-        ds = self._read(files, ["key", "bands", "signature"])
-        # exploding multiplies a batch num_bands-fold: batches sized so that the output of one
-        # is a block (a whole read block grew with the files per task)
-        docs_per_batch = max(self.block_bytes // (mh.num_bands * _band_row_bytes(mh)), 1)
-        return ds.map_batches(explode_bands, batch_format="numpy", batch_size=docs_per_batch)
-
-    def fuzzy_dedup(
-        self, files: list[Location], out_dir: Location, spec: DataSpec
-    ) -> dict[str, Any]:
-        """LSH buckets -> star edges -> large-star/small-star rounds -> ``{key, root}``."""
-        mh = spec.dedup.minhash
-        rows = self._band_rows(files, mh)
-        parts = self._partitions(_num_rows(files) * mh.num_bands * _band_row_bytes(mh))
-        check = functools.partial(bucket_edges, threshold=mh.threshold, margin=mh.margin)
-        checked = self._reduce(rows, ["bucket"], parts, check).materialize()
-        edges = checked.map_batches(functools.partial(_select, col="sure"), batch_format="numpy")
-        unsure = (
-            checked.map_batches(
-                functools.partial(_select, col="sure", value=False), batch_format="numpy"
-            )
-            .map_batches(unique_pairs, batch_format="numpy")
-            .materialize()
-        )
-        n_unsure = unsure.count()
-        n_exact = 0
-        if n_unsure:
-            exact = self._exact_check(files, unsure, mh.n_grams, mh.threshold).materialize()
-            n_unsure = exact.count()  # distinct pairs (unsure repeats them across buckets)
-            kept = exact.map_batches(functools.partial(_select, col="kept"), batch_format="numpy")
-            kept = kept.materialize()
-            n_exact = kept.count()
-            edges = edges.union(kept)
-        edges = edges.materialize()
-        n_edges = edges.count()
-        cur, prev, rounds = edges, None, 0
-        if n_edges:
-            for rnd in range(1, spec.dedup.minhash.max_rounds + 1):
-                rounds = rnd
-                # both directions double the edges; a round never outgrows its input's size
-                parts = self._partitions(2 * _EDGE_BYTES * cur.count())
-                cur = cur.map_batches(both_directions, batch_format="numpy")
-                cur = self._reduce(cur, ["a"], parts, large_star)
-                cur = self._reduce(cur, ["a"], parts, small_star).materialize()
-                sums = cur.map_batches(checksum, batch_format="numpy").take_all()
-                key = (
-                    sum(int(r["n"]) for r in sums),
-                    int(np.array([r["h"] for r in sums], dtype=np.uint64).sum(dtype=np.uint64)),
-                )
-                if key == prev:
-                    break
-                prev = key
-            else:
-                raise RuntimeError("connected components did not converge")
-        labels = cur.map_batches(labels_from_stars, batch_format="numpy") if n_edges else None
-        hist: dict[str, int] = {}
-        n_dups = 0
-        if labels is not None:
-            labels = labels.materialize()
-            n_dups = labels.count()
-            # cluster sizes, then how many clusters of each size: only the histogram is collected
-            parts = self._partitions(_LABEL_BYTES * n_dups)
-            sizes = labels.groupby("root", num_partitions=parts).count()
-            sizes = sizes.rename_columns({"count()": "members"})
-            counts = sizes.groupby("members", num_partitions=self.partitions).count().take_all()
-            hist = {str(int(r["members"]) + 1): int(r["count()"]) for r in counts}
-            hist = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
-            _write_partitioned(labels.select_columns(["key", "root"]), out_dir)
-        else:
-            out_dir.mkdirs()
-        return {
-            "edges": int(n_edges),
-            "exact_checked": int(n_unsure),
-            "exact_kept": int(n_exact),
-            "rounds": rounds,
-            "duplicates": n_dups,
-            "cluster_sizes": hist,
-        }
-
-    def _exact_check(
-        self, files: list[Location], pairs: Any, n_grams: int, threshold: float
+    def from_tasks(
+        self, items: Sequence[dict[str, Any]], fn: Callable[[dict[str, Any]], Batch]
     ) -> Any:
-        """Exact Jaccard of ``pairs``: texts joined to pair ends by key, ends paired by pair."""
-        docs = self._read(files, ["key", "text"])
-        ends = pairs.map_batches(pair_ends, batch_format="numpy")
-        rows = ends.union(docs.map_batches(doc_rows, batch_format="numpy"))
-        # texts dominate both shuffles (each pair end carries one text after attach_text)
-        parts = self._partitions(_column_bytes(files, ["key", "text"]))
-        with_text = self._reduce(rows, ["key"], parts, attach_text)
-        check = functools.partial(exact_edges, n_grams=n_grams, threshold=threshold)
-        return self._reduce(with_text, ["a", "b"], parts, check)
+        """``fn`` on each item (a task each), its Arrow batch a block."""
+        import ray.data
 
-    def finalize_parts(
+        rows = [{"item": json.dumps(item)} for item in items]
+        ds = ray.data.from_items(rows, override_num_blocks=max(len(rows), 1))
+        mapper = functools.partial(_one_item, fn=fn)
+        return self._bounded(ds).map_batches(mapper, batch_size=1, batch_format="pyarrow")
+
+    def from_batch(self, batch: dict[str, Any]) -> Any:
+        """One numpy batch as a dataset."""
+        import pyarrow as pa
+        import ray.data
+
+        return self._bounded(ray.data.from_arrow(pa.table(batch)))
+
+    def map_batches(
         self,
-        parts: list[int],
-        spec: DataSpec,
-        run_dir: Location,
-        on_done: Callable[[int, dict[str, Any]], None],
-    ) -> None:
-        """Write each part's documents and exclusions in a Ray Data task."""
-        if not parts:
-            return
-        blob = spec.model_dump_json()
+        ds: Dataset,
+        fn: Callable[[Batch], Batch],
+        batch_format: BatchFormat = "numpy",
+        out_row_bytes: int | None = None,
+    ) -> Any:
+        """``fn`` on every batch; with ``out_row_bytes``, input batches sized so that the
+        output of one is about a block (a whole read block would grow with the files)."""
+        if out_row_bytes is None:
+            return ds.map_batches(fn, batch_format=batch_format)
+        rows = max(self.block_bytes // max(out_row_bytes, 1), 1)
+        return ds.map_batches(fn, batch_format=batch_format, batch_size=rows)
 
-        def finalize_part_task(row: dict[str, Any]) -> dict[str, Any]:
-            import json
+    def shuffle(
+        self,
+        ds: Dataset,
+        keys: list[str],
+        fn: Callable[[Batch], Batch],
+        nbytes: int = 0,
+        partitions: int | None = None,
+        batch_format: BatchFormat = "numpy",
+    ) -> Any:
+        """``fn`` on each hash partition of ``ds`` by ``keys``, one call each.
 
-            s = DataSpec.model_validate_json(blob)
-            stats = finalize_part(int(row["part"]), s, location(row["run_dir"]))
-            return {"part": row["part"], "stats": json.dumps(stats)}
+        ``groupby(keys).map_groups(fn)`` (2.60) sorts each partition, then calls ``fn`` once
+        per group: the bucket shuffle has about one group per row, so a reduce task made a
+        Python call and an output table per row. Every reduce function takes any batch of
+        complete groups and orders it itself, and a keyed ``repartition`` emits each
+        partition as one block (its reduce never splits blocks), so one call per block is the
+        same result.
+        """
+        parts = max(int(partitions), 1) if partitions is not None else self._partitions(nbytes)
+        part = ds.repartition(parts, keys=keys)
+        return part.map_batches(fn, batch_size=None, batch_format=batch_format)
 
-        rows = [{"part": p, "run_dir": run_dir.uri} for p in parts]
-        self._drain(self._per_part(rows, finalize_part_task), on_done)
+    def union(self, a: Dataset, b: Dataset) -> Any:
+        """Rows of both."""
+        return a.union(b)
+
+    def materialize(self, ds: Dataset) -> Any:
+        """Computed into the object store."""
+        return ds.materialize()
+
+    def count(self, ds: Dataset) -> int:
+        """Rows of ``ds``."""
+        return int(ds.count())
+
+    def take_all(self, ds: Dataset) -> list[dict[str, Any]]:
+        """Every row, on the driver."""
+        return list(ds.take_all())
+
+    def write_by_part(self, ds: Dataset, out: Location) -> None:
+        """``ds`` as Parquet partitioned by part into the new directory ``out``."""
+        out.mkdirs()
+        ds = ds.map_batches(with_part, batch_format="numpy")
+        if ds.count():
+            ds.write_parquet(out.path, filesystem=out.fs, partition_cols=["part"])

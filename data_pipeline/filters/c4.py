@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 
 from crucible.data_pipeline.document import Document
+from crucible.data_pipeline.document_step import Step
 from crucible.data_pipeline.spec import C4Spec
-from crucible.data_pipeline.step import Step
 from crucible.data_pipeline.text import split_sentences
 
 CITATION_RE = re.compile(r"\[\d*]|\[edit]|\[citation needed]")

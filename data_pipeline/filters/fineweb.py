@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from crucible.data_pipeline.document import Document
+from crucible.data_pipeline.document_step import Step
 from crucible.data_pipeline.filters.gopher_repetition import find_duplicates
 from crucible.data_pipeline.spec import FineWebSpec
-from crucible.data_pipeline.step import Step
 from crucible.data_pipeline.text import split_words, terminal_punctuation
 
 

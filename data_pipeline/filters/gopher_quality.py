@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from crucible.data_pipeline.document import Document
+from crucible.data_pipeline.document_step import Step
 from crucible.data_pipeline.spec import GopherQualitySpec
-from crucible.data_pipeline.step import Step
 from crucible.data_pipeline.text import punctuation_set, split_words
 
 

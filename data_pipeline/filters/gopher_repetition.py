@@ -6,8 +6,8 @@ import re
 from collections import Counter
 
 from crucible.data_pipeline.document import Document
+from crucible.data_pipeline.document_step import Step
 from crucible.data_pipeline.spec import GopherRepetitionSpec
-from crucible.data_pipeline.step import Step
 from crucible.data_pipeline.text import split_words
 
 PARAGRAPH_RE = re.compile(r"\n{2,}")

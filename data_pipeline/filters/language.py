@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from crucible.data_pipeline.document import Document
+from crucible.data_pipeline.document_step import Step
 from crucible.data_pipeline.spec import LanguageSpec
-from crucible.data_pipeline.step import Step
 from crucible.errors import CrucibleError
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import zstandard
 
 from crucible.cluster.storage import describe_error, location
-from crucible.data_pipeline.step import StepStats
+from crucible.data_pipeline.document_step import StepStats
 from crucible.errors import CrucibleError
 
 CHUNK = 1 << 20

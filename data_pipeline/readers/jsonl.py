@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import orjson
 
 from crucible.data_pipeline.document import Document, Exclusion
+from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.readers.files import iter_lines
 from crucible.data_pipeline.spec import ReaderSpec
-from crucible.data_pipeline.step import StepStats
 
 
 def _parse(line: bytes, stats: StepStats) -> object:

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 
 from crucible.cluster.storage import location
 from crucible.data_pipeline.document import Document, Exclusion
+from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.spec import ReaderSpec
-from crucible.data_pipeline.step import StepStats
 
 
 def read_parquet(

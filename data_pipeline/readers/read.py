@@ -1,37 +1,39 @@
-"""The reader step: any supported input file to documents, with the reader's statistics."""
+"""The reader step: input files (any supported format) to documents, with its statistics."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from crucible.cluster.storage import location
-from crucible.data_pipeline.document import Document, Exclusion, make_key
+from crucible.data_pipeline.document import Document, Exclusion, InputFile, make_key
+from crucible.data_pipeline.document_step import PipelineStep
 from crucible.data_pipeline.readers.files import input_format
 from crucible.data_pipeline.readers.jsonl import read_jsonl
 from crucible.data_pipeline.readers.parquet import read_parquet
 from crucible.data_pipeline.readers.warc import read_warc
 from crucible.data_pipeline.spec import ReaderSpec
-from crucible.data_pipeline.step import StepStats
 
 
-class Reader:
-    """Reads one input file (part ``part``) into documents, counting what it reads and loses."""
+class Reader(PipelineStep):
+    """Reads input files into documents, counting what it reads and loses."""
 
     name = "read"
 
     def __init__(self, spec: ReaderSpec) -> None:
+        super().__init__()
         self.spec = spec
-        self.stats = StepStats()
-        self.exclusions: list[Exclusion] = []
         self._lost: dict[str, int] = {}
 
-    def run(self, path: str, part: int) -> Iterator[Document]:
-        """Documents of ``path``; each gets the dedup key ``(part, position)``.
+    def run(self, data: Iterable[InputFile]) -> Iterator[Document]:
+        """Documents of each input file; each gets the dedup key ``(part, position)``.
 
         Args:
-            path: an input file.
-            part: its index in the sorted list of inputs.
+            data: the input files, each with its index in the sorted list of inputs.
         """
+        for f in data:
+            yield from self._read(f.path, f.part)
+
+    def _read(self, path: str, part: int) -> Iterator[Document]:
         st = self.stats
         st.counters["files"] += 1
         size = location(path).size()

@@ -11,9 +11,9 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
 from crucible.data_pipeline.document import Document, Exclusion
+from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.readers.files import open_decompressed
 from crucible.data_pipeline.spec import ReaderSpec
-from crucible.data_pipeline.step import StepStats
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 

@@ -1,6 +1,7 @@
 """Clean documents → tokenizer → packed rows → shuffled, checksummed Arrow shards + manifest.
 
-Stages, each deterministic, run on the data executor the caller gives (in-process or Ray):
+Steps, each deterministic, run through the executor contract
+(:mod:`crucible.data_pipeline.executors.base`) on the executor the caller gives:
 (1) train or load the tokenizer and save it as ``tokenizer.json`` in the shard set; (2) encode
 and pack every input file on its own (one packing stream per file, in file order), one task
 per file, each loading the tokenizer from that file's path; (3) shuffle: every packed row
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from crucible.cluster.storage import Location, location
+from crucible.data_pipeline.executors.base import Executor, Stage
 from crucible.data_pipeline.permutation import FeistelPermutation
 from crucible.data_pipeline.shards import hf_layout
 from crucible.data_pipeline.shards.manifest import (
@@ -57,11 +59,30 @@ SPLITS = ("train", "heldout")
 TOKENIZER = "tokenizer.json"
 
 
+class ShardStage(Stage):
+    """The shard build (:func:`build_shards`) as the pipeline's last stage."""
+
+    name = "shards"
+
+    def __init__(
+        self, documents_dir: Location, spec: ShardSpec, out_dir: Location, spec_hash: str
+    ) -> None:
+        self.documents_dir = documents_dir
+        self.spec = spec
+        self.out_dir = out_dir
+        self.spec_hash = spec_hash
+
+    def run(self, ex: Executor) -> dict[str, Any]:
+        """Build (or keep) the shard set; its manifest's totals."""
+        m = build_shards(self.documents_dir, self.spec, self.out_dir, ex, self.spec_hash)
+        return m.totals.model_dump()
+
+
 def build_shards(
     documents_dir: Location | str,
     spec: ShardSpec,
     out_dir: Location | str,
-    executor: Any,
+    executor: Executor,
     spec_hash: str = "",
 ) -> Manifest:
     """Build the training shard set of ``documents_dir`` in ``out_dir``.
@@ -73,8 +94,7 @@ def build_shards(
             ``_SUCCESS``.
         spec: The shard spec.
         out_dir: The shard directory to create (e.g. ``<run_dir>/shards``).
-        executor: A data executor (:class:`~crucible.data_pipeline.executors.local.LocalExecutor`
-            or the Ray one): every task runs on it.
+        executor: A data executor (in-process or Ray): every task and the shuffle run on it.
         spec_hash: Hash of the producing pipeline spec, recorded in the manifest.
 
     Returns:
@@ -134,7 +154,7 @@ def _texts(files: list[Location]) -> Iterator[str]:
 
 
 def _build(
-    files: list[Location], spec: ShardSpec, out: Location, executor: Any, spec_hash: str
+    files: list[Location], spec: ShardSpec, out: Location, executor: Executor, spec_hash: str
 ) -> Manifest:
     tok = build_tokenizer(spec.tokenizer, _texts(files))
     tok_json = canonical_json(tok)
@@ -156,7 +176,7 @@ def _build(
         }
         for i, f in enumerate(files)
     ]
-    results = executor.map(pack_file, jobs)
+    results = [r for _, r in sorted(executor.run_tasks(jobs, pack_file), key=lambda t: t[0])]
     stats = PackStats()
     for r in results:
         stats.add(PackStats(**{k: int(r[k]) for k in asdict(stats)}))
@@ -192,10 +212,9 @@ def _build(
         for i in range(len(files))
     ]
     write = functools.partial(write_shards, out=out.uri, names=tuple(names), hf_meta=meta)
-    written = {
-        str(r["file"]): r
-        for r in executor.map_reduce(route, route_rows, "shard", write, partitions=len(names))
-    }
+    rows = executor.from_tasks(route, route_rows)
+    shards = executor.shuffle(rows, ["shard"], write, partitions=len(names), batch_format="pyarrow")
+    written = {str(r["file"]): r for r in executor.take_all(shards)}
     if sorted(written) != sorted(names):
         raise CrucibleError(f"shard build wrote {len(written)} of {len(names)} shard files")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from crucible.cluster.storage import Location, location
-from crucible.data_pipeline.reader import SplitView, local_shards
 from crucible.data_pipeline.shards.manifest import read_manifest, resolve_verify, shard_problems
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer
+from crucible.data_pipeline.training_reader import SplitView, local_shards
 
 
 def inspect_shards(

@@ -219,31 +219,3 @@ def encode_and_pack(
         tok.encode_special_tokens = True
     encoded = (encode_texts(tok, ids, texts, stats) for ids, texts in documents)
     yield from pack_documents(encoded, seq_len, eos_id, dtype, stats)
-
-
-def unpack_rows(table: pa.Table) -> list[tuple[str, np.ndarray]]:
-    """Invert packing: the documents of a packing stream's rows, as ``(doc_id, tokens)``.
-
-    Args:
-        table: All rows of one packing stream, in packing order (EOS separators removed).
-    """
-    L = table.schema.field("tokens").type.list_size
-    tokens = table.column("tokens").combine_chunks().values.to_numpy().astype(np.int64)
-    lengths = table.column("length").to_numpy()
-    valid = np.concatenate([tokens[i * L : i * L + int(n)] for i, n in enumerate(lengths)])
-    row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    starts: list[int] = []
-    ids: list[str] = []
-    for i, (row_starts, row_ids) in enumerate(
-        zip(
-            table.column("doc_starts").to_pylist(), table.column("doc_ids").to_pylist(), strict=True
-        )
-    ):
-        continued = not row_starts or row_starts[0] != 0
-        if i == 0 and continued:
-            raise ValueError("the first row continues a document: not a whole packing stream")
-        starts.extend(int(row_start[i]) + s for s in row_starts)
-        ids.extend(row_ids[1:] if continued else row_ids)
-    bounds = [*starts, len(valid)]
-    # every document's span ends with its EOS separator
-    return [(d, valid[a : b - 1]) for d, a, b in zip(ids, bounds[:-1], bounds[1:], strict=True)]

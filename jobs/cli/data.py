@@ -32,8 +32,8 @@ def run(
             f"{spec_path} has kind: {spec.kind}; `crucible data run` needs kind: data"
         )
     if local:
-        from crucible.data_pipeline.report import format_stats
-        from crucible.data_pipeline.run import run_pipeline
+        from crucible.data_pipeline.pipeline import run_pipeline
+        from crucible.data_pipeline.stats_report import format_stats
 
         assert spec.data is not None
         d = prepare_run(spec)
@@ -60,7 +60,7 @@ def stats(
     storage: str | None = typer.Option(None, help="Storage root the run name is under."),
 ) -> None:
     """Documents and bytes per step, drops per rule, duplicate clusters, languages."""
-    from crucible.data_pipeline.report import format_stats
+    from crucible.data_pipeline.stats_report import format_stats
     from crucible.jobs.runs import find_run
 
     typer.echo(format_stats(find_run(run, storage)))

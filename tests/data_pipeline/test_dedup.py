@@ -5,13 +5,24 @@ from __future__ import annotations
 import random
 
 import numpy as np
+from dedup_quality import components_union_find, similar_pairs  # bench/, on sys.path
 
-from crucible.data_pipeline.dedup.components import components_local, components_union_find
+from crucible.data_pipeline.dedup.components import connected_components
 from crucible.data_pipeline.dedup.exact import exact_duplicates, text_hash
 from crucible.data_pipeline.dedup.lsh import bucket_edges, compact_signature, explode_bands
 from crucible.data_pipeline.dedup.minhash import band_keys, signature, simplify
-from crucible.data_pipeline.sample import jaccard, make_text, near_duplicate
+from crucible.data_pipeline.dedup.verify import exact_jaccard
+from crucible.data_pipeline.executors.local import LocalExecutor
+from crucible.data_pipeline.sample import make_text, near_duplicate
 from crucible.data_pipeline.spec import MinHashSpec
+
+
+def components(edges: dict) -> tuple[dict, int]:
+    """Connected components of in-memory edges on the in-process executor."""
+    ex = LocalExecutor()
+    labels, rounds = connected_components(ex, ex.from_batch(edges))
+    (batch,) = labels
+    return batch, rounds
 
 
 def test_signature_estimates_jaccard() -> None:
@@ -21,7 +32,7 @@ def test_signature_estimates_jaccard() -> None:
         a = make_text(rng, "en", 600)
         b = near_duplicate(rng, a, target)
         est = float((signature(a, spec) == signature(b, spec)).mean())
-        assert abs(est - jaccard(a, b)) < 0.1
+        assert abs(est - exact_jaccard(a, b, 5)) < 0.1
     assert simplify("Hello, World! 2024") == "hello world 0"
 
 
@@ -49,11 +60,10 @@ def test_lsh_candidates_recall_against_exact_jaccard() -> None:
     )
     edges = bucket_edges(rows, threshold=0.0)
     assert edges["sure"].all() and (edges["a"] < edges["b"]).all()
-    labels, _ = components_local(edges)
+    labels, _ = components(edges)
     root = dict(zip(labels["key"].tolist(), labels["root"].tolist(), strict=True))
-    truth = {
-        (i, j) for i in range(n) for j in range(i + 1, n) if jaccard(texts[i], texts[j]) >= 0.8
-    }
+    i, j, _ = similar_pairs(texts, 5, threshold=0.8)
+    truth = set(zip(i.tolist(), j.tolist(), strict=True))
     assert truth, "the corpus must contain true near-duplicate pairs"
     found = {(i, j) for i, j in truth if root.get(i, i) == root.get(j, j)}
     assert len(found) / len(truth) >= 0.95
@@ -70,7 +80,7 @@ def test_distributed_components_equal_union_find() -> None:
         b = np.concatenate([b, chain[1:]])
         keep = a != b
         edges = {"a": a[keep], "b": b[keep]}
-        labels, _ = components_local(edges)
+        labels, _ = components(edges)
         got = dict(zip(labels["key"].tolist(), labels["root"].tolist(), strict=True))
         expected = {k: r for k, r in components_union_find(edges).items() if k != r}
         assert got == expected

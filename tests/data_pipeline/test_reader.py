@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from crucible.data_pipeline.executors.local import LocalExecutor
-from crucible.data_pipeline.reader import IGNORE_INDEX, TrainingReader, epoch_order
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.manifest import Manifest
 from crucible.data_pipeline.shards.spec import ShardSpec
+from crucible.data_pipeline.training_reader import IGNORE_INDEX, TrainingReader, epoch_order
 from crucible.errors import CrucibleError
 
 G = 8  # global batch size

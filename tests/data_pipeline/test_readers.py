@@ -15,6 +15,7 @@ import zstandard
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
+from crucible.data_pipeline.document import InputFile
 from crucible.data_pipeline.readers.files import expand_inputs
 from crucible.data_pipeline.readers.read import Reader
 from crucible.data_pipeline.sample import write_warc
@@ -34,7 +35,7 @@ def lines(n: int, start: int = 0) -> list[bytes]:
 
 def read(path: Path, **kw: object) -> tuple[list, Reader]:
     r = Reader(ReaderSpec(**kw))
-    return list(r.run(str(path), 0)), r
+    return list(r.run([InputFile(0, str(path))])), r
 
 
 def test_malformed_json_and_missing_text_cost_one_line(tmp_path: Path) -> None:

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
-from crucible.data_pipeline.report import format_stats
-from crucible.data_pipeline.run import run_pipeline
+from crucible.data_pipeline.pipeline import run_pipeline
 from crucible.data_pipeline.spec import DataSpec
+from crucible.data_pipeline.stats_report import format_stats
 from crucible.errors import CrucibleError
 
 
@@ -80,28 +78,59 @@ def test_unwritable_output_is_a_clear_error(corpus: dict[str, Any], tmp_path: Pa
 
 
 SCRIPT = """
-import sys
+import os, signal, sys
 from pathlib import Path
-from crucible.data_pipeline.run import run_pipeline
+from crucible.cluster import storage
+from crucible.data_pipeline.pipeline import run_pipeline
 from crucible.data_pipeline.spec import DataSpec
+when, target = sys.argv[3].split(":", 1)
+write_json = storage.Location.write_json
+def write_then_die(self, obj, *args, **kwargs):
+    hit = str(self.path).endswith(target)
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_json(self, obj, *args, **kwargs)
+    if hit and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+storage.Location.write_json = write_then_die
 run_pipeline(DataSpec(inputs=[sys.argv[1]], reader={"batch_size": 20}), Path(sys.argv[2]),
              executor="local", progress=False)
 """
 
+# Each kill lands at a point of the run's own progress (a marker about to be or just written),
+# and each rerun resumes from what the kills before it left.
+KILLS = (
+    "after:filter_done/part-00001.json",  # two parts filtered
+    "before:dedup/minhash.json",  # the fuzzy result written, never committed
+    "after:final_done/part-00000.json",  # one part finalised
+    "before:documents/_SUCCESS",  # stats written, the run not marked done
+)
 
+
+@pytest.mark.slow
 def test_killed_and_rerun_gives_identical_output(corpus: dict[str, Any], tmp_path: Path) -> None:
     spec = DataSpec(inputs=[str(corpus["dir"])], reader={"batch_size": 20})
     clean = tmp_path / "clean"
     run_pipeline(spec, clean, executor="local", progress=False)
     killed = tmp_path / "killed"
-    for delay in (1.2, 1.6, 2.0):
-        # SIGKILL at several points (the interpreter alone takes ~1 s to import everything)
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(corpus["dir"]), str(killed)])
-        time.sleep(delay)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    work = killed / "_work"
+    for kill in KILLS:
+        cmd = [sys.executable, "-c", SCRIPT, str(corpus["dir"]), str(killed), kill]
+        assert subprocess.run(cmd, check=False).returncode == -signal.SIGKILL, kill
+        if kill.startswith("after:filter_done"):
+            assert sorted(p.name for p in (work / "filter_done").iterdir()) == [
+                "part-00000.json",
+                "part-00001.json",
+            ]
+            filtered = {p: p.stat().st_mtime_ns for p in (work / "filter_done").iterdir()}
+        if kill.startswith("before:dedup/minhash"):
+            assert [p.name for p in (work / "dedup").glob("minhash-*")]  # uncommitted result
+            assert not (work / "dedup" / "minhash.json").exists()
+        assert not (killed / "documents" / "_SUCCESS").exists()
     run_pipeline(spec, killed, executor="local", progress=False)
+    # the parts filtered before the first kill were never filtered again
+    assert {p: p.stat().st_mtime_ns for p in filtered} == filtered
+    assert len(list((work / "dedup").glob("minhash-*"))) == 1  # the leftover was removed
     assert digest(killed) == digest(clean)
     a = json.loads((clean / "stats.json").read_text())
     b = json.loads((killed / "stats.json").read_text())

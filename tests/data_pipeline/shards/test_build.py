@@ -18,7 +18,6 @@ from crucible.data_pipeline.shards import build as build_mod
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.manifest import read_manifest
 from crucible.data_pipeline.shards.spec import ShardSpec
-from crucible.data_pipeline.tokens.pack import unpack_rows
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer, tokenizer_fingerprint
 from crucible.errors import CrucibleError
 
@@ -31,7 +30,9 @@ def _read_split(shards: Path, manifest, split: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def test_shards_hold_every_document_token_in_order_after_the_shuffle(shard_set, documents) -> None:
+def test_shards_hold_every_document_token_in_order_after_the_shuffle(
+    shard_set, documents, unpack_rows
+) -> None:
     shards, m = shard_set
     table = pa.concat_tables([_read_split(shards, m, "train"), _read_split(shards, m, "heldout")])
     row_ids = table.column("row_id").to_numpy()
@@ -215,25 +216,16 @@ def _tok(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_ray_executor_builds_the_same_shards_as_local(
-    shard_set, documents, tmp_path, spec_dict
+    shard_set, documents, tmp_path, spec_dict, ray_local
 ) -> None:
-    import ray
-
     _, local_manifest = shard_set
-    started = not ray.is_initialized()  # another fixture of the session may hold Ray already
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        m = build_shards(
-            documents[0],
-            ShardSpec.model_validate(spec_dict),
-            tmp_path / "shards",
-            RayExecutor(),
-            "spec-1",
-        )
-    finally:
-        if started:
-            ray.shutdown()
+    m = build_shards(
+        documents[0],
+        ShardSpec.model_validate(spec_dict),
+        tmp_path / "shards",
+        RayExecutor(),
+        "spec-1",
+    )
     assert m.fingerprint == local_manifest.fingerprint
     assert json.loads((tmp_path / "shards" / "dataset_dict.json").read_text()) == {
         "splits": ["train", "heldout"]

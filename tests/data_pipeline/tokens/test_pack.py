@@ -15,7 +15,6 @@ from crucible.data_pipeline.tokens.pack import (
     encode_and_pack,
     pack_documents,
     token_dtype,
-    unpack_rows,
 )
 from crucible.data_pipeline.tokens.tokenizer import train_tokenizer
 from crucible.errors import CrucibleError
@@ -50,7 +49,9 @@ def _pack(docs, cuts, seq_len, stats=None):
     cuts=st.lists(st.integers(0, 30), max_size=5),
     seed=st.integers(0, 1000),
 )
-def test_round_trip_restores_every_token_of_every_document(lengths, seq_len, cuts, seed) -> None:
+def test_round_trip_restores_every_token_of_every_document(
+    lengths, seq_len, cuts, seed, unpack_rows
+) -> None:
     rng = np.random.default_rng(seed)
     docs = [(f"d{i}", rng.integers(1, 60000, n).astype(np.uint32)) for i, n in enumerate(lengths)]
     table, stats = _pack(docs, [c for c in cuts if c <= len(docs)], seq_len)
@@ -76,7 +77,7 @@ def test_round_trip_restores_every_token_of_every_document(lengths, seq_len, cut
             assert p == 0 or flat[p - 1] == EOS
 
 
-def test_over_long_document_is_split_across_rows_never_dropped() -> None:
+def test_over_long_document_is_split_across_rows_never_dropped(unpack_rows) -> None:
     seq_len = 7
     long = np.arange(1, 5 * (seq_len + 1) + 3, dtype=np.uint32)
     docs = [
@@ -94,7 +95,7 @@ def test_over_long_document_is_split_across_rows_never_dropped() -> None:
     np.testing.assert_array_equal(unpack_rows(table)[1][1], long)
 
 
-def test_encode_and_pack_skips_and_counts_empty_documents() -> None:
+def test_encode_and_pack_skips_and_counts_empty_documents(unpack_rows) -> None:
     tok = train_tokenizer(["hello world, hello tokens"] * 50, TokenizerTrainSpec(vocab_size=300))
     texts = ["hello world", "", None, "tokens hello", "x" * 500]
     ids = [f"d{i}" for i in range(len(texts))]
@@ -119,7 +120,7 @@ def test_token_dtype_picks_the_smallest_that_fits() -> None:
         token_dtype(70000, "uint16")
 
 
-def test_special_token_text_inside_a_document_stays_text() -> None:
+def test_special_token_text_inside_a_document_stays_text(unpack_rows) -> None:
     tok = train_tokenizer(["plain words here"] * 50, TokenizerTrainSpec(vocab_size=300))
     text = "before <|endoftext|> after"
     rows = list(

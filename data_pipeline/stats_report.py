@@ -39,7 +39,7 @@ def format_stats(run_dir: str | Location) -> str:
         "",
         f"  {'step':<18}{'docs in':>12}{'docs out':>12}{'kept':>8}{'bytes out':>14}",
     ]
-    from crucible.data_pipeline.run import STEP_ORDER
+    from crucible.data_pipeline.pipeline import STEP_ORDER
 
     steps = stats["steps"]
     for name in sorted(steps, key=lambda k: STEP_ORDER.index(k) if k in STEP_ORDER else 99):

@@ -1,7 +1,8 @@
-"""The step contract: documents in, documents out, statistics and exclusions counted by the step.
+"""The step contract: ``run(items) -> documents``, statistics and exclusions counted by the step.
 
-A step never knows which executor runs it: the in-process executor chains steps over a file's
-documents; the Ray executor runs the same chain inside Ray Data tasks.
+A reader is a step whose items are input files; every other step takes and gives documents,
+so a part's work is one chain (``reader, *filters``) applied in turn. A step never knows which
+executor runs it: the executor runs the stage, the stage chains the steps over one part.
 """
 
 from __future__ import annotations
@@ -57,18 +58,27 @@ def _copy(v: Any) -> Any:
     return {k: _copy(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
-class Step(abc.ABC):
-    """A document step: subclasses implement :meth:`process`; :meth:`run` does the counting.
-
-    ``process`` returns the (possibly modified) document to keep it, or the name of the rule
-    that fired to drop it.
-    """
+class PipelineStep(abc.ABC):
+    """A step: :meth:`run` turns a stream of items into documents, counting into
+    :attr:`stats` and recording every drop in :attr:`exclusions` (drained by the stage)."""
 
     name = "step"
 
     def __init__(self) -> None:
         self.stats = StepStats()
         self.exclusions: list[Exclusion] = []
+
+    @abc.abstractmethod
+    def run(self, data: Iterable[Any]) -> Iterator[Document]:
+        """The documents of ``data`` (input files for a reader, documents for the rest)."""
+
+
+class Step(PipelineStep):
+    """A document step: subclasses implement :meth:`process`; :meth:`run` does the counting.
+
+    ``process`` returns the (possibly modified) document to keep it, or the name of the rule
+    that fired to drop it.
+    """
 
     @abc.abstractmethod
     def process(self, doc: Document) -> Document | str:
@@ -79,10 +89,10 @@ class Step(abc.ABC):
         self.stats.dropped[rule] += 1
         self.exclusions.append(Exclusion(doc.id, doc.source, f"{self.name}/{rule}", doc.text))
 
-    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
+    def run(self, data: Iterable[Document]) -> Iterator[Document]:
         """Apply the step to a stream of documents, counting as it goes."""
         st = self.stats
-        for doc in docs:
+        for doc in data:
             st.docs_in += 1
             st.bytes_in += doc.nbytes
             text = doc.text

@@ -1,6 +1,7 @@
-"""Where dedup results go: Parquet partitioned by input part (``part=<p>/``) in a fresh
-directory per attempt, committed by the stage's marker naming it (written last, see
-:mod:`crucible.data_pipeline.run`), plus the cluster-size histogram."""
+"""Rows keyed by document written as Parquet partitioned by input part (``part=<p>/``), so a
+per-part task reads only its own rows (the dedup results; each attempt writes a fresh
+directory, committed by the stage's marker naming it, see
+:mod:`crucible.data_pipeline.stages.dedup`)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,3 @@ def write_partitioned_local(table: dict[str, np.ndarray], out: Location) -> None
             partition_cols=["part"],
             basename_template="data-{i}.parquet",
         )
-
-
-def cluster_histogram(roots: np.ndarray) -> dict[str, int]:
-    """``{cluster size: number of clusters}`` from the root of every non-root member."""
-    if roots.size == 0:
-        return {}
-    _, members = np.unique(roots, return_counts=True)
-    sizes, counts = np.unique(members + 1, return_counts=True)
-    return {str(int(s)): int(c) for s, c in zip(sizes, counts, strict=True)}

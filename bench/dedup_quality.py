@@ -1,4 +1,4 @@
-"""Exact ground truth for fuzzy dedup, and precision/recall/F1 of a dedup result against it.
+"""Exact ground truth for fuzzy dedup (benchmarks and tests; not part of the pipeline), and precision/recall/F1 of a dedup result against it.
 
 The truth is the exact Jaccard similarity of the shingle sets MinHash estimates (word
 ``n``-grams of the simplified text, as :func:`~crucible.data_pipeline.dedup.minhash.
@@ -15,10 +15,27 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from crucible.data_pipeline.dedup.components import components_union_find
 from crucible.data_pipeline.dedup.minhash import shingle_hashes
 
 _PAIR_BLOCK = 1 << 22  # shingle-pair occurrences counted at once
+
+
+def components_union_find(edges: dict[str, np.ndarray]) -> dict[int, int]:
+    """Reference: ``{node: smallest node of its component}`` by union-find."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for u, v in zip(edges["a"].tolist(), edges["b"].tolist(), strict=True):
+        ru, rv = find(u), find(v)
+        if ru != rv:
+            parent[max(ru, rv)] = min(ru, rv)
+    return {x: find(x) for x in list(parent)}
 
 
 def similar_pairs(

@@ -1,28 +1,33 @@
-"""Entry point of data pipeline I: raw inputs to clean documents, exclusions and stats.
+"""The data pipeline: raw inputs to clean documents, exclusions, stats and training shards,
+as a list of stages run by one executor (in-process or Ray).
 
 Stages, each resumable (each output file published whole, a marker written last; nothing
-relies on renaming a directory, so the same steps run on object stores):
-1. filter   one task per input part: read -> normalise -> language -> quality -> PII,
-            plus each survivor's exact-text hash and MinHash band keys;
-2. exact    global exact dedup (hash-partitioned groupby on Ray);
-3. minhash  LSH buckets -> edges -> distributed connected components;
-4. final    per part: drop duplicates, write documents/ and exclusions/;
-then stats.json and documents/_SUCCESS, last. A finished run started again does nothing.
+relies on renaming a directory, so the same stages run on object stores):
+1. filter    one task per input part: read -> normalise -> language -> quality -> PII,
+             plus each survivor's exact-text hash and MinHash band keys;
+2. exact     global exact dedup (a shuffle by text hash);
+3. minhash   LSH buckets -> verified edges -> distributed connected components;
+4. finalize  per part: drop duplicates, write documents/ and exclusions/;
+then stats.json and documents/_SUCCESS, last; then the shard stage (tokenize -> pack ->
+shuffle -> shards + manifest) when the spec asks for shards. A finished run started again
+does nothing.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Literal
 
 from crucible.cluster.storage import Location, check_storage
 from crucible.config import spec_hash
-from crucible.data_pipeline.progress import Progress
+from crucible.data_pipeline.document_step import merge_stats
+from crucible.data_pipeline.executors.base import Executor, Stage
 from crucible.data_pipeline.readers.files import expand_inputs
+from crucible.data_pipeline.run_dir import check_run_dir, read_marker, work_paths
 from crucible.data_pipeline.spec import DataSpec
-from crucible.data_pipeline.stages import read_marker, work_paths
-from crucible.data_pipeline.step import merge_stats
+from crucible.data_pipeline.stages.dedup import dedup_stages
+from crucible.data_pipeline.stages.filter import filter_stage
+from crucible.data_pipeline.stages.finalize import finalize_stage
 from crucible.data_pipeline.writers.parquet import write_json_atomic
 from crucible.errors import CrucibleError
 
@@ -40,7 +45,8 @@ STEP_ORDER = (
 )
 
 
-def _executor(name: str, spec: DataSpec) -> Any:
+def make_executor(name: str, spec: DataSpec) -> Executor:
+    """The executor called ``name`` (``local`` or ``ray``), configured from ``spec``."""
     if name == "local":
         from crucible.data_pipeline.executors.local import LocalExecutor
 
@@ -50,18 +56,6 @@ def _executor(name: str, spec: DataSpec) -> Any:
 
         return RayExecutor(num_workers=spec.num_workers, partition_bytes=spec.partition_bytes)
     raise CrucibleError(f"unknown executor {name!r}; use 'ray' or 'local'")
-
-
-def _check_run_dir(run_dir: Location, digest: str, inputs: list[str]) -> None:
-    meta_path = work_paths(run_dir)["work"] / "run.json"
-    meta = read_marker(meta_path)
-    if meta is None:
-        write_json_atomic(meta_path, {"spec_hash": digest, "inputs": inputs})
-    elif meta.get("spec_hash") != digest or meta.get("inputs") != inputs:
-        raise CrucibleError(
-            f"{run_dir} holds a data run of a different spec or input list; "
-            "use a new run directory (or delete this one) to run this spec"
-        )
 
 
 def run_pipeline(
@@ -91,89 +85,32 @@ def run_pipeline(
     stats_path = run_dir / "stats.json"
     done = read_marker(stats_path) if (p["documents"] / "_SUCCESS").is_file() else None
     if done is not None and done.get("spec_hash") == digest:
-        _build_shards(spec, run_dir, _executor(executor, spec), digest)
+        make_executor(executor, spec).run(_shard_stages(spec, run_dir, digest))
         return done
     for d in ("filtered", "excluded", "filter_done", "dedup", "final_done", "documents"):
         p[d].mkdirs()
     p["exclusions"].mkdirs()
-    _check_run_dir(run_dir, digest, inputs)
-    ex = _executor(executor, spec)
+    check_run_dir(run_dir, digest, inputs)
+    ex = make_executor(executor, spec)
     t0 = time.time()
-    parts = list(range(len(inputs)))
     metrics = _DataMonitor(run_dir.name, on_cluster=executor == "ray")
-
-    # 1. filter
-    step_stats: dict[str, Any] = {}
-    todo = []
-    for part in parts:
-        if (s := read_marker(p["filter_done"] / f"part-{part:05d}.json")) is not None:
-            step_stats = merge_stats(step_stats, s)
-        else:
-            todo.append((part, inputs[part]))
-    with Progress(len(parts), enabled=progress) as bar:
-        bar.update(len(parts) - len(todo), step_stats)
-
-        def filtered(part: int, s: dict[str, Any]) -> None:
-            nonlocal step_stats
-            step_stats = merge_stats(step_stats, s)
-            bar.update(1, step_stats)
-            metrics.update(step_stats)
-
-        ex.filter_parts(todo, spec, run_dir, filtered)
-
-    # 2-3. dedup over every part's survivors; each attempt writes a fresh result directory
-    # that the stage's marker (written last) names, and unnamed ones are an interrupted
-    # attempt's leftovers
-    files = [p["filtered"] / f"part-{i:05d}.parquet" for i in parts]
-    dedup: dict[str, Any] = {}
-    for kind, enabled in (
-        ("exact", spec.dedup.exact.enabled),
-        ("minhash", spec.dedup.minhash.enabled),
-    ):
-        marker = p["dedup"] / f"{kind}.json"
-        if not enabled:
-            continue
-        s = read_marker(marker)
-        if s is not None and "result" not in s:
-            s = None  # not written by this protocol: redo
-        for old in p["dedup"].glob(f"{kind}-*"):
-            if s is None or old.name != s.get("result"):
-                old.rmtree()
-        if s is None:
-            out_dir = p["dedup"] / f"{kind}-{uuid.uuid4().hex[:12]}"
-            s = (
-                ex.exact_dedup(files, out_dir)
-                if kind == "exact"
-                else ex.fuzzy_dedup(files, out_dir, spec)
-            )
-            s["result"] = out_dir.name
-            write_json_atomic(marker, s)
-        dedup[kind] = {k: v for k, v in s.items() if k != "result"}
-        if kind == "minhash":
-            metrics.on_dedup(s)
-
-    # 4. final documents and exclusions per part
-    final_stats: dict[str, Any] = {}
-    todo_parts = []
-    for part in parts:
-        if (s := read_marker(p["final_done"] / f"part-{part:05d}.json")) is not None:
-            final_stats = merge_stats(final_stats, s)
-        else:
-            todo_parts.append(part)
-
-    def finalized(part: int, s: dict[str, Any]) -> None:
-        nonlocal final_stats
-        final_stats = merge_stats(final_stats, s)
-
-    ex.finalize_parts(todo_parts, spec, run_dir, finalized)
-
-    stats = _assemble(merge_stats(step_stats, final_stats), dedup, digest, len(inputs))
+    n = len(inputs)
+    stages: list[Stage] = [
+        filter_stage(spec, run_dir, inputs, progress=progress, on_part=metrics.update),
+        *dedup_stages(spec, run_dir, n),
+        finalize_stage(spec, run_dir, n),
+    ]
+    out = ex.run(stages)
+    if "minhash" in out:
+        metrics.on_dedup(out["minhash"])
+    dedup: dict[str, Any] = {k: out[k] for k in ("exact", "minhash") if k in out}
+    stats = _assemble(merge_stats(out["filter"], out["finalize"]), dedup, digest, n)
     stats["seconds"] = round(time.time() - t0, 3)
     stats["executor"] = executor
     write_json_atomic(stats_path, stats)
     write_json_atomic(p["documents"] / "_SUCCESS", {"spec_hash": digest, **stats["totals"]})
     metrics.update(stats["steps"])
-    _build_shards(spec, run_dir, ex, digest)
+    ex.run(_shard_stages(spec, run_dir, digest))
     metrics.close()
     return stats
 
@@ -253,9 +190,9 @@ def _assemble(steps: dict[str, Any], dedup: dict[str, Any], digest: str, n: int)
     }
 
 
-def _build_shards(spec: DataSpec, run_dir: Location, executor: Any, digest: str) -> None:
+def _shard_stages(spec: DataSpec, run_dir: Location, digest: str) -> list[Stage]:
     if spec.shards is None:
-        return
-    from crucible.data_pipeline.shards.build import build_shards
+        return []
+    from crucible.data_pipeline.shards.build import ShardStage
 
-    build_shards(run_dir / "documents", spec.shards, run_dir / "shards", executor, digest)
+    return [ShardStage(run_dir / "documents", spec.shards, run_dir / "shards", digest)]
