@@ -479,17 +479,12 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
             return False
 
         def past_it() -> bool:
-            # a step after the checkpoint is in the GPU-hours ledger: work the loss destroys
-            from crucible.monitoring.ledger import read_attempts
-
-            attempts, _ = read_attempts(run)
-            steps = (
-                [r["step"] for r in attempts[-1].records if r["kind"] == "step"] if attempts else []
-            )
-            return max(steps, default=0) > KILL_AFTER
+            # a step after the checkpoint is durable in the run's log: work the loss destroys,
+            # and a record the resumed attempt's re-run of that step is compared with
+            return max(step_losses(run), default=0) > KILL_AFTER
 
         _wait_for(committed, f"checkpoint step-{KILL_AFTER} committed", done)
-        _wait_for(past_it, f"a step after step-{KILL_AFTER} in the ledger", done)
+        _wait_for(past_it, f"a step after step-{KILL_AFTER} in the run's log", done)
         pids, drill.placements["before"] = placement(cluster, run, done)
         drill.nodes_before = cluster.alive()
         cluster.kill("b")
@@ -527,6 +522,17 @@ def step_losses(run: str | Location) -> dict[int, float]:
         for r in read_jsonl(location(run) / "metrics.jsonl")
         if r.get("kind") == "step"
     }
+
+
+def losses_by_attempt(run: str | Location) -> list[dict[int, float]]:
+    """Loss of each step, one dict per attempt (split at each ``resume`` record)."""
+    out: list[dict[int, float]] = [{}]
+    for r in read_jsonl(location(run) / "metrics.jsonl"):
+        if r.get("kind") == "resume":
+            out.append({})
+        elif r.get("kind") == "step":
+            out[-1][int(r["step"])] = r["loss"]
+    return out
 
 
 def records(run: str | Location, kind: str) -> list[dict[str, Any]]:

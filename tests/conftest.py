@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,6 +65,49 @@ def cluster_env(local_cluster: local.ClusterState, monkeypatch: pytest.MonkeyPat
     home = Path(local_cluster.state_dir).parent
     monkeypatch.setenv("CRUCIBLE_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def cluster_data_run(local_cluster: local.ClusterState) -> Iterator[dict[str, Any]]:
+    """One data job on the session cluster, submitted as a user does (``crucible data run``
+    from the spec's directory, storage relative to it): the jobs tests check the CLI around
+    it, the monitoring tests train on its shards and query its metrics."""
+    import yaml
+
+    from crucible.data_pipeline.sample import generate_corpus
+
+    cwd = Path(tempfile.mkdtemp(prefix="crucible-data-run-"))
+    generate_corpus(cwd / "corpus", n_docs=120, seed=5, files=2)
+    spec = {
+        "kind": "data",
+        "name": "mon-data",
+        "cluster": {"storage": "runs"},  # relative: resolved against the submitting CWD
+        "data": {
+            "inputs": ["corpus"],
+            "shards": {
+                "tokenizer": {"train": {"vocab_size": 320}},
+                "seq_len": 64,
+                "heldout_fraction": 0.05,
+            },
+        },
+    }
+    (cwd / "d.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "CRUCIBLE_HOME": str(Path(local_cluster.state_dir).parent)}
+    r = subprocess.run(
+        [sys.executable, "-m", "crucible", "data", "run", "d.yaml"],
+        capture_output=True, text=True, cwd=cwd, timeout=900, env={**env, "COLUMNS": "100"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    try:
+        yield {
+            "cwd": cwd,
+            "spec": spec,
+            "docs": 120,
+            "stdout": r.stdout,
+            "run": cwd / "runs" / "mon-data",
+        }
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
 
 
 WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with"]

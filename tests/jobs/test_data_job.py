@@ -12,8 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from crucible.data_pipeline.sample import generate_corpus
-
 
 def cli(*args: str, cwd: Path, columns: int = 100) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -23,41 +21,23 @@ def cli(*args: str, cwd: Path, columns: int = 100) -> subprocess.CompletedProces
     )  # fmt: skip
 
 
-def r_submit_words(tmp_path: Path) -> list[str]:
-    return (tmp_path / "submit.out").read_text().split()
-
-
 @pytest.mark.slow
-def test_data_run_on_the_cluster(tmp_path: Path, cluster_env: Path) -> None:
-    generate_corpus(tmp_path / "corpus", n_docs=150, seed=3, files=2)
-    spec = {
-        "kind": "data",
-        "name": "jobtest",
-        "cluster": {"storage": "runs"},  # relative: resolved against the submitting CWD
-        "data": {
-            "inputs": ["corpus"],
-            "shards": {"tokenizer": {"train": {"vocab_size": 300}}, "seq_len": 32},
-        },
-    }
-    (tmp_path / "d.yaml").write_text(yaml.safe_dump(spec))
-
-    r = cli("data", "run", "d.yaml", cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "submitted job crucible-jobtest-0-" in r.stdout
-    (tmp_path / "submit.out").write_text(r.stdout)
-    assert "SUCCEEDED" in r.stdout
-    run = tmp_path / "runs" / "jobtest"
+def test_data_run_on_the_cluster(cluster_data_run: dict, cluster_env: Path) -> None:
+    tmp_path, stdout = cluster_data_run["cwd"], cluster_data_run["stdout"]
+    assert "submitted job crucible-mon-data-0-" in stdout
+    assert "SUCCEEDED" in stdout
+    run = cluster_data_run["run"]
     resolved = yaml.safe_load((run / "spec.resolved.yaml").read_text())
     assert resolved["data"]["inputs"] == [str(tmp_path / "corpus")]
     docs = pq.read_table(sorted((run / "documents").glob("*.parquet"))).num_rows
     stats = json.loads((run / "stats.json").read_text())
-    assert 0 < docs < 150
+    assert 0 < docs < cluster_data_run["docs"]
     manifest = json.loads((run / "shards" / "manifest.json").read_text())
-    assert manifest["seq_len"] == 32
+    assert manifest["seq_len"] == 64
 
-    r = cli("data", "stats", "jobtest", "--storage", "runs", cwd=tmp_path)
+    r = cli("data", "stats", "mon-data", "--storage", "runs", cwd=tmp_path)
     assert r.returncode == 0 and "minhash" in r.stdout.lower(), r.stdout + r.stderr
-    job_id = next(w for w in r_submit_words(tmp_path) if w.startswith("crucible-jobtest-0-"))
+    job_id = next(w for w in stdout.split() if w.startswith("crucible-mon-data-0-"))
     # The same cluster named by its state directory (any cluster: --address/--token-path);
     # a narrow terminal still gets whole ids, which `logs` and `stop` take.
     state_dir = str(cluster_env / "cluster")
@@ -81,8 +61,8 @@ def test_data_run_on_the_cluster(tmp_path: Path, cluster_env: Path) -> None:
     assert json.loads((run / "stats.json").read_text()) == stats
 
     # A different spec under the same name is refused, one line, nothing submitted.
-    r = cli("data", "run", "d.yaml", "--set", "data.shards.seq_len=64", cwd=tmp_path)
+    r = cli("data", "run", "d.yaml", "--set", "data.shards.seq_len=32", cwd=tmp_path)
     assert r.returncode == 2
     assert (
-        r.stderr.startswith("error: run 'jobtest' already exists") and "Traceback" not in r.stderr
+        r.stderr.startswith("error: run 'mon-data' already exists") and "Traceback" not in r.stderr
     )

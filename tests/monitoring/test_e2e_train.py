@@ -24,7 +24,6 @@ import pytest
 import requests
 
 from crucible.cluster.storage import location
-from crucible.data_pipeline.sample import generate_corpus
 from crucible.jobs.spec import parse_spec
 from crucible.monitoring import dashboards as dash
 from crucible.monitoring.ledger import account
@@ -67,16 +66,9 @@ def run_job(spec_data: dict[str, Any], during=None) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def data_run(storage: Path) -> Path:
-    """A real data job (it exports its metrics through the cluster): clean text → shards."""
-    generate_corpus(storage / "corpus", n_docs=80, seed=5, files=2)
-    run_dir, _ = run_job({
-        "kind": "data", "name": "mon-data", "cluster": {"storage": str(storage)},
-        "data": {"inputs": [str(storage / "corpus")],
-                 "shards": {"tokenizer": {"train": {"vocab_size": 320}}, "seq_len": SEQ_LEN,
-                            "heldout_fraction": 0.05}},
-    })  # fmt: skip
-    return run_dir
+def data_run(cluster_data_run: dict[str, Any]) -> Path:
+    """The session's data job (it exported its metrics through the cluster): text → shards."""
+    return Path(cluster_data_run["run"])
 
 
 def hang_rank1_after(step: int):
@@ -147,10 +139,10 @@ def prom(url: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
     return r.json()["data"]["result"]
 
 
-def samples(url: str, expr: str) -> list[tuple[float, float]]:
-    """Raw scraped samples over the last 10 minutes, by time; each attempt's exporter is a
+def samples(url: str, expr: str, window: str = "10m") -> list[tuple[float, float]]:
+    """Raw scraped samples over the last ``window``, by time; each attempt's exporter is a
     series of its own (another port), and attempts never overlap."""
-    got = prom(url, f"{expr}[10m]")
+    got = prom(url, f"{expr}[{window}]")
     assert got, expr
     return sorted((float(t), float(v)) for series in got for t, v in series["values"])
 
@@ -216,7 +208,7 @@ def test_prometheus_tokens_and_mfu_match_the_runs_log(train_run, local_cluster) 
 
 
 def _last_sample_time(url: str, expr: str) -> float:
-    return samples(url, expr)[-1][0]
+    return samples(url, expr, window="2h")[-1][0]  # the session's data job may be long done
 
 
 def test_every_dashboard_panel_returns_series(train_run, data_run, local_cluster) -> None:
