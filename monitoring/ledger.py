@@ -24,12 +24,8 @@ One line per record::
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,176 +35,29 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from crucible.cluster.storage import JsonlLog, Location, location, read_lines
+from crucible.cluster.storage import Location, location
+from crucible.monitoring.ledger_format import (
+    INTERVAL_KINDS,
+    LEDGER_DIR,
+    PHASES,
+    Attempt,
+    read_attempts,
+)
+from crucible.monitoring.ledger_writer import LedgerWriter
+
+__all__ = [
+    "INTERVAL_KINDS",
+    "LEDGER_DIR",
+    "PHASES",
+    "Attempt",
+    "LedgerCollector",
+    "LedgerSummary",
+    "LedgerWriter",
+    "account",
+    "read_attempts",
+]
 
 log = logging.getLogger(__name__)
-
-LEDGER_DIR = "ledger"
-INTERVAL_KINDS = ("startup", "step", "data_wait", "checkpoint", "eval", "idle")
-PHASES = (
-    "productive", "lost", "uncommitted", "checkpoint", "data_wait", "eval", "startup", "idle",
-)  # fmt: skip
-
-
-class LedgerWriter:
-    """Appends one attempt's intervals (rank 0 calls it for all devices of the attempt).
-
-    Every method is exception-safe: a full disk is logged once and training goes on.
-
-    Args:
-        run_dir: the run directory.
-        devices: devices (workers) this attempt holds.
-        resumed_from: step of the checkpoint this attempt resumed from (0: fresh start).
-        start_time: when the attempt's devices were taken (default: this process's start,
-            but not before the previous attempt's last record).
-        device: device description, for the record.
-        fsync_every_s: fsync at most this often, besides checkpoints and the end.
-    """
-
-    def __init__(
-        self,
-        run_dir: Location | str | Path,
-        devices: int,
-        resumed_from: int = 0,
-        start_time: float | None = None,
-        device: str = "",
-        fsync_every_s: float | None = None,
-    ) -> None:
-        run_dir = location(run_dir)
-        self.devices = int(devices)
-        if start_time is None:
-            # A worker process may predate its attempt (Ray reuses idle workers): the attempt
-            # cannot have taken its devices before the previous attempt's last record.
-            start_time = max(_process_start(), _last_record_time(run_dir))
-        self.start_time = start_time
-        self._log: JsonlLog | None = None
-        self._warned = False
-        self.attempt = -1
-        d = run_dir / LEDGER_DIR
-        try:
-            self.attempt = 1 + max((_attempt_index(n) for n in d.ls()), default=0)
-            if fsync_every_s is None:
-                fsync_every_s = 1.0
-            self._log = JsonlLog(d / f"attempt-{self.attempt}.jsonl", sync_every_s=fsync_every_s)
-        except (OSError, ValueError) as e:
-            log.warning("GPU-hours ledger disabled: cannot create it in %s (%s)", run_dir, e)
-            return
-        self._append(
-            {"kind": "attempt", "attempt": self.attempt, "t": self.start_time,
-             "devices": self.devices, "resumed_from": int(resumed_from), "device": device},
-            sync=True,
-        )  # fmt: skip
-
-    def _append(self, record: dict[str, Any], sync: bool = False) -> None:
-        if self._log is None:
-            return
-        try:
-            self._log.append(record, sync=sync)
-        except (OSError, TypeError, ValueError) as e:
-            if not self._warned:
-                self._warned = True
-                log.warning("GPU-hours ledger write failed (%s); training continues", e)
-
-    def interval(self, kind: str, t0: float, t1: float, **fields: Any) -> None:
-        """Record ``[t0, t1]`` (unix seconds) of all devices spent in ``kind``.
-
-        Args:
-            kind: one of ``startup step data_wait checkpoint eval idle``.
-            t0: start (``time.time()``).
-            t1: end.
-            **fields: extra fields (``step``, ``committed``, ``data_wait``).
-        """
-        self._append({"kind": kind, "t0": t0, "t1": t1, "devices": self.devices, **fields},
-                     sync=kind == "checkpoint")  # fmt: skip
-
-    def startup_done(self, t: float | None = None) -> None:
-        """Close the start-up interval: from the attempt's start to ``t`` (default now).
-
-        Args:
-            t: when the first step begins.
-        """
-        self.interval("startup", self.start_time, time.time() if t is None else t)
-
-    def step(self, step: int, t0: float, t1: float, data_wait_seconds: float = 0.0) -> None:
-        """Record one optimizer step; ``data_wait_seconds`` of it waited for the batch.
-
-        Args:
-            step: steps done after this one.
-            t0: step start.
-            t1: step end.
-            data_wait_seconds: part of the step spent waiting for data.
-        """
-        self.interval("step", t0, t1, step=int(step), data_wait=float(data_wait_seconds))
-
-    def checkpoint(self, step: int, t0: float, t1: float, committed: bool = True) -> None:
-        """Record a checkpoint save (fsync'd: productive time hinges on it).
-
-        Args:
-            step: the checkpoint's step.
-            t0: save start.
-            t1: commit (or failure) time.
-            committed: whether the checkpoint was committed.
-        """
-        self.interval("checkpoint", t0, t1, step=int(step), committed=bool(committed))
-
-    def end(self, status: str = "finished") -> None:
-        """Mark the attempt over (optional: a dead attempt is inferred from its last record).
-
-        Args:
-            status: ``finished`` (the run is done) or ``failed``.
-        """
-        self._append({"kind": "end", "t": time.time(), "status": status}, sync=True)
-        self.close()
-
-    def close(self) -> None:
-        """Close the log (no more records)."""
-        if self._log is not None:
-            with contextlib.suppress(OSError):
-                self._log.close()
-            self._log = None
-
-
-def _process_start() -> float:
-    """Unix time this process started.
-
-    From ``/proc``: start ticks and uptime share one clock, so their difference is exact;
-    psutil's create time adds the boot time, which is rounded (and drifts in VMs) by up to
-    seconds.
-    """
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
-def _last_record_time(run_dir: Location) -> float:
-    """Unix time of the newest record of any earlier attempt (0 if none)."""
-    try:
-        attempts, _ = read_attempts(run_dir)
-    except OSError:
-        return 0.0
-    return max((a.end for a in attempts), default=0.0)
-
-
-def _attempt_index(name: str) -> int:
-    """``k`` of ``attempt-<k>.jsonl`` (and of its segments), else 0."""
-    m = re.match(r"^attempt-(\d+)\.jsonl", name)
-    return int(m.group(1)) if m else 0
-
-
-@dataclass
-class Attempt:
-    """One attempt as read back from its file."""
-
-    index: int
-    start: float
-    end: float
-    devices: int
-    resumed_from: int
-    status: str | None  # "finished" / "failed" from an end record; None if it has none
-    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -245,77 +94,6 @@ class LedgerSummary:
         """Productive share of all device time (0–1; NaN for an empty ledger)."""
         total = self.total_seconds
         return self.seconds["productive"] / total if total > 0 else math.nan
-
-
-def _parse_line(line: str) -> dict[str, Any] | None:
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str):
-        return None
-    kind = rec["kind"]
-    try:
-        if kind in INTERVAL_KINDS:
-            rec["t0"], rec["t1"] = float(rec["t0"]), float(rec["t1"])
-            if not (math.isfinite(rec["t0"]) and math.isfinite(rec["t1"])) or rec["t1"] < rec["t0"]:
-                return None
-            rec["devices"] = int(rec["devices"])
-        elif kind in ("attempt", "end"):
-            rec["t"] = float(rec["t"])
-        else:
-            return None
-        if kind == "step":
-            rec["step"] = int(rec["step"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return rec
-
-
-def read_attempts(run_dir: Location | str | Path) -> tuple[list[Attempt], int]:
-    """Parse every attempt log of a run; return the attempts in order and corrupt lines.
-
-    Args:
-        run_dir: the run directory.
-    """
-    attempts: list[Attempt] = []
-    corrupt = 0
-    d = location(run_dir) / LEDGER_DIR
-    for index in sorted({_attempt_index(n) for n in d.ls()} - {0}):
-        try:
-            lines = read_lines(d / f"attempt-{index}.jsonl")
-        except OSError:
-            continue
-        recs = []
-        for line in lines:
-            if not line.strip():
-                continue
-            rec = _parse_line(line)
-            if rec is None:
-                corrupt += 1
-            else:
-                recs.append(rec)
-        head = next((r for r in recs if r["kind"] == "attempt"), None)
-        intervals = [r for r in recs if r["kind"] in INTERVAL_KINDS]
-        end = next((r for r in recs if r["kind"] == "end"), None)
-        times = [r["t1"] for r in intervals] + ([end["t"]] if end else [])
-        starts = [r["t0"] for r in intervals] + ([head["t"]] if head else [])
-        if not starts:
-            continue
-        devices = int(head["devices"]) if head else max(r["devices"] for r in intervals)
-        start = min(starts)
-        attempts.append(
-            Attempt(
-                index=index,
-                start=start,
-                end=max(times, default=start),
-                devices=devices,
-                resumed_from=int(head.get("resumed_from") or 0) if head else -1,
-                status=str(end.get("status")) if end else None,
-                records=intervals,
-            )
-        )
-    return attempts, corrupt
 
 
 def account(

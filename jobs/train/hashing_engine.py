@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -58,7 +58,7 @@ class _HashingWriter:
     :data:`_WRITEBACK_BYTES` written, the disk is told to start writing them back.
     """
 
-    def __init__(self, f: Any, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, f: BinaryIO, pool: ThreadPoolExecutor) -> None:
         self._f = f
         self._pool = pool
         self._writeback = _start_writeback()
@@ -132,7 +132,7 @@ def install(engine: DeepSpeedEngine) -> HashingCheckpointEngine | None:
         The hashing engine, or None where another engine was configured.
     """
     current = getattr(engine, "checkpoint_engine", None)
-    if type(current) is not TorchCheckpointEngine:
+    if current is None or type(current) is not TorchCheckpointEngine:
         return None
     hashing = HashingCheckpointEngine(bool(current.zipfile_serialization))
     engine.checkpoint_engine = hashing

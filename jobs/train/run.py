@@ -10,7 +10,7 @@ written with another world size is converted to DeepSpeed's universal format.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from crucible.cluster.storage import Location, location, read_jsonl
 from crucible.errors import CrucibleError
@@ -132,7 +132,8 @@ def alive_node_resources() -> list[dict[str, float]]:
     """The resource totals of each alive node of the Ray cluster this process is attached to."""
     import ray
 
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return [dict(n["Resources"]) for n in nodes if n.get("Alive")]
 
 
 def prepare_reshard(root: Location, world: int) -> Location | None:
@@ -188,7 +189,7 @@ def run_train(run_dir: Location) -> int:
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     start_metrics_registry()
-    resources = ray.cluster_resources()
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     use_gpu = decide_gpu(spec, resources)
     check_resources(spec, resources, use_gpu)
     check_placement(spec, alive_node_resources(), use_gpu)

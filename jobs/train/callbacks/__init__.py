@@ -19,7 +19,7 @@ from crucible.jobs.train.callbacks.ledger import LedgerCallback
 from crucible.jobs.train.callbacks.prometheus import PrometheusCallback, shared_peak_flops
 from crucible.jobs.train.callbacks.runlog import RunLogCallback
 from crucible.jobs.train.callbacks.watchdog import WatchdogCallback
-from crucible.monitoring.metrics import never_raise
+from crucible.monitoring.safe import never_raise
 
 __all__ = [
     "Callback",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from crucible.jobs.train.callbacks.base import Callback, Resumed, StepResult, TrainContext
 from crucible.jobs.train.checkpoint import SaveStats
-from crucible.monitoring.metrics import never_raise
+from crucible.monitoring.safe import never_raise
 
 if TYPE_CHECKING:
     from crucible.monitoring.metrics import TrainMetrics

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
 from crucible.jobs.train.callbacks.mirror import MirroredDir
 from crucible.jobs.train.checkpoint import SaveStats
-from crucible.monitoring.metrics import never_raise
+from crucible.monitoring.safe import never_raise
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

@@ -10,7 +10,7 @@ from typing import Any
 from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
 from crucible.jobs.train.callbacks.mirror import MirroredDir
 from crucible.jobs.train.checkpoint import SaveStats
-from crucible.monitoring.metrics import never_raise
+from crucible.monitoring.safe import never_raise
 
 DIR = "wandb"
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from crucible.cluster.storage import cache_key, scratch_dir
 from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
 from crucible.jobs.train.checkpoint import SaveStats
-from crucible.monitoring.metrics import never_raise
+from crucible.monitoring.safe import never_raise
 from crucible.monitoring.watchdog import Watchdog
 
 

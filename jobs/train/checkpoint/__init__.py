@@ -29,6 +29,7 @@ into node-local scratch, checked on the way. One bad file makes the whole group 
 the previous checkpoint (see :func:`.load.choose_checkpoint`).
 """
 
+from crucible.cluster.storage import sha256_file
 from crucible.jobs.train.checkpoint.layout import (
     DS_TAG,
     MANIFEST,
@@ -39,7 +40,6 @@ from crucible.jobs.train.checkpoint.layout import (
     missing_rank_files,
     owned_by,
     owner_rank,
-    sha256_file,
     step_path,
 )
 from crucible.jobs.train.checkpoint.load import (

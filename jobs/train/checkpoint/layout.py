@@ -1,10 +1,8 @@
-"""Where a checkpoint's files live and who owns them: names, listings, per-rank ownership, and
-the file-level primitives (sha256, fsync) that saving and loading share."""
+"""Where a checkpoint's files live and who owns them: names, listings, per-rank ownership (the
+file-level primitives, sha256 and fsync, are the storage layer's)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ UNIVERSAL = "universal"
 STEP_NAME = re.compile(r"^step-(\d+)$")
 TMP_NAME = re.compile(r"^step-(\d+)\.tmp$")
 _OWNER = re.compile(r"(?:zero_pp_rank_|^rank-)(\d+)[_.]")
-_CHUNK = 8 << 20
 
 
 def step_path(root: Location, step: int) -> Location:
@@ -82,24 +79,6 @@ def missing_rank_files(files: set[str] | dict[str, Any], world_size: int) -> lis
             if not any(pattern.match(f) for f in files):
                 missing.append(name)
     return missing
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a local file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_files(d: Path) -> list[str]:

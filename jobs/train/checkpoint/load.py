@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from crucible.cluster.storage import Location, cache_key, scratch_dir
+from crucible.cluster.storage import Location, cache_key, scratch_dir, sha256_file
 from crucible.errors import CrucibleError
 from crucible.jobs.train.checkpoint.layout import (
     MANIFEST,
@@ -16,7 +16,6 @@ from crucible.jobs.train.checkpoint.layout import (
     committed_steps,
     missing_rank_files,
     owned_by,
-    sha256_file,
     step_path,
 )
 from crucible.jobs.train.console import say

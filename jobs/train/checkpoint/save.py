@@ -13,17 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crucible.cluster.storage import Location, cache_key, scratch_dir
+from crucible.cluster.storage import Location, cache_key, fsync_path, scratch_dir, sha256_file
 from crucible.errors import CrucibleError
 from crucible.jobs.train.checkpoint.layout import (
     DS_TAG,
     MANIFEST,
     STATE,
-    fsync_path,
     list_files,
     missing_rank_files,
     owned_by,
-    sha256_file,
     step_path,
 )
 

@@ -1,0 +1,109 @@
+"""The GPU-hours ledger's files: one JSONL log per attempt under ``<run>/ledger/`` (see
+:mod:`.ledger` for what the records mean), and reading them back, skipping corrupt lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crucible.cluster.storage import Location, location, read_lines
+
+LEDGER_DIR = "ledger"
+INTERVAL_KINDS = ("startup", "step", "data_wait", "checkpoint", "eval", "idle")
+PHASES = (
+    "productive", "lost", "uncommitted", "checkpoint", "data_wait", "eval", "startup", "idle",
+)  # fmt: skip
+
+
+def attempt_index(name: str) -> int:
+    """``k`` of ``attempt-<k>.jsonl`` (and of its segments), else 0."""
+    m = re.match(r"^attempt-(\d+)\.jsonl", name)
+    return int(m.group(1)) if m else 0
+
+
+@dataclass
+class Attempt:
+    """One attempt as read back from its file."""
+
+    index: int
+    start: float
+    end: float
+    devices: int
+    resumed_from: int
+    status: str | None  # "finished" / "failed" from an end record; None if it has none
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str):
+        return None
+    kind = rec["kind"]
+    try:
+        if kind in INTERVAL_KINDS:
+            rec["t0"], rec["t1"] = float(rec["t0"]), float(rec["t1"])
+            if not (math.isfinite(rec["t0"]) and math.isfinite(rec["t1"])) or rec["t1"] < rec["t0"]:
+                return None
+            rec["devices"] = int(rec["devices"])
+        elif kind in ("attempt", "end"):
+            rec["t"] = float(rec["t"])
+        else:
+            return None
+        if kind == "step":
+            rec["step"] = int(rec["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return rec
+
+
+def read_attempts(run_dir: Location | str | Path) -> tuple[list[Attempt], int]:
+    """Parse every attempt log of a run; return the attempts in order and corrupt lines.
+
+    Args:
+        run_dir: the run directory.
+    """
+    attempts: list[Attempt] = []
+    corrupt = 0
+    d = location(run_dir) / LEDGER_DIR
+    for index in sorted({attempt_index(n) for n in d.ls()} - {0}):
+        try:
+            lines = read_lines(d / f"attempt-{index}.jsonl")
+        except OSError:
+            continue
+        recs = []
+        for line in lines:
+            if not line.strip():
+                continue
+            rec = _parse_line(line)
+            if rec is None:
+                corrupt += 1
+            else:
+                recs.append(rec)
+        head = next((r for r in recs if r["kind"] == "attempt"), None)
+        intervals = [r for r in recs if r["kind"] in INTERVAL_KINDS]
+        end = next((r for r in recs if r["kind"] == "end"), None)
+        times = [r["t1"] for r in intervals] + ([end["t"]] if end else [])
+        starts = [r["t0"] for r in intervals] + ([head["t"]] if head else [])
+        if not starts:
+            continue
+        devices = int(head["devices"]) if head else max(r["devices"] for r in intervals)
+        start = min(starts)
+        attempts.append(
+            Attempt(
+                index=index,
+                start=start,
+                end=max(times, default=start),
+                devices=devices,
+                resumed_from=int(head.get("resumed_from") or 0) if head else -1,
+                status=str(end.get("status")) if end else None,
+                records=intervals,
+            )
+        )
+    return attempts, corrupt
