@@ -36,6 +36,7 @@ import requests
 
 from crucible.cluster import local
 from crucible.cluster.storage import Location, location, read_jsonl
+from crucible.monitoring.prometheus import rule_files
 
 RAY_ENV = {
     # A dead node is declared dead after ~3 missed 0.5 s health checks instead of Ray's
@@ -266,7 +267,7 @@ def multinode(server: S3Server, nodes: dict[str, str]) -> Iterator[Cluster]:
     try:
         # the head on an address of its own, as on a real cluster (nodes join it there)
         state, started = local.up(home / "cluster", local.free_ports(), num_cpus=1,
-                                  node_ip=HEAD_IP)  # fmt: skip
+                                  node_ip=HEAD_IP, rule_files=rule_files())  # fmt: skip
         assert started
         # the client (this process) is not a node: a scratch of its own
         os.environ["CRUCIBLE_SCRATCH"] = str(home / "scratch-client")

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from crucible.cluster.storage.files import write_json_atomic
 from crucible.errors import CrucibleError
 
 
@@ -194,10 +195,7 @@ def cpu_accelerator(refresh: bool = False) -> Accelerator:
             cached = {}
     if refresh or key not in cached:
         cached[key] = measure_cpu_flops()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        tmp.replace(path)
+        write_json_atomic(path, cached)
     return Accelerator(
         name="cpu",
         peak_flops=cached[key],

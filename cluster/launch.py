@@ -1,5 +1,6 @@
 """Launch configurations sized from a plan, that run as generated: Ray's cluster launcher YAML
-and KubeRay manifests, with what Prometheus needs to watch them.
+(here) and KubeRay manifests (:mod:`crucible.cluster.kuberay`), with what Prometheus needs to
+watch them.
 
 crucible schedules nothing itself. These files start a Ray cluster with the tools people
 already use — ``ray up`` on VMs (AWS or on-premises machines), KubeRay on Kubernetes — with
@@ -22,7 +23,6 @@ one CPU head (``num-cpus 0``: it only coordinates) and ``plan.nodes`` GPU worker
 
 from __future__ import annotations
 
-import base64
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -32,8 +32,8 @@ from typing import Any
 import crucible
 from crucible.cluster.hardware import Fabric, get_fabric
 from crucible.cluster.plan import GiB, Plan
+from crucible.cluster.scrape import DEFAULT_PORT, PORT_ENV
 from crucible.errors import CrucibleError
-from crucible.monitoring.discovery import DEFAULT_PORT, PATH, PORT_ENV
 
 TOKEN_KEY = "auth_token"
 REMOTE_TOKEN = "~/.crucible/auth_token"
@@ -41,7 +41,8 @@ REMOTE_SRC = "~/crucible"
 METRICS_PORT = 8080  # Ray's metrics port in KubeRay pods (KubeRay's default, named "metrics")
 
 
-def _ray_version() -> str:
+def ray_version() -> str:
+    """The installed Ray's version (the head image and the launcher nodes run the same)."""
     import ray
 
     return str(ray.__version__)
@@ -87,7 +88,8 @@ def new_token(path: Path) -> Path:
     return path
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """``name`` if it is a valid cluster name (lowercase DNS label, at most 50 characters)."""
     ok = name.replace("-", "").isalnum() and name[:1].isalpha() and name == name.lower()
     if not ok or len(name) > 50:
         raise CrucibleError(
@@ -97,13 +99,14 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _fabric(plan: Plan, opts: LaunchOptions) -> Fabric:
+def fabric_for(plan: Plan, opts: LaunchOptions) -> Fabric:
+    """The network fabric of the nodes: the option's, else EFA on AWS and InfiniBand elsewhere."""
     kind = opts.fabric or ("efa" if opts.provider == "aws" else "infiniband")
     return get_fabric(kind, plan.gpu)
 
 
-def _worker_memory_gib(plan: Plan) -> int:
-    # Room for offloaded model states (DeepSpeed's CPU estimate) plus data loading.
+def worker_memory_gib(plan: Plan) -> int:
+    """Host memory per GPU node: offloaded model states (DeepSpeed's estimate) plus data loading."""
     return max(256, math.ceil(plan.run.memory.state_cpu_bytes_per_node * 1.25 / GiB) + 64)
 
 
@@ -143,14 +146,14 @@ def ray_launcher_config(plan: Plan, opts: LaunchOptions) -> dict[str, Any]:
         CrucibleError: no token file, an unknown provider, a GPU/provider mismatch, or AWS
             without a subnet and security group.
     """
-    name = _check_name(opts.name)
+    name = check_name(opts.name)
     if opts.token_path is None or not Path(opts.token_path).expanduser().is_file():
         raise CrucibleError(
             f"token file {opts.token_path} does not exist; `crucible cluster config` makes "
             "one for the cluster"
         )
     gpus = plan.gpus_per_node
-    fabric = _fabric(plan, opts)
+    fabric = fabric_for(plan, opts)
     worker_resources = {"CPU": gpus * opts.cpus_per_gpu, "GPU": gpus}
     if opts.provider == "aws":
         if fabric.aws_instance is None or gpus != 8:
@@ -213,7 +216,7 @@ def ray_launcher_config(plan: Plan, opts: LaunchOptions) -> dict[str, Any]:
         # This cluster's token file and crucible's source go to every node, not into here.
         "file_mounts": {REMOTE_TOKEN: str(Path(opts.token_path).expanduser()), REMOTE_SRC: src},
         "setup_commands": [
-            f"pip install 'ray[default,data,train]=={_ray_version()}' && pip install {REMOTE_SRC}"
+            f"pip install 'ray[default,data,train]=={ray_version()}' && pip install {REMOTE_SRC}"
         ],
         "head_start_ray_commands": [
             "ray stop",
@@ -236,199 +239,3 @@ def ray_launcher_config(plan: Plan, opts: LaunchOptions) -> dict[str, Any]:
         # On-premises machines: Ray detects their resources; one implicit node type.
         del config["available_node_types"], config["head_node_type"]
     return config
-
-
-def _container(
-    name: str,
-    image: str,
-    opts: LaunchOptions,
-    resources: dict[str, Any],
-    ports: list[tuple[str, int]],
-    env: dict[str, str],
-) -> dict[str, Any]:
-    c: dict[str, Any] = {
-        "name": name,
-        "image": image,
-        "env": [
-            {"name": "RAY_AUTH_MODE", "value": "token"},
-            {
-                "name": "RAY_AUTH_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": opts.token_secret, "key": TOKEN_KEY}},
-            },
-            *({"name": k, "value": v} for k, v in env.items()),
-        ],
-        "resources": {"requests": resources, "limits": resources},
-        "ports": [{"name": n, "containerPort": p} for n, p in ports],
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],  # NCCL needs /dev/shm
-    }
-    if not opts.storage or "://" not in opts.storage:  # a shared path: the PVC holds it
-        c["volumeMounts"].append({"name": "storage", "mountPath": opts.storage or "/mnt/runs"})
-    return c
-
-
-def _volumes(opts: LaunchOptions) -> list[dict[str, Any]]:
-    vols: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    if not opts.storage or "://" not in opts.storage:
-        vols.append({"name": "storage", "persistentVolumeClaim": {"claimName": opts.storage_claim}})
-    return vols
-
-
-def default_image() -> str:
-    """The image name the generated Dockerfile builds (crucible's and Ray's versions)."""
-    return f"crucible:{crucible.__version__}-ray{_ray_version()}-gpu"
-
-
-def dockerfile() -> str:
-    """A Dockerfile for the pods: Ray's GPU image with crucible (a wheel built from this
-    source) and DeepSpeed's FusedAdam built in."""
-    return (
-        f"# Build: pip wheel --no-deps -w . <crucible source>; docker build -t {default_image()} .\n"
-        f"FROM rayproject/ray:{_ray_version()}-py311-gpu\n"
-        "COPY crucible-*.whl /tmp/\n"
-        "RUN DS_BUILD_FUSED_ADAM=1 pip install --no-cache-dir /tmp/crucible-*.whl "
-        "&& rm /tmp/crucible-*.whl\n"
-    )
-
-
-def kuberay_manifests(
-    plan: Plan, opts: LaunchOptions, spec_yaml: str, resume: bool = False
-) -> list[dict[str, Any]]:
-    """A KubeRay ``RayCluster`` sized from the plan, a ``RayJob`` that runs the spec it carries,
-    and the Prometheus Operator objects that scrape Ray's and crucible's metrics.
-
-    Args:
-        plan: the plan (nodes, GPUs per node, CPU memory for offload).
-        opts: image, namespace, token Secret, storage, fabric.
-        spec_yaml: the resolved spec the job runs (shipped inside the RayJob).
-        resume: the job resumes the run instead of starting it.
-    """
-    name = _check_name(opts.name)
-    image = opts.image or default_image()
-    meta = {"name": name, "namespace": opts.namespace, "labels": {"app": "crucible"}}
-    gpus = plan.gpus_per_node
-    fabric = _fabric(plan, opts)
-    worker_res: dict[str, str] = {
-        "cpu": str(gpus * opts.cpus_per_gpu),
-        "memory": f"{_worker_memory_gib(plan)}Gi",
-        "nvidia.com/gpu": str(gpus),
-    }
-    if fabric.name == "efa":  # the EFA device plugin's resource
-        worker_res["vpc.amazonaws.com/efa"] = str(fabric.efa_interfaces)
-    else:
-        worker_res[opts.rdma_resource] = "1"
-    env = {PORT_ENV: str(DEFAULT_PORT), **fabric.nccl_env}
-    head_container = _container(
-        "ray-head", image, opts, {"cpu": "8", "memory": "32Gi"},
-        [("gcs-server", 6379), ("dashboard", 8265), ("metrics", METRICS_PORT),
-         ("crucible-sd", DEFAULT_PORT)],
-        env,
-    )  # fmt: skip
-    worker_container = _container(
-        "ray-worker", image, opts, worker_res, [("metrics", METRICS_PORT)], env
-    )
-    # RDMA needs locked memory; NCCL's RDMA does not work within memory limits without it.
-    worker_container["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
-    head = {
-        "rayStartParams": {
-            "dashboard-host": "0.0.0.0",
-            "num-cpus": "0",
-            "metrics-export-port": str(METRICS_PORT),
-        },
-        "template": {"spec": {"containers": [head_container], "volumes": _volumes(opts)}},
-    }
-    workers = {
-        "groupName": "gpu-workers",
-        "replicas": plan.nodes,
-        "minReplicas": plan.nodes,
-        "maxReplicas": plan.nodes,
-        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
-        "template": {
-            "spec": {
-                "containers": [worker_container],
-                "volumes": _volumes(opts),
-                "tolerations": [
-                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-                ],
-            }
-        },
-    }
-    cluster = {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayCluster",
-        "metadata": meta,
-        "spec": {
-            "rayVersion": _ray_version(),
-            "headGroupSpec": head,
-            "workerGroupSpecs": [workers],
-        },
-    }
-    submitter = _container("ray-job-submitter", image, opts, {"cpu": "1", "memory": "2Gi"}, [], {})
-    blob = base64.b64encode(spec_yaml.encode()).decode()
-    entry = "python -m crucible.jobs.entry --spec " + blob + (" --resume" if resume else "")
-    job = {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayJob",
-        "metadata": {**meta, "name": f"{name}-job"},
-        "spec": {
-            "entrypoint": entry,
-            "clusterSelector": {"ray.io/cluster": name},
-            "submitterPodTemplate": {
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [submitter],
-                    "volumes": _volumes(opts),
-                }
-            },
-        },
-    }
-    return [cluster, job, *prometheus_operator_objects(name, opts.namespace)]
-
-
-def prometheus_operator_objects(name: str, namespace: str) -> list[dict[str, Any]]:
-    """What a Prometheus Operator needs to watch the cluster: KubeRay's documented
-    ServiceMonitor (head) and PodMonitor (workers) for Ray's metrics port, and a ScrapeConfig
-    reading crucible's targets from the head's registry (HTTP service discovery).
-
-    Args:
-        name: the RayCluster's name.
-        namespace: its namespace.
-    """
-    labels = {"release": "prometheus"}  # what kube-prometheus-stack selects by default
-    node = {"ray.io/cluster": name}
-    return [
-        {
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "ServiceMonitor",
-            "metadata": {"name": f"{name}-ray-head", "namespace": namespace, "labels": labels},
-            "spec": {
-                "namespaceSelector": {"matchNames": [namespace]},
-                "selector": {"matchLabels": {**node, "ray.io/node-type": "head"}},
-                "endpoints": [{"port": "metrics", "path": "/metrics"}],
-                "targetLabels": ["ray.io/cluster"],
-            },
-        },
-        {
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "PodMonitor",
-            "metadata": {"name": f"{name}-ray-workers", "namespace": namespace, "labels": labels},
-            "spec": {
-                "namespaceSelector": {"matchNames": [namespace]},
-                "selector": {"matchLabels": {**node, "ray.io/node-type": "worker"}},
-                "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}],
-            },
-        },
-        {
-            "apiVersion": "monitoring.coreos.com/v1alpha1",
-            "kind": "ScrapeConfig",
-            "metadata": {"name": f"{name}-crucible", "namespace": namespace, "labels": labels},
-            "spec": {
-                "httpSDConfigs": [
-                    {
-                        "url": f"http://{name}-head-svc.{namespace}.svc:{DEFAULT_PORT}{PATH}",
-                        "refreshInterval": "15s",
-                    }
-                ],
-                "scrapeInterval": "15s",
-            },
-        },
-    ]

@@ -27,13 +27,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.request import urlopen
 
+from crucible.cluster.scrape import DEFAULT_PORT, PATH, PORT_ENV, scrape_config
+
 log = logging.getLogger(__name__)
 
 NAME = "crucible_metrics_targets"
 NAMESPACE = "crucible"
-PORT_ENV = "CRUCIBLE_METRICS_SD_PORT"
-DEFAULT_PORT = 8269  # beside Ray's dashboard (8265)
-PATH = "/targets"
 
 
 def sd_port() -> int:
@@ -185,38 +184,6 @@ def find_registry(timeout_s: float = 10.0) -> Any | None:
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.5)
-
-
-def scrape_config(
-    sd_url: str,
-    ray_sd_file: str | None = None,
-    scrape_interval_s: float = 5.0,
-    rule_files: list[str] | None = None,
-    extra: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """A Prometheus config that finds crucible's exporters (and Ray's metrics agents) the one
-    way every cluster does: HTTP SD from the registry, Ray's own discovery file.
-
-    Args:
-        sd_url: the registry's URL (``http://<head>:<port>/targets``).
-        ray_sd_file: Ray's ``prom_metrics_service_discovery.json`` on the head, if any.
-        scrape_interval_s: scrape and rule evaluation interval.
-        rule_files: rule files to load.
-        extra: more scrape configs (Prometheus itself).
-    """
-    interval = f"{scrape_interval_s:g}s"
-    jobs: list[dict[str, Any]] = [
-        {"job_name": "crucible", "http_sd_configs": [{"url": sd_url, "refresh_interval": interval}]}
-    ]
-    if ray_sd_file:
-        jobs.append({"job_name": "ray", "file_sd_configs": [{"files": [ray_sd_file]}]})
-    config: dict[str, Any] = {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "scrape_configs": jobs + (extra or []),
-    }
-    if rule_files:
-        config["rule_files"] = rule_files
-    return config
 
 
 # Where Ray's head writes the discovery file of its per-node metrics agents (Ray's default

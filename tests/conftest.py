@@ -21,6 +21,7 @@ from crucible.cluster.local import free_ports
 from crucible.data_pipeline.executors.local import LocalExecutor
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.spec import ShardSpec
+from crucible.monitoring.prometheus import rule_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from drill import S3Server, s3_server
@@ -50,7 +51,9 @@ def local_cluster() -> Iterator[local.ClusterState]:
     """One local cluster for the whole session, on free ports, in a private state dir."""
     _ensure_prometheus()
     state_dir = short_tmpdir("crt")
-    state, started = local.up(state_dir / "cluster", free_ports(), num_cpus=2)
+    state, started = local.up(
+        state_dir / "cluster", free_ports(), num_cpus=2, rule_files=rule_files()
+    )
     assert started
     try:
         yield state

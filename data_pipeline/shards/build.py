@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from crucible.cluster.storage import Location, location
+from crucible.cluster.storage import Location, location, sha256_file
 from crucible.data_pipeline.executors.base import Executor, Stage
 from crucible.data_pipeline.permutation import FeistelPermutation
 from crucible.data_pipeline.shards import hf_layout
@@ -391,9 +391,6 @@ def _write_stream(loc: Location, table: pa.Table) -> dict[str, Any]:
             pa.ipc.new_stream(sink, table.schema) as writer,
         ):
             writer.write_table(table)
-        h = hashlib.sha256()
-        with open(pending.path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
+        digest = sha256_file(pending.path)
         size = pending.path.stat().st_size
-    return {"sha256": h.hexdigest(), "bytes": size}
+    return {"sha256": digest, "bytes": size}

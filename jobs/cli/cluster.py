@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crucible.cluster import local
+from crucible.monitoring.prometheus import rule_files
 
 app = typer.Typer(help="Start, stop and inspect the local embedded cluster.", no_args_is_help=True)
 console = Console()
@@ -51,7 +52,9 @@ def up(
     )
     t0 = time.monotonic()
     with console.status("starting Ray head and Prometheus ..."):
-        state, started = local.up(state_dir, ports, num_cpus, prometheus_bin)
+        state, started = local.up(
+            state_dir, ports, num_cpus, prometheus_bin, rule_files=rule_files()
+        )
     if not started:
         console.print(
             f"a local cluster is already running in {state.state_dir} "

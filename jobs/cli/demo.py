@@ -23,6 +23,7 @@ from rich.console import Console
 
 from crucible.cluster import local
 from crucible.cluster.storage import Location, read_jsonl
+from crucible.monitoring.prometheus import rule_files
 
 console = Console()
 
@@ -107,7 +108,7 @@ def demo(
     workdir = workdir.resolve()
     console.rule("1/4 local cluster")
     with console.status("starting Ray head and Prometheus ..."):
-        state, started = local.up(state_dir)
+        state, started = local.up(state_dir, rule_files=rule_files())
     console.print(f"{'started' if started else 'reusing'} cluster: {state.dashboard_url}")
 
     console.rule("2/4 sample corpus")

@@ -291,13 +291,8 @@ def write_launch_config(
 
     import yaml
 
-    from crucible.cluster.launch import (
-        LaunchOptions,
-        dockerfile,
-        kuberay_manifests,
-        new_token,
-        ray_launcher_config,
-    )
+    from crucible.cluster.kuberay import dockerfile, kuberay_manifests
+    from crucible.cluster.launch import LaunchOptions, new_token, ray_launcher_config
     from crucible.jobs.runs import absolutize
 
     if target not in ("ray-launcher", "kuberay"):

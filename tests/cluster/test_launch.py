@@ -8,7 +8,8 @@ import copy
 import pytest
 import yaml
 
-from crucible.cluster.launch import LaunchOptions, kuberay_manifests, ray_launcher_config
+from crucible.cluster.kuberay import kuberay_manifests
+from crucible.cluster.launch import LaunchOptions, ray_launcher_config
 from crucible.cluster.plan import plan
 from crucible.cluster.spec import ClusterSpec
 from crucible.errors import CrucibleError

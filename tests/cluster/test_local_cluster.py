@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -19,6 +18,8 @@ import pytest
 import requests
 
 from crucible.cluster import local
+from crucible.cluster.local import ports as local_ports
+from crucible.cluster.local import tempdir
 from crucible.cluster.spec import ClusterSpec
 from crucible.errors import CrucibleError
 from crucible.jobs.client import JobsClient
@@ -57,26 +58,6 @@ def test_lifecycle_submit_auth_prometheus_and_down() -> None:
                     assert token not in "".join(proc.environ().values())
                 except psutil.NoSuchProcess:
                     pass
-
-        # The daemons run below the priority of the raylet, which starts the training ranks
-        # (tests/jobs/test_train_resume.py checks that the ranks run at this process's).
-        mine = os.getpriority(os.PRIO_PROCESS, 0)
-        daemon = max(local.DAEMON_NICENESS, mine)
-        # A nice value belongs to a thread: every thread of a daemon counts, not its main one.
-        nice: dict[str, set[int]] = {}
-        for rec in state.procs:
-            root = rec.handle()
-            assert root is not None
-            for proc in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError):
-                    title = " ".join(proc.cmdline()).split()[0]
-                    nice[title.rsplit("/", 1)[-1]] = {
-                        os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()
-                    }
-        assert nice["raylet"] == {mine}
-        for name in ["gcs_server", "prometheus", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
-                     "ray-dashboard-JobHead-0"]:  # fmt: skip
-            assert nice[name] == {daemon}, (name, nice)
 
         # A second `up` says so and changes nothing.
         again, started_again = local.up(state_dir, ports)
@@ -219,7 +200,7 @@ def test_cluster_temp_dir_is_short_and_one_per_state_dir(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t" / ("z" * 40)))
     assert local.cluster_temp_dir(long_dir) == temp
     # Should even /tmp not fit: one clear error.
-    monkeypatch.setattr(local, "_MAX_RAY_TEMP_DIR", 20)
+    monkeypatch.setattr(tempdir, "MAX_RAY_TEMP_DIR", 20)
     with pytest.raises(CrucibleError, match=r"too long for Ray's socket paths; set \$TMPDIR"):
         local.cluster_temp_dir(long_dir)
 
@@ -232,12 +213,12 @@ def test_private_temp_dir_refuses_what_is_not_a_directory_of_ours(
     made = tmp_path / "made"
     old_umask = os.umask(0)  # mkdir's mode passes through the umask; the result must not
     try:
-        local._make_private_dir(made)
+        tempdir.make_private_dir(made)
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(made.lstat().st_mode) == 0o700
     made.chmod(0o755)
-    local._make_private_dir(made)  # ours already: taken, and made private again
+    tempdir.make_private_dir(made)  # ours already: taken, and made private again
     assert stat.S_IMODE(made.lstat().st_mode) == 0o700
 
     target = tmp_path / "target"
@@ -245,19 +226,19 @@ def test_private_temp_dir_refuses_what_is_not_a_directory_of_ours(
     link = tmp_path / "link"
     link.symlink_to(target)
     with pytest.raises(CrucibleError, match=re.escape(f"{link} is a symlink;")):
-        local._make_private_dir(link)
+        tempdir.make_private_dir(link)
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
 
     file = tmp_path / "file"
     file.write_text("")
     with pytest.raises(CrucibleError, match=re.escape(f"{file} is not a directory")):
-        local._make_private_dir(file)
+        tempdir.make_private_dir(file)
 
     monkeypatch.setattr(os, "getuid", lambda: os.stat(made).st_uid + 1)
     with pytest.raises(
         CrucibleError, match=re.escape(f"{made} belongs to uid ") + ".*, not to you"
     ):
-        local._make_private_dir(made)
+        tempdir.make_private_dir(made)
 
 
 def test_down_removes_only_the_temp_dir_up_made(tmp_path: Path) -> None:
@@ -267,13 +248,13 @@ def test_down_removes_only_the_temp_dir_up_made(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     state = local.ClusterState(str(state_dir), local.Ports(), temp_dir=str(elsewhere))
-    local._save_state(state)
+    local.save_state(state)
     local.down(state_dir)
     assert elsewhere.exists()  # an edited cluster.json does not make `down` remove it
 
     mine = tmp_path / local.cluster_temp_dir(state_dir).name
     (mine / "ray" / "session_x").mkdir(parents=True)
-    local._save_state(local.ClusterState(str(state_dir), local.Ports(), temp_dir=str(mine)))
+    local.save_state(local.ClusterState(str(state_dir), local.Ports(), temp_dir=str(mine)))
     local.down(state_dir)
     assert not mine.exists()
 
@@ -313,11 +294,11 @@ def test_a_port_in_time_wait_is_free_but_a_listening_one_is_not() -> None:
     server.bind(("127.0.0.1", 0))
     server.listen()
     port = server.getsockname()[1]
-    assert not local._port_free(port)
+    assert not local_ports.port_free(port)
     client = socket.create_connection(("127.0.0.1", port))
     conn, _ = server.accept()
     conn.close()  # the server closes first: its side goes to TIME_WAIT
     client.recv(1)
     client.close()
     server.close()
-    assert local._port_free(port)
+    assert local_ports.port_free(port)
