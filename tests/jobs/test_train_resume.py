@@ -1,6 +1,7 @@
 """The train job end to end on the session cluster (Ray Jobs API → Ray Train → DeepSpeed
-ZeRO-3 on 2 CPU workers over gloo): checkpoints with every rank's shards, bitwise exact
-resume after a SIGKILLed worker, world-size change 2 → 1 → 2, export to transformers."""
+ZeRO-3 on 2 CPU workers over gloo): checkpoints with every rank's shards, the TensorBoard and
+W&B loggers, bitwise exact resume after a SIGKILLed worker, world-size change 2 → 1 → 2,
+export to transformers. One reference run serves every test of the module."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ pytestmark = pytest.mark.slow
 # after the change on the tiny model.
 FIRST_STEP_RTOL = 1e-6
 RESHARD_RTOL = 2e-3
+
+STEPS = 12
+EVERY = 3  # checkpoints at 3, 6, 9, 12; kept: the last 2 (9, 12) plus every 6th (6, 12)
+BATCH = 16
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +99,11 @@ def with_workers(spec: TrainRunSpec, n: int) -> TrainRunSpec:
 
 @pytest.fixture(scope="module")
 def reference(env: Path, train_shards: Path) -> tuple[Path, str]:
-    """An uninterrupted 2-worker run of 20 steps, checkpoints every 5."""
-    from crucible.jobs.spec import parse_spec as parse
-
-    spec = parse(_spec_data("ref", env, train_shards))
-    return train(spec)  # type: ignore[arg-type]
+    """An uninterrupted 2-worker run of STEPS steps, checkpoints every EVERY, with both
+    loggers."""
+    data = _spec_data("ref", env, train_shards)
+    data["monitoring"] = {"loggers": ["tensorboard", "wandb"]}
+    return train(parse_spec(data))  # type: ignore[arg-type]
 
 
 def _spec_data(name: str, storage: Path, shards: Path) -> dict:
@@ -108,25 +113,28 @@ def _spec_data(name: str, storage: Path, shards: Path) -> dict:
         "cluster": {"storage": str(storage)},
         "model": {"preset": "tiny"},
         "data": {"shards": str(shards)},
-        "optim": {"global_batch_size": 16, "micro_batch_size": 4, "warmup_steps": 5, "lr": 1e-3},
-        "checkpoint": {"every_steps": 5, "keep_last": 2, "keep_every": 10},
-        "train": {"num_workers": 2, "max_steps": 20, "eval_every": 10, "eval_batches": 1},
-    }
+        "optim": {"global_batch_size": BATCH, "micro_batch_size": 4, "warmup_steps": 5,
+                  "lr": 1e-3},
+        "checkpoint": {"every_steps": EVERY, "keep_last": 2, "keep_every": 2 * EVERY},
+        "train": {"num_workers": 2, "max_steps": STEPS, "eval_every": 2 * EVERY,
+                  "eval_batches": 1},
+    }  # fmt: skip
 
 
 def test_steps_are_reported_and_every_rank_is_in_every_checkpoint(reference) -> None:
     run_dir, log = reference
     for field in ("loss", "lr", "grad_norm", "tokens", "tok/s"):
-        assert "step 20/20 " in log and field in log
+        assert f"step {STEPS}/{STEPS} " in log and field in log
     steps = records(run_dir, "step")
-    assert [r["step"] for r in steps] == list(range(1, 21))
-    assert all(r["tokens"] == 16 * 64 and r["step_seconds"] > 0 for r in steps)
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    assert all(r["tokens"] == BATCH * 64 and r["step_seconds"] > 0 for r in steps)
+    assert all(0 < r["engine_seconds"] < r["step_seconds"] for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]  # it learns
-    assert [r["step"] for r in steps if "heldout_loss" in r] == [10, 20]
+    assert [r["step"] for r in steps if "heldout_loss" in r] == [6, 12]
     root = location(run_dir / "checkpoints")
-    assert ckpt.committed_steps(root) == [10, 15, 20]  # last 2 + every 10th
-    assert (root / "latest").read_text().strip() == "step-20"
-    for step in (10, 15, 20):
+    assert ckpt.committed_steps(root) == [6, 9, 12]  # last 2 + every 6th
+    assert (root / "latest").read_text().strip() == f"step-{STEPS}"
+    for step in (6, 9, 12):
         path = ckpt.step_path(root, step)
         manifest = ckpt.read_manifest(path)
         assert manifest["world_size"] == 2
@@ -139,16 +147,40 @@ def test_steps_are_reported_and_every_rank_is_in_every_checkpoint(reference) -> 
                 assert name in manifest["files"], name
         assert ckpt.verify(path, "sha256") is None
         state = ckpt.read_state(path)
-        assert state["step"] == step and state["samples_consumed"] == 16 * step
+        assert state["step"] == step and state["samples_consumed"] == BATCH * step
         assert state["spec"]["name"] == "ref" and state["ledger"]["worker_seconds"] > 0
     saves = records(run_dir, "checkpoint")
     assert saves and all(s["bytes"] > 0 and s["save_seconds"] > 0 for s in saves)
 
 
+def test_loggers_hold_the_steps_of_metrics_jsonl(reference) -> None:
+    """TensorBoard's scalars are metrics.jsonl's values (stored as float32); W&B wrote an
+    offline run under the run directory."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = reference
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    steps = records(run_dir, "step")
+    for tag, key in (
+        ("train/loss", "loss"),
+        ("train/lr", "lr"),
+        ("eval/heldout_loss", "heldout_loss"),
+    ):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        want = [(r["step"], float(np.float32(r[key]))) for r in steps if key in r]
+        assert got == want, tag
+    (offline,) = (run_dir / "wandb" / "wandb").glob("offline-run-*")
+    (log,) = offline.glob("run-*.wandb")
+    assert log.stat().st_size > 0
+
+
 def _kill_rank1_after(step: int, seen: dict):
+    """SIGKILL rank 1 once checkpoint ``step`` is committed (the run's own progress)."""
+
     def kill(run_dir: Path) -> None:
         latest = run_dir / "checkpoints" / "latest"
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600  # a bound on a broken run, not on the code's speed
         while time.monotonic() < deadline:
             if latest.exists() and latest.read_text().strip() == f"step-{step}":
                 pid = int((run_dir / "workers" / "rank-1.pid").read_text())
@@ -164,65 +196,73 @@ def test_sigkilled_worker_resumes_bitwise_identical(env, train_shards, reference
     ref_dir, _ = reference
     spec = parse_spec(_spec_data("killed", env, train_shards))
     seen: dict = {}
-    run_dir, log = train(spec, during=_kill_rank1_after(10, seen))  # type: ignore[arg-type]
-    assert "killed" in seen  # killed once step-10 was committed, so the run resumed from it
+    run_dir, log = train(spec, during=_kill_rank1_after(2 * EVERY, seen))  # type: ignore[arg-type]
+    assert "killed" in seen  # killed once step-6 was committed, before the run ended
     resumes = records(run_dir, "resume")
-    assert len(resumes) == 1 and resumes[0]["step"] == 10, log[-3000:]
-    steps = [r["step"] for r in records(run_dir, "step")]
-    assert max(steps[: steps.index(10) + 2]) > 10  # killed after step 10 ran on (not at the end)
+    assert len(resumes) == 1 and resumes[0]["step"] == 2 * EVERY, log[-3000:]
     assert step_losses(run_dir) == step_losses(ref_dir)  # every step, bitwise
-    ours, _ = consolidate(ckpt.step_path(location(run_dir / "checkpoints"), 20))
-    theirs, _ = consolidate(ckpt.step_path(location(ref_dir / "checkpoints"), 20))
+    ours, _ = consolidate(ckpt.step_path(location(run_dir / "checkpoints"), STEPS))
+    theirs, _ = consolidate(ckpt.step_path(location(ref_dir / "checkpoints"), STEPS))
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
 
 
 def test_world_size_2_to_1_and_1_to_2(env, train_shards, reference) -> None:
+    """Exact: the samples each step consumes. Within tolerances: the losses."""
     ref_dir, _ = reference
     ref = step_losses(ref_dir)
+    at = 2 * EVERY
     spec21 = with_workers(parse_spec(_spec_data("ws21", env, train_shards)), 1)  # type: ignore[arg-type]
-    run21, log = train(branch(ref_dir, spec21, 10), resume=True)
-    assert "converted step-10 (2 ranks) to a universal checkpoint for 1 ranks" in log
+    run21, log = train(branch(ref_dir, spec21, at), resume=True)
+    assert f"converted step-{at} (2 ranks) to a universal checkpoint for 1 ranks" in log
     got = step_losses(run21)
-    assert got[11] == pytest.approx(ref[11], rel=FIRST_STEP_RTOL)
-    for s in range(12, 21):
+    assert got[at + 1] == pytest.approx(ref[at + 1], rel=FIRST_STEP_RTOL)
+    for s in range(at + 2, STEPS + 1):
         assert got[s] == pytest.approx(ref[s], rel=RESHARD_RTOL), s
     assert (
-        ckpt.read_manifest(ckpt.step_path(location(run21 / "checkpoints"), 20))["world_size"] == 1
+        ckpt.read_manifest(ckpt.step_path(location(run21 / "checkpoints"), STEPS))["world_size"]
+        == 1
     )
-    assert_same_data_position(run21, ref_dir, 20)
+    assert_same_data_position(run21, ref_dir)
 
+    at = 3 * EVERY
     spec12 = with_workers(parse_spec(_spec_data("ws12", env, train_shards)), 2)  # type: ignore[arg-type]
-    run12, log = train(branch(run21, spec12, 15), resume=True)
-    assert "converted step-15 (1 ranks) to a universal checkpoint for 2 ranks" in log
+    run12, log = train(branch(run21, spec12, at), resume=True)
+    assert f"converted step-{at} (1 ranks) to a universal checkpoint for 2 ranks" in log
     got = step_losses(run12)
-    for s in range(16, 21):
+    for s in range(at + 1, STEPS + 1):
         assert got[s] == pytest.approx(ref[s], rel=RESHARD_RTOL), s
     assert (
-        ckpt.read_manifest(ckpt.step_path(location(run12 / "checkpoints"), 20))["world_size"] == 2
+        ckpt.read_manifest(ckpt.step_path(location(run12 / "checkpoints"), STEPS))["world_size"]
+        == 2
     )
-    assert_same_data_position(run12, ref_dir, 20)
+    assert_same_data_position(run12, ref_dir)
 
 
-def assert_same_data_position(run: Path, ref: Path, step: int) -> None:
-    """Exact: after a world-size change the run has consumed the same samples as the reference."""
-    ours = ckpt.read_state(ckpt.step_path(location(run / "checkpoints"), step))
-    theirs = ckpt.read_state(ckpt.step_path(location(ref / "checkpoints"), step))
-    assert ours["samples_consumed"] == theirs["samples_consumed"] == 16 * step
-    assert ours["reader"] == theirs["reader"]
-    assert [r["tokens"] for r in records(run, "step")][-5:] == [16 * 64] * 5
+def assert_same_data_position(run: Path, ref: Path) -> None:
+    """Exact: at every checkpoint both runs hold, the run has consumed the same samples as the
+    reference (the reader's whole state), and every step read a whole global batch."""
+    ours_root, ref_root = location(run / "checkpoints"), location(ref / "checkpoints")
+    common = set(ckpt.committed_steps(ours_root)) & set(ckpt.committed_steps(ref_root))
+    assert STEPS in common
+    for step in sorted(common):
+        ours = ckpt.read_state(ckpt.step_path(ours_root, step))
+        theirs = ckpt.read_state(ckpt.step_path(ref_root, step))
+        assert ours["samples_consumed"] == theirs["samples_consumed"] == BATCH * step
+        assert ours["reader"] == theirs["reader"]
+    assert {r["tokens"] for r in records(run, "step")} == {BATCH * 64}
 
 
 def test_export_to_transformers_and_torch(reference, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     run_dir, _ = reference
-    model = load_model(run_dir)  # the newest valid checkpoint: step-20
-    sd, cfg = consolidate(ckpt.step_path(location(run_dir / "checkpoints"), 20))
+    model = load_model(run_dir)  # the newest valid checkpoint: the last step's
+    sd, cfg = consolidate(ckpt.step_path(location(run_dir / "checkpoints"), STEPS))
     assert cfg.n_layers == 2 and torch.equal(model.tok_emb.weight, sd["tok_emb.weight"])
 
-    out = export_checkpoint(run_dir / "checkpoints" / "step-20", "hf", tmp_path / "hf")
+    out = export_checkpoint(run_dir / "checkpoints" / f"step-{STEPS}", "hf", tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     tokens = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
