@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from crucible.cluster.storage.files import write_json_atomic
+from crucible.cluster.storage.files import write_json_file
 from crucible.errors import CrucibleError
 
 
@@ -195,7 +195,7 @@ def cpu_accelerator(refresh: bool = False) -> Accelerator:
             cached = {}
     if refresh or key not in cached:
         cached[key] = measure_cpu_flops()
-        write_json_atomic(path, cached)
+        write_json_file(path, cached)
     return Accelerator(
         name="cpu",
         peak_flops=cached[key],

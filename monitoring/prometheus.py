@@ -4,11 +4,12 @@ alerts over the HTTP API (for ``crucible monitor`` and the tests)."""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import requests
+
+from crucible.cluster.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,7 @@ def install_rules(state_dir: Path, prometheus_url: str | None = None) -> list[Pa
     dest.mkdir(parents=True, exist_ok=True)
     installed = []
     for src in rule_files():
-        tmp = dest / f".{src.name}.tmp"
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest / src.name)  # a reload never sees half a file
+        write_atomic(dest / src.name, src.read_bytes())  # a reload never sees half a file
         installed.append(dest / src.name)
     if prometheus_url:
         reload(prometheus_url)

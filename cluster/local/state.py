@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from crucible.cluster.local.token import TOKEN_FILE
-from crucible.cluster.storage.files import write_json_atomic
+from crucible.cluster.storage.files import write_json_file
 from crucible.errors import CrucibleError
 
 HOST = "127.0.0.1"
@@ -120,4 +120,4 @@ def load_state(state_dir: Path) -> ClusterState | None:
 
 def save_state(state: ClusterState) -> None:
     """Record ``state`` in ``<state>/cluster.json`` (atomically and durably)."""
-    write_json_atomic(Path(state.state_dir) / STATE_FILE, asdict(state))
+    write_json_file(Path(state.state_dir) / STATE_FILE, asdict(state))

@@ -1,10 +1,8 @@
-"""The plan as a report a cluster owner can act on (rich tables, rendered to text)."""
+"""The plan as a report a cluster owner can act on (rich tables, for `crucible plan`)."""
 
 from __future__ import annotations
 
-import io
-
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -130,17 +128,3 @@ def plan_renderable(pl: Plan) -> RenderableType:
     if pl.notes:
         parts.append(Text("notes:\n" + "\n".join(f"  - {n}" for n in pl.notes)))
     return Group(*parts)
-
-
-def format_plan(pl: Plan, width: int = 110) -> str:
-    """The report as plain text.
-
-    Args:
-        pl: the plan.
-        width: line width.
-    """
-    buf = io.StringIO()
-    Console(file=buf, width=width, color_system=None, legacy_windows=False).print(
-        plan_renderable(pl)
-    )
-    return buf.getvalue()

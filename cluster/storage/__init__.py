@@ -30,18 +30,15 @@ from crucible.cluster.storage.files import (
     scratch_dir,
     sha256_file,
     write_atomic,
-    write_json_atomic,
+    write_json_file,
 )
 from crucible.cluster.storage.jsonl import JsonlLog, read_jsonl, read_lines
 from crucible.cluster.storage.location import Location, PendingFile
 from crucible.cluster.storage.manifest import (
     MANIFEST,
-    committed_steps,
     download_dir,
-    latest_step,
     read_manifest,
     upload_dir,
-    verify_dir,
     write_manifest,
 )
 from crucible.cluster.storage.uri import (
@@ -63,11 +60,9 @@ __all__ = [
     "cache_key",
     "check_storage",
     "check_uri",
-    "committed_steps",
     "describe_error",
     "download_dir",
     "fsync_path",
-    "latest_step",
     "location",
     "read_jsonl",
     "read_lines",
@@ -76,8 +71,7 @@ __all__ = [
     "scratch_dir",
     "sha256_file",
     "upload_dir",
-    "verify_dir",
     "write_atomic",
-    "write_json_atomic",
+    "write_json_file",
     "write_manifest",
 ]

@@ -80,7 +80,7 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_file(path: Path, obj: Any) -> None:
     """Replace local file ``path`` with ``obj`` as JSON, atomically and durably.
 
     Args:

@@ -4,7 +4,6 @@ as one object; readers trust only committed manifests."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from crucible.cluster.storage.uri import location
 from crucible.errors import CrucibleError
 
 MANIFEST = "manifest.json"
-_STEP = re.compile(r"^step-(\d+)$")
 
 
 def read_manifest(where: Location | str | Path) -> dict[str, Any] | None:
@@ -79,29 +77,6 @@ def upload_dir(local_dir: Path, dest: Location | str | Path, extra: dict | None 
     return write_manifest(loc, files, **(extra or {}))
 
 
-def verify_dir(where: Location | str | Path, deep: bool = False) -> list[str]:
-    """Problems of a directory against its manifest (empty list: complete and intact).
-
-    Args:
-        where: the directory.
-        deep: also re-hash every file (reads all bytes); otherwise sizes only.
-    """
-    loc = location(where)
-    manifest = read_manifest(loc)
-    if manifest is None:
-        return [f"{loc.uri} has no {MANIFEST}: not committed (an interrupted upload)"]
-    present = loc.walk()
-    problems = []
-    for rel, meta in manifest["files"].items():
-        if rel not in present:
-            problems.append(f"{rel} is missing")
-        elif present[rel] != meta["bytes"]:
-            problems.append(f"{rel} has {present[rel]} bytes, the manifest says {meta['bytes']}")
-        elif deep and (loc / rel).sha256() != meta["sha256"]:
-            problems.append(f"{rel} does not match its sha256")
-    return problems
-
-
 def download_dir(src: Location | str | Path, local_dir: Path) -> dict:
     """Copy a committed directory to ``local_dir``, checking every file's size and sha256.
 
@@ -133,30 +108,3 @@ def download_dir(src: Location | str | Path, local_dir: Path) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
-
-
-def committed_steps(root: Location | str | Path) -> list[int]:
-    """Steps of the committed ``step-<N>`` directories under ``root``, ascending.
-
-    A ``step-<N>`` without a manifest (an interrupted save or upload) is left out.
-
-    Args:
-        root: the checkpoints directory.
-    """
-    loc = location(root)
-    steps = []
-    for name in loc.ls():
-        m = _STEP.match(name)
-        if m and (loc / name / MANIFEST).is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def latest_step(root: Location | str | Path) -> int | None:
-    """The newest committed step under ``root``, or None.
-
-    Args:
-        root: the checkpoints directory.
-    """
-    steps = committed_steps(root)
-    return steps[-1] if steps else None

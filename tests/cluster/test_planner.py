@@ -3,10 +3,12 @@ micro-batch choice, time/energy/cost arithmetic, and infeasible plans that say w
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 
 import pytest
+from rich.console import Console
 
 from crucible.cluster.plan import plan, plan_from_spec
 from crucible.cluster.plan.comm import zero_comm_volume
@@ -16,7 +18,7 @@ from crucible.cluster.plan.memory import (
     zero2_states,
     zero3_states,
 )
-from crucible.cluster.plan.render import format_plan
+from crucible.cluster.plan.render import plan_renderable
 from crucible.cluster.spec import ClusterSpec
 from crucible.config import validate
 from crucible.jobs.spec import parse_spec
@@ -34,6 +36,13 @@ GiB = 2**30
 SIZES = [1_000_003, 124_439_808, 6_658_859_008, 174_594_465_792, 1_000_000_000_000]
 NODES = [1, 2, 7, 64, 1024]
 GPUS_PER_NODE = [1, 8, 16]
+
+
+def format_plan(pl, width: int = 110) -> str:
+    """The report as plain text, as a terminal of ``width`` columns shows it."""
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None).print(plan_renderable(pl))
+    return buf.getvalue()
 
 
 def _cluster(gpu: str = "a100-80gb", nodes: int = 1) -> ClusterSpec:

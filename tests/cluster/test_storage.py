@@ -16,15 +16,12 @@ import pytest
 from crucible.cluster.storage import (
     JsonlLog,
     check_storage,
-    committed_steps,
     download_dir,
-    latest_step,
     location,
     read_jsonl,
     read_lines,
     read_manifest,
     upload_dir,
-    verify_dir,
 )
 from crucible.errors import CrucibleError
 
@@ -48,6 +45,29 @@ def root(request, tmp_path):
         s3 = request.getfixturevalue("s3")
         return location(f"{s3.bucket('runs')}/{request.node.name}")
     return location(tmp_path / "remote")
+
+
+def verify_dir(where, deep: bool = False) -> list[str]:
+    """Problems of a directory against its manifest (sizes; with ``deep``, every sha256)."""
+    loc = location(where)
+    manifest = read_manifest(loc)
+    if manifest is None:
+        return [f"{loc.uri} is not committed"]
+    present = loc.walk()
+    problems = []
+    for rel, meta in manifest["files"].items():
+        if rel not in present:
+            problems.append(f"{rel} is missing")
+        elif present[rel] != meta["bytes"]:
+            problems.append(f"{rel} has {present[rel]} bytes, the manifest says {meta['bytes']}")
+        elif deep and (loc / rel).sha256() != meta["sha256"]:
+            problems.append(f"{rel} does not match its sha256")
+    return problems
+
+
+def committed(root) -> list[str]:
+    """Names of the committed directories under ``root`` (their manifest is written)."""
+    return [n for n in root.ls() if read_manifest(root / n) is not None]
 
 
 def test_files_round_trip_and_list(root, tmp_path):
@@ -140,7 +160,7 @@ def test_round_trip_keeps_every_byte(root, tmp_path):
     for p in src.rglob("*"):
         if p.is_file():
             assert (out / p.relative_to(src)).read_bytes() == p.read_bytes()
-    assert committed_steps(root) == [100] and latest_step(root) == 100
+    assert committed(root) == ["step-100"]
 
 
 def test_interrupted_upload_is_never_complete_nor_latest(root, tmp_path):
@@ -153,13 +173,13 @@ def test_interrupted_upload_is_never_complete_nor_latest(root, tmp_path):
             (half / p.relative_to(b).as_posix()).upload(p)
     assert read_manifest(half) is None
     assert "not committed" in verify_dir(half)[0]
-    assert committed_steps(root) == [100] and latest_step(root) == 100
+    assert committed(root) == ["step-100"]
     with pytest.raises(CrucibleError, match="not a committed directory"):
         download_dir(half, tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
     # Retrying the upload replaces the leftovers and commits it.
     upload_dir(b, half)
-    assert latest_step(root) == 200 and verify_dir(half, deep=True) == []
+    assert committed(root) == ["step-100", "step-200"] and verify_dir(half, deep=True) == []
 
 
 def test_corruption_is_detected_and_nothing_is_left_behind(root, tmp_path):
