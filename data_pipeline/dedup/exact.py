@@ -13,8 +13,8 @@ import numpy as np
 import xxhash
 
 from crucible.cluster.storage import Location
+from crucible.data_pipeline.batches import column_bytes
 from crucible.data_pipeline.executors.base import Executor
-from crucible.data_pipeline.readers.parquet_columns import column_bytes
 
 
 def text_hash(text: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from crucible.cluster.storage import Location
+from crucible.data_pipeline.batches import column_bytes, num_rows
 from crucible.data_pipeline.dedup.components import connected_components
 from crucible.data_pipeline.dedup.lsh import bucket_edges, explode_bands
 from crucible.data_pipeline.dedup.verify import (
@@ -32,7 +33,6 @@ from crucible.data_pipeline.dedup.verify import (
     unique_pairs,
 )
 from crucible.data_pipeline.executors.base import Dataset, Executor
-from crucible.data_pipeline.readers.parquet_columns import column_bytes, num_rows
 from crucible.data_pipeline.spec import MinHashSpec
 
 LABEL_BYTES = 16  # a {key, root} int64 row

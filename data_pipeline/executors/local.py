@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crucible.cluster.storage import Location
+from crucible.data_pipeline.batches import table_numpy
 from crucible.data_pipeline.executors.base import Batch, BatchFormat, Executor
-from crucible.data_pipeline.readers.parquet_columns import table_numpy
 from crucible.data_pipeline.writers.by_part import write_partitioned_local
 
 LocalData = list[Batch]

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from crucible.cluster.storage import Location
+from crucible.data_pipeline.batches import iter_column_batches
 from crucible.data_pipeline.executors.base import Batch, BatchFormat, Dataset, Executor
-from crucible.data_pipeline.readers.parquet_columns import iter_column_batches
 from crucible.data_pipeline.writers.by_part import with_part
 from crucible.errors import CrucibleError
 
@@ -251,6 +251,6 @@ class RayExecutor(Executor):
     def write_by_part(self, ds: Dataset, out: Location) -> None:
         """``ds`` as Parquet partitioned by part into the new directory ``out``."""
         out.mkdirs()
-        ds = ds.map_batches(with_part, batch_format="numpy")
-        if ds.count():
+        if ds.count():  # free on a materialized dataset, where the mapped one would run
+            ds = ds.map_batches(with_part, batch_format="numpy")
             ds.write_parquet(out.path, filesystem=out.fs, partition_cols=["part"])

@@ -1,1 +1,2 @@
-"""Writers: clean documents and exclusions as Parquet, JSON, all committed atomically."""
+"""Writers: clean documents, exclusions and dedup results as Parquet, markers as JSON, all
+committed atomically."""

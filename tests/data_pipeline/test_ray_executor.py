@@ -43,7 +43,8 @@ def runs(
     """``{name: (run dir, stats)}`` of an in-process and a Ray run of the corpus."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, extra in (("local", {}), ("ray", {"partition_bytes": SMALL_PARTITION})):
+    small = {"partition_bytes": SMALL_PARTITION, "num_workers": 1}
+    for name, extra in (("local", {}), ("ray", small)):
         spec = DataSpec(inputs=[str(corpus["dir"])], **extra)
         out[name] = (root / name, run_pipeline(spec, root / name, executor=name, progress=False))
     return out
@@ -80,9 +81,9 @@ def test_small_budget_splits_the_bucket_shuffle(
     """Partitions are computed from the data size: the shared Ray run's budget splits the
     bucket shuffle into more partitions than CPUs (and its results equal the in-process
     executor's one partition, above)."""
+    from crucible.data_pipeline.batches import num_rows
     from crucible.data_pipeline.dedup.fuzzy import band_row_bytes
     from crucible.data_pipeline.executors.ray import RayExecutor
-    from crucible.data_pipeline.readers.parquet_columns import num_rows
 
     mh = DataSpec(inputs=[str(corpus["dir"])]).dedup.minhash
     big, small = RayExecutor(), RayExecutor(partition_bytes=SMALL_PARTITION)
@@ -102,9 +103,9 @@ def test_band_rows_in_bounded_blocks(
     is: a shuffle map task holds several times its input, which had grown to whole parts."""
     from ray.data.context import MAX_SAFE_BLOCK_SIZE_FACTOR
 
+    from crucible.data_pipeline.batches import num_rows
     from crucible.data_pipeline.dedup.fuzzy import band_rows
     from crucible.data_pipeline.executors.ray import RayExecutor
-    from crucible.data_pipeline.readers.parquet_columns import num_rows
 
     mh = DataSpec(inputs=[str(corpus["dir"])]).dedup.minhash
     ex = RayExecutor(partition_bytes=256 << 10)

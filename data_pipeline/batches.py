@@ -1,7 +1,8 @@
-"""Columns of the pipeline's own Parquet files as numpy, and their sizes from the footers.
+"""Batches: the pipeline's own Parquet columns as numpy batches, and their sizes from the
+footers.
 
-Both executors read intermediate files through these; the sizes set shuffle partition counts
-without reading any data.
+Both executors read intermediate files through these (list columns become 2-D arrays); the
+sizes set shuffle partition counts without reading any data.
 """
 
 from __future__ import annotations
