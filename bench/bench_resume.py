@@ -4,7 +4,7 @@ Two ranks (``torchrun``, gloo, ``DS_ACCELERATOR=cpu``) build the model (``gpt1``
 a 1.4 GB ZeRO-3 checkpoint with Adam states), take one step and save a checkpoint with
 crucible's save to a local directory and to a real S3 server (moto). Then, for each storage
 and each ``checkpoint.verify`` mode, they resume as a train job's ranks do
-(``loop.choose_checkpoint``: each rank checks, and from S3 fetches into node-local scratch,
+(``checkpoint.choose_checkpoint``: each rank checks, and from S3 fetches into node-local scratch,
 only the files it owns, then ``engine.load_checkpoint``), with the node's cache emptied
 before each round. For comparison, the driver-side check this replaced: one process hashing
 every file of the checkpoint before any worker starts.

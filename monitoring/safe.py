@@ -16,7 +16,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 def never_raise(fn: F) -> F:
     """Run ``fn``; on any exception log once (per function) and return None.
 
-    Metrics and telemetry use it so that they can never stop training or a data job.
+    Metrics, the ledger and the loggers use it so that they can never stop training or a data
+    job.
     """
     warned = False
 

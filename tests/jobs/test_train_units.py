@@ -187,6 +187,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two processes in a gloo group
 def test_one_ranks_bad_file_moves_the_whole_group_back(root: Location, tmp_path: Path) -> None:
     """Each rank checks only its own files; rank 1's corrupt shard in step-10 makes both
     ranks load step-5, though rank 0's files of step-10 are intact (one decision)."""

@@ -5,12 +5,15 @@ machine with network. Training never needs the network for it."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
 from crucible.jobs.train.callbacks.mirror import MirroredDir
 from crucible.jobs.train.checkpoint import SaveStats
 from crucible.monitoring.safe import never_raise
+
+if TYPE_CHECKING:
+    from wandb import Run
 
 DIR = "wandb"
 
@@ -26,7 +29,7 @@ class WandbCallback(Callback):
     def __init__(self, ctx: TrainContext) -> None:
         self.ctx = ctx
         self.dir: MirroredDir | None = None
-        self.run: Any = None
+        self.run: Run | None = None
 
     @never_raise
     def on_start(self) -> None:

@@ -4,6 +4,7 @@ file-level primitives, sha256 and fsync, are the storage layer's)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def owner_rank(relpath: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def owned_by(files: Any, rank: int, world: int) -> list[str]:
+def owned_by(files: Iterable[str], rank: int, world: int) -> list[str]:
     """The entries of ``files`` that ``rank`` of ``world`` handles (writes, hashes, verifies).
 
     Args:

@@ -128,7 +128,7 @@ def latest_committed(root: Location) -> tuple[Location, dict[str, Any]] | None:
 
 def latest_valid(root: Location, mode: str = "sha256") -> Location | None:
     """The newest checkpoint under ``root`` whose every file verifies, checked in this process
-    (export and tools; training ranks split the work, see ``loop.choose_checkpoint``).
+    (export and tools; training ranks split the work, see :func:`choose_checkpoint`).
 
     Args:
         root: the checkpoints directory.
