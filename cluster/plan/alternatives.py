@@ -8,6 +8,7 @@ from typing import Any
 
 from crucible.cluster.plan.fit import PlanInputs, build_plan, fitting_nodes, max_micro_batch
 from crucible.cluster.plan.result import Alternative, Plan
+from crucible.errors import CrucibleError
 from crucible.model.spec import ParallelSpec
 
 
@@ -94,7 +95,10 @@ def alternatives(inp: PlanInputs, base: Plan) -> list[Alternative]:
         if c is None:
             continue
         label, variant = c
-        out.append(_summarise(label, build_plan(variant)))
+        try:
+            out.append(_summarise(label, build_plan(variant)))
+        except CrucibleError:  # a variant the catalogue cannot time (e.g. CPU across nodes)
+            continue
     return out
 
 

@@ -90,3 +90,15 @@ def test_dry_run_prints_the_config_that_runs():
     text = format_run_plan(spec, run)
     assert json.dumps(run.ds_config, indent=2) in text
     assert "micro-batch 2 × 2 accumulation steps × 2 ranks" in text
+
+
+def test_crucible_plan_of_a_local_cpu_spec_skips_what_it_cannot_time(tmp_path, monkeypatch):
+    # A CPU "cluster" has no interconnect: the "2 nodes" alternative cannot be timed and is
+    # left out instead of failing the whole plan (it did for examples/train-tiny.yaml).
+    monkeypatch.setenv("CRUCIBLE_HOME", str(tmp_path))
+    from crucible.cluster import hardware
+
+    monkeypatch.setattr(hardware, "measure_cpu_flops", lambda *a, **k: 1e11)
+    shown = plan_from_spec(_spec(train={"num_workers": 1, "max_steps": 10}))
+    assert shown.feasible and shown.gpu == "cpu"
+    assert all("nodes" not in a.change for a in shown.alternatives)
