@@ -42,7 +42,7 @@ def _spec_overrides(
     return out + extra
 
 
-def make_plan(
+def plan_from_args(
     spec_path: Path | None,
     *,
     model: str | None = None,
@@ -163,7 +163,7 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Plan a run: memory per GPU, micro-batch, step time, MFU, days, GPU-hours, MWh, $."""
-    result = make_plan(
+    result = plan_from_args(
         spec,
         model=model,
         nodes=nodes,
@@ -300,7 +300,7 @@ def write_launch_config(
     from crucible.jobs.spec import dump_spec, load_spec
 
     spec = load_spec(spec_path, _spec_overrides(nodes, gpu, None, overrides or []))
-    result = make_plan(spec_path, nodes=nodes, gpu=gpu, overrides=overrides)
+    result = plan_from_args(spec_path, nodes=nodes, gpu=gpu, overrides=overrides)
     if not result.feasible:
         raise CrucibleError(
             f"the plan for {spec_path} is not feasible ({result.problems[0]}); "

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from crucible.errors import CrucibleError
-from crucible.jobs.cli.plan import make_plan, plan_cmd
+from crucible.jobs.cli.plan import plan_cmd, plan_from_args
 
 app = typer.Typer()
 app.command()(plan_cmd)
@@ -107,10 +107,10 @@ def test_plan_from_flags():
 
 def test_plan_bad_input_is_one_clear_error(spec_file):
     with pytest.raises(CrucibleError, match="cluster.gpu"):
-        make_plan(spec_file, gpu="a100")
+        plan_from_args(spec_file, gpu="a100")
     with pytest.raises(CrucibleError, match="cluster.nodes = 0"):
-        make_plan(spec_file, nodes=0)
+        plan_from_args(spec_file, nodes=0)
     with pytest.raises(CrucibleError, match="--tokens"):
-        make_plan(None, model="gpt3-175b")
+        plan_from_args(None, model="gpt3-175b")
     with pytest.raises(CrucibleError, match="unknown preset"):
-        make_plan(None, model="gpt5", tokens=1e9, global_batch=8)
+        plan_from_args(None, model="gpt5", tokens=1e9, global_batch=8)
