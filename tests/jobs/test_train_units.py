@@ -307,7 +307,7 @@ def test_gpt3_175b_dry_run_on_this_machine() -> None:
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"]
     assert config["train_batch_size"] == 1536
     assert "torch_adam" not in config["optimizer"]["params"]  # fused Adam on GPUs
-    # DeepSpeed's ZeRO-3 estimator (cluster/memory.py): 18 bytes/param over 768 ranks
+    # DeepSpeed's ZeRO-3 estimator (cluster/plan/memory.py): 18 bytes/param over 768 ranks
     # (the ZeRO paper's 16 plus fp32 gradients), the 4 × largest-layer gather buffer apart.
     assert "model states 3.81 GiB" in r.output and "gather buffer 2.30 GiB" in r.output
 
