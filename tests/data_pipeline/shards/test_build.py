@@ -13,7 +13,6 @@ import pytest
 
 from crucible.cluster.storage import location
 from crucible.data_pipeline.executors.local import LocalExecutor
-from crucible.data_pipeline.executors.ray import RayExecutor
 from crucible.data_pipeline.shards import build as build_mod
 from crucible.data_pipeline.shards.build import build_shards
 from crucible.data_pipeline.shards.manifest import read_manifest
@@ -212,21 +211,3 @@ def _tok(tmp_path: Path) -> Path:
     p = tmp_path / "tokenizer.json"
     save_tokenizer(train_tokenizer(["some text here"] * 20, TokenizerTrainSpec(vocab_size=270)), p)
     return p
-
-
-@pytest.mark.slow
-def test_ray_executor_builds_the_same_shards_as_local(
-    shard_set, documents, tmp_path, spec_dict, ray_local
-) -> None:
-    _, local_manifest = shard_set
-    m = build_shards(
-        documents[0],
-        ShardSpec.model_validate(spec_dict),
-        tmp_path / "shards",
-        RayExecutor(),
-        "spec-1",
-    )
-    assert m.fingerprint == local_manifest.fingerprint
-    assert json.loads((tmp_path / "shards" / "dataset_dict.json").read_text()) == {
-        "splits": ["train", "heldout"]
-    }
