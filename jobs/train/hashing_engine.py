@@ -9,8 +9,6 @@ the digests recorded here and re-reads only the files DeepSpeed wrote some other
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import os
 import sys
@@ -27,26 +25,20 @@ if TYPE_CHECKING:
 
 _OVERLAP_BYTES = 1 << 20
 _WRITEBACK_BYTES = 32 << 20
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
 
 
-@functools.cache
 def _start_writeback() -> Callable[[int, int, int], Any] | None:
-    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` where Linux has it.
+    """Start writeback of a written stretch of a file, without waiting, where the OS can.
 
-    Python's ``os`` has no binding for it. Started as each stretch of a file is written, the
-    disk writes while the rest is still serialised and hashed, so the closing fsync waits for
-    the tail only (the way PostgreSQL's ``checkpoint_flush_after`` and RocksDB's
-    ``bytes_per_sync`` do it).
+    Linux's ``posix_fadvise(POSIX_FADV_DONTNEED)`` starts writeback of the range's dirty pages
+    (and drops clean ones: a checkpoint is not read again soon). Started as each stretch is
+    written, the disk writes while the rest is still serialised and hashed, so the closing
+    fsync waits for the tail only (PostgreSQL's ``checkpoint_flush_after`` and RocksDB's
+    ``bytes_per_sync`` do the same with ``sync_file_range``, which Python's ``os`` lacks).
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
         return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # libc, already loaded
-    except AttributeError:
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+    return lambda fd, offset, nbytes: os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
 class _HashingWriter:
