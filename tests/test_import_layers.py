@@ -1,7 +1,8 @@
 """The folders import each other in one direction only.
 
-Layers, bottom to top: ``model``, ``data_pipeline`` and ``cluster`` (storage, hardware,
-planner, cluster lifecycle); ``monitoring``; ``jobs``. The graph is built from the AST of
+Layers, bottom to top, as they stand: ``model``; ``cluster`` (storage, hardware, planner,
+cluster lifecycle); ``monitoring``; ``data_pipeline`` (its jobs export metrics); ``jobs``.
+The test fails on any cycle. The graph is built from the AST of
 every module and counts every import: top-level, inside functions and under
 ``TYPE_CHECKING`` (a type-only import still ties the folders together).
 """
@@ -95,6 +96,20 @@ def test_no_import_cycle_between_folders() -> None:
     edges = _graph(_folder)
     cycles = _cycles(edges)
     assert not cycles, "\n".join(_explain(edges, c) for c in cycles)
+
+
+LAYERS = ("model", "cluster", "monitoring", "data_pipeline", "jobs")  # bottom to top
+
+
+def test_each_folder_imports_only_the_layers_below_it() -> None:
+    edges = _graph(_folder)
+    upward = [
+        f"{src} -> {dst}: {', '.join(sites[:3])}"
+        for src, dsts in edges.items()
+        for dst, sites in dsts.items()
+        if LAYERS.index(dst) > LAYERS.index(src)
+    ]
+    assert not upward, "\n".join(upward)
 
 
 def test_no_import_cycle_between_the_modules_of_model() -> None:
