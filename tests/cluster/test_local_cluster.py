@@ -284,6 +284,7 @@ def test_unreachable_address_is_a_clear_error() -> None:
         JobsClient.for_cluster(ClusterSpec(address="ray://x:10001"))
 
 
+@pytest.mark.slow  # starts the session cluster
 def test_session_cluster_accepts_jobs(local_cluster: local.ClusterState) -> None:
     client = JobsClient.for_cluster(ClusterSpec(state_dir=Path(local_cluster.state_dir)))
     job = client.submit(f"{client.python()} -c \"print('hello from a job')\"")

@@ -146,6 +146,7 @@ def resolve(expr: str, run: str) -> str:
     return expr.replace("$run", run).replace("$__rate_interval", "15s")
 
 
+@pytest.mark.slow  # a live run scraped over a full rate window
 def test_every_panel_query_returns_series(prometheus: ClusterState, live_run: float) -> None:
     import torch
 
