@@ -28,7 +28,6 @@ from crucible.data_pipeline.spec import DataSpec
 from crucible.data_pipeline.stages.dedup import dedup_stages
 from crucible.data_pipeline.stages.filter import filter_stage
 from crucible.data_pipeline.stages.finalize import finalize_stage
-from crucible.data_pipeline.writers.parquet import write_json_atomic
 from crucible.errors import CrucibleError
 
 STEP_ORDER = (
@@ -107,8 +106,8 @@ def run_pipeline(
     stats = _assemble(merge_stats(out["filter"], out["finalize"]), dedup, digest, n)
     stats["seconds"] = round(time.time() - t0, 3)
     stats["executor"] = executor
-    write_json_atomic(stats_path, stats)
-    write_json_atomic(p["documents"] / "_SUCCESS", {"spec_hash": digest, **stats["totals"]})
+    stats_path.write_json(stats)
+    (p["documents"] / "_SUCCESS").write_json({"spec_hash": digest, **stats["totals"]})
     metrics.update(stats["steps"])
     ex.run(_shard_stages(spec, run_dir, digest))
     metrics.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from crucible.cluster.storage import Location
-from crucible.data_pipeline.writers.parquet import write_json_atomic
 from crucible.errors import CrucibleError
 
 
@@ -62,7 +61,7 @@ def check_run_dir(run_dir: Location, digest: str, inputs: list[str]) -> None:
     meta_path = work_paths(run_dir)["work"] / "run.json"
     meta = read_marker(meta_path)
     if meta is None:
-        write_json_atomic(meta_path, {"spec_hash": digest, "inputs": inputs})
+        meta_path.write_json({"spec_hash": digest, "inputs": inputs})
     elif meta.get("spec_hash") != digest or meta.get("inputs") != inputs:
         raise CrucibleError(
             f"{run_dir} holds a data run of a different spec or input list; "

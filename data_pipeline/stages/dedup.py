@@ -19,7 +19,6 @@ from crucible.data_pipeline.dedup.fuzzy import fuzzy_dedup
 from crucible.data_pipeline.executors.base import Executor, Stage
 from crucible.data_pipeline.run_dir import part_name, read_marker, work_paths
 from crucible.data_pipeline.spec import DataSpec
-from crucible.data_pipeline.writers.parquet import write_json_atomic
 
 Find = Callable[[Executor, Sequence[Location], Location], dict[str, Any]]
 
@@ -56,7 +55,7 @@ class DedupStage(Stage):
             files = [self.paths["filtered"] / part_name(i) for i in range(self.num_parts)]
             s = self.find(ex, files, out_dir)
             s["result"] = out_dir.name
-            write_json_atomic(marker, s)
+            marker.write_json(s)
         return {k: v for k, v in s.items() if k != "result"}
 
 

@@ -35,7 +35,6 @@ from crucible.data_pipeline.writers.parquet import (
     AtomicParquetWriter,
     exclusions_table,
     filtered_table,
-    write_json_atomic,
 )
 
 
@@ -102,7 +101,7 @@ def filter_part(part: int, path: str, spec: DataSpec, run_dir: Location) -> dict
     out.commit()
     exc.commit()
     stats = {h.name: h.stats.to_dict() for h in chain}
-    write_json_atomic(p["filter_done"] / marker_name(part), stats)
+    (p["filter_done"] / marker_name(part)).write_json(stats)
     return stats
 
 

@@ -21,7 +21,6 @@ from crucible.data_pipeline.writers.parquet import (
     EXCLUSION_SCHEMA,
     FILTERED_SCHEMA,
     AtomicParquetWriter,
-    write_json_atomic,
 )
 
 EXACT_RULE = "exact_dedup/duplicate"
@@ -112,7 +111,7 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Location) -> dict[str, Any
             )
     docs.commit()
     excl.commit()
-    write_json_atomic(p["final_done"] / marker_name(part), stats)
+    (p["final_done"] / marker_name(part)).write_json(stats)
     return stats
 
 

@@ -7,8 +7,6 @@ never sees half a file.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -34,11 +32,6 @@ FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("signature", pa.list_(pa.uint3
 EXCLUSION_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("rule", pa.string()), ("text", pa.string())]
 )
-
-
-def write_json_atomic(loc: Location, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``loc`` atomically (a stage marker or stats file)."""
-    loc.write_json(obj)
 
 
 def exclusions_table(rows: list[Exclusion], keep_text: bool, max_chars: int) -> pa.Table:
