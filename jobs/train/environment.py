@@ -1,13 +1,11 @@
 """What a training rank's process needs before DeepSpeed is imported: the accelerator, a CUDA
-architecture list DeepSpeed can parse, and third-party log noise turned down."""
+architecture list DeepSpeed can parse, and third-party warnings turned down."""
 
 from __future__ import annotations
 
 import os
 import re
 import warnings
-
-from crucible.jobs.train.adapters.ray import quiet_report_log
 
 
 def deepspeed_arch_list(value: str) -> str:
@@ -34,7 +32,6 @@ def prepare_process(use_gpu: bool) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
     elif "TORCH_CUDA_ARCH_LIST" in os.environ:  # before DeepSpeed builds FusedAdam
         os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
-    quiet_report_log()
     # DeepSpeed's ZeRO-3 gathers call torch.distributed's *_tensor collectives, which torch
     # deprecates with a FutureWarning on every call: hundreds of job-log lines per run that
     # a user can do nothing about.
