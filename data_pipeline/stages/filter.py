@@ -41,21 +41,16 @@ from crucible.data_pipeline.writers.parquet import (
 def build_steps(spec: DataSpec) -> list[Step]:
     """The document steps in order (FineWeb's order: language, repetition, quality, C4,
     FineWeb; PII last, so rules see the original text)."""
-    steps: list[Step] = []
-    if spec.normalize.enabled:
-        steps.append(Normalize(spec.normalize))
-    if spec.language.enabled:
-        steps.append(LanguageFilter(spec.language))
-    if spec.gopher_repetition.enabled:
-        steps.append(GopherRepetition(spec.gopher_repetition))
-    if spec.gopher_quality.enabled:
-        steps.append(GopherQuality(spec.gopher_quality))
-    if spec.c4.enabled:
-        steps.append(C4(spec.c4))
-    if spec.fineweb.enabled:
-        steps.append(FineWeb(spec.fineweb))
-    if spec.pii.enabled:
-        steps.append(PII(spec.pii))
+    configured: list[tuple[Any, Callable[[Any], Step]]] = [
+        (spec.normalize, Normalize),
+        (spec.language, LanguageFilter),
+        (spec.gopher_repetition, GopherRepetition),
+        (spec.gopher_quality, GopherQuality),
+        (spec.c4, C4),
+        (spec.fineweb, FineWeb),
+        (spec.pii, PII),
+    ]
+    steps = [make(cfg) for cfg, make in configured if cfg.enabled]
     return steps
 
 
