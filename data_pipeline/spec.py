@@ -110,11 +110,50 @@ class FineWebSpec(StrictModel):
 
 
 class PIISpec(StrictModel):
-    """E-mail and IP address redaction."""
+    """PII redaction: each kind found by a cheap pattern, confirmed by a validator (checksum,
+    numbering plan, address parser) and replaced by its own placeholder."""
 
     enabled: bool = True
+    email: bool = Field(True, description="Replace e-mail addresses.")
+    ip: bool = Field(
+        True, description="Replace IPv4/IPv6 addresses (dotted quads marked as versions are kept)."
+    )
+    phone: bool = Field(True, description="Replace phone numbers (libphonenumber's matcher).")
+    credit_card: bool = Field(
+        True, description="Replace payment card numbers (known issuer prefix and length, Luhn)."
+    )
+    us_ssn: bool = Field(
+        True,
+        description="Replace US social security numbers (written 123-45-6789, or after 'SSN').",
+    )
+    iban: bool = Field(True, description="Replace IBANs (country format and mod-97 checksum).")
     email_placeholder: str = "<EMAIL>"
     ip_placeholder: str = "<IP_ADDRESS>"
+    phone_placeholder: str = "<PHONE>"
+    credit_card_placeholder: str = "<CREDIT_CARD>"
+    us_ssn_placeholder: str = "<US_SSN>"
+    iban_placeholder: str = "<IBAN>"
+    phone_region: str = Field(
+        "US",
+        description="Region (ISO 3166 alpha-2) of numbers written without a '+' country code; "
+        "'+44 20 7946 0958' is found whatever it is, '020 7946 0958' only with 'GB'.",
+    )
+    phone_leniency: Literal["possible", "valid", "strict_grouping", "exact_grouping"] = Field(
+        "valid",
+        description="libphonenumber's matcher leniency: 'valid' accepts numbers valid in their "
+        "region's numbering plan; the grouping levels also require the digits grouped as the "
+        "region writes them.",
+    )
+
+    @model_validator(mode="after")
+    def _known_region(self) -> PIISpec:
+        import phonenumbers
+
+        if self.phone_region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(
+                f"phone_region {self.phone_region!r} is not a region libphonenumber knows"
+            )
+        return self
 
 
 class ExactDedupSpec(StrictModel):

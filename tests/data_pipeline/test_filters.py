@@ -13,14 +13,12 @@ from crucible.data_pipeline.filters.gopher_repetition import (
 )
 from crucible.data_pipeline.filters.language import LanguageFilter, detect_language
 from crucible.data_pipeline.normalize import normalize_text
-from crucible.data_pipeline.pii import redact
 from crucible.data_pipeline.spec import (
     C4Spec,
     FineWebSpec,
     GopherQualitySpec,
     GopherRepetitionSpec,
     LanguageSpec,
-    PIISpec,
 )
 
 GQ = GopherQualitySpec()
@@ -179,10 +177,3 @@ def test_language_id_bundled_model() -> None:
 def test_normalize() -> None:
     assert normalize_text("Cafe\u0301  \t bar\r\n\r\n\r\n\nx\u200b ") == "Café bar\n\nx"
     assert normalize_text("\x00\x01") == ""
-
-
-def test_pii_redaction_counts() -> None:
-    text = "Mail jane.doe@example.org or 10.0.0.1 or 2001:db8::1; not 999.1.1.1 nor 12:30."
-    out, n_email, n_ip = redact(text, PIISpec())
-    assert out == "Mail <EMAIL> or <IP_ADDRESS> or <IP_ADDRESS>; not 999.1.1.1 nor 12:30."
-    assert (n_email, n_ip) == (1, 2)
