@@ -7,7 +7,10 @@ relies on renaming a directory, so the same stages run on object stores):
              plus each survivor's exact-text hash and MinHash band keys;
 2. exact     global exact dedup (a shuffle by text hash);
 3. minhash   LSH buckets -> verified edges -> distributed connected components;
-4. finalize  per part: drop duplicates, write documents/ and exclusions/;
+4. decontaminate (when eval sets are given) eval-set n-grams joined with the documents'
+             (a shuffle by n-gram hash);
+5. finalize  per part: drop duplicates and contaminated documents, write documents/ and
+             exclusions/ (and decontamination/, the audit of every contaminated document);
 then stats.json and documents/_SUCCESS, last; then the shard stage (tokenize -> pack ->
 shuffle -> shards + manifest) when the spec asks for shards. A finished run started again
 does nothing.
@@ -25,6 +28,7 @@ from crucible.data_pipeline.executors.base import Executor, Stage
 from crucible.data_pipeline.readers.files import expand_inputs
 from crucible.data_pipeline.run_dir import check_run_dir, read_marker, work_paths
 from crucible.data_pipeline.spec import DataSpec
+from crucible.data_pipeline.stages.decontaminate import decontaminate_stages
 from crucible.data_pipeline.stages.dedup import dedup_stages
 from crucible.data_pipeline.stages.filter import filter_stage
 from crucible.data_pipeline.stages.finalize import finalize_stage
@@ -41,6 +45,7 @@ STEP_ORDER = (
     "pii",
     "exact_dedup",
     "minhash_dedup",
+    "decontaminate",
 )
 
 
@@ -89,6 +94,8 @@ def run_pipeline(
     for d in ("filtered", "excluded", "filter_done", "dedup", "final_done", "documents"):
         p[d].mkdirs()
     p["exclusions"].mkdirs()
+    if spec.decontaminate.enabled:
+        (run_dir / "decontamination").mkdirs()
     check_run_dir(run_dir, digest, inputs)
     ex = make_executor(executor, spec)
     t0 = time.time()
@@ -97,6 +104,7 @@ def run_pipeline(
     stages: list[Stage] = [
         filter_stage(spec, run_dir, inputs, progress=progress, on_part=metrics.update),
         *dedup_stages(spec, run_dir, n),
+        *decontaminate_stages(spec, run_dir, n),
         finalize_stage(spec, run_dir, n),
     ]
     out = ex.run(stages)
@@ -104,6 +112,8 @@ def run_pipeline(
         metrics.on_dedup(out["minhash"])
     dedup: dict[str, Any] = {k: out[k] for k in ("exact", "minhash") if k in out}
     stats = _assemble(merge_stats(out["filter"], out["finalize"]), dedup, digest, n)
+    if "decontaminate" in out:
+        stats["decontamination"] = out["decontaminate"]
     stats["seconds"] = round(time.time() - t0, 3)
     stats["executor"] = executor
     stats_path.write_json(stats)

@@ -6,6 +6,7 @@ switched off with ``enabled: false`` and every threshold set to ``null`` to skip
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -206,6 +207,56 @@ class DedupSpec(StrictModel):
     minhash: MinHashSpec = Field(default_factory=MinHashSpec)
 
 
+class EvalSetSpec(StrictModel):
+    """One evaluation set that training documents must not overlap."""
+
+    paths: list[str] = Field(
+        description="Files, directories or globs of .jsonl[.gz|.zst], .parquet or .txt[.gz|.zst]; "
+        "a .txt file is one text."
+    )
+    fields: list[str] = Field(
+        default_factory=lambda: ["text"],
+        description="JSONL/Parquet fields of a record joined in order into one text (e.g. "
+        "[question, answer]: n-grams within each and across the two); dots reach nested fields, "
+        "a list value is joined, a missing field skipped.",
+    )
+
+    @model_validator(mode="after")
+    def _has_paths(self) -> EvalSetSpec:
+        if not self.paths or not self.fields:
+            raise ValueError("an eval set needs at least one path and one field")
+        return self
+
+
+class DecontaminationSpec(StrictModel):
+    """Drop (or mark) training documents sharing a word n-gram with an evaluation set (GPT-3,
+    Brown et al. 2020, appendix C: 13-grams); disabled while no eval set is given."""
+
+    eval_sets: dict[str, EvalSetSpec] = Field(
+        default_factory=dict,
+        description="Eval sets by name; the name is in the stats and the exclusion rule "
+        "(decontaminate/<name>).",
+    )
+    n_grams: int = Field(13, ge=1, description="Words per n-gram (normalised as MinHash's).")
+    action: Literal["drop", "mark"] = Field(
+        "drop",
+        description="'drop' excludes contaminated documents; 'mark' keeps them and only counts "
+        "and audits them.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any eval set is given."""
+        return bool(self.eval_sets)
+
+    @model_validator(mode="after")
+    def _set_names(self) -> DecontaminationSpec:
+        for name in self.eval_sets:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"eval set name {name!r}: use letters, digits, '_', '.', '-'")
+        return self
+
+
 class OutputSpec(StrictModel):
     """What the run writes."""
 
@@ -233,6 +284,7 @@ class DataSpec(StrictModel):
     fineweb: FineWebSpec = Field(default_factory=FineWebSpec)
     pii: PIISpec = Field(default_factory=PIISpec)
     dedup: DedupSpec = Field(default_factory=DedupSpec)
+    decontaminate: DecontaminationSpec = Field(default_factory=DecontaminationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     num_workers: int | None = Field(
         None, ge=1, description="Parallel file tasks on Ray (null: one per CPU)."

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crucible.cluster.storage import Location, location
+from crucible.data_pipeline.decontam.apply import part_contamination
 from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.run_dir import marker_name, part_name, read_marker, work_paths
 from crucible.data_pipeline.spec import DataSpec
@@ -73,6 +74,7 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Location) -> dict[str, Any
         is_fuzzy = np.zeros(keys.size, dtype=bool)
     is_fuzzy &= ~is_exact
     keep = ~(is_exact | is_fuzzy)
+    decontam = part_contamination(spec, p["dedup"] / "decontaminate.json", part, table, keep)
 
     stats: dict[str, Any] = {}
     for step, drop, alive in (
@@ -85,6 +87,9 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Location) -> dict[str, Any
         if drop.any():
             s.dropped["duplicate"] = int(drop.sum())
         stats[step] = s.to_dict()
+    if decontam is not None:  # counted among the survivors of dedup, dropped unless marking
+        stats.update(decontam.stats)
+        keep &= ~decontam.drop
 
     docs = AtomicParquetWriter(p["documents"] / name, DOCUMENT_SCHEMA)
     docs.write(table.filter(pa.array(keep)).select(DOCUMENT_SCHEMA.names))
@@ -109,6 +114,9 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Location) -> dict[str, Any
                     schema=EXCLUSION_SCHEMA,
                 )
             )
+    if decontam is not None:
+        excl.write(decontam.exclusions)
+        decontam.write_audit(run_dir / "decontamination" / name)
     docs.commit()
     excl.commit()
     (p["final_done"] / marker_name(part)).write_json(stats)
