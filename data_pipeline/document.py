@@ -4,6 +4,7 @@ document."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # A document's dedup key packs (input part index, position in part): the smallest key in a
 # duplicate cluster is the document read first, which makes the survivor deterministic.
@@ -26,7 +27,8 @@ class InputFile:
 
 @dataclass(slots=True)
 class Document:
-    """One document: a stable id, its text and where it came from."""
+    """One document: a stable id, its text, where it came from, and the input's other fields
+    (``metadata``: JSON values by name, None when there are none)."""
 
     id: str
     text: str
@@ -36,6 +38,7 @@ class Document:
     language_score: float | None = None
     key: int = 0
     nbytes: int = 0
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

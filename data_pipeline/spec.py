@@ -27,6 +27,14 @@ class ReaderSpec(StrictModel):
         description="Documents larger than this (UTF-8 bytes) are excluded as read/too_large.",
     )
     batch_size: int = Field(1000, ge=1, description="Documents per block passed between steps.")
+    metadata: Literal["all", "none"] | list[str] = Field(
+        "all",
+        description="Input fields kept with each document besides text, id and url: 'all', "
+        "'none' or a list of names (JSONL/Parquet fields as named; WARC headers lower-cased "
+        "with '_', e.g. warc_date, warc_target_uri, warc_record_id, "
+        "warc_identified_content_language; HTTP ones as http_content_type, "
+        "http_content_language).",
+    )
 
 
 class NormalizeSpec(StrictModel):

@@ -13,23 +13,12 @@ import zstandard
 
 from crucible.cluster.storage import describe_error, location
 from crucible.data_pipeline.document_step import StepStats
+from crucible.data_pipeline.readers.file_errors import file_failed
 from crucible.errors import CrucibleError
 
 CHUNK = 1 << 20
 SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 SUFFIXES += (".parquet", ".warc", ".warc.gz", ".wet", ".wet.gz", ".warc.wet", ".warc.wet.gz")
-
-
-def input_format(path: str) -> str:
-    """``jsonl``, ``parquet``, ``warc`` or ``wet`` from a file name."""
-    name = path.lower()
-    if name.endswith((".wet", ".wet.gz")):
-        return "wet"
-    if name.endswith((".warc", ".warc.gz")):
-        return "warc"
-    if name.endswith(".parquet"):
-        return "parquet"
-    return "jsonl"
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -117,59 +106,73 @@ def _raw_chunks(path: str) -> Iterator[bytes]:
 
 
 def _member_chunks(
-    path: str, stats: StepStats, new: Callable[[], Any], error: type[Exception]
+    path: str, stats: StepStats, new: Callable[[], Any], error: type[Exception], name: str
 ) -> Iterator[bytes]:
     """Decompress a file of one or more concatenated members (gzip or zstd frames).
 
-    A corrupt stream stops the file with ``corrupt_compressed_file`` counted; a truncated last
-    member yields what it holds and counts ``truncated_file``. Never raises.
+    A corrupt stream stops the file (``files/corrupt``); a truncated last member yields what
+    it holds (``files/truncated``): both are warned about, never raised.
     """
     d = new()
     fed = False
+    out = 0  # decompressed bytes so far, for the warning
     try:
         for chunk in _raw_chunks(path):
             while chunk:
                 fed = True
-                yield d.decompress(chunk)
+                data = d.decompress(chunk)
+                out += len(data)
+                yield data
                 if d.eof:
                     chunk = d.unused_data
                     d = new()
                     fed = False
                 else:
                     chunk = b""
-    except error:
-        stats.counters["corrupt_compressed_file"] += 1
+    except error as e:
+        file_failed(
+            stats, path, "corrupt", f"corrupt {name} data after {out} bytes ({e}); rest skipped"
+        )
         return
     if fed and not d.eof:
         if hasattr(d, "flush"):
             yield d.flush()
-        stats.counters["truncated_file"] += 1
+        file_failed(stats, path, "truncated", f"{name} stream cut short after {out} bytes")
 
 
 def _zstd_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
-    return _member_chunks(path, stats, dctx.decompressobj, zstandard.ZstdError)
+    return _member_chunks(path, stats, dctx.decompressobj, zstandard.ZstdError, "zstd")
 
 
 def _gzip_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
-    return _member_chunks(path, stats, lambda: zlib.decompressobj(47), zlib.error)
+    return _member_chunks(path, stats, lambda: zlib.decompressobj(47), zlib.error, "gzip")
 
 
-def byte_chunks(path: str, stats: StepStats) -> Iterator[bytes]:
-    """Decompressed bytes of ``path`` in chunks; truncation/corruption counted, never raised."""
-    name = path.lower()
-    if name.endswith(".gz"):
+def byte_chunks(path: str, stats: StepStats, compression: str | None) -> Iterator[bytes]:
+    """Decompressed bytes of ``path`` in chunks; truncation/corruption counted, never raised.
+
+    Args:
+        path: the file.
+        stats: the reader's counters.
+        compression: ``gzip``, ``zstd`` or None (see :mod:`.formats`).
+    """
+    if compression == "gzip":
         return _gzip_chunks(path, stats)
-    if name.endswith(".zst"):
+    if compression == "zstd":
         return _zstd_chunks(path, stats)
     return _raw_chunks(path)
 
 
-def iter_lines(path: str, stats: StepStats) -> Iterator[tuple[int, bytes]]:
-    """``(byte offset, line)`` of every line of the decompressed file, newline stripped."""
+def iter_lines(
+    path: str, stats: StepStats, compression: str | None
+) -> Iterator[tuple[int, bytes, bool]]:
+    """``(byte offset, line, ended)`` of every line of the decompressed file, newline
+    stripped; ``ended`` is False only for a last line without its newline (a cut record when
+    the file is truncated)."""
     pending: list[bytes] = []  # pieces of a line longer than a chunk: joined once, not re-copied
     base = 0  # offset in the decompressed stream of the line being assembled
-    for chunk in byte_chunks(path, stats):
+    for chunk in byte_chunks(path, stats, compression):
         start = 0
         while (nl := chunk.find(b"\n", start)) >= 0:
             if pending:
@@ -178,13 +181,13 @@ def iter_lines(path: str, stats: StepStats) -> Iterator[tuple[int, bytes]]:
                 pending = []
             else:
                 line = chunk[start:nl]
-            yield base, line
+            yield base, line, True
             base += len(line) + 1
             start = nl + 1
         if start < len(chunk):
             pending.append(chunk[start:])
     if pending:
-        yield base, b"".join(pending)
+        yield base, b"".join(pending), False
 
 
 class ChunkStream(io.RawIOBase):
@@ -193,6 +196,7 @@ class ChunkStream(io.RawIOBase):
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
         self._buf = b""
+        self.total = 0  # bytes handed out so far
 
     def readable(self) -> bool:
         """Always readable."""
@@ -208,9 +212,11 @@ class ChunkStream(io.RawIOBase):
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
+        self.total += n
         return n
 
 
-def open_decompressed(path: str, stats: StepStats) -> io.BufferedReader:
-    """``path`` decompressed (gzip/zstd by suffix) as a buffered binary file object."""
-    return io.BufferedReader(ChunkStream(byte_chunks(path, stats)), buffer_size=CHUNK)
+def open_decompressed(path: str, stats: StepStats, compression: str | None) -> io.BufferedReader:
+    """``path`` decompressed (``gzip``, ``zstd`` or None) as a buffered binary file object."""
+    chunks = byte_chunks(path, stats, compression)
+    return io.BufferedReader(ChunkStream(chunks), buffer_size=CHUNK)

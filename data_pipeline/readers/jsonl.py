@@ -9,6 +9,7 @@ import orjson
 from crucible.data_pipeline.document import Document, Exclusion
 from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.readers.files import iter_lines
+from crucible.data_pipeline.readers.metadata import select_metadata
 from crucible.data_pipeline.spec import ReaderSpec
 
 
@@ -31,22 +32,32 @@ def _parse(line: bytes, stats: StepStats) -> object:
 
 
 def read_jsonl(
-    path: str, spec: ReaderSpec, stats: StepStats, exclusions: list[Exclusion]
+    path: str,
+    spec: ReaderSpec,
+    stats: StepStats,
+    exclusions: list[Exclusion],
+    compression: str | None = None,
 ) -> Iterator[Document]:
     """Documents of a JSONL file; bad lines are recorded in ``stats`` and ``exclusions``.
 
+    A last line without its newline that does not parse, or any such line of a truncated
+    file, is a cut record (``truncated_record``), never a document.
+
     Args:
-        path: the file (``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst``).
-        spec: field names and size limit.
+        path: the file.
+        spec: field names, size limit and the metadata to keep.
         stats: the reader's counters.
         exclusions: where unreadable lines are recorded.
+        compression: ``gzip``, ``zstd`` or None, as detected from the content.
     """
 
     def bad(offset: int, rule: str, text: str | None = None) -> None:
         stats.dropped[rule] += 1
         exclusions.append(Exclusion(f"{path}#{offset}", path, f"read/{rule}", text))
 
-    for offset, line in iter_lines(path, stats):
+    columns = (spec.text_key, spec.id_key, spec.url_key)
+    cut_files = stats.counters["files/truncated"]  # more after the last chunk: this file is cut
+    for offset, line, ended in iter_lines(path, stats, compression):
         stats.counters["lines"] += 1
         if not line.strip():
             stats.counters["blank_lines"] += 1
@@ -55,6 +66,11 @@ def read_jsonl(
             bad(offset, "too_large")
             continue
         obj = _parse(line, stats)
+        if not ended and (
+            not isinstance(obj, dict) or stats.counters["files/truncated"] > cut_files
+        ):
+            bad(offset, "truncated_record", line[:1000].decode("utf-8", "replace"))
+            continue
         if not isinstance(obj, dict):
             bad(offset, "bad_json", line[:1000].decode("utf-8", "replace"))
             continue
@@ -74,4 +90,5 @@ def read_jsonl(
             source=path,
             url=url if isinstance(url, str) else None,
             nbytes=len(text.encode("utf-8", "surrogatepass")),
+            metadata=select_metadata(obj.items(), spec, columns),
         )

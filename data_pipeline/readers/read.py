@@ -1,14 +1,21 @@
-"""The reader step: input files (any supported format) to documents, with its statistics."""
+"""The reader step: input files (any supported format) to documents, with its statistics.
+
+Documents lost inside a file are counted per rule in ``dropped`` and named in exclusions;
+failures of a whole file (empty, corrupt, truncated) are counted apart, as ``files/<kind>``
+counters, and named in a logged warning (:mod:`.file_errors`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
 from crucible.cluster.storage import location
-from crucible.data_pipeline.document import Document, Exclusion, InputFile, make_key
+from crucible.data_pipeline.document import Document, InputFile, make_key
 from crucible.data_pipeline.document_step import PipelineStep
-from crucible.data_pipeline.readers.files import input_format
+from crucible.data_pipeline.readers.file_errors import file_failed
+from crucible.data_pipeline.readers.formats import detect_format
 from crucible.data_pipeline.readers.jsonl import read_jsonl
+from crucible.data_pipeline.readers.metadata import count_kinds
 from crucible.data_pipeline.readers.parquet import read_parquet
 from crucible.data_pipeline.readers.warc import read_warc
 from crucible.data_pipeline.spec import ReaderSpec
@@ -22,7 +29,6 @@ class Reader(PipelineStep):
     def __init__(self, spec: ReaderSpec) -> None:
         super().__init__()
         self.spec = spec
-        self._lost: dict[str, int] = {}
 
     def run(self, data: Iterable[InputFile]) -> Iterator[Document]:
         """Documents of each input file; each gets the dedup key ``(part, position)``.
@@ -39,25 +45,20 @@ class Reader(PipelineStep):
         size = location(path).size()
         st.bytes_in += size
         if size == 0:
-            st.dropped["empty_file"] += 1
-            self.exclusions.append(Exclusion(f"{path}#0", path, "read/empty_file"))
+            file_failed(st, path, "empty", "empty file, no documents")
             return
-        fmt = input_format(path)
-        if fmt == "jsonl":
-            docs = read_jsonl(path, self.spec, st, self.exclusions)
-        elif fmt == "parquet":
+        fmt = detect_format(path, st)
+        if fmt.kind == "parquet":
             docs = read_parquet(path, self.spec, st, self.exclusions)
+        elif fmt.kind == "jsonl":
+            docs = read_jsonl(path, self.spec, st, self.exclusions, fmt.compression)
         else:
-            docs = read_warc(path, self.spec, st, self.exclusions, wet=fmt == "wet")
+            wet = fmt.kind == "wet"
+            docs = read_warc(path, self.spec, st, self.exclusions, wet, fmt.compression)
         for row, doc in enumerate(docs):
             doc.key = make_key(part, row)
             st.docs_out += 1
             st.bytes_out += doc.nbytes
+            count_kinds(doc.metadata, st)
             yield doc
-        for lost in ("truncated_file", "corrupt_compressed_file"):
-            if st.counters.get(lost, 0) > self._lost.get(lost, 0):
-                # the unreadable tail of a file: one record for audit (documents unknown)
-                self._lost[lost] = st.counters[lost]
-                st.dropped[lost] += 1
-                self.exclusions.append(Exclusion(f"{path}#{lost}", path, f"read/{lost}"))
         st.docs_in = st.docs_out + sum(st.dropped.values())

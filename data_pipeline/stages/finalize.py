@@ -1,5 +1,10 @@
 """The finalise stage: each part's survivors (its duplicates dropped) written as the clean
-documents, and its exclusions (the filter's drops, then the duplicates), one task per part."""
+documents, and its exclusions (the filter's drops, then the duplicates), one task per part.
+
+Before the tasks start, the metadata fields of every part (counted by the reader, read back
+from the filter markers) are unified into one struct type, so every part's documents have the
+same schema (:mod:`crucible.data_pipeline.writers.metadata`).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,22 @@ import pyarrow.parquet as pq
 from crucible.cluster.storage import Location, location
 from crucible.data_pipeline.decontam.apply import part_contamination
 from crucible.data_pipeline.document_step import StepStats
+from crucible.data_pipeline.executors.base import Executor, Stage
 from crucible.data_pipeline.run_dir import marker_name, part_name, read_marker, work_paths
 from crucible.data_pipeline.spec import DataSpec
 from crucible.data_pipeline.stages.parts import PartStage
+from crucible.data_pipeline.writers.metadata import (
+    kinds_from_counters,
+    metadata_column,
+    metadata_type,
+    unify_kinds,
+)
 from crucible.data_pipeline.writers.parquet import (
     DOCUMENT_SCHEMA,
     EXCLUSION_SCHEMA,
     FILTERED_SCHEMA,
     AtomicParquetWriter,
+    document_schema,
 )
 
 EXACT_RULE = "exact_dedup/duplicate"
@@ -46,20 +59,42 @@ def _dup_keys(marker: Location, part: int, column: str) -> pa.Table | None:
     return pa.concat_tables([pq.read_table(f.open_read(), columns=["key", column]) for f in files])
 
 
-def finalize_part(part: int, spec: DataSpec, run_dir: Location) -> dict[str, Any]:
+def metadata_fields(run_dir: Location, num_parts: int) -> dict[str, str]:
+    """``{field: kind}`` of the metadata of every filtered part, unified (one kind each).
+
+    Args:
+        run_dir: the run directory (its filter markers hold the reader's counts).
+        num_parts: the number of parts.
+    """
+    p = work_paths(run_dir)
+    kinds: dict[str, set[str]] = {}
+    for part in range(num_parts):
+        done = read_marker(p["filter_done"] / marker_name(part)) or {}
+        counters = done.get("read", {}).get("counters", {})
+        for field, ks in kinds_from_counters(counters).items():
+            kinds.setdefault(field, set()).update(ks)
+    return unify_kinds(kinds)
+
+
+def finalize_part(
+    part: int, spec: DataSpec, run_dir: Location, fields: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Write part ``part``'s clean documents and exclusions (filter drops + duplicates).
 
     Args:
         part: the part index.
         spec: the data spec.
         run_dir: the run directory.
+        fields: ``{field: kind}`` of the metadata of all parts (:func:`metadata_fields`);
+            None or empty writes no metadata column.
     """
     p = work_paths(run_dir)
     name = part_name(part)
+    fields = fields or {}
     # the dedup columns (bands, signature) are not needed here: read only what is written
     table = pq.read_table(
         (p["filtered"] / name).open_read(),
-        columns=[*DOCUMENT_SCHEMA.names, "key"],
+        columns=[*DOCUMENT_SCHEMA.names, "key", *(["metadata"] if fields else [])],
         schema=FILTERED_SCHEMA,
     )
     keys = table.column("key").to_numpy()
@@ -91,8 +126,14 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Location) -> dict[str, Any
         stats.update(decontam.stats)
         keep &= ~decontam.drop
 
-    docs = AtomicParquetWriter(p["documents"] / name, DOCUMENT_SCHEMA)
-    docs.write(table.filter(pa.array(keep)).select(DOCUMENT_SCHEMA.names))
+    schema = document_schema(metadata_type(fields))
+    docs = AtomicParquetWriter(p["documents"] / name, schema)
+    kept = table.filter(pa.array(keep))
+    out = kept.select(DOCUMENT_SCHEMA.names)
+    if fields:
+        meta = metadata_column(kept.column("metadata").to_pylist(), fields)
+        out = out.append_column(schema.field("metadata"), meta)
+    docs.write(out)
     excl = AtomicParquetWriter(p["exclusions"] / name, EXCLUSION_SCHEMA)
     excl.write(pq.read_table((p["excluded"] / name).open_read(), schema=EXCLUSION_SCHEMA))
     for mask, rule in ((is_exact, EXACT_RULE), (is_fuzzy, FUZZY_RULE)):
@@ -123,14 +164,37 @@ def finalize_part(part: int, spec: DataSpec, run_dir: Location) -> dict[str, Any
     return stats
 
 
-def finalize_task(item: dict[str, Any], spec_json: str, run_dir: str) -> dict[str, Any]:
+def finalize_task(
+    item: dict[str, Any], spec_json: str, run_dir: str, fields: dict[str, str]
+) -> dict[str, Any]:
     """:func:`finalize_part` as a task: ``item`` holds ``part``."""
     spec = DataSpec.model_validate_json(spec_json)
-    return finalize_part(int(item["part"]), spec, location(run_dir))
+    return finalize_part(int(item["part"]), spec, location(run_dir), fields)
 
 
-def finalize_stage(spec: DataSpec, run_dir: Location, num_parts: int) -> PartStage:
+class FinalizeStage(Stage):
+    """The metadata type of all parts, then :func:`finalize_part` on every unfinished part."""
+
+    name = "finalize"
+
+    def __init__(self, spec: DataSpec, run_dir: Location, num_parts: int) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.num_parts = num_parts
+
+    def run(self, ex: Executor) -> dict[str, Any]:
+        """Finalise the parts whose marker is missing; every part's statistics, summed."""
+        task = functools.partial(
+            finalize_task,
+            spec_json=self.spec.model_dump_json(),
+            run_dir=self.run_dir.uri,
+            fields=metadata_fields(self.run_dir, self.num_parts),
+        )
+        items = [{"part": i} for i in range(self.num_parts)]
+        marker_dir = work_paths(self.run_dir)["final_done"]
+        return PartStage(self.name, items, task, marker_dir).run(ex)
+
+
+def finalize_stage(spec: DataSpec, run_dir: Location, num_parts: int) -> FinalizeStage:
     """The finalise stage over parts ``0 .. num_parts - 1``."""
-    task = functools.partial(finalize_task, spec_json=spec.model_dump_json(), run_dir=run_dir.uri)
-    items = [{"part": i} for i in range(num_parts)]
-    return PartStage("finalize", items, task, work_paths(run_dir)["final_done"])
+    return FinalizeStage(spec, run_dir, num_parts)

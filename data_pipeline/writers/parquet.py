@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from crucible.cluster.storage import Location
 from crucible.data_pipeline.document import Document, Exclusion
+from crucible.data_pipeline.writers.metadata import to_json
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -29,9 +30,20 @@ FILTERED_SCHEMA = DOCUMENT_SCHEMA.append(pa.field("key", pa.int64()))
 FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("text_hash", pa.string()))
 FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("bands", pa.list_(pa.uint64())))
 FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("signature", pa.list_(pa.uint32())))
+# the input's other fields as one JSON object text; typed in the clean documents
+# (see crucible.data_pipeline.writers.metadata)
+FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("metadata", pa.string()))
 EXCLUSION_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("rule", pa.string()), ("text", pa.string())]
 )
+
+
+def document_schema(metadata: pa.StructType | None) -> pa.Schema:
+    """The clean documents' schema: :data:`DOCUMENT_SCHEMA`, then the ``metadata`` struct
+    when the inputs have fields besides text, id and url."""
+    if metadata is None:
+        return DOCUMENT_SCHEMA
+    return DOCUMENT_SCHEMA.append(pa.field("metadata", metadata))
 
 
 def exclusions_table(rows: list[Exclusion], keep_text: bool, max_chars: int) -> pa.Table:
@@ -68,6 +80,7 @@ def filtered_table(
             "text_hash": hashes,
             "bands": bands,
             "signature": signatures,
+            "metadata": [to_json(d.metadata) for d in docs],
         },
         schema=FILTERED_SCHEMA,
     )

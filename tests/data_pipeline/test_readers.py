@@ -67,7 +67,11 @@ def test_truncated_gzip_reads_what_is_there(tmp_path: Path) -> None:
     docs, r = read(write(tmp_path / "t.jsonl.gz", blob[: len(blob) // 2]))
     assert 1000 < len(docs) < 20000
     assert [d.text for d in docs[:3]] == ["document 0", "document 1", "document 2"]
-    assert r.stats.dropped["truncated_file"] == 1
+    assert r.stats.counters["files/truncated"] == 1
+    # the cut last line is a dropped record, not a document nor a bad_json
+    assert r.stats.dropped == {"truncated_record": 1}
+    assert [e.rule for e in r.exclusions] == ["read/truncated_record"]
+    assert r.stats.docs_in == len(docs) + 1
 
 
 def test_truncated_zstd_reads_what_is_there(tmp_path: Path) -> None:
@@ -77,15 +81,17 @@ def test_truncated_zstd_reads_what_is_there(tmp_path: Path) -> None:
     docs, r = read(write(tmp_path / "t.jsonl.zst", blob[: int(len(blob) * 0.55)]))
     assert 4000 <= len(docs) < 10000
     assert docs[-1].text.startswith("document")
-    assert r.stats.dropped["truncated_file"] == 1
+    assert r.stats.counters["files/truncated"] == 1
     full, r2 = read(write(tmp_path / "f.jsonl.zst", blob))
-    assert len(full) == 10000 and r2.stats.dropped["truncated_file"] == 0
+    assert len(full) == 10000 and r2.stats.counters["files/truncated"] == 0
 
 
-def test_empty_file_counted(tmp_path: Path) -> None:
+def test_empty_file_counted_as_a_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     docs, r = read(write(tmp_path / "e.jsonl", b""))
-    assert docs == [] and r.stats.dropped["empty_file"] == 1
-    assert r.exclusions[0].rule == "read/empty_file"
+    assert docs == [] and r.stats.counters["files/empty"] == 1
+    # a file is not a document: no drop, no exclusion, but a warning naming it
+    assert not r.stats.dropped and not r.exclusions and r.stats.docs_in == 0
+    assert "e.jsonl" in caplog.text and "empty" in caplog.text
 
 
 def test_100mb_document(tmp_path: Path) -> None:
@@ -119,14 +125,16 @@ def test_warc_html_non_html_and_broken(tmp_path: Path) -> None:
     blob = buf.getvalue()
     docs, r = read(write(tmp_path / "cut.warc.gz", blob[: int(len(blob) * 0.7)]))
     assert 1 <= len(docs) < 5
-    assert r.stats.dropped["truncated_file"] == 1
-    assert any(e.rule == "read/truncated_file" for e in r.exclusions)
+    assert r.stats.counters["files/truncated"] == 1
+    assert r.stats.dropped["truncated_record"] == 1
+    assert [e.rule for e in r.exclusions] == ["read/truncated_record"]
+    assert all(f"Page {i} body" in d.text for i, d in enumerate(docs))
     # garbage where a record header should be: records before it are kept, the break counted
     plain = gzip.decompress(blob)
     junk = b"WARC/1.0\r\nContent-Length: abc\r\n\r\n"
     docs, r = read(write(tmp_path / "junk.warc", plain + junk + plain))
     assert 5 <= len(docs) < 10
-    assert r.stats.dropped["broken_warc"] == 1
+    assert r.stats.counters["files/corrupt"] == 1 and not r.stats.dropped
 
 
 def test_parquet_reader_and_bad_parquet(tmp_path: Path) -> None:
@@ -138,7 +146,7 @@ def test_parquet_reader_and_bad_parquet(tmp_path: Path) -> None:
     assert [d.text for d in docs] == ["one", "three"] and docs[1].url == "u3"
     assert r.stats.dropped["missing_text"] == 1
     docs, r = read(write(tmp_path / "bad.parquet", b"not parquet at all"))
-    assert docs == [] and r.stats.dropped["bad_parquet"] == 1
+    assert docs == [] and r.stats.counters["files/corrupt"] == 1 and not r.stats.dropped
 
 
 def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:

@@ -35,7 +35,10 @@ def test_local_run_outputs(corpus: dict[str, Any], tmp_path: Path) -> None:
         DataSpec(inputs=[str(corpus["dir"])]), run, executor="local", progress=False
     )
     docs = pq.read_table(sorted((run / "documents").glob("part-*.parquet")))
-    assert docs.schema.names == ["id", "text", "source", "url", "language", "language_score"]
+    assert docs.schema.names == [
+        *("id", "text", "source", "url", "language", "language_score"),
+        "metadata",  # the WARC file's headers (the JSONL files have only id, text, url)
+    ]
     assert (run / "documents" / "_SUCCESS").exists()
     ids = docs.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == stats["totals"]["docs_out"] > 0
