@@ -21,11 +21,11 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.request import urlopen
 
 from crucible.cluster.scrape import DEFAULT_PORT, PATH, PORT_ENV, scrape_config
 
@@ -129,12 +129,14 @@ class TargetRegistry:
             with self._lock:
                 addresses = list(self._targets)
             for address in addresses:
+                # a connection, not a read: exporters count reads as scrapes
                 ok = False
+                host, _, port = address.rpartition(":")
                 with (
                     contextlib.suppress(OSError, ValueError),
-                    urlopen(f"http://{address}/metrics", timeout=2) as r,
+                    socket.create_connection((host, int(port)), timeout=2),
                 ):
-                    ok = r.status == 200
+                    ok = True
                 with self._lock:
                     t = self._targets.get(address)
                     if t is None:

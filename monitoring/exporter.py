@@ -23,7 +23,8 @@ from crucible.monitoring import discovery
 
 log = logging.getLogger(__name__)
 
-_servers: dict[int, tuple[Any, Any, str]] = {}  # port -> (server, registry actor, address)
+# port -> (server, registry actor, address, scrape counter)
+_servers: dict[int, tuple[Any, Any, str, _Scrapes]] = {}
 _lock = threading.Lock()
 _warned: set[str] = set()
 
@@ -32,6 +33,35 @@ def _warn_once(key: str, msg: str, *args: Any) -> None:
     if key not in _warned:
         _warned.add(key)
         log.warning(msg, *args)
+
+
+class _Scrapes:
+    """The registry as the HTTP server sees it, counting the scrapes that read it (the target
+    registry's liveness probe only connects, so every read is a scrape)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.count = 0
+        self.cond = threading.Condition()
+
+    def _seen(self) -> None:
+        with self.cond:
+            self.count += 1
+            self.cond.notify_all()
+
+    def collect(self) -> Any:
+        self._seen()
+        return self.registry.collect()
+
+    def restricted_registry(self, names: Any) -> Any:
+        self._seen()
+        return self.registry.restricted_registry(names)
+
+    def wait_next(self, timeout_s: float) -> bool:
+        """Whether a scrape began after this call, within ``timeout_s``."""
+        with self.cond:
+            start = self.count
+            return self.cond.wait_for(lambda: self.count > start, timeout=timeout_s)
 
 
 def start_exporter(
@@ -63,8 +93,9 @@ def start_exporter(
         The bound port, or None if nothing is served.
     """
     host = host or discovery.node_address()
+    scrapes = _Scrapes(registry)
     try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
+        server, _thread = start_http_server(port, addr=host, registry=scrapes)  # type: ignore[arg-type]
     except OSError as e:
         _warn_once(f"bind:{port}", "metrics exporter cannot bind %s:%s (%s); the job continues "
                    "without it", host, port, e.strerror or e)  # fmt: skip
@@ -87,20 +118,27 @@ def start_exporter(
             _warn_once("sd", "cannot register metrics target %s (%s)", address, e)
             actor = None
     with _lock:
-        _servers[bound] = (server, actor, address)
+        _servers[bound] = (server, actor, address, scrapes)
     return bound
 
 
-def stop_exporter(port: int) -> None:
+def stop_exporter(port: int, final_scrape_s: float = 0.0) -> None:
     """Stop the exporter on ``port`` and deregister it (no-op if unknown).
 
     Args:
         port: as returned by :func:`start_exporter`.
+        final_scrape_s: if the exporter is announced, first wait (up to this long) for a
+            scrape that begins now, so the final values reach Prometheus; it returns as soon
+            as one did, whatever the scrape interval.
     """
     with _lock:
-        server, actor, address = _servers.pop(port, (None, None, ""))
+        server, actor, address, scrapes = _servers.pop(port, (None, None, "", None))
     if server is None:
         return
+    announced = actor is not None and scrapes is not None and final_scrape_s > 0
+    if announced and not scrapes.wait_next(final_scrape_s):  # type: ignore[union-attr]
+        log.info("metrics target %s was not scraped within %.0f s of the end; its "
+                     "final values may be missing from Prometheus", address, final_scrape_s)  # fmt: skip
     if actor is not None:
         with contextlib.suppress(Exception):
             import ray

@@ -7,6 +7,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -117,3 +118,37 @@ def test_generated_scrape_config_passes_promtool(tmp_path) -> None:
     r = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_final_scrape_is_awaited_not_slept() -> None:
+    """At the end an exporter waits for a scrape that begins after it asks (the last values
+    are then in Prometheus) and returns as soon as there is one; earlier scrapes don't count."""
+    from prometheus_client import start_http_server
+
+    from crucible.monitoring.exporter import _Scrapes
+
+    scrapes = _Scrapes(CollectorRegistry())
+    server, _ = start_http_server(0, addr="127.0.0.1", registry=scrapes)  # type: ignore[arg-type]
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    try:
+        assert requests.get(url, timeout=5).ok
+        assert not scrapes.wait_next(0.2)  # the scrape before the wait is not the final one
+        stop = threading.Event()
+
+        def prometheus() -> None:
+            while not stop.is_set():
+                requests.get(url, timeout=5)
+                time.sleep(0.05)
+
+        t = threading.Thread(target=prometheus, daemon=True)
+        before = scrapes.count
+        t.start()
+        try:
+            assert scrapes.wait_next(60)
+        finally:
+            stop.set()
+            t.join()
+        assert scrapes.count > before
+    finally:
+        server.shutdown()
+        server.server_close()
