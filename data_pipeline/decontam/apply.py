@@ -91,60 +91,52 @@ def part_contamination(
         return None
     names = list(dc.eval_sets)
     keys = table.column("key").to_numpy()
-    texts = table.column("text").to_pylist()
     order = np.lexsort((matches.column("hash").to_numpy(), matches.column("key").to_numpy()))
     m_key = matches.column("key").to_numpy()[order]
     m_hash = matches.column("hash").to_numpy()[order]
     m_set = matches.column("set").to_numpy()[order]
-    hit = np.flatnonzero(alive & np.isin(keys, m_key))
-    starts = np.searchsorted(m_key, keys[hit], side="left")
-    ends = np.searchsorted(m_key, keys[hit], side="right")
-    found_set = np.full(keys.size, -1, dtype=np.int64)
-    found_gram: dict[int, str] = {}
-    for r, a, b in zip(hit.tolist(), starts.tolist(), ends.tolist(), strict=True):
-        hashes = ngram_hashes(texts[r], dc.n_grams)
-        at = np.isin(hashes, m_hash[a:b])
-        if not at.any():  # the matches were found in this very text: cannot happen
-            continue
-        i = int(np.argmax(at))  # the first contaminated n-gram in reading order
-        found_set[r] = m_set[a + int(np.searchsorted(m_hash[a:b], hashes[i]))]
-        found_gram[r] = ngram_text(texts[r], dc.n_grams, i)
-    hit = np.flatnonzero(found_set >= 0)
-    contaminated = found_set >= 0
-    drop = contaminated if dc.action == "drop" else np.zeros(keys.size, dtype=bool)
+    rows = np.flatnonzero(alive & np.isin(keys, m_key))
+    hits = table.take(pa.array(rows, pa.int64())).select(["id", "source", "text"]).to_pylist()
+    starts = np.searchsorted(m_key, keys[rows], side="left").tolist()
+    ends = np.searchsorted(m_key, keys[rows], side="right").tolist()
+    sets, grams = [], []  # per matched row: its eval set, its first contaminated n-gram
+    for doc, a, b in zip(hits, starts, ends, strict=True):
+        hashes = ngram_hashes(doc["text"], dc.n_grams)
+        i = int(np.argmax(np.isin(hashes, m_hash[a:b])))  # first in reading order
+        sets.append(names[m_set[a + int(np.searchsorted(m_hash[a:b], hashes[i]))]])
+        grams.append(ngram_text(doc["text"], dc.n_grams, i))
+    drop = np.zeros(keys.size, dtype=bool)
+    if dc.action == "drop":
+        drop[rows] = True
 
     nbytes = np.asarray(pc.binary_length(pc.cast(table.column("text"), pa.binary())), np.int64)
     s = StepStats()
     s.docs_in, s.bytes_in = int(alive.sum()), int(nbytes[alive].sum())
     s.docs_out, s.bytes_out = int((alive & ~drop).sum()), int(nbytes[alive & ~drop].sum())
-    for r in hit.tolist():
-        s.counters[f"contaminated_{names[found_set[r]]}"] += 1
-        if drop[r]:
-            s.dropped[names[found_set[r]]] += 1
-
-    rows = hit.tolist()
-    ids = table.column("id").to_pylist()
-    sources = table.column("source").to_pylist()
+    for name in sets:
+        s.counters[f"contaminated_{name}"] += 1
+        if dc.action == "drop":
+            s.dropped[name] += 1
     audit = pa.table(
         {
-            "id": [ids[r] for r in rows],
-            "source": [sources[r] for r in rows],
-            "eval_set": [names[found_set[r]] for r in rows],
-            "ngram": [found_gram[r] for r in rows],
-            "dropped": [bool(drop[r]) for r in rows],
+            "id": [d["id"] for d in hits],
+            "source": [d["source"] for d in hits],
+            "eval_set": sets,
+            "ngram": grams,
+            "dropped": [dc.action == "drop"] * len(hits),
         },
         schema=AUDIT_SCHEMA,
     )
     out = spec.output
-    dropped = [r for r in rows if drop[r]]
+    dropped = hits if dc.action == "drop" else []
     exclusions = pa.table(
         {
-            "id": [ids[r] for r in dropped],
-            "source": [sources[r] for r in dropped],
-            "rule": [f"{STEP}/{names[found_set[r]]}" for r in dropped],
+            "id": [d["id"] for d in dropped],
+            "source": [d["source"] for d in dropped],
+            "rule": [f"{STEP}/{name}" for name in sets[: len(dropped)]],
             "text": [
-                texts[r][: out.max_exclusion_text_chars] if out.exclusion_text else None
-                for r in dropped
+                d["text"][: out.max_exclusion_text_chars] if out.exclusion_text else None
+                for d in dropped
             ],
         },
         schema=EXCLUSION_SCHEMA,

@@ -64,20 +64,23 @@ def eval_files(dc: DecontaminationSpec) -> list[dict[str, Any]]:
     return out
 
 
+def _text(value: Any) -> str | None:
+    """A field's value as text: a string, a list's items joined, a number written out."""
+    if isinstance(value, list):
+        return "\n".join(t for t in map(_text, value) if t)
+    if value is None or isinstance(value, dict):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
 def _field(record: dict[str, Any], path: str) -> str | None:
-    """The text at dotted ``path`` of ``record``: a string, a list's items joined, a number
-    written out; None when absent."""
+    """The text at dotted ``path`` of ``record`` (None when absent)."""
     value: Any = record
     for name in path.split("."):
         if not isinstance(value, dict) or name not in value:
             return None
         value = value[name]
-    if isinstance(value, list):
-        parts = [_field({"v": v}, "v") for v in value]
-        return "\n".join(p for p in parts if p)
-    if value is None or isinstance(value, dict):
-        return None
-    return value if isinstance(value, str) else str(value)
+    return _text(value)
 
 
 def record_text(record: dict[str, Any], fields: list[str]) -> str:
@@ -105,7 +108,8 @@ def _file_bytes(path: str) -> bytes:
 
 
 def eval_texts(path: str, fields: list[str], stats: StepStats) -> Iterator[str]:
-    """The texts of an eval file: one per JSONL line or Parquet row, the whole of a .txt file.
+    """The texts of an eval file: one per JSONL line, JSON array item or Parquet row; the whole
+    of a .txt file.
 
     Args:
         path: the file.
@@ -125,13 +129,23 @@ def eval_texts(path: str, fields: list[str], stats: StepStats) -> Iterator[str]:
     if name.endswith(".txt"):
         yield data.decode("utf-8", "replace")
         return
-    for line in data.splitlines():
-        if not line.strip():
-            continue
+    records: list[Any] | None = None
+    if name.endswith(".json"):  # a JSON array of records, or JSONL named .json
         try:
-            record = orjson.loads(line)
+            whole = orjson.loads(data)
+            records = whole if isinstance(whole, list) else [whole]
         except orjson.JSONDecodeError:
-            record = None
+            records = None
+    if records is None:
+        records = []
+        for line in data.splitlines():
+            if not line.strip():
+                continue
+            try:
+                records.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                records.append(None)
+    for record in records:
         if isinstance(record, dict):
             yield record_text(record, fields)
         else:

@@ -4,6 +4,7 @@ same matches as one partition (the in-process executor's)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,10 @@ import pytest
 from pydantic import ValidationError
 
 from crucible.data_pipeline.batches import table_numpy
-from crucible.data_pipeline.decontam.eval_sets import eval_files
+from crucible.data_pipeline.decontam.eval_sets import eval_files, eval_texts
 from crucible.data_pipeline.decontam.ngrams import ngram_hashes, ngram_text
 from crucible.data_pipeline.decontam.overlap import join_ngrams
+from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.executors.local import LocalData, LocalExecutor
 from crucible.data_pipeline.pipeline import run_pipeline
 from crucible.data_pipeline.spec import DataSpec, DecontaminationSpec
@@ -92,6 +94,19 @@ def test_ngrams_ignore_case_and_punctuation() -> None:
     shouted = ", ".join(w.upper() for w in words.split()) + "!"
     assert np.array_equal(ngram_hashes(shouted, 13), ngram_hashes(words, 13))
     assert ngram_text(shouted, 13, 0) == words
+
+
+def test_eval_file_formats(tmp_path: Path) -> None:
+    rec = {"q": "Who?", "a": {"choices": ["x", 3]}, "other": "ignored"}
+    (tmp_path / "arr.json").write_text(json.dumps([rec, rec]))
+    (tmp_path / "z.jsonl.gz").write_bytes(gzip.compress(b'{"q": "Who?"}\nnot json\n\n[1]\n'))
+    pq.write_table(pa.table({"q": ["Who?"], "a": [{"choices": ["x"]}]}), tmp_path / "t.parquet")
+    stats = StepStats()
+    fields = ["q", "a.choices"]
+    assert list(eval_texts(str(tmp_path / "arr.json"), fields, stats)) == ["Who?\nx\n3"] * 2
+    assert list(eval_texts(str(tmp_path / "z.jsonl.gz"), fields, stats)) == ["Who?"]
+    assert stats.counters["bad_lines"] == 2
+    assert list(eval_texts(str(tmp_path / "t.parquet"), fields, stats)) == ["Who?\nx"]
 
 
 def test_join_keeps_training_rows_of_eval_hashes() -> None:
@@ -197,3 +212,16 @@ def test_spec_defaults_and_errors(tmp_path: Path) -> None:
     missing = DecontaminationSpec(eval_sets={"gsm8k": {"paths": [str(tmp_path / "no.jsonl")]}})
     with pytest.raises(CrucibleError, match="eval set 'gsm8k'"):
         eval_files(missing)
+
+
+@pytest.mark.slow
+def test_ray_equals_local(tmp_path: Path, ray_local: Any) -> None:
+    """The Ray executor (eval files indexed by Ray tasks, the join a keyed repartition into
+    at least one partition per CPU) finds and audits the same documents."""
+    spec = _spec(tmp_path).model_copy(update={"partition_bytes": 4096, "num_workers": 1})
+    local = run_pipeline(spec, tmp_path / "local", executor="local", progress=False)
+    ray = run_pipeline(spec, tmp_path / "ray", executor="ray", progress=False)
+    assert local["steps"] == ray["steps"]
+    assert local["decontamination"] == ray["decontamination"]
+    for sub in ("documents", "exclusions", "decontamination"):
+        assert _rows(tmp_path / "local", sub) == _rows(tmp_path / "ray", sub), sub
