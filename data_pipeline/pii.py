@@ -24,10 +24,16 @@ EMAIL_RE = re.compile(
     r"\b[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}\b"
 )
+# Left boundaries are written after a pattern's first character (``\d(?<!\w\d)``, not
+# ``(?<!\w)\d``): a pattern that starts with a character class lets re skip to where that class
+# matches instead of trying the whole pattern at every position (about 3x faster).
+#
 # A dotted quad standing alone: not glued to letters ("v1.2.3.4", "1.2.3.4b1") nor part of a
 # longer dotted run; a sentence's full stop may follow.
-IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\w)")
-IPV6_RE = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+IPV4_RE = re.compile(r"\d(?<![\w.]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?!\w|\.\w)")
+IPV6_RE = re.compile(
+    r"(?=[0-9A-Fa-f:])(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"
+)
 # What marks a dotted quad as a version: a version word or a pin operator just before it
 # ("version 1.2.3.4", "rev. 2.0.0.1", "pkg==1.2.3.4", "Chrome/1.2.3.4" as a product token),
 # or a pre-release suffix just after it ("1.2.3.4-beta").
@@ -40,7 +46,7 @@ VERSION_AFTER_RE = re.compile(r"[-+.]?(?:alpha|beta|rc|dev|pre|post|snapshot|fin
 
 # Cards as written: 13-19 digits in one run, 4-4-4-4(-3) groups, or Amex/Diners 4-6-5(4).
 CARD_RE = re.compile(
-    r"(?<![\w-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?|\d{4}([ -])\d{6}\2\d{4,5})"
+    r"\d(?<![\w-]\d)(?:\d{12,18}|\d{3}([ -])\d{4}\1\d{4}\1\d{4}(?:\1\d{3})?|\d{3}([ -])\d{6}\2\d{4,5})"
     r"(?!\w|-\d)"
 )
 # (first digits low, high, lengths) of the card networks (ISO/IEC 7812 issuer prefixes):
@@ -64,15 +70,18 @@ CARD_PREFIXES: tuple[tuple[int, int, tuple[int, ...]], ...] = (
     (56, 69, (12, 13, 14, 15, 16, 17, 18, 19)),
 )
 # 123-45-6789 is an SSN's own shape; 9 digits in one run or spaced only after a cue.
-SSN_RE = re.compile(r"(?<![\w-])\d{3}([- ]?)\d{2}\1\d{4}(?!\w|-\d)")
+SSN_RE = re.compile(r"\d(?<![\w-]\d)\d{2}([- ]?)\d{2}\1\d{4}(?!\w|-\d)")
 SSN_CUE_RE = re.compile(
     r"\b(?:ssn|ss#|social security(?: number| no\.?| #)?)\s*(?:is\s+)?[:#]?\s*$", re.I
 )
 IBAN_RE = re.compile(
-    r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"
+    r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"
 )
-# Seven or more digits with phone punctuation between: where libphonenumber's matcher looks.
+# Seven or more digits with phone punctuation between: where libphonenumber's matcher looks,
+# unless the run is a date or a decimal number, which the matcher would reject at many times
+# the cost.
 PHONE_CANDIDATE_RE = re.compile(r"\d(?:[ \-.()/\u00a0]{0,3}\d){6,}")
+NOT_PHONE_RE = re.compile(r"\d{4}([-/.])\d\d?\1\d\d?|\d\d?([-/.])\d\d?\2(?:\d\d){1,2}|\d+\.\d+")
 PHONE_CONTEXT = 8  # characters either side of a candidate: '+', '(', 'ext. 12', '$'
 
 LENIENCY = {
@@ -173,6 +182,9 @@ def redact_phones(text: str, spec: PIISpec) -> tuple[str, int]:
     # The matcher runs only on windows around digit runs, not over the whole text.
     windows: list[list[int]] = []
     for m in PHONE_CANDIDATE_RE.finditer(text):
+        run, plus = m.group(0), text[m.start() - 1 : m.start()] == "+"
+        if NOT_PHONE_RE.fullmatch(run) or (run.isdigit() and not plus):
+            continue  # a date or decimal, or bare digits (rejected below as an id)
         start, end = max(0, m.start() - PHONE_CONTEXT), m.end() + PHONE_CONTEXT
         if windows and start <= windows[-1][1]:
             windows[-1][1] = end

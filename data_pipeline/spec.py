@@ -148,10 +148,10 @@ class PIISpec(StrictModel):
         "'+44 20 7946 0958' is found whatever it is, '020 7946 0958' only with 'GB'.",
     )
     phone_leniency: Literal["possible", "valid", "strict_grouping", "exact_grouping"] = Field(
-        "valid",
+        "strict_grouping",
         description="libphonenumber's matcher leniency: 'valid' accepts numbers valid in their "
-        "region's numbering plan; the grouping levels also require the digits grouped as the "
-        "region writes them.",
+        "region's numbering plan, 'strict_grouping' also requires digit groups the region uses "
+        "(it keeps 'INV-2023-097983' and ISBN-10s), 'exact_grouping' its exact format.",
     )
 
     @model_validator(mode="after")

@@ -31,6 +31,7 @@ def test_email_and_ip() -> None:
         ("Ring 415-555-2671 or (415) 555-2671.", US, "Ring <PHONE> or <PHONE>."),
         ("Tel. 020 7946 0958, ask for Sam.", GB, "Tel. <PHONE>, ask for Sam."),
         ("From abroad: +44 20 7946 0958.", US, "From abroad: <PHONE>."),
+        ("+14155552671 is mine", US, "<PHONE> is mine"),
         ("Visa 4111 1111 1111 1111 exp 12/27", US, "Visa <CREDIT_CARD> exp 12/27"),
         ("card=5555555555554444;", US, "card=<CREDIT_CARD>;"),
         ("Amex 3782-822463-10005.", US, "Amex <CREDIT_CARD>."),
@@ -63,6 +64,8 @@ def test_each_kind_found(text: str, spec: PIISpec, out: str) -> None:
         "epoch 1700000000, ms 1700000000123",
         # order numbers, ISBNs, long ids
         "Order #A-5521-3342 and order 12345678901 shipped.",
+        "Invoice INV-2023-097983 (digits valid as a US number, not grouped as one)",
+        "ISBN-10 7-487-27929-4",
         "ISBN 978-0-306-40615-7, 9780306406157, 9783070000064, 0-306-40615-2",
         "id 4111111111111112 and tweet 1458392847562938475",
         # invalid SSNs, cards, IBANs
