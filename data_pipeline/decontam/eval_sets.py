@@ -40,7 +40,7 @@ def eval_files(dc: DecontaminationSpec) -> list[dict[str, Any]]:
     Raises:
         CrucibleError: a path of an eval set matches no file.
     """
-    out = []
+    out: list[dict[str, Any]] = []
     for i, (name, es) in enumerate(dc.eval_sets.items()):
         found: set[str] = set()
         for pattern in es.paths:
