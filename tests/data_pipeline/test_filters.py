@@ -11,14 +11,12 @@ from crucible.data_pipeline.filters.gopher_repetition import (
     gopher_repetition_rule,
     top_ngram_chars,
 )
-from crucible.data_pipeline.filters.language import LanguageFilter, detect_language
 from crucible.data_pipeline.normalize import normalize_text
 from crucible.data_pipeline.spec import (
     C4Spec,
     FineWebSpec,
     GopherQualitySpec,
     GopherRepetitionSpec,
-    LanguageSpec,
 )
 
 GQ = GopherQualitySpec()
@@ -155,23 +153,6 @@ def test_fineweb_rules() -> None:
     assert fineweb_rule(listy, spec) is None
     one_word_lines = "\n".join(f"Word{i}." for i in range(10))
     assert fineweb_rule(one_word_lines, FineWebSpec(short_line_thr=None)) == "list_ratio"
-
-
-def test_language_id_bundled_model() -> None:
-    lang, score = detect_language("The quick brown fox jumps over the lazy dog near the river.")
-    assert lang == "en" and score > 0.8
-    assert detect_language("Le chat est sur la table et il dort toute la journée.")[0] == "fr"
-    step = LanguageFilter(LanguageSpec(keep=["en"], min_score=0.65))
-    docs = [
-        Document("a", "The weather is nice today and we are going to the park.", "s"),
-        Document("b", "Das Wetter ist heute schön und wir gehen in den Park.", "s"),
-    ]
-    kept = list(step.run(docs))
-    assert [d.id for d in kept] == ["a"] and kept[0].language == "en"
-    assert step.stats.dropped["other_language"] == 1
-    assert step.exclusions[0].rule == "language/other_language"
-    everything = LanguageFilter(LanguageSpec(keep=None, min_score=0.0))
-    assert len(list(everything.run(docs))) == 2
 
 
 def test_normalize() -> None:
