@@ -63,15 +63,30 @@ def prepare_run(spec: RunSpec, resume: bool = False) -> Location:
     check_storage(spec.cluster.storage)
     run = run_location(spec)
     existing = run / RESOLVED
-    if existing.is_file():
+    if existing.is_file() and not resume and started_work(run):
         old = load_run_spec(run)
-        if spec_hash(old) != spec_hash(spec) and not resume:
+        if spec_hash(old) != spec_hash(spec):
+            again = (
+                f"`crucible resume {spec.name}`"
+                if old.kind == "train"
+                else f"rerun it with its own spec (`crucible data run {existing}`)"
+            )
             raise CrucibleError(
-                f"run {spec.name!r} already exists in {run} with a different spec; "
-                "pick another name, or `crucible resume` it as it was"
+                f"run {spec.name!r} already exists in {run} with a different spec; pick "
+                f"another name, or {again} to finish it as it was"
             )
     write_resolved(spec, run)
     return run
+
+
+# What a run directory holds before its job did any work: the spec and the submissions.
+_BEFORE_WORK = {RESOLVED, "jobs.jsonl"}
+
+
+def started_work(run: Location) -> bool:
+    """Whether run ``run`` holds anything but its spec and its job history: a run whose
+    attempts all failed before doing any work can take a corrected spec under its name."""
+    return any(name not in _BEFORE_WORK for name in run.ls())
 
 
 def find_run(run: str, storage: str | None = None) -> Location:

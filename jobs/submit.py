@@ -9,6 +9,7 @@ import time
 from crucible.cluster.storage import JsonlLog, Location, read_jsonl
 from crucible.errors import CrucibleError
 from crucible.jobs.client import JobsClient
+from crucible.jobs.preflight import preflight
 from crucible.jobs.runs import prepare_run
 from crucible.jobs.spec import RunSpec
 
@@ -28,6 +29,7 @@ def active_job(client: JobsClient, run_name: str) -> str | None:
 
 def submit_run(spec: RunSpec, resume: bool = False) -> tuple[JobsClient, str, Location]:
     """Prepare the run directory and submit the run's job; return (client, job id, run dir)."""
+    preflight(spec)  # nothing is written or submitted for a spec the driver would refuse
     client = JobsClient.for_cluster(spec.cluster)
     running = active_job(client, spec.name)
     if running:

@@ -24,6 +24,7 @@ def run(
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
 ) -> None:
     """Run the data job of SPEC: on the cluster as a Ray job, or in-process with --local."""
+    from crucible.jobs.preflight import preflight
     from crucible.jobs.runs import absolutize, prepare_run
 
     spec = absolutize(load_spec(spec_path, set_))
@@ -36,6 +37,7 @@ def run(
         from crucible.data_pipeline.stats_report import format_stats
 
         assert spec.data is not None
+        preflight(spec)
         d = prepare_run(spec)
         run_pipeline(spec.data, d, executor="local")
         typer.echo(format_stats(d))
