@@ -41,7 +41,7 @@ def main() -> int:
         print(f"{phase:<52} {seconds:8.1f}")
     print(f"{'total':<52} {sum(got.phases.values()):8.1f}")
     print(
-        f"\nnode b killed after step-{drill.KILL_AFTER}; node c's rank placed "
+        f"\nnode b killed after step-{got.kill_after}; node c's rank placed "
         f"{got.replaced_s:.1f} s after the kill; resumed from step "
         f"{resumes[0]['step'] if resumes else '-'} in "
         f"{resumes[0]['load_seconds'] if resumes else float('nan'):.2f} s; ranks before "

@@ -50,6 +50,8 @@ RAY_ENV = {
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
 HEAD_IP = "127.0.0.4"
+# Short runs still get several scrapes per attempt (clusters default to 5 s).
+SCRAPE_INTERVAL_S = 2.0
 # Requests moto serves before it enforces IAM auth: the setup of the two identities.
 _UNAUTHENTICATED_SETUP_CALLS = 6
 
@@ -267,7 +269,8 @@ def multinode(server: S3Server, nodes: dict[str, str]) -> Iterator[Cluster]:
     try:
         # the head on an address of its own, as on a real cluster (nodes join it there)
         state, started = local.up(home / "cluster", local.free_ports(), num_cpus=1,
-                                  node_ip=HEAD_IP, rule_files=rule_files())  # fmt: skip
+                                  node_ip=HEAD_IP, rule_files=rule_files(),
+                                  scrape_interval_s=SCRAPE_INTERVAL_S)  # fmt: skip
         assert started
         # the client (this process) is not a node: a scratch of its own
         os.environ["CRUCIBLE_SCRATCH"] = str(home / "scratch-client")
@@ -308,6 +311,7 @@ class Drill:
     nodes_before: dict[str, tuple[str, str]] = field(default_factory=dict)
     nodes_after: dict[str, tuple[str, str]] = field(default_factory=dict)
     replaced_s: float = 0.0
+    kill_after: int = 0  # the checkpoint node b was killed after (KILL_AFTER or later)
     export_dir: str = ""
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -474,18 +478,24 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
     def lose_node_b(run: Location, done: threading.Event) -> None:
         latest = run / "checkpoints" / "latest"
 
-        def committed() -> bool:
-            with contextlib.suppress(OSError):
-                return latest.read_text().strip() == f"step-{KILL_AFTER}"
-            return False
+        def committed() -> int | None:
+            # the newest committed checkpoint, once it is at least KILL_AFTER
+            with contextlib.suppress(OSError, ValueError):
+                step = int(latest.read_text().strip().removeprefix("step-"))
+                return step if step >= KILL_AFTER else None
+            return None
+
+        # Node b's rank must have been scraped before it dies (Prometheus finds a rank through
+        # HTTP SD, then scrapes it an interval later): the kill follows that, not a fixed step.
+        _wait_for(lambda: scraped(cluster, run.name, "127.0.0.2"), "a scrape of node b", done)
+        drill.kill_after = _wait_for(committed, f"a checkpoint at step {KILL_AFTER}+", done)
 
         def past_it() -> bool:
             # a step after the checkpoint is durable in the run's log: work the loss destroys,
             # and a record the resumed attempt's re-run of that step is compared with
-            return max(step_losses(run), default=0) > KILL_AFTER
+            return max(step_losses(run), default=0) > drill.kill_after
 
-        _wait_for(committed, f"checkpoint step-{KILL_AFTER} committed", done)
-        _wait_for(past_it, f"a step after step-{KILL_AFTER} in the run's log", done)
+        _wait_for(past_it, f"a step after step-{drill.kill_after} in the run's log", done)
         pids, drill.placements["before"] = placement(cluster, run, done)
         drill.nodes_before = cluster.alive()
         cluster.kill("b")
@@ -494,6 +504,7 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
         drill.placements["after"] = placement(cluster, run, done, old=pids)[1]
         drill.replaced_s = time.monotonic() - killed
         drill.nodes_after = cluster.alive()
+        _wait_for(lambda: scraped(cluster, run.name, "127.0.0.3"), "a scrape of node c", done)
 
     with _timed(drill, "train, node b killed mid-run, resumed on node c"):
         run, drill.logs["run"] = run_job(train_spec("node-loss", storage, shards), lose_node_b)
@@ -501,6 +512,23 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
     with _timed(drill, "export from S3 to transformers"):
         drill.export_dir = str(export_checkpoint(run.uri, "hf", workdir / "hf"))
     return drill
+
+
+def scraped(cluster: Cluster, run: str, ip: str) -> bool:
+    """Whether the cluster's Prometheus holds a rank series of ``run`` from the host ``ip``:
+    Prometheus finds a new rank through HTTP SD and scrapes it one interval later, so a rank
+    killed sooner than that leaves no series."""
+    expr = f'crucible_train_step_seconds_count{{run="{run}"}}'
+    found = prometheus_query(cluster.state.prometheus_url, expr, time.time())
+    return ip in {s["metric"]["instance"].rsplit(":", 1)[0] for s in found}
+
+
+def prometheus_query(url: str, expr: str, at: float) -> list[dict[str, Any]]:
+    """``expr`` evaluated at unix time ``at``."""
+    r = requests.get(f"{url}/api/v1/query", params={"query": expr, "time": at}, timeout=30)
+    r.raise_for_status()
+    result: list[dict[str, Any]] = r.json()["data"]["result"]
+    return result
 
 
 def prometheus_range(url: str, expr: str, start: float, end: float) -> list[dict[str, Any]]:

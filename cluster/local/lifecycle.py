@@ -64,6 +64,7 @@ def up(
     timeout: float = 120.0,
     node_ip: str | None = None,
     rule_files: Sequence[Path] = (),
+    scrape_interval_s: float = 5.0,
 ) -> tuple[ClusterState, bool]:
     """Start the local cluster; return its state and whether it was started now.
 
@@ -81,6 +82,8 @@ def up(
         rule_files: Prometheus recording and alerting rule files, installed into
             ``<state>/prometheus/rules/`` before Prometheus starts (crucible's are
             :func:`crucible.monitoring.prometheus.rule_files`).
+        scrape_interval_s: Prometheus' scrape, service-discovery refresh and rule
+            evaluation interval.
     """
     state_dir = (state_dir or default_state_dir()).expanduser().resolve()
     existing = load_state(state_dir)
@@ -161,7 +164,7 @@ def up(
         wait_ray_sd(ray_temp, timeout)
 
         prom_dir = state_dir / "prometheus"
-        (prom_dir / "prometheus.yml").write_text(prometheus_config(state))
+        (prom_dir / "prometheus.yml").write_text(prometheus_config(state, scrape_interval_s))
         for src in rule_files:  # loaded at start; a reload never sees half a file
             write_atomic(prom_dir / "rules" / Path(src).name, Path(src).read_bytes())
         prom_log = state_dir / "prometheus.log"

@@ -121,13 +121,13 @@ def test_multinode_drill_on_object_storage_resumes_bitwise(s3, tmp_path) -> None
     assert s3.rw[1] not in json.dumps(got.logs)  # the secret never reaches a job log
 
     resumes = drill.records(got.run, "resume")
-    assert len(resumes) == 1 and resumes[0]["step"] == drill.KILL_AFTER, got.logs["run"][-3000:]
+    assert len(resumes) == 1 and resumes[0]["step"] == got.kill_after, got.logs["run"][-3000:]
     assert resumes[0]["world_size"] == 2 and resumes[0]["from"].startswith("s3://")
     first, resumed = drill.losses_by_attempt(got.run)
-    assert sorted(resumed) == list(range(drill.KILL_AFTER + 1, drill.MAX_STEPS + 1))
-    assert set(range(1, drill.KILL_AFTER + 2)) <= set(first)  # the kill came after a step past it
+    assert sorted(resumed) == list(range(got.kill_after + 1, drill.MAX_STEPS + 1))
+    assert set(range(1, got.kill_after + 2)) <= set(first)  # the kill came after a step past it
     redone = sorted(set(first) & set(resumed))
-    assert redone and redone[0] == drill.KILL_AFTER + 1
+    assert redone and redone[0] == got.kill_after + 1
     assert {s: first[s] for s in redone} == {s: resumed[s] for s in redone}  # bitwise
 
     # Prometheus, finding targets only through the registry's HTTP SD, scraped ranks on every
@@ -166,7 +166,14 @@ def what_prometheus_saw(url: str, got: drill.Drill) -> dict:
     def look() -> dict:
         end = time.time()
         rng = lambda e: drill.prometheus_range(url, e, got.started, end)  # noqa: E731
-        loss = rng('crucible_train_step_seconds_count{run="node-loss"}')  # every rank's
+        # every rank's raw samples: a rank killed soon after its first scrape has samples
+        # between two of the range query's evaluation points only
+        span = f"{int(end - got.started) + 1}s"
+        loss = drill.prometheus_query(
+            url,
+            f'count_over_time(crucible_train_step_seconds_count{{run="node-loss"}}[{span}])',
+            end,
+        )
         restarts = rng('max(crucible_train_restarts_total{run="node-loss"})')
         lost = rng('max(crucible_gpu_seconds_total{run="node-loss", phase="lost"})')
         empty = [
