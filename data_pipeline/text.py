@@ -12,6 +12,7 @@ import re
 import sys
 import unicodedata
 
+import numpy as np
 import regex
 
 WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
@@ -31,7 +32,8 @@ def split_sentences(text: str) -> list[str]:
 @functools.cache
 def terminal_punctuation() -> tuple[str, ...]:
     """Unicode Sentence_Terminal characters (the set datatrove's TERMINAL_PUNCTUATION lists)."""
-    every = "".join(chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000)
+    codes = np.arange(sys.maxunicode + 1, dtype="<u4")
+    every = codes[(codes < 0xD800) | (codes >= 0xE000)].tobytes().decode("utf-32-le")
     return tuple(sorted(set(regex.findall(r"\p{Sentence_Terminal}", every))))
 
 
