@@ -80,7 +80,8 @@ def run_pipeline(
         The stats (as written to ``stats.json``).
 
     Raises:
-        CrucibleError: an input matches no file, or ``run_dir`` cannot be written.
+        CrucibleError: an input or eval-set path matches no file, or ``run_dir`` cannot be
+            written.
     """
     run_dir = check_storage(run_dir)
     inputs = expand_inputs(spec.inputs)
@@ -91,6 +92,8 @@ def run_pipeline(
     if done is not None and done.get("spec_hash") == digest:
         make_executor(executor, spec).run(_shard_stages(spec, run_dir, digest))
         return done
+    n = len(inputs)
+    decontaminate = decontaminate_stages(spec, run_dir, n)  # eval files checked before any write
     for d in ("filtered", "excluded", "filter_done", "dedup", "final_done", "documents"):
         p[d].mkdirs()
     p["exclusions"].mkdirs()
@@ -100,11 +103,10 @@ def run_pipeline(
     ex = make_executor(executor, spec)
     t0 = time.time()
     metrics = _DataMonitor(run_dir.name, on_cluster=executor == "ray")
-    n = len(inputs)
     stages: list[Stage] = [
         filter_stage(spec, run_dir, inputs, progress=progress, on_part=metrics.update),
         *dedup_stages(spec, run_dir, n),
-        *decontaminate_stages(spec, run_dir, n),
+        *decontaminate,
         finalize_stage(spec, run_dir, n),
     ]
     out = ex.run(stages)

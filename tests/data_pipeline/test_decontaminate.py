@@ -225,3 +225,15 @@ def test_ray_equals_local(tmp_path: Path, ray_local: Any) -> None:
     assert local["decontamination"] == ray["decontamination"]
     for sub in ("documents", "exclusions", "decontamination"):
         assert _rows(tmp_path / "local", sub) == _rows(tmp_path / "ray", sub), sub
+
+
+def test_missing_eval_file_fails_before_the_run_dir_is_written(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    gone = spec.decontaminate.eval_sets["qa"].model_copy(update={"paths": ["/nonexistent.jsonl"]})
+    sets = {**spec.decontaminate.eval_sets, "qa": gone}
+    bad = spec.model_copy(
+        update={"decontaminate": spec.decontaminate.model_copy(update={"eval_sets": sets})}
+    )
+    with pytest.raises(CrucibleError, match="eval set 'qa'"):
+        run_pipeline(bad, tmp_path / "run", executor="local", progress=False)
+    assert not (tmp_path / "run" / "_work").exists()
