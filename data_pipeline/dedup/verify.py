@@ -17,6 +17,30 @@ import numpy as np
 from crucible.data_pipeline.dedup.minhash import shingle_hashes
 
 
+def shingle_set(text: str, n_grams: int) -> np.ndarray:
+    """The sorted distinct word ``n_grams`` shingle hashes of ``text`` (what MinHash samples).
+
+    Args:
+        text: the text.
+        n_grams: words per shingle.
+    """
+    return np.unique(shingle_hashes(text, n_grams))
+
+
+def set_jaccard(sa: np.ndarray, sb: np.ndarray) -> float:
+    """Jaccard of two shingle sets (:func:`shingle_set`); 1 for two empty sets.
+
+    Args:
+        sa: one set, sorted and distinct.
+        sb: the other.
+    """
+    union = sa.size + sb.size
+    if union == 0:
+        return 1.0
+    inter = np.intersect1d(sa, sb, assume_unique=True).size
+    return inter / (union - inter)
+
+
 def exact_jaccard(text_a: str, text_b: str, n_grams: int) -> float:
     """Exact Jaccard of the word ``n_grams`` shingle sets of two texts.
 
@@ -25,13 +49,7 @@ def exact_jaccard(text_a: str, text_b: str, n_grams: int) -> float:
         text_b: the other.
         n_grams: words per shingle.
     """
-    sa = np.unique(shingle_hashes(text_a, n_grams))
-    sb = np.unique(shingle_hashes(text_b, n_grams))
-    union = sa.size + sb.size
-    if union == 0:
-        return 1.0
-    inter = np.intersect1d(sa, sb, assume_unique=True).size
-    return inter / (union - inter)
+    return set_jaccard(shingle_set(text_a, n_grams), shingle_set(text_b, n_grams))
 
 
 def unique_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,16 +127,25 @@ def exact_edges(batch: dict[str, np.ndarray], n_grams: int, threshold: float) ->
     a = np.asarray(batch["a"], np.int64)
     b = np.asarray(batch["b"], np.int64)
     texts = np.asarray(batch["text"], object)
-    text_of: dict[tuple[int, int, int], str] = {}
+    row_of: dict[tuple[int, int, int], int] = {}
     for r in range(keys.size):  # one row per pair end (repeats of a pair carry the same text)
-        text_of.setdefault((int(a[r]), int(b[r]), int(keys[r])), texts[r])
-    pairs = sorted({(x, y) for x, y, _ in text_of})
-    kept = [
-        (pa_, pb_, pa_) in text_of
-        and (pa_, pb_, pb_) in text_of
-        and exact_jaccard(text_of[(pa_, pb_, pa_)], text_of[(pa_, pb_, pb_)], n_grams) >= threshold
-        for pa_, pb_ in pairs
-    ]
+        row_of.setdefault((int(a[r]), int(b[r]), int(keys[r])), r)
+    # a document is in many pairs (every page of a site template): shingle it once per batch
+    sets: dict[int, np.ndarray] = {}
+
+    def shingles(pair: tuple[int, int], key: int) -> np.ndarray | None:
+        r = row_of.get((*pair, key))
+        if r is None:
+            return None
+        if key not in sets:
+            sets[key] = shingle_set(texts[r], n_grams)
+        return sets[key]
+
+    pairs = sorted({(x, y) for x, y, _ in row_of})
+    kept = []
+    for p in pairs:
+        sa, sb = shingles(p, p[0]), shingles(p, p[1])
+        kept.append(sa is not None and sb is not None and set_jaccard(sa, sb) >= threshold)
     return {
         "a": np.array([p[0] for p in pairs], np.int64),
         "b": np.array([p[1] for p in pairs], np.int64),

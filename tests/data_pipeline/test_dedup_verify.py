@@ -128,6 +128,29 @@ def test_exact_check_through_both_groupings() -> None:
     assert out["kept"].tolist() == [True, False, False]
 
 
+def test_exact_check_shingles_each_document_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # template pages: every page of a site is a candidate of every other (a star of pairs
+    # here); shingling both texts per pair made the exact check cost ~30x the signature check
+    import crucible.data_pipeline.dedup.verify as verify
+
+    rng = random.Random(4)
+    chrome = make_text(rng, "en", 200)
+    texts = [f"{chrome}\n{make_text(rng, 'en', n)}" for n in (8, 8, 8, 80, 80, 8)]
+    pairs = {"a": np.array([0, 0, 0, 0, 0, 1]), "b": np.array([1, 2, 3, 4, 5, 2])}
+    docs = doc_rows({"key": np.arange(6), "text": np.array(texts, object)})
+    ends = attach_text({k: np.concatenate([v, docs[k]]) for k, v in pair_ends(pairs).items()})
+    calls: list[str] = []
+    real = verify.shingle_set
+    monkeypatch.setattr(verify, "shingle_set", lambda t, n: calls.append(t) or real(t, n))
+    out = exact_edges(ends, n_grams=5, threshold=0.8)
+    assert len(calls) == 6 and sorted(calls) == sorted(texts)
+    expected = [
+        exact_jaccard(texts[a], texts[b], 5) >= 0.8 for a, b in zip(out["a"], out["b"], strict=True)
+    ]
+    assert out["kept"].tolist() == expected and out["a"].size == 6
+    assert any(expected) and not all(expected)
+
+
 def run_and_score(texts: list[str], tmp: Path, minhash: dict) -> tuple[dict, dict]:
     """The pipeline (fuzzy dedup only) on ``texts``; document-level scores at J 0.8."""
     inp = tmp / "in"
