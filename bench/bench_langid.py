@@ -22,9 +22,9 @@ Detectors that are not installed are skipped, so install the candidates first:
 from __future__ import annotations
 
 import argparse
-import gettext
 import random
 import re
+import struct
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -66,14 +66,18 @@ PLACEHOLDER = re.compile(r"%\([^)]*\)[sdfr]|%[sdfr]|\{[^}]*\}|<[^>]+>|&[a-z]+;")
 
 
 def read_mo(path: Path) -> dict[str, str]:
-    """msgid -> msgstr of a compiled gettext catalog (plural forms: the first)."""
-    with path.open("rb") as f:
-        catalog = gettext.GNUTranslations(f)._catalog  # type: ignore[attr-defined]
+    """msgid -> msgstr of a compiled gettext catalog (plural forms: the first; no header)."""
+    data = path.read_bytes()
+    order = "<" if data[:4] == b"\xde\x12\x04\x95" else ">"
+    count, ids_at, strs_at = struct.unpack(order + "3I", data[8:20])
     out = {}
-    for key, value in catalog.items():
-        msgid = key[0] if isinstance(key, tuple) else key
-        if msgid and value and (not isinstance(key, tuple) or key[1] == 0):
-            out[msgid] = value
+    for i in range(count):
+        id_len, id_at = struct.unpack(order + "2I", data[ids_at + 8 * i : ids_at + 8 * i + 8])
+        s_len, s_at = struct.unpack(order + "2I", data[strs_at + 8 * i : strs_at + 8 * i + 8])
+        msgid = data[id_at : id_at + id_len].split(b"\0")[0].decode()
+        msgstr = data[s_at : s_at + s_len].split(b"\0")[0].decode()
+        if msgid and msgstr and "\x04" not in msgid:  # \x04 joins a context to its msgid
+            out[msgid] = msgstr
     return out
 
 

@@ -7,7 +7,9 @@ right more often than the .ftz, above all on short text and smaller languages, a
 CPU per document; it holds ~850 MB of tables in each process (bench/bench_langid.py).
 
 Labels are ISO 639-1 codes where one exists (``en``, ``fr``, ``sh`` for Serbo-Croatian), else
-ISO 639-3 (``hsb``, ``ckb``), for both models; ``zxx`` is text with no letters.
+ISO 639-3 (``hsb``, ``ckb``), for both models; ``zxx`` is text with no letters. heliport has no
+label of its own for Indonesian (its Malay, ``ms``, covers it), Asturian or Aragonese: keep those
+with ``model: fasttext``.
 """
 
 from __future__ import annotations
