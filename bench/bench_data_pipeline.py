@@ -1,14 +1,21 @@
-"""Benchmark data pipeline I against datatrove on a generated corpus with planted duplicates.
+"""Benchmark data pipeline I against datatrove, on a generated corpus with planted duplicates
+and on real text (:mod:`real_corpus`: Debian changelogs and copyright files, Python package
+descriptions and licences found on this machine).
 
-Reports documents/s and MB/s per core for the full chain (in-process executor, one core, each
-run in a fresh process for its peak RSS), dedup precision/recall/F1 at Jaccard 0.8 against the
-exact ground truth (every pair of documents that reached dedup and shares a 5-gram), and the
-same corpus through datatrove (Gopher repetition + quality, C4, FineWeb filters, MinHash 14x8
-on 5-grams) as a ratio, scored the same way.
+Both systems run each round in a fresh child process started the same way; the figure is the
+CPU seconds (user + system, the child and anything it starts) of the work alone, measured
+inside the child after its imports, so neither side pays for interpreter start-up. Rounds
+alternate the order of the systems; the best round is reported. datatrove runs Gopher
+repetition + quality, C4 and FineWeb filters once (stage 1 writes the survivors and their
+MinHash signatures; stage 4 filters those survivors), MinHash 14x8 on 5-grams with its
+default xxhash shingle hash. crucible's "datatrove-equivalent" is the full chain without
+language id and PII. Dedup precision/recall/F1 at Jaccard 0.8 are scored for both against
+the exact ground truth (every pair of documents that reached dedup and shares a 5-gram).
 
-    python bench/bench_data_pipeline.py --quick --variants   # ~5 MB, with/without the check
-    python bench/bench_data_pipeline.py --mb 200             # the real figure
-    python bench/bench_data_pipeline.py --mb 200 --datatrove-mb 50   # datatrove on a subset
+    python bench/bench_data_pipeline.py --quick              # ~5 MB of each corpus
+    python bench/bench_data_pipeline.py --mb 50 --real-mb 50 --rounds 2
+    python bench/bench_data_pipeline.py --quick --variants   # with/without the check
+    python bench/bench_data_pipeline.py --ray-vs-local 5,200 # full chain, local vs Ray
     python bench/bench_data_pipeline.py --ray-memory 50,100  # peak worker memory on Ray
     python bench/bench_data_pipeline.py --ray-memory 10,20 --part-mb 5  # the same, quicker
 """
@@ -18,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import multiprocessing as mp
 import resource
 import shutil
 import subprocess
@@ -26,57 +32,125 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pyarrow.parquet as pq
-import zstandard
 from dedup_quality import dedup_scores, similar_pairs, true_clusters  # beside this script
-
-from crucible.data_pipeline.pipeline import run_pipeline
-from crucible.data_pipeline.sample import generate_corpus
-from crucible.data_pipeline.spec import DataSpec
+from real_corpus import write_real_corpus
 
 DOC_BYTES = 1160  # mean UTF-8 text bytes of a generated document: --mb is MB of text
-DATATROVE = r"""
-import sys, time
-from datatrove.executor.local import LocalPipelineExecutor
-from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.filters import (GopherRepetitionFilter, GopherQualityFilter,
-    C4QualityFilter, FineWebQualityFilter)
-from datatrove.pipeline.dedup import (MinhashDedupSignature, MinhashDedupBuckets,
-    MinhashDedupCluster, MinhashDedupFilter)
-from datatrove.pipeline.dedup.minhash import MinhashConfig
-from datatrove.utils.hashing import HashConfig
-from datatrove.pipeline.writers import JsonlWriter
-if __name__ == "__main__":
-    inp, out = sys.argv[1], sys.argv[2]
-    # sha1 shingle hashes: datatrove 0.10.1's xxhash path passes str, which xxhash 3.6 rejects
-    cfg = MinhashConfig(num_buckets=14, hashes_per_bucket=8, n_grams=5,
-                        hash_config=HashConfig(precision=64, hash_fc="sha1"))
-    t0 = time.time()
-    LocalPipelineExecutor(pipeline=[JsonlReader(inp, glob_pattern="*.jsonl*"),
-        GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(), FineWebQualityFilter(),
-        MinhashDedupSignature(output_folder=f"{out}/sigs", config=cfg)],
-        tasks=1, workers=1, logging_dir=f"{out}/l1").run()
-    LocalPipelineExecutor(pipeline=[MinhashDedupBuckets(input_folder=f"{out}/sigs",
-        output_folder=f"{out}/buckets", config=cfg)], tasks=14, workers=1,
-        logging_dir=f"{out}/l2").run()
-    LocalPipelineExecutor(pipeline=[MinhashDedupCluster(input_folder=f"{out}/buckets",
-        output_folder=f"{out}/ids", config=cfg)], tasks=1, logging_dir=f"{out}/l3").run()
-    LocalPipelineExecutor(pipeline=[JsonlReader(inp, glob_pattern="*.jsonl*"),
-        GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(), FineWebQualityFilter(),
-        MinhashDedupFilter(input_folder=f"{out}/ids",
-                           exclusion_writer=JsonlWriter(f"{out}/removed")),
-        JsonlWriter(f"{out}/docs")],
-        tasks=1, workers=1, logging_dir=f"{out}/l4").run()
-    import re, resource
-    # VmHWM, not ru_maxrss: a process started by fork + exec inherits its parent's RSS in it
-    hwm = int(re.search(r"VmHWM:\s*(\d+)", open("/proc/self/status").read()).group(1))
-    rss = max(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print("SECONDS", time.time() - t0, "RSS_MB", rss / 1024)
-"""
+
+
+def cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of its waited-for children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def datatrove_work(inp: str, out: str) -> Callable[[], dict]:
+    """datatrove's four filters and MinHash dedup, each filter run once (built, not run)."""
+    from datatrove.executor.local import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    cfg = MinhashConfig(num_buckets=14, hashes_per_bucket=8, n_grams=5)
+    steps = [
+        # survivors of the filters written in read order: stage 4 reads them back, and the
+        # signature stage numbered them in that same order
+        [
+            JsonlReader(inp, glob_pattern="*.jsonl*"),
+            GopherRepetitionFilter(),
+            GopherQualityFilter(),
+            C4QualityFilter(),
+            FineWebQualityFilter(),
+            JsonlWriter(f"{out}/filtered"),
+            MinhashDedupSignature(output_folder=f"{out}/sigs", config=cfg),
+        ],
+        [MinhashDedupBuckets(f"{out}/sigs", f"{out}/buckets", config=cfg)],
+        [MinhashDedupCluster(f"{out}/buckets", f"{out}/ids", config=cfg)],
+        [
+            JsonlReader(f"{out}/filtered"),
+            MinhashDedupFilter(f"{out}/ids", exclusion_writer=JsonlWriter(f"{out}/removed")),
+            JsonlWriter(f"{out}/docs"),
+        ],
+    ]
+    executors = [
+        LocalPipelineExecutor(
+            pipeline=p, tasks=14 if k == 1 else 1, workers=1, logging_dir=f"{out}/log{k}"
+        )
+        for k, p in enumerate(steps)
+    ]
+
+    def work() -> dict:
+        for ex in executors:
+            ex.run()
+        return {}
+
+    return work
+
+
+def crucible_work(spec_json: str, run: str, executor: str) -> Callable[[], dict]:
+    """crucible's pipeline (built, not run; its statistics when run)."""
+    from crucible.data_pipeline.pipeline import run_pipeline
+    from crucible.data_pipeline.spec import DataSpec
+
+    spec = DataSpec.model_validate_json(spec_json)
+    return lambda: run_pipeline(spec, Path(run), executor, False)
+
+
+def child_main(argv: list[str]) -> None:
+    """``--child SYSTEM ...``: import and build, then time the work alone; one JSON line on
+    stdout. ``SYSTEM`` is ``datatrove`` or crucible's executor (``local`` or ``ray``)."""
+    system = argv[0]
+    if system == "datatrove":
+        work = datatrove_work(argv[1], argv[2])
+    else:
+        work = crucible_work(Path(argv[1]).read_text(), argv[2], system)
+    init_s = 0.0
+    if system == "ray":
+        import ray
+
+        t0 = time.perf_counter()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        init_s = time.perf_counter() - t0
+    c0, t0 = cpu_s(), time.perf_counter()
+    stats = work()
+    out = {
+        "cpu_s": cpu_s() - c0,
+        "wall_s": time.perf_counter() - t0,
+        "init_s": init_s,
+        "rss_mb": peak_rss_mb(),
+        "stats": stats,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(args: list[str]) -> dict:
+    """One ``--child`` run in a fresh interpreter; its RESULT line."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
 
 
 def truth_clusters(truth: dict, reached: list[str], threshold: float = 0.8) -> list[list[str]]:
@@ -177,6 +251,10 @@ def ray_memory(
     """
     import ray
 
+    from crucible.data_pipeline.pipeline import run_pipeline
+    from crucible.data_pipeline.sample import generate_corpus
+    from crucible.data_pipeline.spec import DataSpec
+
     for mb in sizes_mb:
         inp = work / f"mem-{mb:g}"
         files = max(round(mb / part_mb), 1)
@@ -207,22 +285,134 @@ def ray_memory(
         shutil.rmtree(work / f"mem-run-{mb:g}", ignore_errors=True)
 
 
+def crucible_specs(inp: Path, variants: bool) -> dict[str, Any]:
+    """The crucible specs compared: the full chain and datatrove's steps (+ check variants)."""
+    from crucible.data_pipeline.spec import DataSpec
+
+    equivalent = {"language": {"enabled": False}, "pii": {"enabled": False}}
+    specs = {
+        "crucible full chain": DataSpec(inputs=[str(inp)]),
+        "crucible datatrove-equivalent": DataSpec(inputs=[str(inp)], **equivalent),
+    }
+    if variants:
+        for name, mh in (
+            ("signature-only check", {"verify": "signature"}),
+            ("no check", {"threshold": 0.0}),
+        ):
+            specs[f"crucible datatrove-equivalent, {name}"] = DataSpec(
+                inputs=[str(inp)], dedup={"minhash": mh}, **equivalent
+            )
+    return specs
+
+
+def compare(
+    work: Path, corpus: str, truth: dict, inp: Path, rounds: int, variants: bool, datatrove: bool
+) -> None:
+    """crucible's specs and datatrove on one corpus, ``rounds`` alternating rounds; the best
+    round (least CPU) of each, and dedup scores from each one's first round.
+
+    Args:
+        work: scratch folder.
+        corpus: the corpus's name (printed).
+        truth: ``{"texts": {id: text}}`` of every input document.
+        inp: the folder of the JSONL inputs.
+        rounds: runs per system.
+        variants: also the check variants of crucible's dedup.
+        datatrove: include datatrove.
+    """
+    texts = truth["texts"]
+    raw = sum(len(t.encode()) for t in texts.values()) / 1e6
+    specs = crucible_specs(inp, variants)
+    systems = [*specs, *(["datatrove"] if datatrove else [])]
+    best: dict[str, dict] = {}
+    scores: dict[str, dict] = {}
+    for r in range(rounds):
+        for label in systems if r % 2 == 0 else systems[::-1]:
+            out = work / f"{inp.name}-{r}-{label.replace(' ', '_').replace(',', '')}"
+            if label == "datatrove":
+                res = run_child(["datatrove", str(inp), str(out)])
+                if label not in scores:
+                    scores[label] = datatrove_prf(truth, out)
+            else:
+                spec_path = out.with_suffix(".json")
+                spec_path.write_text(specs[label].model_dump_json())
+                res = run_child(["local", str(spec_path), str(out)])
+                if label not in scores:
+                    scores[label] = crucible_prf(truth, out)
+            if label not in best or res["cpu_s"] < best[label]["cpu_s"]:
+                best[label] = res
+            shutil.rmtree(out, ignore_errors=True)
+    print(f"\n{corpus}: {len(texts)} docs, {raw:.1f} MB of text; best of {rounds} round(s)")
+    for label in systems:
+        res, q = best[label], scores[label]
+        mh = res["stats"].get("dedup", {}).get("minhash", {})
+        extra = f", exact-checked pairs {mh['exact_checked']}" if mh else ""
+        print(
+            f"  {label}: {res['cpu_s']:.1f} CPU s ({raw / res['cpu_s']:.2f} MB per CPU s, "
+            f"{len(texts) / res['cpu_s']:,.0f} docs per CPU s), wall {res['wall_s']:.1f} s, "
+            f"peak RSS {res['rss_mb']:.0f} MB{extra}, dedup at J 0.8 {json.dumps(q)}",
+            flush=True,
+        )
+    if datatrove:
+        ratio = best["datatrove"]["cpu_s"] / best["crucible datatrove-equivalent"]["cpu_s"]
+        print(f"  datatrove CPU s / crucible datatrove-equivalent CPU s: {ratio:.2f}x")
+
+
+def ray_vs_local(work: Path, sizes_mb: list[float], rounds: int) -> None:
+    """Full chain on the same generated corpus, in-process and on a private 2-CPU Ray cluster
+    (each in a fresh process, the cluster started before the clock); wall time and ratios."""
+    from crucible.data_pipeline.sample import generate_corpus
+    from crucible.data_pipeline.spec import DataSpec
+
+    for mb in sizes_mb:
+        inp = work / f"rvl-{mb:g}"
+        n_docs = int(mb * 1e6 / DOC_BYTES)
+        truth = generate_corpus(inp, n_docs=n_docs, seed=0, files=max(4, round(mb / 12.5)))
+        raw = sum(len(t.encode()) for t in truth["texts"].values()) / 1e6
+        spec_path = work / f"rvl-{mb:g}.json"
+        spec_path.write_text(DataSpec(inputs=[str(inp)]).model_dump_json())
+        best: dict[str, dict] = {}
+        for r in range(rounds):
+            for executor in ("local", "ray") if r % 2 == 0 else ("ray", "local"):
+                run = work / f"rvl-run-{executor}"
+                res = run_child([executor, str(spec_path), str(run)])
+                if executor not in best or res["wall_s"] < best[executor]["wall_s"]:
+                    best[executor] = res
+                shutil.rmtree(run, ignore_errors=True)
+        loc, ray_ = best["local"], best["ray"]
+        print(
+            f"{raw:.1f} MB of text ({n_docs} docs), full chain, best of {rounds}: "
+            f"local {loc['wall_s']:.1f} s wall ({raw / loc['wall_s']:.2f} MB/s, "
+            f"{loc['cpu_s']:.1f} CPU s); ray (num_cpus=2) {ray_['wall_s']:.1f} s wall "
+            f"({raw / ray_['wall_s']:.2f} MB/s; cluster start {ray_['init_s']:.1f} s not "
+            f"counted); ray/local wall {ray_['wall_s'] / loc['wall_s']:.2f}x, "
+            f"throughput ray/local {loc['wall_s'] / ray_['wall_s']:.2f}x",
+            flush=True,
+        )
+        shutil.rmtree(inp, ignore_errors=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=float, default=200.0)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--mb", type=float, default=200.0, help="MB of generated text")
+    ap.add_argument("--real-mb", type=float, default=50.0, help="MB of real text (0: none)")
+    ap.add_argument("--quick", action="store_true", help="5 MB of each corpus")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; best is shown")
     ap.add_argument("--no-datatrove", action="store_true")
-    ap.add_argument(
-        "--datatrove-mb",
-        type=float,
-        default=None,
-        help="run datatrove on only the first files making up about this many MB (rates are "
-        "per document and per MB, so the ratio stays per core)",
-    )
     ap.add_argument(
         "--variants",
         action="store_true",
         help="also score the dedup with signature-only checking and with no check",
+    )
+    ap.add_argument(
+        "--ray-vs-local",
+        type=str,
+        default=None,
+        help="comma-separated corpus sizes in MB (e.g. 5,200): full chain with the local and "
+        "the Ray executor, wall time and ratios; skips the datatrove comparison",
     )
     ap.add_argument(
         "--ray-memory",
@@ -250,81 +440,29 @@ def main() -> None:
         ray_memory(work, sizes, args.part_mb, args.partition_mb)
         shutil.rmtree(work, ignore_errors=True)
         return
-    mb = 5.0 if args.quick else args.mb
-    n_docs = int(mb * 1e6 / DOC_BYTES)
-    # inputs of ~12.5 MB each: a part (one task's share) stays the same size as the corpus grows
-    files = max(4, round(mb / 12.5))
-    truth = generate_corpus(work / "in", n_docs=n_docs, seed=0, files=files, warc=False)
-    size = sum(Path(f).stat().st_size for f in truth["files"])
-    raw = sum(len(t.encode()) for t in truth["texts"].values())
-    print(f"corpus: {n_docs} docs, {raw / 1e6:.1f} MB of text, {size / 1e6:.1f} MB on disk")
+    if args.ray_vs_local:
+        ray_vs_local(work, [float(x) for x in args.ray_vs_local.split(",")], args.rounds)
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    from crucible.data_pipeline.sample import generate_corpus
 
-    specs = {
-        "crucible full chain": DataSpec(inputs=[str(work / "in")]),
-        "crucible datatrove-equivalent": DataSpec(
-            inputs=[str(work / "in")], language={"enabled": False}, pii={"enabled": False}
-        ),
-    }
-    if args.variants:
-        for name, mh in (
-            ("signature-only check", {"verify": "signature"}),
-            ("no check", {"threshold": 0.0}),
-        ):
-            specs[f"crucible datatrove-equivalent, {name}"] = DataSpec(
-                inputs=[str(work / "in")],
-                language={"enabled": False},
-                pii={"enabled": False},
-                dedup={"minhash": mh},
-            )
-    results = {}
-    for label, spec in specs.items():
-        run = work / label.replace(" ", "_").replace(",", "")
-        dt, rss, stats = run_in_child(spec, run)
-        results[label] = dt
-        mh_stats = stats["dedup"].get("minhash", {})
-        print(
-            f"{label}: {dt:.1f} s, {n_docs / dt:,.0f} docs/s/core, {raw / 1e6 / dt:.2f} MB/s/core, "
-            f"peak RSS {rss:.0f} MB, out {stats['totals']['docs_out']} docs, "
-            f"exact-checked pairs {mh_stats.get('exact_checked')}, "
-            f"dedup at J 0.8 {json.dumps(crucible_prf(truth, run))}",
-            flush=True,
-        )
-        shutil.rmtree(run, ignore_errors=True)
-    if not args.no_datatrove:
-        inp, dt_docs, dt_raw = work / "in", n_docs, raw
-        if args.datatrove_mb is not None and args.datatrove_mb < mb:
-            # datatrove on the first files only; its rates are compared per document and per MB
-            inp = work / "dt-in"
-            inp.mkdir()
-            dt_docs, dt_raw = 0, 0
-            for f in sorted(Path(x) for x in truth["files"]):
-                if dt_raw >= args.datatrove_mb * 1e6:
-                    break
-                (inp / f.name).symlink_to(f)
-                d, b = file_text_stats(f)
-                dt_docs, dt_raw = dt_docs + d, dt_raw + b
-            print(f"datatrove input: {dt_docs} docs, {dt_raw / 1e6:.1f} MB of text (a subset)")
-        out = work / "dt"
-        script = work / "dt.py"
-        script.write_text(DATATROVE)
-        t0 = time.time()
-        proc = subprocess.run(
-            [sys.executable, str(script), str(inp), str(out)], capture_output=True, text=True
-        )
-        dt = time.time() - t0
-        if proc.returncode:
-            print("datatrove failed:", proc.stderr[-2000:])
-        else:
-            ours = results["crucible datatrove-equivalent"]
-            print(
-                f"datatrove: {dt:.1f} s, {dt_docs / dt:,.0f} docs/s/core, "
-                f"{dt_raw / 1e6 / dt:.2f} MB/s/core, peak RSS "
-                f"{float(proc.stdout.split('RSS_MB')[-1]):.0f} MB, "
-                f"dedup at J 0.8 {json.dumps(datatrove_prf(truth, out))}\n"
-                f"crucible/datatrove speed ratio per core (MB/s): "
-                f"{(raw / ours) / (dt_raw / dt):.2f}x",
-                flush=True,
-            )
+    mb = 5.0 if args.quick else args.mb
+    real_mb = 5.0 if args.quick else args.real_mb
+    if mb > 0:
+        # inputs of ~12.5 MB each: a part (one task's share) stays the same size as it grows
+        n_docs = int(mb * 1e6 / DOC_BYTES)
+        inp = work / "generated"
+        files = max(4, round(mb / 12.5))
+        # JSONL only (datatrove reads no WARC here)
+        truth = generate_corpus(inp, n_docs=n_docs, seed=0, files=files, warc=False)
+        name = "generated corpus (planted near/exact duplicates, junk, other languages)"
+        compare(work, name, truth, inp, args.rounds, args.variants, not args.no_datatrove)
+    if real_mb > 0:
+        inp = work / "real"
+        real = write_real_corpus(inp, real_mb)
+        what = ", ".join(f"{k} {d} docs {b / 1e6:.1f} MB" for k, (d, b) in real["sources"].items())
+        name = f"real text ({what})"
+        compare(work, name, real, inp, args.rounds, args.variants, not args.no_datatrove)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -335,41 +473,6 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
-
-
-def _child(spec_json: str, run: str, q: Any) -> None:
-    t0 = time.time()
-    stats = run_pipeline(DataSpec.model_validate_json(spec_json), Path(run), "local", False)
-    q.put((time.time() - t0, peak_rss_mb(), stats))
-
-
-def run_in_child(spec: DataSpec, run: Path) -> tuple[float, float, dict]:
-    """``(seconds, peak RSS MB, stats)`` of the in-process executor in a fresh process."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(spec.model_dump_json(), str(run), q))
-    proc.start()
-    out = q.get()
-    proc.join()
-    return out
-
-
-def file_text_stats(path: Path) -> tuple[int, int]:
-    """Documents and UTF-8 text bytes of a JSONL input (plain, .gz or .zst)."""
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    elif path.suffix == ".zst":
-        raw = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-    docs = nbytes = 0
-    for line in raw.decode().splitlines():
-        try:
-            text = json.loads(line).get("text")
-        except json.JSONDecodeError:
-            continue
-        if isinstance(text, str):
-            docs, nbytes = docs + 1, nbytes + len(text.encode())
-    return docs, nbytes
 
 
 if __name__ == "__main__":
