@@ -130,12 +130,12 @@ class _DataMonitor:
     """Prometheus metrics of a data run, served while it runs on a Ray cluster.
 
     With the Ray executor the driver serves its metrics and registers them with the cluster's
-    target registry (:mod:`crucible.monitoring.discovery`); at the end it stays up one scrape
-    interval so the final totals are scraped. In-process runs export nothing. Metrics never
-    stop the pipeline.
+    target registry (:mod:`crucible.monitoring.discovery`); at the end it waits for a scrape
+    that begins after the final update (at most :attr:`FINAL_SCRAPE_S`), so the final totals
+    reach Prometheus. In-process runs export nothing. Metrics never stop the pipeline.
     """
 
-    LINGER_S = 6.0  # the local cluster's scrape interval is 5 s
+    FINAL_SCRAPE_S = 30.0  # two of the 15 s scrape intervals generated cluster configs use
 
     def __init__(self, run: str, on_cluster: bool) -> None:
         self.port: int | None = None
@@ -166,8 +166,7 @@ class _DataMonitor:
             return
         from crucible.monitoring.exporter import stop_exporter
 
-        time.sleep(self.LINGER_S)
-        stop_exporter(self.port)
+        stop_exporter(self.port, final_scrape_s=self.FINAL_SCRAPE_S)
 
 
 def _assemble(steps: dict[str, Any], dedup: dict[str, Any], digest: str, n: int) -> dict:
