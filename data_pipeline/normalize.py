@@ -32,7 +32,12 @@ def normalize_text(text: str, form: str = "NFC") -> str:
 
 
 class Normalize(Step):
-    """Normalises text; drops documents left empty."""
+    """Normalises text; drops documents left empty.
+
+    Counters: ``control_chars`` (control and invisible characters removed, NULs included),
+    ``nul_chars`` (the NULs among them) and ``chars_removed`` (code points fewer after
+    normalising, whitespace and Unicode composition included), over every document.
+    """
 
     name = "normalize"
 
@@ -41,8 +46,17 @@ class Normalize(Step):
         self.form = spec.form
 
     def process(self, doc: Document) -> Document | str:
-        """Normalise, or drop as ``empty``."""
+        """Normalise (counting what is removed), or drop as ``empty``."""
+        c = self.stats.counters
+        nul = doc.text.count("\x00")
+        if nul:
+            c["nul_chars"] += nul
+        control = len(CONTROL_RE.findall(doc.text))
+        if control:
+            c["control_chars"] += control
         text = normalize_text(doc.text, self.form)
+        if len(text) != len(doc.text):
+            c["chars_removed"] += len(doc.text) - len(text)
         if not text:
             return "empty"
         if text != doc.text:

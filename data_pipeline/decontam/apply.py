@@ -138,6 +138,7 @@ def part_contamination(
                 d["text"][: out.max_exclusion_text_chars] if out.exclusion_text else None
                 for d in dropped
             ],
+            "duplicate_of": pa.nulls(len(dropped), pa.string()),
         },
         schema=EXCLUSION_SCHEMA,
     )

@@ -1,6 +1,11 @@
 """The finalise stage: each part's survivors (its duplicates dropped) written as the clean
 documents, and its exclusions (the filter's drops, then the duplicates), one task per part.
 
+Every duplicate's exclusion names the document it repeats (``duplicate_of``). The dedup
+results name it by key, and a key's document may be in any part, so before the tasks start
+the keys of the duplicates' survivors are joined with the documents' ids (a shuffle by key,
+:func:`name_duplicates`), its result committed like a dedup result (``dedup/names.json``).
+
 Before the tasks start, the metadata fields of every part (counted by the reader, read back
 from the filter markers) are unified into one struct type, so every part's documents have the
 same schema (:mod:`crucible.data_pipeline.writers.metadata`).
@@ -9,6 +14,8 @@ same schema (:mod:`crucible.data_pipeline.writers.metadata`).
 from __future__ import annotations
 
 import functools
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crucible.cluster.storage import Location, location
+from crucible.data_pipeline.batches import column_bytes
 from crucible.data_pipeline.decontam.apply import part_contamination
 from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.executors.base import Executor, Stage
@@ -39,15 +47,22 @@ from crucible.data_pipeline.writers.parquet import (
 
 EXACT_RULE = "exact_dedup/duplicate"
 FUZZY_RULE = "minhash_dedup/duplicate"
+# the dedup results joined with ids, in order: (stage, its survivor column)
+DEDUPS = (("exact", "dup_of"), ("minhash", "root"))
+NAMES = "names"
+JOIN_SCHEMA = pa.schema(
+    [("key", pa.int64()), ("dup", pa.int64()), ("kind", pa.int8()), ("id", pa.string())]
+)
+NAMES_SCHEMA = pa.schema([("key", pa.int64()), ("kind", pa.int8()), ("duplicate_of", pa.string())])
 
 
-def _dup_keys(marker: Location, part: int, column: str) -> pa.Table | None:
+def _dup_keys(marker: Location, part: int, columns: Sequence[str]) -> pa.Table | None:
     """Rows of a dedup result (hive-partitioned by ``part``) that belong to part ``part``.
 
     Args:
         marker: the dedup stage's marker, naming the committed result directory.
         part: the part.
-        column: the column besides ``key`` to read.
+        columns: the columns to read.
     """
     done = read_marker(marker)
     if done is None or not done.get("result"):
@@ -56,7 +71,147 @@ def _dup_keys(marker: Location, part: int, column: str) -> pa.Table | None:
     files = sub.glob("*.parquet")
     if not files:
         return None
-    return pa.concat_tables([pq.read_table(f.open_read(), columns=["key", column]) for f in files])
+    tables = [pq.read_table(f.open_read(), columns=list(columns)) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _result_files(dedup_dir: Location, result: str) -> list[Location]:
+    return [f for d in (dedup_dir / result).glob("part=*") for f in d.glob("*.parquet")]
+
+
+def survivor_rows(batch: pa.Table, kind: int, column: str) -> pa.Table:
+    """Dedup result rows ``{key, <column>}`` as join rows keyed by the survivor's key."""
+    n = batch.num_rows
+    return pa.table(
+        {
+            "key": batch.column(column).cast(pa.int64()),
+            "dup": batch.column("key").cast(pa.int64()),
+            "kind": pa.array(np.full(n, kind, np.int8)),
+            "id": pa.nulls(n, pa.string()),
+        },
+        schema=JOIN_SCHEMA,
+    )
+
+
+def document_rows(batch: pa.Table) -> pa.Table:
+    """Filtered documents ``{key, id}`` as join rows (``dup`` -1: the document itself)."""
+    n = batch.num_rows
+    return pa.table(
+        {
+            "key": batch.column("key").cast(pa.int64()),
+            "dup": pa.array(np.full(n, -1, np.int64)),
+            "kind": pa.array(np.full(n, -1, np.int8)),
+            "id": batch.column("id").cast(pa.string()),
+        },
+        schema=JOIN_SCHEMA,
+    )
+
+
+def attach_ids(batch: pa.Table) -> pa.Table:
+    """``{key: duplicate, kind, duplicate_of: its survivor's id}`` from complete groups by key.
+
+    Args:
+        batch: join rows (:data:`JOIN_SCHEMA`): documents and survivor rows, in any order.
+    """
+    key = batch.column("key").to_numpy(zero_copy_only=False)
+    dup = batch.column("dup").to_numpy(zero_copy_only=False)
+    is_doc = dup < 0
+    doc_keys = key[is_doc]
+    doc_ids = batch.column("id").filter(pa.array(is_doc))
+    order = np.argsort(doc_keys, kind="stable")
+    rows = np.flatnonzero(~is_doc)
+    pos = np.searchsorted(doc_keys[order], key[rows])
+    found = pos < doc_keys.size
+    found[found] &= doc_keys[order][pos[found]] == key[rows][found]
+    take = np.where(found, order[np.minimum(pos, max(doc_keys.size - 1, 0))], 0)
+    names = doc_ids.take(pa.array(take)) if doc_keys.size else pa.nulls(rows.size, pa.string())
+    names = pc.if_else(pa.array(found), names, pa.scalar(None, pa.string()))
+    return pa.table(
+        {
+            "key": pa.array(dup[rows], pa.int64()),
+            "kind": batch.column("kind").take(pa.array(rows)),
+            "duplicate_of": names,
+        },
+        schema=NAMES_SCHEMA,
+    )
+
+
+def name_duplicates(ex: Executor, run_dir: Location, num_parts: int) -> None:
+    """Join every duplicate's survivor key with that document's id (a shuffle by key) and
+    commit the ``{key, kind, duplicate_of}`` rows, by part, as ``dedup/names.json``'s result.
+
+    A committed result made from the same dedup results is kept.
+
+    Args:
+        ex: the executor.
+        run_dir: the run directory.
+        num_parts: the number of parts.
+    """
+    dedup = work_paths(run_dir)["dedup"]
+    sources = {}
+    for stage, _ in DEDUPS:
+        done = read_marker(dedup / f"{stage}.json")
+        if done is not None and done.get("result"):
+            sources[stage] = done["result"]
+    marker = dedup / f"{NAMES}.json"
+    done = read_marker(marker)
+    if done is not None and (done.get("sources") != sources or "result" not in done):
+        done = None
+    for old in dedup.glob(f"{NAMES}-*"):
+        if done is None or old.name != done["result"]:
+            old.rmtree()
+    if done is not None:
+        return
+    out_dir = dedup / f"{NAMES}-{uuid.uuid4().hex[:12]}"
+    survivors = []
+    for kind, (stage, column) in enumerate(DEDUPS):
+        files = _result_files(dedup, sources[stage]) if stage in sources else []
+        if files:
+            rows = ex.read_parquet(files, ["key", column])
+            to_join = functools.partial(survivor_rows, kind=kind, column=column)
+            survivors.append(ex.map_batches(rows, to_join, batch_format="pyarrow"))
+    if survivors:
+        filtered = [work_paths(run_dir)["filtered"] / part_name(i) for i in range(num_parts)]
+        docs = ex.read_parquet(filtered, ["key", "id"])
+        rows = ex.map_batches(docs, document_rows, batch_format="pyarrow")
+        for s in survivors:
+            rows = ex.union(rows, s)
+        nbytes = column_bytes(filtered, ["key", "id"])
+        names = ex.shuffle(rows, ["key"], attach_ids, nbytes=nbytes, batch_format="pyarrow")
+        ex.write_by_part(ex.materialize(names), out_dir)
+    else:
+        out_dir.mkdirs()
+    marker.write_json({"result": out_dir.name, "sources": sources})
+
+
+def _duplicate_of(names: pa.Table | None, keys: np.ndarray, mask: np.ndarray) -> pa.Array:
+    """The survivor's id for each duplicate of ``keys`` selected by ``mask`` (null: unknown).
+
+    An exact copy whose first copy is itself a near duplicate is in that near-duplicate
+    cluster too (identical texts share every band), whose root is the one survivor: the
+    MinHash root is named where there is one, else the exact group's first document.
+    """
+    n = int(mask.sum())
+    if names is None:
+        return pa.nulls(n, pa.string())
+    fuzzy = _names_of_kind(names, keys[mask], 1)
+    return pc.coalesce(fuzzy, _names_of_kind(names, keys[mask], 0))
+
+
+def _names_of_kind(names: pa.Table, want: np.ndarray, kind: int) -> pa.Array:
+    """The ``duplicate_of`` of ``kind`` rows (0 exact, 1 MinHash) for the keys ``want``."""
+    n = want.size
+    of_kind = names.filter(pc.equal(names.column("kind"), kind))
+    nk = of_kind.column("key").to_numpy(zero_copy_only=False)
+    order = np.argsort(nk, kind="stable")
+    pos = np.searchsorted(nk[order], want)
+    found = pos < nk.size
+    found[found] &= nk[order][pos[found]] == want[found]
+    if not nk.size:
+        return pa.nulls(n, pa.string())
+    ids = of_kind.column("duplicate_of").cast(pa.string()).combine_chunks()
+    got = ids.take(pa.array(order[np.minimum(pos, nk.size - 1)]))
+    return pc.if_else(pa.array(found), got, pa.scalar(None, pa.string()))
 
 
 def metadata_fields(run_dir: Location, num_parts: int) -> dict[str, str]:
@@ -99,8 +254,9 @@ def finalize_part(
     )
     keys = table.column("key").to_numpy()
     nbytes = np.asarray(pc.binary_length(pc.cast(table.column("text"), pa.binary())), np.int64)
-    exact = _dup_keys(p["dedup"] / "exact.json", part, "dup_of")
-    fuzzy = _dup_keys(p["dedup"] / "minhash.json", part, "root")
+    exact = _dup_keys(p["dedup"] / "exact.json", part, ["key"])
+    fuzzy = _dup_keys(p["dedup"] / "minhash.json", part, ["key"])
+    names = _dup_keys(p["dedup"] / f"{NAMES}.json", part, NAMES_SCHEMA.names)
     is_exact = np.isin(keys, exact.column("key").to_numpy()) if exact is not None else None
     is_fuzzy = np.isin(keys, fuzzy.column("key").to_numpy()) if fuzzy is not None else None
     if is_exact is None:
@@ -112,10 +268,12 @@ def finalize_part(
     decontam = part_contamination(spec, p["dedup"] / "decontaminate.json", part, table, keep)
 
     stats: dict[str, Any] = {}
-    for step, drop, alive in (
-        ("exact_dedup", is_exact, np.ones(keys.size, bool)),
-        ("minhash_dedup", is_fuzzy, ~is_exact),
+    for step, on, drop, alive in (
+        ("exact_dedup", spec.dedup.exact.enabled, is_exact, np.ones(keys.size, bool)),
+        ("minhash_dedup", spec.dedup.minhash.enabled, is_fuzzy, ~is_exact),
     ):
+        if not on:  # a disabled step has no row in the stats
+            continue
         s = StepStats()
         s.docs_in, s.bytes_in = int(alive.sum()), int(nbytes[alive].sum())
         s.docs_out, s.bytes_out = int((alive & ~drop).sum()), int(nbytes[alive & ~drop].sum())
@@ -151,6 +309,7 @@ def finalize_part(
                         "text": text
                         if text is not None
                         else pa.nulls(dropped.num_rows, pa.string()),
+                        "duplicate_of": _duplicate_of(names, keys, mask),
                     },
                     schema=EXCLUSION_SCHEMA,
                 )
@@ -183,7 +342,9 @@ class FinalizeStage(Stage):
         self.num_parts = num_parts
 
     def run(self, ex: Executor) -> dict[str, Any]:
-        """Finalise the parts whose marker is missing; every part's statistics, summed."""
+        """Name the duplicates' survivors, then finalise the parts whose marker is missing;
+        every part's statistics, summed."""
+        name_duplicates(ex, self.run_dir, self.num_parts)
         task = functools.partial(
             finalize_task,
             spec_json=self.spec.model_dump_json(),

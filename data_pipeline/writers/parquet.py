@@ -33,8 +33,16 @@ FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("signature", pa.list_(pa.uint3
 # the input's other fields as one JSON object text; typed in the clean documents
 # (see crucible.data_pipeline.writers.metadata)
 FILTERED_SCHEMA = FILTERED_SCHEMA.append(pa.field("metadata", pa.string()))
+# duplicate_of: the id of the kept document a duplicate repeats (its cluster's survivor);
+# null for every other rule
 EXCLUSION_SCHEMA = pa.schema(
-    [("id", pa.string()), ("source", pa.string()), ("rule", pa.string()), ("text", pa.string())]
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("rule", pa.string()),
+        ("text", pa.string()),
+        ("duplicate_of", pa.string()),
+    ]
 )
 
 
@@ -56,6 +64,7 @@ def exclusions_table(rows: list[Exclusion], keep_text: bool, max_chars: int) -> 
             "text": [
                 (e.text[:max_chars] if keep_text and e.text is not None else None) for e in rows
             ],
+            "duplicate_of": pa.nulls(len(rows), pa.string()),
         },
         schema=EXCLUSION_SCHEMA,
     )
