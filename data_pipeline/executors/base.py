@@ -121,7 +121,8 @@ class Executor(abc.ABC):
             fn: a batch of complete groups, in any order -> a batch of result rows.
             nbytes: about how many bytes are shuffled (sets the partition count where the
                 executor bounds a task's memory).
-            partitions: an exact partition count instead (e.g. one per output file).
+            partitions: at most this many partitions (e.g. one per output file); given with
+                ``nbytes``, fewer when the data fits in fewer tasks' budgets.
             batch_format: the batches' form.
         """
 

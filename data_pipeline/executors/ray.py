@@ -111,11 +111,14 @@ class RayExecutor(Executor):
         self.ray = _ensure_ray()
         self.num_workers = num_workers
         self.partition_bytes = partition_bytes
-        # at least one shuffle partition per CPU, more as the data grows (see _partitions)
+        # a shuffle larger than one partition has one per CPU at least (see _partitions)
         self.partitions = max(int(self.ray.cluster_resources().get("CPU", 1)), 1)
 
     def _partitions(self, nbytes: int) -> int:
-        """Shuffle partitions for ``nbytes`` of data: each holds at most ``partition_bytes``."""
+        """Shuffle partitions for ``nbytes`` of data: each holds at most ``partition_bytes``;
+        data that fits in one is one, more is spread over every CPU at least."""
+        if nbytes <= self.partition_bytes:
+            return 1
         return max(self.partitions, -(-int(nbytes) // self.partition_bytes))
 
     @property
@@ -228,8 +231,12 @@ class RayExecutor(Executor):
         partition as one block (its reduce never splits blocks), so one call per block is the
         same result.
         """
-        parts = max(int(partitions), 1) if partitions is not None else self._partitions(nbytes)
-        part = ds.repartition(parts, keys=keys)
+        parts = self._partitions(nbytes)
+        if partitions is not None:
+            parts = max(int(partitions), 1) if nbytes <= 0 else min(int(partitions), parts)
+        # One partition is every row in one block: combining blocks needs no hash shuffle,
+        # whose aggregator actors are started for each shuffle (seconds each, at any size).
+        part = ds.repartition(1) if parts == 1 else ds.repartition(parts, keys=keys)
         return part.map_batches(fn, batch_size=None, batch_format=batch_format)
 
     def union(self, a: Dataset, b: Dataset) -> Any:

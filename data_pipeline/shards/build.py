@@ -213,7 +213,11 @@ def _build(
     ]
     write = functools.partial(write_shards, out=out.uri, names=tuple(names), hf_meta=meta)
     rows = executor.from_tasks(route, route_rows)
-    shards = executor.shuffle(rows, ["shard"], write, partitions=len(names), batch_format="pyarrow")
+    # the packed rows (their Arrow files' sizes), plus row id, shard and position
+    nbytes = sum(p.size() for p in packed) + n * 3 * 8
+    shards = executor.shuffle(
+        rows, ["shard"], write, nbytes=nbytes, partitions=len(names), batch_format="pyarrow"
+    )
     written = {str(r["file"]): r for r in executor.take_all(shards)}
     if sorted(written) != sorted(names):
         raise CrucibleError(f"shard build wrote {len(written)} of {len(names)} shard files")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -99,7 +100,8 @@ def test_small_budget_splits_the_bucket_shuffle(
 ) -> None:
     """Partitions are computed from the data size: the shared Ray run's budget splits the
     bucket shuffle into more partitions than CPUs (and its results equal the in-process
-    executor's one partition, above)."""
+    executor's one partition, above); with the default budget it fits in one, which is one
+    block in one task, without a hash shuffle."""
     from crucible.data_pipeline.batches import num_rows
     from crucible.data_pipeline.dedup.fuzzy import band_row_bytes
     from crucible.data_pipeline.executors.ray import RayExecutor
@@ -107,7 +109,10 @@ def test_small_budget_splits_the_bucket_shuffle(
     mh = DataSpec(inputs=[str(corpus["dir"])]).dedup.minhash
     big, small = RayExecutor(), RayExecutor(partition_bytes=SMALL_PARTITION)
     nbytes = num_rows(filtered) * mh.num_bands * band_row_bytes(mh)
-    assert small._partitions(nbytes) > big.partitions == big._partitions(nbytes)
+    assert small._partitions(nbytes) > small.partitions and big._partitions(nbytes) == 1
+    one = big.from_batch({"k": np.arange(100)})
+    seen = big.shuffle(one, ["k"], _block_stats, nbytes=800, batch_format="pyarrow")
+    assert [b["rows"] for b in big.take_all(seen)] == [100]
 
 
 def _block_stats(table: Any) -> dict[str, list[int]]:
