@@ -25,13 +25,15 @@ from crucible.cluster.storage import Location, check_storage
 from crucible.config import spec_hash
 from crucible.data_pipeline.document_step import merge_stats
 from crucible.data_pipeline.executors.base import Executor, Stage
+from crucible.data_pipeline.progress import Progress, quiet_third_party
 from crucible.data_pipeline.readers.files import expand_inputs
 from crucible.data_pipeline.run_dir import check_run_dir, read_marker, work_paths
 from crucible.data_pipeline.spec import DataSpec
 from crucible.data_pipeline.stages.decontaminate import decontaminate_stages
 from crucible.data_pipeline.stages.dedup import dedup_stages
 from crucible.data_pipeline.stages.filter import filter_stage
-from crucible.data_pipeline.stages.finalize import finalize_stage
+from crucible.data_pipeline.stages.finalize import FinalizeStage, finalize_stage
+from crucible.data_pipeline.stages.parts import PartStage
 from crucible.errors import CrucibleError
 
 STEP_ORDER = (
@@ -49,8 +51,9 @@ STEP_ORDER = (
 )
 
 
-def make_executor(name: str, spec: DataSpec) -> Executor:
-    """The executor called ``name`` (``local`` or ``ray``), configured from ``spec``."""
+def make_executor(name: str, spec: DataSpec, verbose: bool = False) -> Executor:
+    """The executor called ``name`` (``local`` or ``ray``), configured from ``spec``; Ray
+    Data's logging and progress bars are quiet unless ``verbose``."""
     if name == "local":
         from crucible.data_pipeline.executors.local import LocalExecutor
 
@@ -58,6 +61,7 @@ def make_executor(name: str, spec: DataSpec) -> Executor:
     if name == "ray":
         from crucible.data_pipeline.executors.ray import RayExecutor
 
+        quiet_third_party(verbose)
         return RayExecutor(num_workers=spec.num_workers, partition_bytes=spec.partition_bytes)
     raise CrucibleError(f"unknown executor {name!r}; use 'ray' or 'local'")
 
@@ -67,6 +71,7 @@ def run_pipeline(
     run_dir: Location | str,
     executor: Literal["ray", "local"] = "ray",
     progress: bool = True,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run raw inputs -> ``run_dir/documents`` (+ exclusions, stats.json), then shards if set.
 
@@ -74,7 +79,10 @@ def run_pipeline(
         spec: the ``data:`` section.
         run_dir: where everything is written; rerunning into it resumes or does nothing.
         executor: ``"ray"`` (Ray Data) or ``"local"`` (in-process).
-        progress: show a progress display (documents/s, bytes/s, per-step counts).
+        progress: show each stage's progress (documents/s, MB/s, per-step counts) on
+            standard error: a bar on a terminal, one-line updates in a log.
+        verbose: keep third-party logging (Ray Data's INFO logs and progress bars), which is
+            quiet by default.
 
     Returns:
         The stats (as written to ``stats.json``).
@@ -90,7 +98,9 @@ def run_pipeline(
     stats_path = run_dir / "stats.json"
     done = read_marker(stats_path) if (p["documents"] / "_SUCCESS").is_file() else None
     if done is not None and done.get("spec_hash") == digest:
-        make_executor(executor, spec).run(_shard_stages(spec, run_dir, digest))
+        shards = _shard_stages(spec, run_dir, digest)
+        if shards:
+            _run_stages(make_executor(executor, spec, verbose), shards, progress, (0, 0))
         return done
     n = len(inputs)
     decontaminate = decontaminate_stages(spec, run_dir, n)  # eval files checked before any write
@@ -100,16 +110,23 @@ def run_pipeline(
     if spec.decontaminate.enabled:
         (run_dir / "decontamination").mkdirs()
     check_run_dir(run_dir, digest, inputs)
-    ex = make_executor(executor, spec)
+    ex = make_executor(executor, spec, verbose)
     t0 = time.time()
     metrics = _DataMonitor(run_dir.name, on_cluster=executor == "ray")
+    filtered = _run_stages(
+        ex,
+        [filter_stage(spec, run_dir, inputs, progress=progress, on_part=metrics.update)],
+        progress,
+        (0, 0),
+    )
+    steps = list(filtered["filter"].values())
+    survivors = (steps[-1]["docs_out"], steps[-1]["bytes_out"]) if steps else (0, 0)
     stages: list[Stage] = [
-        filter_stage(spec, run_dir, inputs, progress=progress, on_part=metrics.update),
         *dedup_stages(spec, run_dir, n),
         *decontaminate,
-        finalize_stage(spec, run_dir, n),
+        finalize_stage(spec, run_dir, n, progress=progress),
     ]
-    out = ex.run(stages)
+    out = {**filtered, **_run_stages(ex, stages, progress, survivors)}
     if "minhash" in out:
         metrics.on_dedup(out["minhash"])
     dedup: dict[str, Any] = {k: out[k] for k in ("exact", "minhash") if k in out}
@@ -121,9 +138,55 @@ def run_pipeline(
     stats_path.write_json(stats)
     (p["documents"] / "_SUCCESS").write_json({"spec_hash": digest, **stats["totals"]})
     metrics.update(stats["steps"])
-    ex.run(_shard_stages(spec, run_dir, digest))
+    _run_stages(ex, _shard_stages(spec, run_dir, digest), progress, survivors)
     metrics.close()
     return stats
+
+
+def _run_stages(
+    ex: Executor, stages: list[Stage], progress: bool, docs: tuple[int, int]
+) -> dict[str, Any]:
+    """Run ``stages`` in order, each with its progress display; ``{stage: statistics}``.
+
+    Per-part stages (filter, finalize) show their own, part by part; the others (the
+    shuffles, the shard build) a line when they start and one when they end, with their
+    rates over ``docs`` (documents, bytes: the filter's survivors, their input).
+    """
+    out: dict[str, Any] = {}
+    for stage in stages:
+        if isinstance(stage, (PartStage, FinalizeStage)):
+            out[stage.name] = stage.run(ex)
+            continue
+        bar = Progress(stage.name, enabled=progress)
+        out[stage.name] = s = stage.run(ex)
+        if stage.name == "shards":
+            bar.update(0, s.get("documents", 0))
+        else:
+            bar.update(0, *docs)
+        bar.close(_summary(stage, s, time.monotonic() - bar.t0))
+    return out
+
+
+def _summary(stage: Stage, s: dict[str, Any], seconds: float) -> str:
+    """One line on what a stage found or made."""
+    if stage.name == "exact":
+        return f"{s.get('duplicates', 0):,} exact duplicates"
+    if stage.name == "minhash":
+        return (
+            f"{s.get('duplicates', 0):,} documents in near-duplicate clusters besides their "
+            f"roots, exact copies included ({s.get('edges', 0):,} edges, "
+            f"{s.get('rounds', 0)} rounds)"
+        )
+    if stage.name == "decontaminate":
+        return f"{s.get('matches', 0):,} eval-set n-gram matches"
+    if stage.name == "shards":
+        out = getattr(stage, "out_dir", None)
+        tokens = s.get("document_tokens", 0)
+        return (
+            f"{s.get('rows', 0):,} rows, {tokens:,} tokens "
+            f"({tokens / max(seconds, 1e-9):,.0f} tokens/s) in {out.uri if out else '?'}"
+        )
+    return ""
 
 
 class _DataMonitor:

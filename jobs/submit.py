@@ -27,8 +27,16 @@ def active_job(client: JobsClient, run_name: str) -> str | None:
     return None
 
 
-def submit_run(spec: RunSpec, resume: bool = False) -> tuple[JobsClient, str, Location]:
-    """Prepare the run directory and submit the run's job; return (client, job id, run dir)."""
+def submit_run(
+    spec: RunSpec, resume: bool = False, verbose: bool = False
+) -> tuple[JobsClient, str, Location]:
+    """Prepare the run directory and submit the run's job; return (client, job id, run dir).
+
+    Args:
+        spec: the run's spec.
+        resume: resume an existing run of this name.
+        verbose: the job keeps third-party logging (``--verbose`` on its entrypoint).
+    """
     preflight(spec)  # nothing is written or submitted for a spec the driver would refuse
     client = JobsClient.for_cluster(spec.cluster)
     running = active_job(client, spec.name)
@@ -42,6 +50,8 @@ def submit_run(spec: RunSpec, resume: bool = False) -> tuple[JobsClient, str, Lo
     attempt = len(read_jsonl(history))
     submission_id = f"crucible-{spec.name}-{attempt}-{int(time.time())}"
     entrypoint = f"{client.python()} -m crucible.jobs.entry {shlex.quote(run_dir.uri)}"
+    if verbose:
+        entrypoint += " --verbose"
     job_id = client.submit(
         entrypoint,
         submission_id=submission_id,

@@ -336,10 +336,13 @@ class FinalizeStage(Stage):
 
     name = "finalize"
 
-    def __init__(self, spec: DataSpec, run_dir: Location, num_parts: int) -> None:
+    def __init__(
+        self, spec: DataSpec, run_dir: Location, num_parts: int, progress: bool = False
+    ) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.num_parts = num_parts
+        self.progress = progress
 
     def run(self, ex: Executor) -> dict[str, Any]:
         """Name the duplicates' survivors, then finalise the parts whose marker is missing;
@@ -353,9 +356,12 @@ class FinalizeStage(Stage):
         )
         items = [{"part": i} for i in range(self.num_parts)]
         marker_dir = work_paths(self.run_dir)["final_done"]
-        return PartStage(self.name, items, task, marker_dir).run(ex)
+        stage = PartStage(self.name, items, task, marker_dir, progress=self.progress)
+        return stage.run(ex)
 
 
-def finalize_stage(spec: DataSpec, run_dir: Location, num_parts: int) -> FinalizeStage:
-    """The finalise stage over parts ``0 .. num_parts - 1``."""
-    return FinalizeStage(spec, run_dir, num_parts)
+def finalize_stage(
+    spec: DataSpec, run_dir: Location, num_parts: int, progress: bool = False
+) -> FinalizeStage:
+    """The finalise stage over parts ``0 .. num_parts - 1`` (``progress``: show it)."""
+    return FinalizeStage(spec, run_dir, num_parts, progress)

@@ -9,7 +9,7 @@ from typing import Any
 from crucible.cluster.storage import Location
 from crucible.data_pipeline.document_step import merge_stats
 from crucible.data_pipeline.executors.base import Executor, Stage
-from crucible.data_pipeline.progress import Progress
+from crucible.data_pipeline.progress import Progress, step_counts
 from crucible.data_pipeline.run_dir import marker_name, read_marker
 
 
@@ -32,7 +32,7 @@ class PartStage(Stage):
             items: one task input per part, each with its ``part``.
             task: item -> the part's statistics (it writes the part's marker, last).
             marker_dir: where the parts' markers are.
-            progress: show a progress bar over the parts.
+            progress: show the stage's progress (:class:`~crucible.data_pipeline.progress.Progress`).
             on_part: called with the statistics so far after each part.
         """
         self.name = name
@@ -52,11 +52,13 @@ class PartStage(Stage):
                 stats = merge_stats(stats, done)
             else:
                 todo.append(item)
-        with Progress(len(self.items), enabled=self.progress, desc=self.name) as bar:
-            bar.update(len(self.items) - len(todo), stats)
+        with Progress(self.name, len(self.items), enabled=self.progress) as bar:
+            docs, nbytes, _ = step_counts(stats)
+            bar.skip(len(self.items) - len(todo), docs, nbytes)
             for _, part_stats in ex.run_tasks(todo, self.task):
                 stats = merge_stats(stats, part_stats)
-                bar.update(1, stats)
+                docs, nbytes, steps = step_counts(stats)
+                bar.update(1, docs, nbytes, steps)
                 if self.on_part is not None:
                     self.on_part(stats)
         return stats

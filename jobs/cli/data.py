@@ -22,6 +22,11 @@ def run(
         False, "--local", help="Run in this process (no cluster), for debugging."
     ),
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        help="Keep Ray Data's INFO logging and progress bars (quiet by default).",
+    ),
 ) -> None:
     """Run the data job of SPEC: on the cluster as a Ray job, or in-process with --local."""
     from crucible.jobs.preflight import preflight
@@ -39,13 +44,13 @@ def run(
         assert spec.data is not None
         preflight(spec)
         d = prepare_run(spec)
-        run_pipeline(spec.data, d, executor="local")
+        run_pipeline(spec.data, d, executor="local", verbose=verbose)
         typer.echo(format_stats(d))
         typer.echo(f"run directory: {d}")
         return
     from crucible.jobs.submit import follow, submit_run
 
-    client, job_id, d = submit_run(spec)
+    client, job_id, d = submit_run(spec, verbose=verbose)
     typer.echo(f"submitted job {job_id} for run {spec.name} (run directory {d})")
     if detach:
         return
