@@ -127,18 +127,22 @@ def stop_exporter(port: int, final_scrape_s: float = 0.0) -> None:
 
     Args:
         port: as returned by :func:`start_exporter`.
-        final_scrape_s: if the exporter is announced, first wait (up to this long) for a
-            scrape that begins now, so the final values reach Prometheus; it returns as soon
-            as one did, whatever the scrape interval.
+        final_scrape_s: if the exporter is announced and something has scraped it, first
+            wait (up to this long) for a scrape that begins now, so the final values reach
+            Prometheus; it returns as soon as one did, whatever the scrape interval. (Never
+            scraped: no Prometheus is watching, or the run was shorter than its first scrape.)
     """
     with _lock:
         server, actor, address, scrapes = _servers.pop(port, (None, None, "", None))
     if server is None:
         return
-    announced = actor is not None and scrapes is not None and final_scrape_s > 0
-    if announced and not scrapes.wait_next(final_scrape_s):  # type: ignore[union-attr]
-        log.info("metrics target %s was not scraped within %.0f s of the end; its "
-                     "final values may be missing from Prometheus", address, final_scrape_s)  # fmt: skip
+    # announced and scraped before: a Prometheus is watching, and will scrape it again
+    watched = actor is not None and scrapes is not None and scrapes.count > 0
+    if watched and final_scrape_s > 0 and not scrapes.wait_next(final_scrape_s):  # type: ignore[union-attr]
+        log.info(
+            "metrics target %s was not scraped within %.0f s of the end; its final values "
+            "may be missing from Prometheus", address, final_scrape_s,
+        )  # fmt: skip
     if actor is not None:
         with contextlib.suppress(Exception):
             import ray
