@@ -195,3 +195,25 @@ def test_verbose_reaches_a_local_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     r = CliRunner().invoke(app, ["run", str(data_spec_file(tmp_path)), "--local", "--verbose"])
     assert r.exit_code == 0, r.output
     assert seen == {"executor": "local", "verbose": True}
+
+
+def test_the_decontaminate_stage_has_its_display(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = " ".join(f"word{i} alpha beta gamma" for i in range(40))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"id": "a", "text": text}) + "\n")
+    (tmp_path / "eval.txt").write_text(text + "\n")
+    off = {"enabled": False}
+    spec = DataSpec.model_validate(
+        {
+            "inputs": [str(tmp_path / "in")],
+            **{k: off for k in ("language", "gopher_repetition", "gopher_quality", "c4")},
+            **{k: off for k in ("fineweb", "pii")},
+            "decontaminate": {"eval_sets": {"ev": {"paths": [str(tmp_path / "eval.txt")]}}},
+        }
+    )
+    run_pipeline(spec, tmp_path / "run", executor="local", progress=True)
+    err = capsys.readouterr().err.splitlines()
+    (done,) = [x for x in err if x.startswith("[decontaminate] done in ")]
+    assert "eval-set n-gram matches" in done and "docs/s" in done
