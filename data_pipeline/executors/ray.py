@@ -162,7 +162,8 @@ class RayExecutor(Executor):
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         env = {"env_vars": {"CRUCIBLE_WORKER_POOL": "per-part"}}
         task = functools.partial(_task, fn=fn)
-        out = ds.map(task, num_cpus=1, concurrency=self.num_workers, runtime_env=env)
+        pool = ray.data.TaskPoolStrategy(size=self.num_workers)
+        out = ds.map(task, num_cpus=1, compute=pool, runtime_env=env)
         for row in out.iter_rows():
             yield int(row["seq"]), json.loads(row["result"])
 
