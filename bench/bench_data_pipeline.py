@@ -153,36 +153,43 @@ def run_child(args: list[str]) -> dict:
     raise RuntimeError(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
 
 
-def truth_clusters(truth: dict, reached: list[str], threshold: float = 0.8) -> list[list[str]]:
-    """Exact clusters among the ``reached`` documents: components of every pair whose exact
-    5-gram Jaccard (the shingling MinHash uses) is >= ``threshold``, over all pairs."""
-    texts = [truth["texts"][i] for i in reached]
-    i, j, _ = similar_pairs(texts, 5, threshold)
-    return [[reached[k] for k in c] for c in true_clusters(len(reached), i, j)]
+def truth_clusters(texts: dict[str, str], threshold: float = 0.8) -> list[list[str]]:
+    """Exact clusters among the documents that reached dedup, as they reached it (filters such
+    as C4's drop lines): components of every pair whose exact 5-gram Jaccard (the shingling
+    MinHash uses) is >= ``threshold``, over all pairs."""
+    ids = sorted(texts)
+    i, j, _ = similar_pairs([texts[k] for k in ids], 5, threshold)
+    return [[ids[k] for k in c] for c in true_clusters(len(ids), i, j)]
 
 
-def crucible_prf(truth: dict, run_dir: Path) -> dict[str, float]:
+def crucible_prf(run_dir: Path) -> dict[str, float]:
     """Document-level precision/recall/F1 of crucible's dedup drops at Jaccard 0.8."""
-    exc = pq.read_table(sorted((run_dir / "exclusions").glob("*.parquet")), columns=["id", "rule"])
-    rules = dict(zip(exc.column("id").to_pylist(), exc.column("rule").to_pylist(), strict=True))
-    reached = sorted(i for i in truth["texts"] if i not in rules or "dedup" in rules[i])
-    removed = [i for i, r in rules.items() if "dedup" in r]
-    return dedup_scores(truth_clusters(truth, reached), removed)
+    exc = pq.read_table(sorted((run_dir / "exclusions").glob("*.parquet")))
+    docs = pq.read_table(sorted((run_dir / "documents").glob("*.parquet")), columns=["id", "text"])
+    texts = dict(zip(docs["id"].to_pylist(), docs["text"].to_pylist(), strict=True))
+    removed = []
+    for i, rule, text in zip(*(exc[c].to_pylist() for c in ("id", "rule", "text")), strict=True):
+        if "dedup" in rule:
+            texts[i] = text
+            removed.append(i)
+    return dedup_scores(truth_clusters(texts), removed)
 
 
-def datatrove_prf(truth: dict, out: Path) -> dict[str, float]:
+def datatrove_prf(out: Path) -> dict[str, float]:
     """The same scores for datatrove: its MinHash filter's kept and removed documents."""
 
-    def ids(folder: Path) -> list[str]:
-        got = []
+    def read(folder: Path) -> dict[str, str]:
+        got = {}
         for f in sorted(folder.glob("*.jsonl*")):
             with gzip.open(f, "rt") if f.suffix == ".gz" else open(f) as fh:
-                got += [json.loads(line)["id"] for line in fh if line.strip()]
+                for line in fh:
+                    if line.strip():
+                        rec = json.loads(line)
+                        got[rec["id"]] = rec["text"]
         return got
 
-    removed = ids(out / "removed")
-    reached = sorted(set(ids(out / "docs")) | set(removed))
-    return dedup_scores(truth_clusters(truth, reached), removed)
+    removed = read(out / "removed")
+    return dedup_scores(truth_clusters({**read(out / "docs"), **removed}), list(removed))
 
 
 class RssSampler:
@@ -289,9 +296,11 @@ def crucible_specs(inp: Path, variants: bool) -> dict[str, Any]:
     """The crucible specs compared: the full chain and datatrove's steps (+ check variants)."""
     from crucible.data_pipeline.spec import DataSpec
 
-    equivalent = {"language": {"enabled": False}, "pii": {"enabled": False}}
+    # whole texts of dropped documents: the dedup is scored on the texts that reached it
+    out = {"output": {"max_exclusion_text_chars": 10**9}}
+    equivalent = {"language": {"enabled": False}, "pii": {"enabled": False}, **out}
     specs = {
-        "crucible full chain": DataSpec(inputs=[str(inp)]),
+        "crucible full chain": DataSpec(inputs=[str(inp)], **out),
         "crucible datatrove-equivalent": DataSpec(inputs=[str(inp)], **equivalent),
     }
     if variants:
@@ -332,13 +341,13 @@ def compare(
             if label == "datatrove":
                 res = run_child(["datatrove", str(inp), str(out)])
                 if label not in scores:
-                    scores[label] = datatrove_prf(truth, out)
+                    scores[label] = datatrove_prf(out)
             else:
                 spec_path = out.with_suffix(".json")
                 spec_path.write_text(specs[label].model_dump_json())
                 res = run_child(["local", str(spec_path), str(out)])
                 if label not in scores:
-                    scores[label] = crucible_prf(truth, out)
+                    scores[label] = crucible_prf(out)
             if label not in best or res["cpu_s"] < best[label]["cpu_s"]:
                 best[label] = res
             shutil.rmtree(out, ignore_errors=True)
