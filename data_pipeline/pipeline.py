@@ -25,7 +25,7 @@ from crucible.cluster.storage import Location, check_storage
 from crucible.config import spec_hash
 from crucible.data_pipeline.document_step import merge_stats
 from crucible.data_pipeline.executors.base import Executor, Stage
-from crucible.data_pipeline.progress import Progress, quiet_third_party
+from crucible.data_pipeline.progress import Progress
 from crucible.data_pipeline.readers.files import expand_inputs
 from crucible.data_pipeline.run_dir import check_run_dir, read_marker, work_paths
 from crucible.data_pipeline.spec import DataSpec
@@ -59,7 +59,7 @@ def make_executor(name: str, spec: DataSpec, verbose: bool = False) -> Executor:
 
         return LocalExecutor()
     if name == "ray":
-        from crucible.data_pipeline.executors.ray import RayExecutor
+        from crucible.data_pipeline.executors.ray import RayExecutor, quiet_third_party
 
         quiet_third_party(verbose)
         return RayExecutor(num_workers=spec.num_workers, partition_bytes=spec.partition_bytes)

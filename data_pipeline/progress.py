@@ -9,7 +9,6 @@ rather than as carriage returns.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -141,20 +140,3 @@ def step_counts(stats: dict[str, Any]) -> tuple[int, int, str]:
     first = next(iter(stats.values()))
     steps = " ".join(f"{k}={v.get('docs_out', 0):,}" for k, v in stats.items())
     return int(first.get("docs_in", 0)), int(first.get("bytes_in", 0)), steps
-
-
-def quiet_third_party(verbose: bool = False) -> None:
-    """Ray Data's INFO logs and progress bars off (they would bury the stages' own lines),
-    unless ``verbose``. Only Ray Data's public switches: its ``DataContext`` and the
-    ``ray.data`` logger. Imports Ray: call it where Ray runs (the Ray executor's driver)."""
-    if verbose:
-        return
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -88,6 +89,23 @@ def _ensure_ray() -> Any:
     except Exception as e:  # metrics never stop a job
         print(f"warning: metrics discovery unavailable ({type(e).__name__}: {e})", flush=True)
     return ray
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+    """Ray Data's INFO logs and progress bars off (they would bury the stages' own lines),
+    unless ``verbose``. Only Ray Data's public switches: its ``DataContext`` and the
+    ``ray.data`` logger."""
+    if verbose:
+        return
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class RayExecutor(Executor):

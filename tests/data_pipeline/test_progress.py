@@ -15,8 +15,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from crucible.data_pipeline.executors.ray import quiet_third_party
 from crucible.data_pipeline.pipeline import run_pipeline
-from crucible.data_pipeline.progress import Progress, quiet_third_party
+from crucible.data_pipeline.progress import Progress
 from crucible.data_pipeline.spec import DataSpec
 from crucible.data_pipeline.stats_report import format_stats
 
