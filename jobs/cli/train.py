@@ -97,22 +97,45 @@ def resume_cmd(
     its spec names, or the one the options give).
 
     ``--set train.num_workers=M`` resumes on another world size (same global batch and data
-    order; the checkpoint is converted to DeepSpeed's universal format).
+    order; the checkpoint is converted to DeepSpeed's universal format). Only the keys in
+    :data:`~crucible.jobs.resume_check.SAFE_ON_RESUME` may change; each accepted change is
+    appended to ``<run>/spec_history.jsonl``. A run whose newest checkpoint is its last step
+    is not submitted again (exit 0).
     """
     from crucible.config import apply_overrides
-    from crucible.jobs.runs import find_run, load_run_spec
-    from crucible.jobs.spec import parse_spec
+    from crucible.jobs.resume_check import check_resume_changes, finished_step, record_if_applied
+    from crucible.jobs.runs import find_run, load_run_spec, run_location
+    from crucible.jobs.spec import TrainRunSpec, parse_spec
+    from crucible.jobs.submit import follow, submit_run
 
     d = find_run(run, storage)
-    spec = load_run_spec(d)
-    if spec.kind != "train":
+    old = spec = load_run_spec(d)
+    if not isinstance(spec, TrainRunSpec):
         raise CrucibleError(f"run {d} is a {spec.kind} run; `crucible resume` resumes train runs")
     if set_:
         spec = parse_spec(apply_overrides(spec.model_dump(mode="json"), set_), source=str(d))
     if address or state_dir or token_path:
         where = cluster_spec(address, state_dir, token_path, base=spec.cluster)
         spec = spec.model_copy(update={"cluster": where})
-    _submit(spec, resume=True, detach=detach)
+    changes = check_resume_changes(old, spec)
+    assert isinstance(spec, TrainRunSpec)  # its kind did not change
+    done = finished_step(d, spec)
+    if done is not None:
+        typer.echo(
+            f"run {spec.name} is finished (its newest checkpoint is its last step, {done}); "
+            "nothing to resume (raise train.max_steps or train.max_tokens with --set to train on)"
+        )
+        return
+    try:
+        client, job_id, rd = submit_run(spec, resume=True)
+    finally:
+        record_if_applied(run_location(spec), spec, changes)
+    typer.echo(f"submitted job {job_id} for run {spec.name} (run directory {rd})")
+    if detach:
+        return
+    rc = follow(client, job_id)
+    if rc:
+        raise typer.Exit(rc)
 
 
 def export_cmd(
