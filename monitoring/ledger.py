@@ -11,14 +11,27 @@ machine crash loses at most that much.
 known in hindsight: a step counts if the run's final state descends from it, i.e. it was
 followed by a committed checkpoint that the run continued from (or the run finished). Steps
 after the last checkpoint an attempt committed, when that attempt died, are *lost*; while an
-attempt is still running they are *uncommitted*. Time between the end of one attempt (its
-last record: a dead attempt has no end record) and the start of the next counts as start-up.
+attempt is still running they are *uncommitted*.
+
+Time between the end of one attempt (its last record: a dead attempt has no end record) and
+the start of the next is one of two things. Inside one job (Ray Train restarting the worker
+group after a crash or a hang) it is restart time, billed as start-up. Across jobs (a job
+was submitted in the gap: ``<run>/jobs.jsonl``; or, without that log, the attempt ended as
+``finished`` or ``stopped``) the run was not running: the time until the new submission is
+*paused* and the time from it to the new attempt's start is *queued*, both wall time,
+billed to no phase and outside goodput. (A job that died after its last record is billed
+only to that record: when it died is not in the ledger.)
+
+Besides phases, badput is split by cause (:data:`CAUSES`): the first start-up, restarts,
+hangs and checkpoint loads (all in the ``startup`` phase), checkpoint saves, lost work, data
+waits, evaluations and idle time.
 
 One line per record::
 
     {"kind": "attempt", "attempt": 2, "t": 1700000000.0, "devices": 8, "resumed_from": 400}
     {"kind": "step", "t0": ..., "t1": ..., "devices": 8, "step": 401, "data_wait": 0.02}
     {"kind": "checkpoint", "t0": ..., "t1": ..., "devices": 8, "step": 500, "committed": true}
+    {"kind": "hang", "t0": ..., "t1": ..., "devices": 8}
     {"kind": "end", "t": ..., "status": "finished"}
 """
 
@@ -37,15 +50,18 @@ from prometheus_client.registry import Collector
 
 from crucible.cluster.storage import Location, location
 from crucible.monitoring.ledger_format import (
+    ENDED_BY_USER,
     INTERVAL_KINDS,
     LEDGER_DIR,
     PHASES,
     Attempt,
     read_attempts,
+    read_submissions,
 )
 from crucible.monitoring.ledger_writer import LedgerWriter
 
 __all__ = [
+    "CAUSES",
     "INTERVAL_KINDS",
     "LEDGER_DIR",
     "PHASES",
@@ -58,6 +74,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Where device time went, finer than PHASES: productive, then each cause of badput.
+CAUSES = (
+    "productive", "startup", "restart", "hang", "checkpoint_load", "checkpoint_save", "lost",
+    "data_wait", "eval", "idle", "uncommitted",
+)  # fmt: skip
+_CAUSE_OF_PHASE = {"checkpoint": "checkpoint_save"}
+# Clocks of the submitting machine and the workers may disagree by this much.
+SUBMIT_SKEW_S = 60.0
 
 
 @dataclass
@@ -78,6 +103,10 @@ class LedgerSummary:
     energy_kwh: float | None = None
     timeline: list[tuple[float, str, float]] = field(default_factory=list)
     start_time: float | None = None  # unix time the first attempt took its devices
+    causes: dict[str, float] = field(default_factory=dict)  # device-seconds by CAUSES
+    paused_seconds: float = 0.0  # wall time between a job's end and the next submission
+    queued_seconds: float = 0.0  # wall time from a submission to its attempt's start
+    pauses: int = 0
 
     @property
     def total_seconds(self) -> float:
@@ -94,6 +123,11 @@ class LedgerSummary:
         """Productive share of all device time (0–1; NaN for an empty ledger)."""
         total = self.total_seconds
         return self.seconds["productive"] / total if total > 0 else math.nan
+
+    @property
+    def badput(self) -> dict[str, float]:
+        """Device-seconds of every cause but ``productive`` (zeros included)."""
+        return {c: self.causes.get(c, 0.0) for c in CAUSES if c != "productive"}
 
 
 def account(
@@ -116,11 +150,13 @@ def account(
     attempts, corrupt = read_attempts(run_dir)
     now = time.time() if now is None else now
     secs = dict.fromkeys(PHASES, 0.0)
+    causes = dict.fromkeys(CAUSES, 0.0)
     timeline: list[tuple[float, str, float]] = []
 
-    def add(t: float, phase: str, device_seconds: float) -> None:
+    def add(t: float, phase: str, device_seconds: float, cause: str | None = None) -> None:
         if device_seconds > 0:
             secs[phase] += device_seconds
+            causes[cause or _CAUSE_OF_PHASE.get(phase, phase)] += device_seconds
             timeline.append((t, phase, device_seconds))
 
     for i, a in enumerate(attempts):  # unknown resume points: the last committed checkpoint
@@ -138,17 +174,40 @@ def account(
         own = top if (a is last and finished) else _committed(a)
         windows[a.index] = (a.resumed_from, int(min(upper, own)))
         upper = min(upper, a.resumed_from)
-    prev_end: float | None = None
+    submissions = read_submissions(run_dir)
+    paused = queued = 0.0
+    pauses = 0
+    if attempts:
+        first = [s for s in submissions if s <= attempts[0].start + SUBMIT_SKEW_S]
+        queued += max(0.0, attempts[0].start - first[-1]) if first else 0.0
+    prev: Attempt | None = None
     for a in attempts:
-        if prev_end is not None:
-            add(a.start, "startup", max(0.0, a.start - prev_end) * a.devices)
-        prev_end = a.end
+        if prev is not None:
+            gap = max(0.0, a.start - prev.end)
+            cut = _resubmission(submissions, prev, a)
+            if cut is not None or prev.status in ENDED_BY_USER:
+                wait = gap if cut is None else min(gap, max(0.0, cut - prev.end))
+                paused += wait
+                queued += gap - wait
+                pauses += 1
+            else:
+                add(a.start, "startup", gap * a.devices, "restart")
+        prev = a
         lo, hi = windows[a.index]
         alive = a is last and running
         busy = 0.0
+        startups = [r for r in a.records if r["kind"] == "startup"]
         for r in sorted(a.records, key=lambda r: r["t1"]):
             d = r["devices"]
             span = r["t1"] - r["t0"]
+            if r["kind"] == "checkpoint_load":
+                # Loading happens inside start-up: that part is moved from cause to cause.
+                inside = min(span, sum(_overlap(r, s) for s in startups))
+                causes["startup"] -= inside * d
+                causes["checkpoint_load"] += inside * d
+                busy += span - inside
+                add(r["t1"], "startup", (span - inside) * d, "checkpoint_load")
+                continue
             busy += span
             if r["kind"] == "step":
                 wait = min(span, max(0.0, float(r.get("data_wait") or 0.0)))
@@ -156,6 +215,8 @@ def account(
                 n = r["step"]
                 phase = "productive" if lo < n <= hi else ("uncommitted" if alive else "lost")
                 add(r["t1"], phase, (span - wait) * d)
+            elif r["kind"] == "hang":
+                add(r["t1"], "startup", span * d, "hang")
             else:
                 add(r["t1"], r["kind"], span * d)
         add(a.end, "idle", max(0.0, (a.end - a.start) - busy) * a.devices)
@@ -173,7 +234,24 @@ def account(
         energy_kwh=total * watts_per_device / 3.6e6 if watts_per_device is not None else None,
         timeline=timeline,
         start_time=attempts[0].start if attempts else None,
+        causes=causes,
+        paused_seconds=paused,
+        queued_seconds=queued,
+        pauses=pauses,
     )
+
+
+def _resubmission(submissions: list[float], prev: Attempt, nxt: Attempt) -> float | None:
+    """The latest job submission in the gap between two attempts (None: the same job)."""
+    inside = [
+        s for s in submissions
+        if prev.end - SUBMIT_SKEW_S <= s <= nxt.start + SUBMIT_SKEW_S and s > prev.start
+    ]  # fmt: skip
+    return max(inside) if inside else None
+
+
+def _overlap(r: dict[str, Any], s: dict[str, Any]) -> float:
+    return max(0.0, min(r["t1"], s["t1"]) - max(r["t0"], s["t0"]))
 
 
 def _committed(a: Attempt) -> int:

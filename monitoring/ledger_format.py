@@ -1,5 +1,6 @@
 """The GPU-hours ledger's files: one JSONL log per attempt under ``<run>/ledger/`` (see
-:mod:`.ledger` for what the records mean), and reading them back, skipping corrupt lines."""
+:mod:`.ledger` for what the records mean), and reading them back, skipping corrupt lines;
+also the run's job submissions (``<run>/jobs.jsonl``), which tell a pause from a restart."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crucible.cluster.storage import Location, location, read_lines
+from crucible.cluster.storage import Location, location, read_jsonl, read_lines
 
 LEDGER_DIR = "ledger"
-INTERVAL_KINDS = ("startup", "step", "data_wait", "checkpoint", "eval", "idle")
+JOBS_LOG = "jobs.jsonl"  # one {"job", "submitted_at"} per submission, by ``crucible train``
+# checkpoint_load: restoring the checkpoint (inside start-up); hang: from the last progress to
+# the watchdog's exit. Both are start-up/restart time by phase and their own badput cause.
+INTERVAL_KINDS = (
+    "startup", "step", "data_wait", "checkpoint", "eval", "idle", "checkpoint_load", "hang",
+)  # fmt: skip
 PHASES = (
     "productive", "lost", "uncommitted", "checkpoint", "data_wait", "eval", "startup", "idle",
 )  # fmt: skip
+# End statuses after which the run waits for its user: the gap to the next attempt is paused.
+ENDED_BY_USER = ("finished", "stopped")
 
 
 def attempt_index(name: str) -> int:
@@ -34,7 +42,7 @@ class Attempt:
     end: float
     devices: int
     resumed_from: int
-    status: str | None  # "finished" / "failed" from an end record; None if it has none
+    status: str | None  # "finished" / "stopped" / "failed" from an end record; None if none
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -107,3 +115,24 @@ def read_attempts(run_dir: Location | str | Path) -> tuple[list[Attempt], int]:
             )
         )
     return attempts, corrupt
+
+
+def read_submissions(run_dir: Location | str | Path) -> list[float]:
+    """Unix times the run's jobs were submitted, in order (empty if unknown or unreadable).
+
+    Args:
+        run_dir: the run directory.
+    """
+    try:
+        recs = read_jsonl(location(run_dir) / JOBS_LOG)
+    except OSError:
+        return []
+    times = []
+    for r in recs:
+        try:
+            t = float(r["submitted_at"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(t):
+            times.append(t)
+    return sorted(times)

@@ -79,7 +79,8 @@ class LedgerWriter:
         """Record ``[t0, t1]`` (unix seconds) of all devices spent in ``kind``.
 
         Args:
-            kind: one of ``startup step data_wait checkpoint eval idle``.
+            kind: one of ``startup step data_wait checkpoint eval idle checkpoint_load
+                hang`` (a checkpoint's load within start-up; the hang before a watchdog exit).
             t0: start (``time.time()``).
             t1: end.
             **fields: extra fields (``step``, ``committed``, ``data_wait``).
@@ -121,7 +122,8 @@ class LedgerWriter:
         """Mark the attempt over (optional: a dead attempt is inferred from its last record).
 
         Args:
-            status: ``finished`` (the run is done) or ``failed``.
+            status: ``finished`` (the run is done), ``stopped`` (its user stopped it: the
+                time until the run is resumed is paused, not billed) or ``failed``.
         """
         self._append({"kind": "end", "t": time.time(), "status": status}, sync=True)
         self.close()

@@ -2,7 +2,8 @@
 
 Charts (matplotlib, headless): loss (train and held-out) by step, throughput (tokens/s) by
 step with restarts marked, MFU by step where the records carry it, and cumulative GPU-hours
-by phase over time from the ledger. Written to ``<run_dir>/report/``.
+by phase over time from the ledger; ``report.md`` adds goodput with badput by cause and the
+paused time (not billed). Written to ``<run_dir>/report/``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt
 
 from crucible.cluster.storage import Location, location
-from crucible.monitoring.ledger import PHASES
+from crucible.monitoring.ledger import PHASES, LedgerSummary
 from crucible.monitoring.status import (
     RunStatus,
     as_number,
@@ -169,6 +170,7 @@ def _markdown(st: RunStatus, images: list[str], price: float | None) -> str:
             f"Goodput {led.goodput:.1%} (productive ÷ all device time) over {led.attempts} "
             f"attempt(s), {led.devices} device(s), wall time {fmt_duration(led.wall_seconds)}.",
         ]
+        lines += _causes(led)
         if price is not None:
             lines.append(f"Cost at ${price:g}/GPU-hour: ${led.gpu_hours * price:,.2f}.")
         if led.corrupt_lines:
@@ -177,3 +179,26 @@ def _markdown(st: RunStatus, images: list[str], price: float | None) -> str:
         lines.append(f"{st.corrupt_lines} unreadable metrics line(s) skipped.")
     lines += ["", *[f"![{Path(i).stem}]({i})" for i in images]]
     return "\n".join(lines) + "\n"
+
+
+CAUSE_NAMES = {
+    "productive": "productive (goodput)", "startup": "start-up", "restart": "restart",
+    "hang": "hang", "checkpoint_load": "checkpoint load", "checkpoint_save": "checkpoint save",
+    "lost": "lost (rolled back)", "data_wait": "data wait", "eval": "evaluation",
+    "idle": "idle", "uncommitted": "uncommitted (not yet known)",
+}  # fmt: skip
+
+
+def _causes(led: LedgerSummary) -> list[str]:
+    """Goodput and every badput cause (zeros too), then the paused time nobody is billed."""
+    total = led.total_seconds
+    lines = ["", "## Goodput and badput", "",
+             "| cause | device-hours | share |", "|---|---:|---:|"]  # fmt: skip
+    for cause, name in CAUSE_NAMES.items():
+        secs = led.causes.get(cause, 0.0)
+        share = f"{secs / total:.1%}" if total > 0 else "–"
+        lines.append(f"| {name} | {secs / 3600:.4f} | {share} |")
+    paused = f"Paused {fmt_duration(led.paused_seconds)} over {led.pauses} pause(s)"
+    lines += ["", f"{paused}, queued {fmt_duration(led.queued_seconds)}: wall time between "
+              "a stop and the resumed job's start, billed to no phase."]  # fmt: skip
+    return lines
