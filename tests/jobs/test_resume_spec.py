@@ -186,3 +186,12 @@ def test_resume_cli_records_an_accepted_change_once_submitted(
     (entry,) = read_jsonl(run / HISTORY)
     assert entry["changes"] == {"train.num_workers": [2, 1]}
     assert load_run_spec(run).train.num_workers == 1  # type: ignore[union-attr]
+
+
+def test_readme_lists_every_safe_key() -> None:
+    from crucible.jobs.resume_check import SAFE_ON_RESUME, UNSAFE_ON_RESUME
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for key in SAFE_ON_RESUME + UNSAFE_ON_RESUME:
+        shown = f"`{key}*`" if key.endswith(".") else key.rsplit(".", 1)[-1]
+        assert shown in readme, key
