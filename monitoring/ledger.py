@@ -263,7 +263,8 @@ def _committed(a: Attempt) -> int:
 
 
 class LedgerCollector(Collector):
-    """Exports a run's ledger as ``crucible_gpu_seconds_total{phase}`` at each scrape.
+    """Exports a run's ledger as ``crucible_gpu_seconds_total{phase}`` at each scrape, with
+    ``crucible_gpu_badput_seconds_total{cause}`` and the paused wall time.
 
     Registered by the live rank 0, which is running by definition, so its uncommitted steps
     are exported as the gauge ``crucible_gpu_uncommitted_seconds`` (they become productive or
@@ -298,6 +299,20 @@ class LedgerCollector(Collector):
             if phase != "uncommitted":
                 fam.add_metric([phase], v)
         yield fam
+        causes = CounterMetricFamily(
+            "crucible_gpu_badput_seconds",
+            "Device-seconds of the run that were not productive, by cause (ledger).",
+            labels=["cause"],
+        )
+        for cause, v in s.badput.items():
+            if cause != "uncommitted":
+                causes.add_metric([cause], v)
+        yield causes
+        yield GaugeMetricFamily(
+            "crucible_run_paused_seconds",
+            "Wall seconds the run was stopped between jobs (billed to no phase).",
+            value=s.paused_seconds,
+        )
         yield GaugeMetricFamily(
             "crucible_gpu_uncommitted_seconds",
             "Device-seconds of steps after the last committed checkpoint.",

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from crucible.cluster.storage import JsonlLog, location
-from crucible.monitoring.ledger import CAUSES, LEDGER_DIR, LedgerWriter, account
+from crucible.monitoring.ledger import CAUSES, LEDGER_DIR, LedgerCollector, LedgerWriter, account
 from crucible.monitoring.report import write_report
 
 DAY = 86400.0
@@ -64,6 +65,12 @@ def test_a_day_long_pause_between_jobs_adds_no_gpu_seconds(tmp_path: Path) -> No
     assert s.causes["restart"] == 0 and s.seconds["lost"] == 0
     assert s.goodput == pytest.approx(30 * 0.9 * 2 / billed)
     assert s.wall_seconds == pytest.approx(end2 - 1000.0)  # the span, pause included
+    reg = CollectorRegistry()
+    reg.register(LedgerCollector(tmp_path))
+    get = reg.get_sample_value
+    assert get("crucible_run_paused_seconds") == pytest.approx(DAY)
+    assert get("crucible_gpu_badput_seconds_total", {"cause": "restart"}) == 0
+    assert get("crucible_gpu_badput_seconds_total", {"cause": "startup"}) == pytest.approx(40)
 
 
 def test_a_stopped_attempt_without_a_jobs_log_is_paused_until_the_next(tmp_path: Path) -> None:
