@@ -86,7 +86,7 @@ class LedgerWriter:
             **fields: extra fields (``step``, ``committed``, ``data_wait``).
         """
         self._append({"kind": kind, "t0": t0, "t1": t1, "devices": self.devices, **fields},
-                     sync=kind == "checkpoint")  # fmt: skip
+                     sync=kind in ("checkpoint", "hang"))  # fmt: skip
 
     def startup_done(self, t: float | None = None) -> None:
         """Close the start-up interval: from the attempt's start to ``t`` (default now).

@@ -54,3 +54,31 @@ def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path: Path) -> None
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     got = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert got == [(1, 5.0), (2, 4.0), (3, 3.0), (4, 2.0), (5, 1.0), (6, 0.5)]
+
+
+def test_a_hang_and_a_checkpoint_load_are_causes_in_the_ledger(tmp_path: Path) -> None:
+    """The resume's load time and the watchdog's hang (from the last progress to the firing,
+    written before the process would exit) reach the ledger as their own badput causes."""
+    import math
+    import threading
+
+    from crucible.jobs.train.callbacks import Resumed
+    from crucible.jobs.train.callbacks.ledger import LedgerCallback
+    from crucible.jobs.train.callbacks.watchdog import WatchdogCallback
+    from crucible.monitoring.ledger import account
+
+    spec = SimpleNamespace(train=SimpleNamespace(hang_timeout_s=0.5))
+    ctx = cast(
+        TrainContext,
+        SimpleNamespace(rank=0, world=2, run_dir=location(tmp_path), step=0, spec=spec),
+    )
+    ledger = LedgerCallback(ctx, resumed_from=3, device="cpu")
+    ledger.on_resume(Resumed(3, location(tmp_path), 2, seconds=1.25, bytes=10))
+    fired = threading.Event()
+    dog = WatchdogCallback(ctx, on_hang=fired.set, record_hang=ledger.on_hang)
+    ledger.on_start()
+    dog.on_start()
+    assert fired.wait(60)  # no progress: the watchdog fires (instead of exiting the process)
+    s = account(tmp_path, stale_after_s=math.inf)
+    assert s.causes["checkpoint_load"] == 2 * 1.25  # both devices
+    assert s.causes["hang"] >= 2 * 0.5  # at least the timeout, on both devices

@@ -53,7 +53,7 @@ def build_callbacks(ctx: TrainContext, resumed_from: int) -> Callbacks:
     items: list[Callback] = [
         ledger,
         PrometheusCallback(ctx, peak or math.nan, restarts=max(ledger.attempt - 1, 0)),
-        WatchdogCallback(ctx),
+        WatchdogCallback(ctx, record_hang=ledger.on_hang),
         EvaluatorCallback(ctx),
         RunLogCallback(ctx),
     ]

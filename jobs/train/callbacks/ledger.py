@@ -7,7 +7,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
+from crucible.jobs.train.callbacks.base import Callback, Resumed, StepResult, TrainContext
 from crucible.jobs.train.checkpoint import SaveStats
 from crucible.monitoring.safe import never_raise
 
@@ -45,9 +45,22 @@ class LedgerCallback(Callback):
         )
 
     @never_raise
+    def on_resume(self, resumed: Resumed) -> None:
+        if self.writer is not None:  # called as the restore ends
+            now = time.time()
+            self.writer.interval("checkpoint_load", now - resumed.seconds, now)
+
+    @never_raise
     def on_start(self) -> None:
         if self.writer is not None:
             self.writer.startup_done()
+
+    @never_raise
+    def on_hang(self, since: float) -> None:
+        """The watchdog fired: from ``since`` (unix time of the last progress) to now the
+        devices were hung; recorded before the process exits."""
+        if self.writer is not None:
+            self.writer.interval("hang", since, time.time())
 
     @never_raise
     def on_step_end(self, result: StepResult) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 
 from crucible.cluster.storage import cache_key, scratch_dir
@@ -22,12 +23,21 @@ class WatchdogCallback(Callback):
         ctx: the rank's training context.
         on_hang: what a hang does after the stacks are dumped (default: exit the process,
             which fails the attempt).
+        record_hang: called first with the unix time of the last progress (the ledger's
+            hang record).
     """
 
-    def __init__(self, ctx: TrainContext, on_hang: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: TrainContext,
+        on_hang: Callable[[], None] | None = None,
+        record_hang: Callable[[float], None] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.watchdog: Watchdog | None = None
         self._on_hang = on_hang or (lambda: os._exit(1))
+        self._record_hang = record_hang
+        self._last_progress = time.time()
 
     @never_raise
     def on_start(self) -> None:
@@ -42,12 +52,17 @@ class WatchdogCallback(Callback):
         def on_hang() -> None:
             with contextlib.suppress(Exception):
                 remote.upload(local)
+            if self._record_hang is not None:
+                with contextlib.suppress(Exception):
+                    self._record_hang(self._last_progress)
             self._on_hang()
 
+        self._last_progress = time.time()
         self.watchdog = Watchdog(timeout_s, local, on_hang=on_hang).start()
 
     def _progress(self) -> None:
         if self.watchdog is not None:
+            self._last_progress = time.time()
             self.watchdog.progress()
 
     @never_raise
