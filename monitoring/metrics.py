@@ -102,6 +102,20 @@ class TrainMetrics:
         self.data_wait = Counter(
             "crucible_train_data_wait_seconds", "Time steps waited for their batch.", registry=r
         )
+        self.busy = Gauge(
+            "crucible_train_rank_busy_seconds",
+            "Median time per step this rank spent reading its batch and in the engine, "
+            "over the last straggler-check window.", registry=r,
+        )  # fmt: skip
+        self.slowdown = Gauge(
+            "crucible_train_rank_slowdown_ratio",
+            "This rank's busy time over the median of the other ranks, last straggler check.",
+            registry=r,
+        )  # fmt: skip
+        self.straggler = Gauge(
+            "crucible_train_straggler",
+            "1 while this rank is reported as a straggler, else 0.", registry=r,
+        )  # fmt: skip
         self.loss = Gauge("crucible_train_loss", "Training loss of the last step.", registry=g)
         self.heldout = Gauge("crucible_train_heldout_loss", "Last held-out loss.", registry=g)
         self.lr = Gauge(
@@ -225,6 +239,19 @@ class TrainMetrics:
             self.last_mfu = self.model_flops_per_token * tok_s_device / self.peak
             self.mfu.set(self.last_mfu)
         self.last_step_time.set(time.time())
+
+    @never_raise
+    def on_straggler_check(self, busy_seconds: float, ratio: float, straggler: bool) -> None:
+        """Record this rank's result of a straggler check.
+
+        Args:
+            busy_seconds: the rank's median busy seconds per step over the window.
+            ratio: that over the median of all ranks.
+            straggler: the rank is reported as a straggler.
+        """
+        self.busy.set(busy_seconds)
+        self.slowdown.set(ratio)
+        self.straggler.set(1.0 if straggler else 0.0)
 
     @never_raise
     def on_eval(self, loss: float) -> None:

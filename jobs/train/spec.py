@@ -99,6 +99,18 @@ class TrainSpec(StrictModel):
     gpu_hour_budget: float | None = Field(
         None, gt=0, description="Device-hours the run may use; Prometheus alerts past it."
     )
+    straggler_check_every: int = Field(
+        20,
+        ge=0,
+        description="Every N steps the ranks all-gather their median busy time per step "
+        "(one float each) to find a straggler. 0: no straggler detection.",
+    )
+    straggler_factor: float = Field(
+        1.5, gt=1, description="A rank busy this many times the other ranks' median is slow."
+    )
+    straggler_checks: int = Field(
+        3, ge=1, description="Slow for this many checks in a row: reported as a straggler."
+    )
 
     @model_validator(mode="after")
     def _has_budget(self) -> TrainSpec:

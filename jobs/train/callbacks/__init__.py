@@ -18,6 +18,7 @@ from crucible.jobs.train.callbacks.evaluator import EvaluatorCallback
 from crucible.jobs.train.callbacks.ledger import LedgerCallback
 from crucible.jobs.train.callbacks.prometheus import PrometheusCallback, shared_peak_flops
 from crucible.jobs.train.callbacks.runlog import RunLogCallback
+from crucible.jobs.train.callbacks.straggler import StragglerCallback
 from crucible.jobs.train.callbacks.watchdog import WatchdogCallback
 from crucible.monitoring.safe import never_raise
 
@@ -50,9 +51,11 @@ def build_callbacks(ctx: TrainContext, resumed_from: int) -> Callbacks:
     """
     device, peak = _peak(ctx.rank) or ("", math.nan)
     ledger = LedgerCallback(ctx, resumed_from, device)
+    prom = PrometheusCallback(ctx, peak or math.nan, restarts=max(ledger.attempt - 1, 0))
     items: list[Callback] = [
         ledger,
-        PrometheusCallback(ctx, peak or math.nan, restarts=max(ledger.attempt - 1, 0)),
+        prom,
+        StragglerCallback(ctx, prom.metrics),
         WatchdogCallback(ctx, record_hang=ledger.on_hang),
         EvaluatorCallback(ctx),
         RunLogCallback(ctx),
