@@ -127,3 +127,9 @@ def load_run_spec(run: Location | str | Path) -> RunSpec:
     except FileNotFoundError:
         raise CrucibleError(f"{path} does not exist; {run} is not a run directory") from None
     return parse_spec(yaml.safe_load(text), source=str(path))
+
+
+def stop_request(run: Location) -> Location:
+    """Where a graceful stop of run ``run`` is asked for (``crucible jobs stop`` writes it,
+    the training ranks look for it; see :mod:`crucible.jobs.train.callbacks.stopper`)."""
+    return run / "control" / "stop.json"

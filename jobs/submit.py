@@ -10,7 +10,7 @@ from crucible.cluster.storage import JsonlLog, Location, read_jsonl
 from crucible.errors import CrucibleError
 from crucible.jobs.client import JobsClient
 from crucible.jobs.preflight import preflight
-from crucible.jobs.runs import prepare_run
+from crucible.jobs.runs import prepare_run, stop_request
 from crucible.jobs.spec import RunSpec
 
 ACTIVE = {"PENDING", "RUNNING"}
@@ -46,6 +46,7 @@ def submit_run(
             f"follow it with `crucible jobs logs {running} --follow`"
         )
     run_dir = prepare_run(spec, resume=resume)
+    stop_request(run_dir).rm()  # an earlier attempt's stop does not stop this one
     history = run_dir / "jobs.jsonl"
     attempt = len(read_jsonl(history))
     submission_id = f"crucible-{spec.name}-{attempt}-{int(time.time())}"

@@ -84,10 +84,19 @@ def logs(
 @app.command("stop")
 def stop(
     job: str = typer.Argument(..., help="Submission id."),
+    checkpoint: bool = typer.Option(
+        True, "--checkpoint/--no-checkpoint", help="Train runs: save the step they stop at."
+    ),
+    timeout: float = typer.Option(
+        600.0, help="Seconds to wait for a train run's graceful stop before ending it at once."
+    ),
     address: str | None = Address,
     state_dir: Path | None = StateDir,
     token_path: Path | None = TokenPath,
 ) -> None:
-    """Ask the cluster to stop a job."""
-    stopped = _client(address, state_dir, token_path).stop(job)
-    console.print(f"{job}: {'stop requested' if stopped else 'already finished'}")
+    """Stop a job. A train run stops gracefully: its workers finish the current step, save
+    it and exit before this returns; `crucible resume` then continues from that step."""
+    from crucible.jobs.stop import stop_job
+
+    client = _client(address, state_dir, token_path)
+    console.print(stop_job(client, job, checkpoint=checkpoint, timeout_s=timeout))

@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx.callbacks.on_start()
     status = "failed"
     try:
-        while ctx.step < plan.total_steps:
+        while ctx.step < plan.total_steps and not ctx.stop_requested:
             t0, t0_wall = time.perf_counter(), time.time()
             lr = lr_at(ctx.step, o, plan.total_steps)
             for group in ctx.engine.optimizer.param_groups:
@@ -114,7 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 engine_seconds=engine_seconds,
             )
             ctx.callbacks.on_step_end(result)
-        status = "finished"
+        status = "stopped" if ctx.stop_requested and ctx.step < plan.total_steps else "finished"
     finally:
         ctx.callbacks.on_end(status)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from crucible.cluster.storage import Location, location, read_jsonl
 from crucible.errors import CrucibleError
-from crucible.jobs.runs import load_train_spec
+from crucible.jobs.runs import load_train_spec, stop_request
 from crucible.jobs.spec import TrainRunSpec
 from crucible.jobs.train import checkpoint as ckpt
 
@@ -228,6 +228,8 @@ def run_train(run_dir: Location) -> int:
             f"stopped; last good checkpoint: {info['last_checkpoint']}"
         )
     print(summarize(run_dir, time.perf_counter() - t0), flush=True)
+    if stop_request(run_dir).is_file():
+        print(f"stopped on request; `crucible resume {run_dir}` continues it", flush=True)
     return 0
 
 

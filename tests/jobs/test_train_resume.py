@@ -240,6 +240,43 @@ def test_world_size_2_to_1_and_1_to_2(env, train_shards, reference) -> None:
     assert_same_data_position(run12, ref_dir)
 
 
+def test_a_graceful_stop_saves_its_step_and_resume_goes_on_from_it(env, train_shards) -> None:
+    """`crucible jobs stop` on a train run: the ranks finish the step during which the stop
+    was asked for, save it and exit, all before it returns; the ledger says stopped; a resume
+    continues from that step."""
+    from crucible.jobs.client import TERMINAL
+    from crucible.jobs.stop import stop_job
+    from crucible.jobs.submit import submit_run
+    from crucible.monitoring.ledger_format import read_attempts
+
+    data = _spec_data("stopped", env, train_shards)
+    data["train"]["max_steps"] = 500  # far more than it will run
+    spec = parse_spec(data)
+    client, job_id, run = submit_run(spec)  # type: ignore[arg-type]
+    run_dir = run.local_path
+    deadline = time.monotonic() + 600
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and max(step_losses(run_dir), default=0) >= 2):
+        assert time.monotonic() < deadline, "no step 2 within 600 s"
+        assert client.status(job_id) not in TERMINAL, client.logs(job_id)
+        time.sleep(0.2)
+    said = stop_job(client, job_id)
+    assert client.status(job_id) in TERMINAL  # the job has ended when stop returns
+    stopped_at = max(step_losses(run_dir))
+    assert 2 <= stopped_at < 500 and f"stopped at step {stopped_at} (saved)" in said, said
+    latest = ckpt.latest_committed(location(run_dir / "checkpoints"))
+    assert latest is not None and latest[0].name == f"step-{stopped_at}"  # its step is saved
+    assert "stopped on request" in client.logs(job_id)
+    attempts, _ = read_attempts(location(run_dir))
+    assert attempts[-1].status == "stopped", attempts
+
+    data["train"]["max_steps"] = stopped_at + 1
+    run_dir, _ = train(parse_spec(data), resume=True)  # type: ignore[arg-type]
+    (resume,) = records(run_dir, "resume")
+    assert resume["step"] == stopped_at  # not stopped again by the old request
+    assert max(step_losses(run_dir)) == stopped_at + 1
+
+
 def assert_same_data_position(run: Path, ref: Path) -> None:
     """Exact: at every checkpoint both runs hold, the run has consumed the same samples as the
     reference (the reader's whole state), and every step read a whole global batch."""

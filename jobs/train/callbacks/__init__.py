@@ -18,6 +18,7 @@ from crucible.jobs.train.callbacks.evaluator import EvaluatorCallback
 from crucible.jobs.train.callbacks.ledger import LedgerCallback
 from crucible.jobs.train.callbacks.prometheus import PrometheusCallback, shared_peak_flops
 from crucible.jobs.train.callbacks.runlog import RunLogCallback
+from crucible.jobs.train.callbacks.stopper import StopCallback
 from crucible.jobs.train.callbacks.straggler import StragglerCallback
 from crucible.jobs.train.callbacks.watchdog import WatchdogCallback
 from crucible.monitoring.safe import never_raise
@@ -68,5 +69,7 @@ def build_callbacks(ctx: TrainContext, resumed_from: int) -> Callbacks:
         from crucible.jobs.train.callbacks.wandb import WandbCallback
 
         items.append(WandbCallback(ctx))
+    # before the checkpointer: a stop requested during a step is saved at that step
+    items.append(StopCallback(ctx))
     items.append(CheckpointerCallback(ctx, ledger))
     return Callbacks(items)

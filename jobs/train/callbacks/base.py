@@ -164,6 +164,10 @@ class TrainContext:
     step: int = 0
     """Optimizer steps done."""
     callbacks: Callbacks = field(default_factory=Callbacks)
+    stop_requested: bool = False
+    """A graceful stop was asked for: the loop ends after the current step."""
+    stop_checkpoint: bool = True
+    """... with a checkpoint of that step."""
 
     @property
     def checkpoints(self) -> Location:

@@ -1,4 +1,5 @@
-"""Checkpoints every ``checkpoint.every_steps`` steps and at the last step: every rank's
+"""Checkpoints every ``checkpoint.every_steps`` steps, at the last step and at a graceful stop's
+step (unless the stop asks for none): every rank's
 shards and RNG state plus crucible's state, committed atomically (see
 :mod:`crucible.jobs.train.checkpoint`); then retention, and one ``ray.train.report``."""
 
@@ -42,7 +43,8 @@ class CheckpointerCallback(Callback):
         import ray.train
 
         ctx, c = self.ctx, self.ctx.spec.checkpoint
-        if result.step % c.every_steps and result.step != ctx.plan.total_steps:
+        last = result.step == ctx.plan.total_steps or (ctx.stop_requested and ctx.stop_checkpoint)
+        if result.step % c.every_steps and not last:
             return
         t0 = time.time()
         stats = ckpt.save(ctx.engine, ctx.checkpoints, result.step, self.state(), ctx.rank,
