@@ -48,15 +48,11 @@ def run(
         typer.echo(format_stats(d))
         typer.echo(f"run directory: {d}")
         return
-    from crucible.jobs.submit import follow, submit_run
+    from crucible.jobs.cli.options import follow_submitted
+    from crucible.jobs.submit import submit_run
 
     client, job_id, d = submit_run(spec, verbose=verbose)
-    typer.echo(f"submitted job {job_id} for run {spec.name} (run directory {d})")
-    if detach:
-        return
-    rc = follow(client, job_id)
-    if rc:
-        raise typer.Exit(rc)
+    follow_submitted(client, job_id, spec.name, d, detach)
 
 
 @app.command("stats")

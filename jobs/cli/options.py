@@ -62,3 +62,16 @@ def prometheus_url(cluster: ClusterSpec, explicit: str | None) -> str | None:
     except Exception:  # an unreadable cluster state only loses the alerts line
         return None
     return state.prometheus_url if state is not None and state.alive() else None
+
+
+def follow_submitted(client: object, job_id: str, name: str, run_dir: object, detach: bool) -> None:
+    """Say what was submitted, then (unless ``detach``) print the job's logs until it ends;
+    exit with the job's failure code."""
+    from crucible.jobs.submit import follow
+
+    typer.echo(f"submitted job {job_id} for run {name} (run directory {run_dir})")
+    if detach:
+        return
+    rc = follow(client, job_id)  # type: ignore[arg-type]
+    if rc:
+        raise typer.Exit(rc)

@@ -9,7 +9,13 @@ from pathlib import Path
 import typer
 
 from crucible.errors import CrucibleError
-from crucible.jobs.cli.options import Address, StateDir, TokenPath, cluster_spec
+from crucible.jobs.cli.options import (
+    Address,
+    StateDir,
+    TokenPath,
+    cluster_spec,
+    follow_submitted,
+)
 
 app = typer.Typer(
     help="Train a GPT with DeepSpeed ZeRO-3 on Ray Train workers.", no_args_is_help=True
@@ -47,15 +53,10 @@ def dry_run_text(spec: object) -> str:
 
 
 def _submit(spec: object, resume: bool, detach: bool) -> None:
-    from crucible.jobs.submit import follow, submit_run
+    from crucible.jobs.submit import submit_run
 
     client, job_id, d = submit_run(spec, resume=resume)  # type: ignore[arg-type]
-    typer.echo(f"submitted job {job_id} for run {spec.name} (run directory {d})")  # type: ignore[attr-defined]
-    if detach:
-        return
-    rc = follow(client, job_id)
-    if rc:
-        raise typer.Exit(rc)
+    follow_submitted(client, job_id, spec.name, d, detach)  # type: ignore[attr-defined]
 
 
 @app.command("run")
@@ -106,7 +107,7 @@ def resume_cmd(
     from crucible.jobs.resume_check import check_resume_changes, finished_step, record_if_applied
     from crucible.jobs.runs import find_run, load_run_spec, run_location
     from crucible.jobs.spec import TrainRunSpec, parse_spec
-    from crucible.jobs.submit import follow, submit_run
+    from crucible.jobs.submit import submit_run
 
     d = find_run(run, storage)
     old = spec = load_run_spec(d)
@@ -130,12 +131,7 @@ def resume_cmd(
         client, job_id, rd = submit_run(spec, resume=True)
     finally:
         record_if_applied(run_location(spec), spec, changes)
-    typer.echo(f"submitted job {job_id} for run {spec.name} (run directory {rd})")
-    if detach:
-        return
-    rc = follow(client, job_id)
-    if rc:
-        raise typer.Exit(rc)
+    follow_submitted(client, job_id, spec.name, rd, detach)
 
 
 def export_cmd(
