@@ -45,7 +45,10 @@ def sd_port() -> int:
 
 def node_address() -> str:
     """This process's node address as Ray knows it (127.0.0.1 outside Ray)."""
-    import ray
+    try:
+        import ray
+    except ImportError:  # a rank under torchrun on a host without Ray
+        return "127.0.0.1"
 
     if not ray.is_initialized():
         return "127.0.0.1"

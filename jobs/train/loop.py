@@ -1,4 +1,5 @@
-"""The per-worker train function that Ray Train's ``TorchTrainer`` runs on every rank.
+"""The per-worker train function that Ray Train's ``TorchTrainer`` (or, on one node without
+Ray, ``torchrun``: :mod:`.standalone`) runs on every rank.
 
 Each worker builds the GPT sharded under ZeRO-3 (config from :mod:`.plan`), resumes from the
 newest checkpoint every rank can load, then for each optimizer step reads its slice of the
@@ -25,6 +26,7 @@ from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.callbacks import StepResult, TrainContext, build_callbacks
 from crucible.jobs.train.engine import build_engine, micro_batches
 from crucible.jobs.train.environment import prepare_process
+from crucible.jobs.train.launcher import current_launcher
 from crucible.jobs.train.resume import rank_seed, restore
 from crucible.jobs.train.schedule import lr_at
 from crucible.jobs.train.spec import OptimSpec
@@ -43,15 +45,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_gpu = bool(config["use_gpu"])
     prepare_process(use_gpu)  # before anything imports DeepSpeed
     import deepspeed
-    import ray.train
 
     from crucible.data_pipeline.training_reader import TrainingReader
     from crucible.jobs.runs import load_train_spec
 
     run_dir = location(config["run_dir"])
     spec = load_train_spec(run_dir)
-    train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    launcher = current_launcher()
+    rank, world = launcher.rank, launcher.world_size
     make_deterministic(int(spec.train.cpus_per_worker))
     (run_dir / "workers" / f"rank-{rank}.pid").write_text(str(os.getpid()), durable=False)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
@@ -67,7 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         doc_index=spec.data.mask_cross_document,
     )
     plan = plan_run(spec, world, seq_len=reader.seq_len, use_gpu=use_gpu)
-    ctx = TrainContext(spec, plan, run_dir, rank, world, use_gpu, reader)
+    ctx = TrainContext(spec, plan, run_dir, rank, world, use_gpu, reader, launcher=launcher)
     ctx.checkpoints.mkdirs()
     chosen = ckpt.choose_checkpoint(ctx.checkpoints, spec.checkpoint.verify, rank, world)
     state = ckpt.read_state(chosen[0]) if chosen else None

@@ -208,6 +208,27 @@ def test_sigkilled_worker_resumes_bitwise_identical(env, train_shards, reference
         assert torch.equal(ours[name], theirs[name]), name
 
 
+def test_torchrun_runs_the_same_loop_and_resumes_bitwise(env, train_shards, reference) -> None:
+    """The standalone launcher (torchrun, no Ray: what the GPU check uses) resumes a copy of
+    the reference at step 6 and trains steps 7-12 exactly as Ray Train did."""
+    import subprocess
+    import sys
+
+    ref_dir, _ = reference
+    spec = branch(ref_dir, parse_spec(_spec_data("torchrun", env, train_shards)), 2 * EVERY)  # type: ignore[arg-type]
+    run_dir = Path(spec.cluster.storage) / spec.name
+    out = subprocess.run(
+        [sys.executable, "-m", "crucible.jobs.train.standalone", str(run_dir), "--nproc", "2"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    assert f"step {STEPS}: loss" in out.stdout
+    resumes = records(run_dir, "resume")
+    assert len(resumes) == 1 and resumes[0]["step"] == 2 * EVERY
+    assert step_losses(run_dir) == step_losses(ref_dir)  # steps 7-12 trained here, bitwise
+    assert STEPS in ckpt.committed_steps(location(run_dir / "checkpoints"))
+
+
 def test_world_size_2_to_1_and_1_to_2(env, train_shards, reference) -> None:
     """Exact: the samples each step consumes. Within tolerances: the losses."""
     ref_dir, _ = reference

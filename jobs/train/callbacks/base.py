@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
     from crucible.data_pipeline.training_reader import TrainingReader
+    from crucible.jobs.train.launcher import Launcher
 
 
 @dataclass
@@ -168,6 +169,8 @@ class TrainContext:
     """A graceful stop was asked for: the loop ends after the current step."""
     stop_checkpoint: bool = True
     """... with a checkpoint of that step."""
+    launcher: Launcher | None = None
+    """Who started the rank (Ray Train or torchrun); None in tests that drive callbacks."""
 
     @property
     def checkpoints(self) -> Location:

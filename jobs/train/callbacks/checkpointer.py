@@ -40,8 +40,6 @@ class CheckpointerCallback(Callback):
         }
 
     def on_step_end(self, result: StepResult) -> None:
-        import ray.train
-
         ctx, c = self.ctx, self.ctx.spec.checkpoint
         last = result.step == ctx.plan.total_steps or (ctx.stop_requested and ctx.stop_checkpoint)
         if result.step % c.every_steps and not last:
@@ -55,5 +53,6 @@ class CheckpointerCallback(Callback):
         # Ray Train's report is a barrier that waits for the controller's next poll (every
         # 2 s): once per checkpoint, not per step. It comes before on_save, so that the
         # ledger's checkpoint interval holds it.
-        ray.train.report(result.record() | {"checkpoint": stats.path.uri})
+        if ctx.launcher is not None:
+            ctx.launcher.report(result.record() | {"checkpoint": stats.path.uri})
         ctx.callbacks.on_save(stats, t0)
