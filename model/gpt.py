@@ -7,17 +7,23 @@ DeepSpeed, Ray or parallelism: :mod:`crucible.model.parallelize` wraps it.
 
 Build large models on the meta device (``build_model(cfg, device="meta")``), then
 materialise with :func:`init_weights` (or shard first under ZeRO-3, see parallelize).
+Decoding passes a :class:`~crucible.model.kv_cache.KVCache` to ``forward``; without one
+(training) attention is SDPA's causal kernel and nothing else changes.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crucible.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from crucible.model.kv_cache import KVCache, LayerCache
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -27,17 +33,22 @@ def _norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rotary_cos_sin(
-    cfg: ModelConfig, seq_len: int, device: torch.device, dtype: torch.dtype
+    cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [seq_len, head_dim] for rotary positions, split-halves layout.
+    """cos/sin tables for rotary positions, split-halves layout: [T, head_dim] for positions
+    [T], or [B, 1, T, head_dim] (broadcast over heads) for per-row positions [B, T].
 
     Computed in fp32 and cast, as Hugging Face's Llama does, so converted weights give the
     same logits. Recomputed per forward: cheap, and nothing to re-initialise after meta.
     """
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
-    freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, hd, 2, device=positions.device).float() / hd)
+    )
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
+    if positions.dim() == 2:
+        emb = emb[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -68,6 +79,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         hd, nq, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
@@ -77,6 +89,9 @@ class Attention(nn.Module):
         v = v.view(B, T, nkv, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            # Store this step's keys and values, kv_heads wide; attend over every slot so far.
+            k, v = cache.update(k, v)
         if nkv != nq:
             # Query head h uses K/V head h // (nq/nkv), as in Hugging Face's repeat_kv.
             k = k.repeat_interleave(nq // nkv, dim=1)
@@ -132,16 +147,18 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, mask)
+        x = x + self.attn(self.norm1(x), rope, mask, cache)
         return x + self.mlp(self.norm2(x))
 
 
 class GPT(nn.Module):
     """Decoder-only transformer language model.
 
-    ``forward(tokens, targets=None, doc_ids=None)`` returns ``(logits, loss)``; ``loss`` is the
-    mean cross-entropy over targets that are not ``-100``, or ``None`` without targets.
+    ``forward(tokens, targets=None, doc_ids=None, cache=None)`` returns ``(logits, loss)``;
+    ``loss`` is the mean cross-entropy over targets that are not ``-100``, or ``None`` without
+    targets.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -161,6 +178,7 @@ class GPT(nn.Module):
         tokens: torch.Tensor,
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T, V] for ``tokens`` [B, T], and the loss against ``targets`` [B, T].
 
@@ -169,25 +187,34 @@ class GPT(nn.Module):
             targets: next-token ids [B, T]; -100 marks positions left out of the loss.
             doc_ids: optional [B, T] document number of each token in a packed sequence;
                 attention then stays inside each document (block-diagonal causal mask).
+            cache: keys and values of the positions before ``tokens`` (decoding, see
+                :mod:`crucible.model.kv_cache`); ``tokens`` continue every row, and the
+                cache gives their positions and attention mask.
         """
         T = tokens.shape[1]
-        if self.cfg.max_seq_len < T:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        mask = None
+        if cache is None:
+            if self.cfg.max_seq_len < T:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
+            positions = torch.arange(T, device=tokens.device)
+        elif doc_ids is not None:
+            raise ValueError("doc_ids and a KV cache cannot be combined")
+        else:
+            positions, mask = cache.extend(T)
         x = self.tok_emb(tokens)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
+            x = x + self.pos_emb(positions)
         else:
-            rope = rotary_cos_sin(self.cfg, T, tokens.device, x.dtype)
+            rope = rotary_cos_sin(self.cfg, positions, x.dtype)
         x = self.dropout(x)
-        mask = None
         if doc_ids is not None:
             # [B, 1, T, T]: same document and not in the future. Positions stay global.
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
             mask = mask[:, None]
-        for block in self.blocks:
-            x = block(x, rope, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, None if cache is None else cache.layers[i])
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
