@@ -12,7 +12,18 @@ import sys
 import typer
 
 from crucible.errors import CrucibleError
-from crucible.jobs.cli import cluster, data, demo, jobs, model, monitor, plan, spec, train
+from crucible.jobs.cli import (
+    cluster,
+    data,
+    demo,
+    generate,
+    jobs,
+    model,
+    monitor,
+    plan,
+    spec,
+    train,
+)
 
 app = typer.Typer(
     name="crucible",
@@ -30,6 +41,7 @@ app.add_typer(spec.app, name="spec")
 app.add_typer(train.app, name="train")
 app.command("resume")(train.resume_cmd)
 app.command("export")(train.export_cmd)
+app.command("generate")(generate.generate_cmd)
 app.command("demo")(demo.demo)
 app.command("plan")(plan.plan_cmd)
 app.command("monitor")(monitor.monitor_cmd)
