@@ -90,7 +90,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            # Store this step's keys and values, kv_heads wide; attend over every slot so far.
+            # Store this step's keys and values, kv_heads wide; attend over the cache's slots.
             k, v = cache.update(k, v)
         if nkv != nq:
             # Query head h uses K/V head h // (nq/nkv), as in Hugging Face's repeat_kv.

@@ -7,6 +7,10 @@ its keys and values into the reserved slots through its :class:`LayerCache`.
 
 Rows may be left-padded (``pad``): a row's padding is never attended to and does not count
 as positions, so each row decodes exactly as it would alone.
+
+Attention always runs over all ``max_len`` slots, the unfilled ones masked: every decode step
+then has the same shapes, so kernels that plan per shape (cuDNN's attention) plan once
+rather than at every step.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ class LayerCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the current forward's keys and values [B, kv_heads, T, head_dim] into the
-        slots :meth:`KVCache.extend` reserved; return those of every slot so far."""
+        slots :meth:`KVCache.extend` reserved; return all slots' (the mask hides the rest)."""
         start, end = self.owner.start, self.owner.length
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys, self.values
 
 
 class KVCache:
@@ -73,7 +77,7 @@ class KVCache:
 
         Returns:
             Positions [B, n] of the new tokens (the slot less the row's padding), and the
-            attention mask [B, 1, n, length] (True: attend): every earlier or same slot that
+            attention mask [B, 1, n, max_len] (True: attend): every earlier or same slot that
             is not padding. A padding slot attends to itself only, so no softmax row is empty.
         """
         start, end = self.length, self.length + n
@@ -82,8 +86,8 @@ class KVCache:
         self.start, self.length = start, end
         device = self.pad.device
         query = torch.arange(start, end, device=device)[:, None]  # [n, 1]
-        key = torch.arange(end, device=device)  # [end]
-        real = key >= self.pad[:, None]  # [B, end]
-        mask = (key <= query) & (real[:, None, :] | (key == query))  # [B, n, end]
+        key = torch.arange(self.max_len, device=device)  # [max_len]
+        real = key >= self.pad[:, None]  # [B, max_len]
+        mask = (key <= query) & (real[:, None, :] | (key == query))  # [B, n, max_len]
         positions = (query.T - self.pad[:, None]).clamp(min=0)  # [B, n]
         return positions, mask[:, None]

@@ -15,8 +15,9 @@ from crucible.model.gpt import GPT
 from crucible.model.kv_cache import KVCache
 
 KINDS = ["gpt_cfg", "llama_cfg"]  # learned positions + MHA; rotary + GQA (4 q, 2 kv heads)
-# fp32; the cached path differs from the full forward by a few ulp (1.2e-7 measured).
-ATOL = 1e-5
+# fp32 logits up to about 5 in size; cached and full forwards sum in different orders
+# (worst seen over 20 seeds of these models: 5.6e-6).
+ATOL = 2e-5
 
 
 @pytest.fixture(autouse=True)
