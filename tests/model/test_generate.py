@@ -98,12 +98,17 @@ def test_greedy_tokens_equal_transformers_generate(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_batch_of_different_lengths_equals_each_alone(
-    kind: str, request: pytest.FixtureRequest, make_model: Callable[..., GPT]
+    kind: str,
+    request: pytest.FixtureRequest,
+    make_model: Callable[..., GPT],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = _model(kind, request, make_model)
     prompts = _prompts(model.cfg.vocab_size, (1, 9, 4, 6))
     batched = generate(model, prompts, max_new_tokens=10)
     assert batched == [generate(model, [p], max_new_tokens=10)[0] for p in prompts]
+    monkeypatch.setattr("crucible.model.generate.PREFILL_CHUNK", 4)  # prompts in 3 forwards
+    assert generate(model, prompts, max_new_tokens=10) == batched
 
 
 def test_sampling_is_reproducible_with_a_seed(
