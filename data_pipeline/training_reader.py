@@ -7,7 +7,9 @@ of the split (``N`` samples), where ``perm`` is a stateless keyed bijection of `
 Global batch ``b`` is stream positions ``[b·G, (b+1)·G)``; data-parallel rank ``r`` of ``W``
 takes the contiguous slice ``[b·G + r·G/W, b·G + (r+1)·G/W)``. So the reader's whole state is
 the number of samples consumed, and the global batches are the same for any ``W`` that
-divides ``G``.
+divides ``G``. Global batches can be skipped (a rollback after a loss spike skips the batches
+that caused it): the reader steps over them, their samples counted as consumed; which ones is
+the run's to record (its spec and rollback log), not the reader's state.
 
 Shards are memory-mapped where they are, on a local or shared filesystem; from an object
 store each node first copies the split it reads into node-local scratch (once per node, each
@@ -16,7 +18,7 @@ file checked against its sha256 on the way).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,8 @@ class TrainingReader:
         self.allow_manifest_change = allow_manifest_change
         self.doc_index = doc_index
         self.samples_consumed = 0
+        self.skipped: set[int] = set()
+        """Global batches :meth:`next_batch` steps over (see :meth:`skip`)."""
 
     @property
     def num_samples(self) -> int:
@@ -261,8 +265,22 @@ class TrainingReader:
         """
         return self.stream_indices(batch * self.global_batch_size, self.global_batch_size)
 
+    def skip(self, batches: Iterable[int]) -> None:
+        """Step over global batches ``batches`` from now on (those already read stay read).
+
+        Args:
+            batches: Global batch numbers since the start of training.
+        """
+        self.skipped.update(int(b) for b in batches)
+
+    @property
+    def last_batch(self) -> int:
+        """The global batch :meth:`next_batch` returned last (-1 before any)."""
+        return self.samples_consumed // self.global_batch_size - 1
+
     def next_batch(self) -> dict[str, Any]:
-        """This rank's slice of the next global batch, as torch tensors; advances the state.
+        """This rank's slice of the next global batch not skipped, as torch tensors; advances
+        the state.
 
         Returns:
             ``input_ids`` and ``labels`` (B, seq_len) int64 (labels shifted by one, ``-100``
@@ -270,6 +288,8 @@ class TrainingReader:
             on padding: mask attention where it differs; absent when ``doc_index=False``),
             ``sample_index`` (B,) int64.
         """
+        while self.samples_consumed // self.global_batch_size in self.skipped:
+            self.samples_consumed += self.global_batch_size
         first = self.samples_consumed + self.rank * self.local_batch_size
         indices = self.stream_indices(first, self.local_batch_size)
         self.samples_consumed += self.global_batch_size

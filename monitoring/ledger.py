@@ -24,7 +24,10 @@ only to that record: when it died is not in the ledger.)
 
 Besides phases, badput is split by cause (:data:`CAUSES`): the first start-up, restarts,
 hangs and checkpoint loads (all in the ``startup`` phase), checkpoint saves, lost work, data
-waits, evaluations and idle time.
+waits, evaluations, idle time and rollbacks. A rollback (after a loss spike or a non-finite
+loss, the attempt reloads its last checkpoint in-process) records one interval from the start
+of the bad step to the end of the reload, with the step it went back to: that interval and
+every earlier step of the attempt past that step are wasted, in the ``lost`` phase.
 
 One line per record::
 
@@ -32,6 +35,7 @@ One line per record::
     {"kind": "step", "t0": ..., "t1": ..., "devices": 8, "step": 401, "data_wait": 0.02}
     {"kind": "checkpoint", "t0": ..., "t1": ..., "devices": 8, "step": 500, "committed": true}
     {"kind": "hang", "t0": ..., "t1": ..., "devices": 8}
+    {"kind": "rollback", "t0": ..., "t1": ..., "devices": 8, "step": 400, "from_step": 437}
     {"kind": "end", "t": ..., "status": "finished"}
 """
 
@@ -78,7 +82,7 @@ log = logging.getLogger(__name__)
 # Where device time went, finer than PHASES: productive, then each cause of badput.
 CAUSES = (
     "productive", "startup", "restart", "hang", "checkpoint_load", "checkpoint_save", "lost",
-    "data_wait", "eval", "idle", "uncommitted",
+    "data_wait", "eval", "idle", "uncommitted", "rollback",
 )  # fmt: skip
 _CAUSE_OF_PHASE = {"checkpoint": "checkpoint_save"}
 # Clocks of the submitting machine and the workers may disagree by this much.
@@ -197,6 +201,7 @@ def account(
         alive = a is last and running
         busy = 0.0
         startups = [r for r in a.records if r["kind"] == "startup"]
+        rollbacks = [r for r in a.records if r["kind"] == "rollback"]
         for r in sorted(a.records, key=lambda r: r["t1"]):
             d = r["devices"]
             span = r["t1"] - r["t0"]
@@ -209,7 +214,9 @@ def account(
                 add(r["t1"], "startup", (span - inside) * d, "checkpoint_load")
                 continue
             busy += span
-            if r["kind"] == "step":
+            if r["kind"] == "step" and _rolled_back(r, rollbacks):
+                add(r["t1"], "lost", span * d, "rollback")
+            elif r["kind"] == "step":
                 wait = min(span, max(0.0, float(r.get("data_wait") or 0.0)))
                 add(r["t1"], "data_wait", wait * d)
                 n = r["step"]
@@ -217,6 +224,8 @@ def account(
                 add(r["t1"], phase, (span - wait) * d)
             elif r["kind"] == "hang":
                 add(r["t1"], "startup", span * d, "hang")
+            elif r["kind"] == "rollback":
+                add(r["t1"], "lost", span * d, "rollback")
             else:
                 add(r["t1"], r["kind"], span * d)
         add(a.end, "idle", max(0.0, (a.end - a.start) - busy) * a.devices)
@@ -248,6 +257,13 @@ def _resubmission(submissions: list[float], prev: Attempt, nxt: Attempt) -> floa
         if prev.end - SUBMIT_SKEW_S <= s <= nxt.start + SUBMIT_SKEW_S and s > prev.start
     ]  # fmt: skip
     return max(inside) if inside else None
+
+
+def _rolled_back(step: dict[str, Any], rollbacks: list[dict[str, Any]]) -> bool:
+    """Whether a later rollback of its attempt went back to before this step."""
+    return any(
+        step["t1"] <= rb["t1"] and step["step"] > int(rb.get("step") or 0) for rb in rollbacks
+    )
 
 
 def _overlap(r: dict[str, Any], s: dict[str, Any]) -> float:

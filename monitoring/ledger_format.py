@@ -17,8 +17,10 @@ LEDGER_DIR = "ledger"
 JOBS_LOG = "jobs.jsonl"  # one {"job", "submitted_at"} per submission, by ``crucible train``
 # checkpoint_load: restoring the checkpoint (inside start-up); hang: from the last progress to
 # the watchdog's exit. Both are start-up/restart time by phase and their own badput cause.
+# rollback: from the start of a bad step to the end of the reload after it (see .ledger).
 INTERVAL_KINDS = (
     "startup", "step", "data_wait", "checkpoint", "eval", "idle", "checkpoint_load", "hang",
+    "rollback",
 )  # fmt: skip
 PHASES = (
     "productive", "lost", "uncommitted", "checkpoint", "data_wait", "eval", "startup", "idle",

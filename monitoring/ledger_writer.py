@@ -80,13 +80,14 @@ class LedgerWriter:
 
         Args:
             kind: one of ``startup step data_wait checkpoint eval idle checkpoint_load
-                hang`` (a checkpoint's load within start-up; the hang before a watchdog exit).
+                hang rollback`` (a checkpoint's load within start-up; the hang before a
+                watchdog exit; a bad step and the reload after it).
             t0: start (``time.time()``).
             t1: end.
-            **fields: extra fields (``step``, ``committed``, ``data_wait``).
+            **fields: extra fields (``step``, ``committed``, ``data_wait``, ``from_step``).
         """
         self._append({"kind": kind, "t0": t0, "t1": t1, "devices": self.devices, **fields},
-                     sync=kind in ("checkpoint", "hang"))  # fmt: skip
+                     sync=kind in ("checkpoint", "hang", "rollback"))  # fmt: skip
 
     def startup_done(self, t: float | None = None) -> None:
         """Close the start-up interval: from the attempt's start to ``t`` (default now).

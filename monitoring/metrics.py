@@ -139,6 +139,15 @@ class TrainMetrics:
         self.restarts = Counter(
             "crucible_train_restarts", "Worker-group restarts of this run.", registry=g
         )
+        self.rollbacks = Counter(
+            "crucible_train_rollbacks",
+            "Rollbacks to the last checkpoint after a loss spike or a non-finite loss.",
+            registry=g,
+        )
+        self.skipped_samples = Counter(
+            "crucible_train_skipped_samples", "Training sequences skipped by rollbacks.",
+            registry=g,
+        )  # fmt: skip
         self.ckpt_save = Counter(
             "crucible_checkpoint_save_seconds", "Time spent saving checkpoints.", registry=g
         )
@@ -291,6 +300,18 @@ class TrainMetrics:
         if self.is_global:
             self.ckpt_load.inc(load_seconds)
             self.ckpt_load_bytes.inc(nbytes)
+
+    @never_raise
+    def on_rollback(self, skipped_samples: int, rollbacks: int = 1) -> None:
+        """Record rollbacks (the ones before this attempt too, as it starts).
+
+        Args:
+            skipped_samples: the training sequences they skipped.
+            rollbacks: how many.
+        """
+        if self.is_global:
+            self.rollbacks.inc(rollbacks)
+            self.skipped_samples.inc(skipped_samples)
 
     @never_raise
     def on_restart(self, restarts: int | None = None) -> None:

@@ -184,8 +184,8 @@ def _markdown(st: RunStatus, images: list[str], price: float | None) -> str:
 CAUSE_NAMES = {
     "productive": "productive (goodput)", "startup": "start-up", "restart": "restart",
     "hang": "hang", "checkpoint_load": "checkpoint load", "checkpoint_save": "checkpoint save",
-    "lost": "lost (rolled back)", "data_wait": "data wait", "eval": "evaluation",
-    "idle": "idle", "uncommitted": "uncommitted (not yet known)",
+    "lost": "lost (rolled back)", "rollback": "loss-spike rollback", "data_wait": "data wait",
+    "eval": "evaluation", "idle": "idle", "uncommitted": "uncommitted (not yet known)",
 }  # fmt: skip
 
 

@@ -5,14 +5,14 @@ Each worker builds the GPT sharded under ZeRO-3 (config from :mod:`.plan`), resu
 newest checkpoint every rank can load, then for each optimizer step reads its slice of the
 global batch, runs ``grad_accum_steps`` micro-batches at the LR of :func:`.lr_at`, and hands
 the step to the callbacks (:mod:`.callbacks`: ledger, metrics, watchdog, evaluation, logs,
-checkpoints). The same function runs after a worker-group restart, so recovery is just
-"start again". Callbacks never touch the RNG streams or the tensors being trained, so a
-monitored run is bitwise the run it would have been.
+checkpoints) once the rollback callback has judged it (a loss spike or a non-finite loss
+goes back to the last checkpoint). The same function runs after a worker-group restart, so
+recovery is just "start again". Callbacks never touch the RNG streams or the tensors being
+trained, so a monitored run is bitwise the run it would have been.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -21,15 +21,19 @@ import torch
 import torch.distributed as dist
 
 from crucible.cluster.plan import RunPlan, plan_run
-from crucible.cluster.storage import Location, location
+from crucible.cluster.storage import location
 from crucible.jobs.train import checkpoint as ckpt
-from crucible.jobs.train.callbacks import StepResult, TrainContext, build_callbacks
+from crucible.jobs.train.callbacks import (
+    RollbackCallback,
+    StepResult,
+    TrainContext,
+    build_callbacks,
+)
 from crucible.jobs.train.engine import build_engine, micro_batches
 from crucible.jobs.train.environment import prepare_process
 from crucible.jobs.train.launcher import current_launcher
 from crucible.jobs.train.resume import rank_seed, restore
 from crucible.jobs.train.schedule import lr_at
-from crucible.jobs.train.spec import OptimSpec
 from crucible.jobs.train.state import make_deterministic, seed_everything
 
 if TYPE_CHECKING:
@@ -73,6 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     chosen = ckpt.choose_checkpoint(ctx.checkpoints, spec.checkpoint.verify, rank, world)
     state = ckpt.read_state(chosen[0]) if chosen else None
     ctx.callbacks = build_callbacks(ctx, resumed_from=state["step"] if state else 0)
+    rollback = ctx.callbacks.find(RollbackCallback)
     ctx.engine = build_engine(spec, plan, universal=bool(state and state["world_size"] != world))
     seed_everything(rank_seed(spec.train.seed, rank))
     if chosen is not None and state is not None:
@@ -87,7 +92,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lr = lr_at(ctx.step, o, plan.total_steps)
             for group in ctx.engine.optimizer.param_groups:
                 group["lr"] = lr
-            batch_index = reader.samples_consumed // o.global_batch_size
             batch = reader.next_batch()
             data_wait = time.perf_counter() - t0
             loss_sum, engine_seconds = train_step(
@@ -96,12 +100,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_avg = loss_sum / plan.grad_accum_steps
             dist.all_reduce(loss_avg)
             loss = float(loss_avg) / world
-            if not math.isfinite(loss):
-                if rank == 0:
-                    record_nan(run_dir, ctx.checkpoints, ctx.step, batch_index, loss, o)
-                return
-            ctx.step += 1
             grad_norm = ctx.engine.get_global_grad_norm()
+            if not rollback.healthy(ctx.step + 1, reader.last_batch, loss, grad_norm, t0_wall):
+                if rollback.gave_up:
+                    return
+                continue  # rolled back: the step and the data position are the checkpoint's
+            ctx.step += 1
             result = StepResult(
                 step=ctx.step,
                 loss=loss,
@@ -147,25 +151,3 @@ def train_step(
     if device.type == "cuda":  # the engine's kernels end here, not at the loss read after
         torch.cuda.synchronize(device)
     return loss_sum, time.perf_counter() - t0
-
-
-def record_nan(
-    run_dir: Location, root: Location, step: int, batch_index: int, loss: float, optim: OptimSpec
-) -> None:
-    """Write ``nan.json`` (the driver turns it into the run's one-line error).
-
-    Args:
-        run_dir: the run directory.
-        root: its checkpoints directory.
-        step: steps done before the failing one.
-        batch_index: the failing global batch.
-        loss: its loss.
-        optim: the ``optim`` section (global batch size).
-    """
-    last = ckpt.latest_committed(root)
-    n = optim.global_batch_size
-    (run_dir / "nan.json").write_json(
-        {"step": step + 1, "batch_index": batch_index, "loss": str(loss),
-         "samples": [batch_index * n, (batch_index + 1) * n],
-         "last_checkpoint": last[0].uri if last else None},
-    )  # fmt: skip

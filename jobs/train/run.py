@@ -222,10 +222,12 @@ def run_train(run_dir: Location) -> int:
     nan = run_dir / "nan.json"
     if nan.is_file():
         info = nan.read_json()
+        gave_up = f" ({info['gave_up']})" if info.get("gave_up") else ""
         raise CrucibleError(
-            f"loss became {info['loss']} at step {info['step']} (global batch "
-            f"{info['batch_index']}, samples {info['samples'][0]}–{info['samples'][1] - 1}); "
-            f"stopped; last good checkpoint: {info['last_checkpoint']}"
+            f"{info.get('what') or 'loss became ' + info['loss']} at step {info['step']} "
+            f"(global batch {info['batch_index']}, samples {info['samples'][0]}–"
+            f"{info['samples'][1] - 1}); stopped{gave_up}; last good checkpoint: "
+            f"{info['last_checkpoint']}"
         )
     print(summarize(run_dir, time.perf_counter() - t0), flush=True)
     if stop_request(run_dir).is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeInt, model_validator
 
 from crucible.config import StrictModel
 
@@ -26,6 +26,10 @@ class TrainDataSpec(StrictModel):
     )
     mask_cross_document: bool = Field(
         False, description="Restrict attention to tokens of the same document in packed rows."
+    )
+    skip_batches: list[NonNegativeInt] = Field(
+        default_factory=list,
+        description="Global batches (0-based) the reader steps over, as a rollback skips them.",
     )
 
 
@@ -110,6 +114,38 @@ class TrainSpec(StrictModel):
     )
     straggler_checks: int = Field(
         3, ge=1, description="Slow for this many checks in a row: reported as a straggler."
+    )
+    max_rollbacks: int = Field(
+        3,
+        ge=0,
+        description="Rollbacks (reload the last checkpoint, skip the bad batches) allowed "
+        "within rollback_window_steps; one more stops the run with an error. 0: none.",
+    )
+    rollback_window_steps: int = Field(
+        1000, ge=1, description="The steps over which rollbacks are counted."
+    )
+    rollback_skip_batches: int = Field(
+        1, ge=1, description="Global batches a rollback skips, from the one that went bad."
+    )
+    spike_window: int = Field(
+        100,
+        ge=0,
+        description="Recent losses a step's loss is judged against (spike detection starts "
+        "when this many are in; 0: only non-finite losses and grad norms roll back).",
+    )
+    spike_zscore: float = Field(
+        6.0, gt=0, description="A loss this many standard deviations above the window's mean ..."
+    )
+    spike_ratio: float = Field(
+        1.2, ge=1, description="... and this many times that mean is a spike."
+    )
+    test_nan_batches: list[NonNegativeInt] = Field(
+        default_factory=list,
+        description="Tests only: the training loss of these global batches is made NaN.",
+    )
+    test_spike_batches: list[NonNegativeInt] = Field(
+        default_factory=list,
+        description="Tests only: the training loss of these global batches is multiplied by 100.",
     )
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """The training loop's cross-cutting concerns, one callback each: the GPU-hours ledger,
 Prometheus metrics, the hang watchdog, held-out evaluation, the job log and ``metrics.jsonl``,
-the loggers chosen in ``monitoring.loggers`` (TensorBoard, W&B) and checkpointing."""
+loss-spike rollback, the loggers chosen in ``monitoring.loggers`` (TensorBoard, W&B) and
+checkpointing."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from crucible.jobs.train.callbacks.checkpointer import CheckpointerCallback
 from crucible.jobs.train.callbacks.evaluator import EvaluatorCallback
 from crucible.jobs.train.callbacks.ledger import LedgerCallback
 from crucible.jobs.train.callbacks.prometheus import PrometheusCallback, shared_peak_flops
+from crucible.jobs.train.callbacks.rollback import RollbackCallback
 from crucible.jobs.train.callbacks.runlog import RunLogCallback
 from crucible.jobs.train.callbacks.stopper import StopCallback
 from crucible.jobs.train.callbacks.straggler import StragglerCallback
@@ -27,6 +29,7 @@ __all__ = [
     "Callback",
     "Callbacks",
     "Resumed",
+    "RollbackCallback",
     "StepResult",
     "TrainContext",
     "build_callbacks",
@@ -53,13 +56,15 @@ def build_callbacks(ctx: TrainContext, resumed_from: int) -> Callbacks:
     device, peak = _peak(ctx.rank) or ("", math.nan)
     ledger = LedgerCallback(ctx, resumed_from, device)
     prom = PrometheusCallback(ctx, peak or math.nan, restarts=max(ledger.attempt - 1, 0))
+    runlog = RunLogCallback(ctx)
     items: list[Callback] = [
         ledger,
         prom,
         StragglerCallback(ctx, prom.metrics),
         WatchdogCallback(ctx, record_hang=ledger.on_hang),
         EvaluatorCallback(ctx),
-        RunLogCallback(ctx),
+        runlog,
+        RollbackCallback(ctx, ledger, prom.metrics, runlog.log),  # the loop asks it first
     ]
     if "tensorboard" in ctx.spec.monitoring.loggers:
         from crucible.jobs.train.callbacks.tensorboard import TensorBoardCallback

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from crucible.cluster.plan import RunPlan
 from crucible.cluster.storage import Location
@@ -92,6 +92,9 @@ class Resumed:
     bytes: int
 
 
+C = TypeVar("C", bound="Callback")
+
+
 class Callback:
     """One cross-cutting concern of the loop; every hook does nothing unless overridden.
 
@@ -123,6 +126,10 @@ class Callbacks(Callback):
 
     def __init__(self, items: Iterable[Callback] = ()) -> None:
         self.items = list(items)
+
+    def find(self, kind: type[C]) -> C:
+        """The callback of type ``kind`` (the loop calls one of them directly)."""
+        return next(cb for cb in self.items if isinstance(cb, kind))
 
     def on_resume(self, resumed: Resumed) -> None:
         for cb in self.items:

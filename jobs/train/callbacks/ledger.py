@@ -63,6 +63,13 @@ class LedgerCallback(Callback):
             self.writer.interval("hang", since, time.time())
 
     @never_raise
+    def on_rollback(self, t0: float, t1: float, to_step: int, from_step: int) -> None:
+        """A bad step began at ``t0`` and the reload after it ended at ``t1``: the run went
+        back from step ``from_step`` to ``to_step`` (the steps in between are wasted too)."""
+        if self.writer is not None:
+            self.writer.interval("rollback", t0, t1, step=to_step, from_step=from_step)
+
+    @never_raise
     def on_step_end(self, result: StepResult) -> None:
         if self.writer is not None:
             self.writer.step(
