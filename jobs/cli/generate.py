@@ -62,18 +62,20 @@ def generate_cmd(
             raise CrucibleError(message)
     import torch
 
-    from crucible.jobs.spec import parse_spec
+    from crucible.jobs.spec import TrainRunSpec, parse_spec
     from crucible.jobs.train import checkpoint as ckpt
     from crucible.jobs.train.export import load_model, resolve_checkpoint
     from crucible.model.generate import generate
 
     path = resolve_checkpoint(checkpoint)
     spec = parse_spec(ckpt.read_state(path)["spec"], source=str(path / ckpt.STATE))
-    tok, eos = run_tokenizer(spec.data.shards)  # type: ignore[union-attr]
+    if not isinstance(spec, TrainRunSpec):
+        raise CrucibleError(f"{path} is a checkpoint of a {spec.kind} run, not of a train run")
+    tok, eos = run_tokenizer(spec.data.shards)
     ids = [tok.encode(p).ids for p in prompt]
     if not all(ids):
         raise CrucibleError("a --prompt encodes to no tokens; give text the tokenizer knows")
-    context = spec.model.resolve().max_seq_len  # type: ignore[union-attr]
+    context = spec.model.resolve().max_seq_len
     longest = max(len(i) for i in ids)
     if longest + max_new_tokens > context:
         raise CrucibleError(
