@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv install system-deps demo test test-fast bench lint format clean
+.PHONY: venv install system-deps demo test test-fast bench gpu-check lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test-fast: install
 
 bench: install system-deps
 	$(BIN)/python bench/run_all.py
+
+# On a GPU machine: the GPU tests and benchmarks, summarised in gpu-check/gpu_check.md (see
+# bench/gpu_check.py; on an image whose python3 already has CUDA torch, `python3
+# bench/gpu_check.py` does the same without the venv).
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py --out gpu-check
 
 # mypy checks the package through a link named `crucible` (the repo root is the package).
 lint: install

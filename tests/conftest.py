@@ -27,6 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from drill import S3Server, s3_server
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run where torch sees a CUDA GPU and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (make gpu-check on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def _ensure_prometheus() -> None:
     """Tests use a real Prometheus: install the Debian package where it is missing."""
     if shutil.which("prometheus"):

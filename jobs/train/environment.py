@@ -30,8 +30,13 @@ def prepare_process(use_gpu: bool) -> None:
     """
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
-    elif "TORCH_CUDA_ARCH_LIST" in os.environ:  # before DeepSpeed builds FusedAdam
-        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+    else:
+        if "TORCH_CUDA_ARCH_LIST" in os.environ:  # before DeepSpeed builds FusedAdam
+            arch = os.environ["TORCH_CUDA_ARCH_LIST"]
+            os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_arch_list(arch)
+        # cuBLAS picks deterministic reductions only with a fixed workspace, which must be
+        # set before its first call (torch.use_deterministic_algorithms asks for them).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # DeepSpeed's ZeRO-3 gathers call torch.distributed's *_tensor collectives, which torch
     # deprecates with a FutureWarning on every call: hundreds of job-log lines per run that
     # a user can do nothing about.

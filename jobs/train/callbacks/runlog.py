@@ -79,6 +79,10 @@ class RunLogCallback(Callback):
         if self.log is None:
             return
         record = result.record()
+        if self.ctx.use_gpu:  # rank 0's peak since the process began: what the planner predicts
+            import torch
+
+            record["device_memory_peak_bytes"] = torch.cuda.max_memory_allocated()
         self.log.append({"kind": "step", **record, "time": time.time()})
         total = self.ctx.plan.total_steps
         if result.step % self.ctx.spec.train.log_every == 0 or result.step == total:
