@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-NEEDED = ["deepspeed", "hjson", "pydantic"]  # beyond what a CUDA torch image holds
+NEEDED = ["deepspeed", "hjson", "pydantic", "datasets"]  # beyond what a CUDA torch image holds
 # (stack, preset, micro-batch, activation checkpointing, compile): each stack's 1.3B and
 # 2.7B at the same shape, then what each speed-up gives, then 7B with checkpointing.
 GRID = [
@@ -72,7 +72,7 @@ def ensure_packages(site: Path, wheels: Path | None) -> dict[str, str]:
                    "--target", str(site), *map(str, sorted(wheels.glob("*.whl")))]  # fmt: skip
         else:
             cmd = [sys.executable, "-m", "pip", "install", "-q", "--target", str(site),
-                   "deepspeed", "hjson", "pydantic"]  # fmt: skip
+                   "deepspeed", "hjson", "pydantic", "datasets"]  # fmt: skip
         log(f"installing {', '.join(missing)} into {site}")
         subprocess.run(cmd, check=True, env=os.environ | {"DS_BUILD_OPS": "0"})
     os.environ["PYTHONPATH"] = os.pathsep.join(

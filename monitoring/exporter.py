@@ -106,7 +106,12 @@ def start_exporter(
     if announce:
         try:
             import ray
-
+        except ImportError:  # a rank under torchrun on a host without Ray
+            _warn_once("sd", "no Ray here: metrics are served at %s for a scrape configured by "
+                       "hand; no Prometheus discovers them", address)  # fmt: skip
+            announce = False
+    if announce:
+        try:
             actor = discovery.find_registry()
             if actor is None:
                 _warn_once("sd", "no crucible metrics registry on this Ray cluster: %s is "

