@@ -161,3 +161,58 @@ def s3() -> Iterator[S3Server]:
         for k, v in server.env.items():
             mp.setenv(k, v)
         yield server
+
+
+CHECKPOINT_MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+@pytest.fixture
+def tiny_checkpoint(
+    tmp_path: Path, train_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Any]:
+    """A run directory with one committed checkpoint (step 3) of a tiny model, and the model.
+
+    The checkpoint is what a train run commits (manifest, sha256s, state, spec, the test
+    shards and their tokenizer) in all but DeepSpeed's files: only ZeRO's consolidation
+    (``get_fp32_state_dict_from_zero_checkpoint``) is replaced, returning the state dict of
+    the model saved here (a real ZeRO-3 save needs a multi-rank run).
+    """
+    import json
+
+    import torch
+
+    from crucible.cluster.storage import location
+    from crucible.jobs.spec import parse_spec
+    from crucible.jobs.train import checkpoint as ckpt
+    from crucible.model.gpt import build_model, init_weights
+    from crucible.model.presets import get_preset
+
+    spec = parse_spec(
+        {
+            "kind": "train",
+            "name": "gen",
+            "model": {"preset": "tiny", "init_std": 0.2},
+            "data": {"shards": str(train_shards)},
+            "train": {"num_workers": 1, "max_steps": 3},
+        }
+    )
+    cfg = get_preset("tiny").model_copy(update={"init_std": 0.2})  # peaked logits: varied text
+    model = init_weights(build_model(cfg), seed=4).eval()
+    root = location(tmp_path / "gen" / "checkpoints")
+    ckpt.clear_for_save(root, 3)
+    stage = ckpt.stage_dir(root, 3, "test")
+    (stage / "ds").mkdir(parents=True)
+    (stage / "crucible_state").mkdir()
+    (stage / ckpt.STATE).write_text(json.dumps({"step": 3, "spec": spec.model_dump(mode="json")}))
+    torch.save(model.state_dict(), stage / "ds" / CHECKPOINT_MODEL_FILE)
+    (stage / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optim")
+    (stage / "crucible_state" / "rank-0.pt").write_bytes(b"rng")
+    ckpt.commit(root, 3, ckpt.hash_own_files(stage, 0, 1), 1)
+
+    def consolidated(checkpoint_dir: str, tag: str) -> dict[str, Any]:
+        return torch.load(Path(checkpoint_dir) / tag / CHECKPOINT_MODEL_FILE)
+
+    monkeypatch.setattr(
+        "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint", consolidated
+    )
+    return tmp_path / "gen", model

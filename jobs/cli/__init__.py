@@ -16,6 +16,7 @@ from crucible.jobs.cli import (
     cluster,
     data,
     demo,
+    evaluate,
     generate,
     jobs,
     model,
@@ -42,6 +43,7 @@ app.add_typer(train.app, name="train")
 app.command("resume")(train.resume_cmd)
 app.command("export")(train.export_cmd)
 app.command("generate")(generate.generate_cmd)
+app.command("eval")(evaluate.eval_cmd)
 app.command("demo")(demo.demo)
 app.command("plan")(plan.plan_cmd)
 app.command("monitor")(monitor.monitor_cmd)

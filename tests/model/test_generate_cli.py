@@ -1,31 +1,22 @@
 """``crucible generate`` (jobs/cli/generate.py) on a committed checkpoint written here.
 
-The checkpoint is real in all but DeepSpeed's files: its manifest, sha256s, state and spec
-are what a train run commits, and its shards are the test shard set with their tokenizer.
-Only ZeRO's consolidation (``get_fp32_state_dict_from_zero_checkpoint``) is replaced: it
-returns the state dict of a model saved here (a real ZeRO-3 save needs a multi-rank run).
+The checkpoint is the ``tiny_checkpoint`` fixture (tests/conftest.py): real in all but
+DeepSpeed's files.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from crucible.cluster.storage import location
 from crucible.data_pipeline.shards.manifest import read_manifest
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer
 from crucible.jobs.cli import main
-from crucible.jobs.spec import parse_spec
-from crucible.jobs.train import checkpoint as ckpt
 from crucible.model.generate import generate
-from crucible.model.gpt import GPT, build_model, init_weights
-from crucible.model.presets import get_preset
-
-MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+from crucible.model.gpt import GPT
 
 
 @pytest.fixture(autouse=True)
@@ -37,37 +28,8 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture
-def run(tmp_path: Path, train_shards: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, GPT]:
-    """A run directory with one committed checkpoint (step 3) of a tiny model."""
-    spec = parse_spec(
-        {
-            "kind": "train",
-            "name": "gen",
-            "model": {"preset": "tiny", "init_std": 0.2},
-            "data": {"shards": str(train_shards)},
-            "train": {"num_workers": 1, "max_steps": 3},
-        }
-    )
-    cfg = get_preset("tiny").model_copy(update={"init_std": 0.2})  # peaked logits: varied text
-    model = init_weights(build_model(cfg), seed=4).eval()
-    root = location(tmp_path / "gen" / "checkpoints")
-    ckpt.clear_for_save(root, 3)
-    stage = ckpt.stage_dir(root, 3, "test")
-    (stage / "ds").mkdir(parents=True)
-    (stage / "crucible_state").mkdir()
-    (stage / ckpt.STATE).write_text(json.dumps({"step": 3, "spec": spec.model_dump(mode="json")}))
-    torch.save(model.state_dict(), stage / "ds" / MODEL_FILE)
-    (stage / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optim")
-    (stage / "crucible_state" / "rank-0.pt").write_bytes(b"rng")
-    ckpt.commit(root, 3, ckpt.hash_own_files(stage, 0, 1), 1)
-
-    def consolidated(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
-        return torch.load(Path(checkpoint_dir) / tag / MODEL_FILE)
-
-    monkeypatch.setattr(
-        "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint", consolidated
-    )
-    return tmp_path / "gen", model
+def run(tiny_checkpoint: tuple[Path, GPT]) -> tuple[Path, GPT]:
+    return tiny_checkpoint
 
 
 def _crucible(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
