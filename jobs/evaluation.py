@@ -147,7 +147,7 @@ def prompt_accuracy(
             prompts.skip("too_long_for_context")
         else:
             todo.append((rec, ids))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         outs = generate(model, [ids for _, ids in chunk], max_new_tokens, 0.0, None, 1.0, {eos})
