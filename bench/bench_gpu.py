@@ -12,7 +12,8 @@ configuration's own):
 (:mod:`crucible.jobs.train.standalone`), stopped after the measured steps through the
 graceful stop, without a checkpoint; step times and peak memory from its ``metrics.jsonl``.
 ``bare``: ``deepspeed.initialize`` + forward/backward/step on crucible's GPT built as the job
-builds it, with the same DeepSpeed config, on random tokens. ``hf``: the same model's
+builds it, with the same DeepSpeed config, on random tokens; ``bare-det`` the same in the
+deterministic mode crucible's ranks run in (so the ratio to it is the loop's own cost). ``hf``: the same model's
 ``transformers`` class (GPT-2 or Llama, SDPA attention) built under ``deepspeed.zero.Init``
 with the same config. Every stack: median step time over the steps after ``WARMUP``, tokens/s,
 MFU (model FLOPs 6N + attention, no recomputation, over the catalogue's dense bf16 peak) and
@@ -156,12 +157,16 @@ def run_direct(args: argparse.Namespace) -> dict[str, Any]:
     from crucible.model.parallelize import build_zero3_model, parallelize
 
     spec = train_spec(args, "bench", args.workdir, args.shards)
+    if args.stack == "bare-det":
+        from crucible.jobs.train.state import make_deterministic
+
+        make_deterministic(int(spec.train.cpus_per_worker))
     pred = predicted(spec)
     from crucible.cluster.plan import plan_run
 
     ds_config = plan_run(spec, 1, seq_len=args.seq, use_gpu=gpu).ds_config
     cfg = spec.model.resolve()
-    if args.stack == "bare":
+    if args.stack.startswith("bare"):
         model = parallelize(build_zero3_model(cfg, ds_config), spec.model.parallel)
     else:
         # transformers imports torch._dynamo lazily; inside zero.Init, which patches
@@ -184,7 +189,7 @@ def run_direct(args: argparse.Namespace) -> dict[str, Any]:
         tokens = tokens.to(engine.device)
         sync()
         t0 = time.perf_counter()
-        if args.stack == "bare":
+        if args.stack.startswith("bare"):
             _, loss = engine(tokens[:, :-1], tokens[:, 1:])
         else:  # transformers shifts the labels itself
             loss = engine(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
@@ -199,7 +204,7 @@ def run_direct(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stack", choices=["crucible", "bare", "hf"])
+    ap.add_argument("stack", choices=["crucible", "bare", "bare-det", "hf"])
     ap.add_argument("--preset", default="gpt3-1.3b")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--mbs", type=int, default=8, help="sequences per step (one micro-batch)")

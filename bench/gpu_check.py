@@ -42,6 +42,7 @@ GRID = [
     ("crucible", "gpt3-2.7b", 8, False, False),
     ("bare", "gpt3-2.7b", 8, False, False),
     ("hf", "gpt3-2.7b", 8, False, False),
+    ("bare-det", "gpt3-1.3b", 8, False, False),
     ("crucible", "gpt3-1.3b", 8, False, True),
     ("crucible", "llama2-7b", 3, True, False),
 ]
@@ -211,16 +212,17 @@ def pair_rows(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         if "error" in r:
             rows.append(f"| {r['name']} | {r['error']} | | | | | | | |")
-    rows += ["", "| model | crucible / bare DeepSpeed | crucible / transformers |", "|---|---|---|"]
+    rows += ["", "| model | crucible / bare DeepSpeed | crucible / bare, deterministic | "
+             "crucible / transformers |", "|---|---|---|---|"]  # fmt: skip
     by = {r["name"]: r for r in ok}
     for r in ok:
         if r["stack"] != "crucible":
             continue
         key = r["name"].removeprefix("crucible-")
-        bare, hf = by.get(f"bare-{key}"), by.get(f"hf-{key}")
+        others = [by.get(f"{stack}-{key}") for stack in ("bare", "bare-det", "hf")]
         ratio = [f"{r['tokens_per_s'] / o['tokens_per_s']:.3f}" if o else "not run"
-                 for o in (bare, hf)]  # fmt: skip
-        rows.append(f"| {key} | {ratio[0]} | {ratio[1]} |")
+                 for o in others]  # fmt: skip
+        rows.append(f"| {key} | {' | '.join(ratio)} |")
     return rows
 
 
