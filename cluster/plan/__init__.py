@@ -3,8 +3,9 @@
 Given a model, a cluster and a batch, :func:`plan` works out the per-GPU memory
 (:mod:`.memory`: ZeRO model states exactly as DeepSpeed estimates them, activations per
 Korthikanti et al. 2022, logits), picks the micro-batch and activation checkpointing that fit
-and run fastest (:mod:`.fit`), predicts the step time from a compute term and a ZeRO
-communication term (:mod:`.step_time`, :mod:`.comm`), and compares the alternatives
+and run fastest (:mod:`.fit`), predicts the step time from the matmuls' FLOPs, the other
+kernels' HBM traffic, ZeRO-3's per-module fetches and its communication (:mod:`.step_time`,
+:mod:`.traffic`, :mod:`.comm`), and compares the alternatives
 (:mod:`.alternatives`). :func:`plan_run` gives what the train job runs (:mod:`.run_plan`: batch
 shape, steps, DeepSpeed config), the same object as :attr:`Plan.run`; :mod:`.render` prints
 a plan. ``crucible plan``, ``crucible train run --dry-run`` and the train job all use it.

@@ -65,7 +65,13 @@ def _time_table(pl: Plan) -> Table:
     )
     t.add_row("largest micro-batch that fits", str(pl.max_micro_batch_size))
     t.add_row("steps", f"{pl.steps:,} ({pl.tokens:,.3g} tokens)")
-    t.add_row("compute per step", f"{pl.compute_seconds:,.2f} s")
+    t.add_row("matmuls and attention per step", f"{pl.compute_seconds:,.2f} s")
+    if pl.memory_seconds:
+        t.add_row(
+            "memory-bound kernels per step (norms, loss, Adam, ...)", f"{pl.memory_seconds:,.2f} s"
+        )
+    if pl.fetch_seconds:
+        t.add_row("ZeRO-3 per-module fetches per step", f"{pl.fetch_seconds:,.2f} s")
     cross = pl.comm.inter_node_bytes / GiB
     intra = pl.comm.intra_node_bytes / GiB
     t.add_row(

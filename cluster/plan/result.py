@@ -50,6 +50,8 @@ class Plan:
     states_by_stage: dict[int, int]
     max_micro_batch_size: int
     compute_seconds: float
+    memory_seconds: float
+    fetch_seconds: float
     comm_seconds: float
     offload_seconds: float
     step_seconds: float

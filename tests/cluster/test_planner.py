@@ -10,7 +10,7 @@ import math
 import pytest
 from rich.console import Console
 
-from crucible.cluster.plan import plan, plan_from_spec
+from crucible.cluster.plan import StepModel, plan, plan_from_spec
 from crucible.cluster.plan.comm import zero_comm_volume
 from crucible.cluster.plan.memory import (
     activation_bytes,
@@ -210,6 +210,32 @@ def test_checkpointing_counts_the_recomputed_forward():
     ratio = hardware_flops_per_token(cfg, 2048, True) / hardware_flops_per_token(cfg, 2048, False)
     assert on.compute_seconds / off.compute_seconds == pytest.approx(ratio)
     assert on.run.memory.activation_bytes < off.run.memory.activation_bytes
+    # The recomputed forward's memory-bound kernels run again too; the fetches do not.
+    assert on.memory_seconds > off.memory_seconds and on.fetch_seconds == off.fetch_seconds
+
+
+def test_one_gpu_step_is_matmuls_memory_bound_kernels_and_zero3_fetches():
+    cfg = get_preset("gpt3-1.3b")
+    one = validate(ClusterSpec, {"gpu": "h100-sxm", "gpus_per_node": 1})
+    kw = dict(global_batch_size=16, tokens=1e9, micro_batch_size=8, alternatives=False)
+    pl = plan(cfg, one, **kw)
+    assert pl.comm_seconds == 0 and pl.grad_accum_steps == 2
+    assert pl.step_seconds == pytest.approx(
+        pl.compute_seconds + pl.memory_seconds + pl.fetch_seconds
+    )
+    # ZeRO-3 gathers 6 modules a layer (2 norms, 4 linears) and 4 more, every micro-batch.
+    assert pl.fetch_seconds == pytest.approx(2 * (24 * 6 + 4) * StepModel().zero3_module_seconds)
+    # The same bytes take longer on a slower memory: the A100's HBM is 2.039 / 3.35 as fast.
+    a100 = plan(cfg, validate(ClusterSpec, {"gpu": "a100-80gb", "gpus_per_node": 1}), **kw)
+    assert a100.memory_seconds == pytest.approx(pl.memory_seconds * 3.35 / 2.039)
+    # Adam's traffic leaves the GPU with the optimizer; ZeRO-2 has no per-module fetches.
+    offload = ParallelSpec(offload_optimizer="cpu")
+    assert plan(cfg, one, offload, **kw).memory_seconds < pl.memory_seconds
+    zero2 = plan(cfg, one, ParallelSpec(zero_stage=2), **kw)
+    assert zero2.fetch_seconds == 0 and zero2.memory_seconds < pl.memory_seconds
+    # An assumed MFU replaces the whole model.
+    assumed = plan(cfg, one, assumed_mfu=0.5, **kw)
+    assert assumed.memory_seconds == assumed.fetch_seconds == 0
 
 
 def test_indivisible_global_batch_is_infeasible_with_fixes():

@@ -1,8 +1,9 @@
 """The planner against published training runs on A100s.
 
 One set of step-model constants (:class:`crucible.cluster.plan.StepModel` defaults) serves
-every point below; they were fitted once to minimise the worst relative error over these
-points, not adjusted per point. Throughput in TFLOP/s per GPU is compared in the count each
+every point below and the H200 measurements of ``test_planner_measured.py``; they were
+fitted once to minimise the worst relative error over all of them, not adjusted per point.
+Every point is within 15%, the step-time goal of issue #20 (worst now 12.7%). Throughput in TFLOP/s per GPU is compared in the count each
 source uses: Megatron-LM counts the recomputed forward (hardware FLOPs, 8·N per token with
 checkpointing); LLM Foundry's MFU counts 6·N plus attention (model FLOPs).
 """
@@ -21,8 +22,9 @@ from crucible.model.presets import get_preset
 GPT3_175B = get_preset("gpt3-175b").model_copy(update={"vocab_size": 51200})
 # Narayanan et al. 2021, Table 1: the 530B model, 105 layers, hidden 20480, 128 heads.
 GPT_530B = ModelConfig(vocab_size=51200, n_layers=105, d_model=20480, n_heads=128, max_seq_len=2048)
-# MPT (llm-foundry mpt-70b / mpt-30b yamls): no biases, vocab 50368, ALiBi (no position
-# parameters; rotary stands in for it, same parameter count, 64.86B / 29.98B as published).
+# MPT (llm-foundry mpt-70b / mpt-30b yamls): no biases, vocab 50368, ALiBi inside the
+# attention kernel. Learned positions stand in for it: like ALiBi they add no pass over q
+# and k (rotary would), and the counts are within 0.03% of the published 64.86B / 29.98B.
 MPT_70B = ModelConfig(
     vocab_size=50368,
     n_layers=80,
@@ -30,7 +32,6 @@ MPT_70B = ModelConfig(
     n_heads=64,
     max_seq_len=2048,
     bias=False,
-    pos="rotary",
 )
 MPT_30B = ModelConfig(
     vocab_size=50368,
@@ -39,7 +40,6 @@ MPT_30B = ModelConfig(
     n_heads=64,
     max_seq_len=2048,
     bias=False,
-    pos="rotary",
 )
 
 
@@ -84,7 +84,7 @@ def test_zero3_throughput_falls_with_gpus_like_megatron_table2(model, rows):
     for gpus, batch, micro, published in rows:
         pl = _plan(model, "a100-80gb", gpus, batch, micro)
         assert pl.feasible, pl.problems
-        assert pl.hardware_tflops_per_gpu == pytest.approx(published, rel=0.25), (gpus, published)
+        assert pl.hardware_tflops_per_gpu == pytest.approx(published, rel=0.15), (gpus, published)
         predicted.append(pl.hardware_tflops_per_gpu)
     assert predicted[0] > predicted[1] > predicted[2]
     assert pl.bound == "network"  # the largest configuration is limited by the NICs
@@ -106,5 +106,5 @@ def test_zero3_throughput_falls_with_gpus_like_megatron_table2(model, rows):
 def test_llm_foundry_fsdp_mfu(cfg, gpu, gpus, batch, micro, mfu):
     pl = _plan(cfg, gpu, gpus, batch, micro)
     assert pl.feasible, pl.problems
-    assert pl.mfu == pytest.approx(mfu, rel=0.25)
+    assert pl.mfu == pytest.approx(mfu, rel=0.15)
     assert pl.bound == "compute"
