@@ -242,6 +242,10 @@ def cost() -> dict[str, Any]:
               description="Productive, lost, checkpoint, data wait, eval, start-up, idle."),
         panel("Goodput over time", [(f"run:crucible_goodput:ratio{R}", "goodput")],
               unit="percentunit"),
+        panel("GPU-hours lost, by cause", [(
+            f"sum by (cause) (crucible_gpu_badput_seconds_total{R}) / 3600", "{{cause}}")],
+              "bargauge", description="Badput: start-up, restarts, checkpoint save (blocked) and "
+              "load, rollback, preemption, data wait, hang, evaluation, idle, lost steps."),
         panel("Budget burn-down (GPU-hours)", [
             (f"max(crucible_gpu_budget_seconds{R}) / 3600", "budget"),
             (f"sum(run:crucible_gpu_seconds:sum{R}) / 3600", "used")]),
