@@ -129,6 +129,7 @@ class RunStatus:
     ledger: LedgerSummary | None = None
     gpu_hours_projected: float | None = None
     alerts: list[dict[str, Any]] | None = None  # None: Prometheus not reachable
+    stragglers: list[tuple[int, float]] | None = None  # (rank, slowdown); None: not asked
     corrupt_lines: int = 0
 
 
@@ -138,6 +139,28 @@ def _last(steps: list[dict[str, Any]], key: str) -> float | None:
         if v is not None:
             return v
     return None
+
+
+# The ranks the straggler check reports now, with their slowdown (see
+# jobs/train/callbacks/straggler.py): one series per straggling rank.
+STRAGGLERS = (
+    'crucible_train_rank_slowdown_ratio{{run="{run}"}} '
+    'and on (run, rank) (crucible_train_straggler{{run="{run}"}} == 1)'
+)
+
+
+def parse_stragglers(vector: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(rank, slowdown ratio) of each series of a :data:`STRAGGLERS` query, slowest first.
+
+    Args:
+        vector: the instant query's result.
+    """
+    out = []
+    for series in vector:
+        rank, ratio = series.get("metric", {}).get("rank"), as_number(series["value"][1])
+        if rank is not None and str(rank).isdigit() and ratio is not None:
+            out.append((int(rank), ratio))
+    return sorted(out, key=lambda x: -x[1])
 
 
 def run_status(
@@ -197,6 +220,8 @@ def run_status(
         from crucible.monitoring.prometheus import firing_alerts, query
 
         st.alerts = firing_alerts(prometheus_url, st.run)
+        slow = query(prometheus_url, STRAGGLERS.format(run=st.run))
+        st.stragglers = None if slow is None else parse_stragglers(slow)
         if st.mfu is None and st.alerts is not None:
             res = query(prometheus_url, f'run:crucible_train_mfu:ratio_rate1m{{run="{st.run}"}}')
             if res:

@@ -65,6 +65,10 @@ def render(st: RunStatus) -> Panel:
     t.add_row("checkpoint", ckpt)
     t.add_row("restarts", str(st.restarts))
     t.add_row("last step", age(st.last_update))
+    if st.stragglers:
+        t.add_row("stragglers", Text(", ".join(
+            f"rank {r} ({ratio:.2f}x the others' busy time)" for r, ratio in st.stragglers
+        ), style="yellow"))  # fmt: skip
     if st.alerts is None:
         t.add_row("alerts", Text("Prometheus not reachable", style="dim"))
     elif not st.alerts:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 from crucible.cluster.local import ClusterState
 from crucible.monitoring import dashboards as dash
@@ -120,6 +121,8 @@ def live_run(prometheus: ClusterState, tmp_path: Path) -> Iterator[float]:
              for r in range(DEVICES)]  # fmt: skip
     ranks[0].registry.register(LedgerCollector(tmp_path))
     ranks[0].on_restart(1)
+    for r, m in enumerate(ranks):  # rank 1 is the straggler the last check reported
+        m.on_straggler_check(0.2 if r == 1 else 0.1, 1.9 if r == 1 else 1.0, r == 1)
     data = DataMetrics()
     exporters = [("itest", "train", r, m.registry) for r, m in enumerate(ranks)]
     exporters.append(("itest-data", "data", 0, data.registry))
@@ -180,3 +183,23 @@ def test_every_panel_query_returns_series(prometheus: ClusterState, live_run: fl
     assert sorted(s["metric"]["rank"] for s in up) == ["0", "1"]
     (steps,) = query(url, 'crucible_train_tokens_total{run="itest", rank="0"}') or [None]
     assert float(steps["value"][1]) % STEP_TOKENS == 0
+
+
+@pytest.mark.slow  # a live run scraped
+def test_monitor_names_the_straggler_prometheus_knows(
+    prometheus: ClusterState, live_run: float, tmp_path: Path
+) -> None:
+    from crucible.jobs.cli.monitor import render
+    from crucible.monitoring.status import run_status
+
+    run_dir = tmp_path / "itest"
+    run_dir.mkdir()
+    deadline = time.monotonic() + 60
+    st = run_status(run_dir, prometheus.prometheus_url)
+    while not st.stragglers and time.monotonic() < deadline:  # until the first scrape
+        time.sleep(1)
+        st = run_status(run_dir, prometheus.prometheus_url)
+    assert st.stragglers == [(1, 1.9)]
+    console = Console(width=120, record=True)
+    console.print(render(st))
+    assert "rank 1 (1.90x the others' busy time)" in console.export_text()
