@@ -41,6 +41,8 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "train.max_failures",
     "train.log_every",
     "train.hang_timeout_s",
+    "train.preemption_checkpoint",
+    "train.preemption_grace_s",
     "train.straggler_check_every",
     "train.straggler_factor",
     "train.straggler_checks",

@@ -24,16 +24,21 @@ only to that record: when it died is not in the ledger.)
 
 Besides phases, badput is split by cause (:data:`CAUSES`): the first start-up, restarts,
 hangs and checkpoint loads (all in the ``startup`` phase), checkpoint saves, lost work, data
-waits, evaluations, idle time and rollbacks. A rollback (after a loss spike or a non-finite
-loss, the attempt reloads its last checkpoint in-process) records one interval from the start
-of the bad step to the end of the reload, with the step it went back to: that interval and
-every earlier step of the attempt past that step are wasted, in the ``lost`` phase.
+waits, evaluations, idle time, rollbacks and preemptions. A rollback (after a loss spike or
+a non-finite loss, the attempt reloads its last checkpoint in-process) records one interval
+from the start of the bad step to the end of the reload, with the step it went back to: that
+interval and every earlier step of the attempt past that step are wasted, in the ``lost``
+phase. A preempted attempt (SIGTERM: every rank stopped after its step with a checkpoint of
+it, end status ``preempted``) loses no step; its extra save (``"preemption": true``, unless
+a save was due then anyway) and the restart gap after it inside the same job are billed to
+cause ``preemption`` (phases ``checkpoint`` and ``startup``).
 
 One line per record::
 
     {"kind": "attempt", "attempt": 2, "t": 1700000000.0, "devices": 8, "resumed_from": 400}
     {"kind": "step", "t0": ..., "t1": ..., "devices": 8, "step": 401, "data_wait": 0.02}
     {"kind": "checkpoint", "t0": ..., "t1": ..., "devices": 8, "step": 500, "committed": true}
+    {"kind": "checkpoint", ..., "step": 517, "committed": true, "preemption": true}
     {"kind": "hang", "t0": ..., "t1": ..., "devices": 8}
     {"kind": "rollback", "t0": ..., "t1": ..., "devices": 8, "step": 400, "from_step": 437}
     {"kind": "end", "t": ..., "status": "finished"}
@@ -82,7 +87,7 @@ log = logging.getLogger(__name__)
 # Where device time went, finer than PHASES: productive, then each cause of badput.
 CAUSES = (
     "productive", "startup", "restart", "hang", "checkpoint_load", "checkpoint_save", "lost",
-    "data_wait", "eval", "idle", "uncommitted", "rollback",
+    "data_wait", "eval", "idle", "uncommitted", "rollback", "preemption",
 )  # fmt: skip
 _CAUSE_OF_PHASE = {"checkpoint": "checkpoint_save"}
 # Clocks of the submitting machine and the workers may disagree by this much.
@@ -195,7 +200,8 @@ def account(
                 queued += gap - wait
                 pauses += 1
             else:
-                add(a.start, "startup", gap * a.devices, "restart")
+                why = "preemption" if prev.status == "preempted" else "restart"
+                add(a.start, "startup", gap * a.devices, why)
         prev = a
         lo, hi = windows[a.index]
         alive = a is last and running
@@ -226,6 +232,8 @@ def account(
                 add(r["t1"], "startup", span * d, "hang")
             elif r["kind"] == "rollback":
                 add(r["t1"], "lost", span * d, "rollback")
+            elif r["kind"] == "checkpoint" and r.get("preemption"):
+                add(r["t1"], "checkpoint", span * d, "preemption")
             else:
                 add(r["t1"], r["kind"], span * d)
         add(a.end, "idle", max(0.0, (a.end - a.start) - busy) * a.devices)

@@ -44,7 +44,7 @@ class Attempt:
     end: float
     devices: int
     resumed_from: int
-    status: str | None  # "finished" / "stopped" / "failed" from an end record; None if none
+    status: str | None  # finished / stopped / preempted / failed from an end record, or None
     records: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -108,7 +108,9 @@ class LedgerWriter:
         """
         self.interval("step", t0, t1, step=int(step), data_wait=float(data_wait_seconds))
 
-    def checkpoint(self, step: int, t0: float, t1: float, committed: bool = True) -> None:
+    def checkpoint(
+        self, step: int, t0: float, t1: float, committed: bool = True, preemption: bool = False
+    ) -> None:
         """Record a checkpoint save (fsync'd: productive time hinges on it).
 
         Args:
@@ -116,15 +118,19 @@ class LedgerWriter:
             t0: save start.
             t1: commit (or failure) time.
             committed: whether the checkpoint was committed.
+            preemption: saved only because of a SIGTERM (badput of cause ``preemption``).
         """
-        self.interval("checkpoint", t0, t1, step=int(step), committed=bool(committed))
+        extra = {"preemption": True} if preemption else {}
+        self.interval("checkpoint", t0, t1, step=int(step), committed=bool(committed), **extra)
 
     def end(self, status: str = "finished") -> None:
         """Mark the attempt over (optional: a dead attempt is inferred from its last record).
 
         Args:
             status: ``finished`` (the run is done), ``stopped`` (its user stopped it: the
-                time until the run is resumed is paused, not billed) or ``failed``.
+                time until the run is resumed is paused, not billed), ``preempted`` (a
+                SIGTERM: stopped with a checkpoint; the time until the next attempt of the
+                same job is badput of cause ``preemption``) or ``failed``.
         """
         self._append({"kind": "end", "t": time.time(), "status": status}, sync=True)
         self.close()

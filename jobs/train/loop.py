@@ -26,6 +26,7 @@ from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.callbacks import (
     RollbackCallback,
     StepResult,
+    StopCallback,
     TrainContext,
     build_callbacks,
 )
@@ -78,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = ckpt.read_state(chosen[0]) if chosen else None
     ctx.callbacks = build_callbacks(ctx, resumed_from=state["step"] if state else 0)
     rollback = ctx.callbacks.find(RollbackCallback)
+    stopper = ctx.callbacks.find(StopCallback)
     ctx.engine = build_engine(spec, plan, universal=bool(state and state["world_size"] != world))
     seed_everything(rank_seed(spec.train.seed, rank))
     if chosen is not None and state is not None:
@@ -119,9 +121,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 engine_seconds=engine_seconds,
             )
             ctx.callbacks.on_step_end(result)
-        status = "stopped" if ctx.stop_requested and ctx.step < plan.total_steps else "finished"
+        status = stopper.ending(plan.total_steps)
     finally:
         ctx.callbacks.on_end(status)
+    if status == "preempted":  # an error, not a return: Ray Train restarts from its checkpoint
+        raise stopper.preempted()
 
 
 def train_step(

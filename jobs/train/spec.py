@@ -100,6 +100,18 @@ class TrainSpec(StrictModel):
         "workers/rank-<r>.stacks.log and the attempt fails (restart from the last "
         "checkpoint). 0: no watchdog.",
     )
+    preemption_checkpoint: bool = Field(
+        True,
+        description="On SIGTERM (spot/preemptible VMs, Kubernetes, Slurm) every rank finishes "
+        "its step, saves it and the attempt ends as preempted, to be restarted from it "
+        "(false: SIGTERM ends a rank at once, losing the steps since the last checkpoint).",
+    )
+    preemption_grace_s: float = Field(
+        30,
+        ge=0,
+        description="Seconds the platform leaves between SIGTERM and SIGKILL; rank 0 warns "
+        "once when a step and a checkpoint take longer (0: no warning).",
+    )
     gpu_hour_budget: float | None = Field(
         None, gt=0, description="Device-hours the run may use; Prometheus alerts past it."
     )

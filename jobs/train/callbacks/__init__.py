@@ -1,7 +1,7 @@
 """The training loop's cross-cutting concerns, one callback each: the GPU-hours ledger,
 Prometheus metrics, the hang watchdog, held-out evaluation, the job log and ``metrics.jsonl``,
-loss-spike rollback, the loggers chosen in ``monitoring.loggers`` (TensorBoard, W&B) and
-checkpointing."""
+loss-spike rollback, the loggers chosen in ``monitoring.loggers`` (TensorBoard, W&B), stopping
+on request or on SIGTERM (preemption) and checkpointing."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ __all__ = [
     "Resumed",
     "RollbackCallback",
     "StepResult",
+    "StopCallback",
     "TrainContext",
     "build_callbacks",
 ]
@@ -74,7 +75,8 @@ def build_callbacks(ctx: TrainContext, resumed_from: int) -> Callbacks:
         from crucible.jobs.train.callbacks.wandb import WandbCallback
 
         items.append(WandbCallback(ctx))
-    # before the checkpointer: a stop requested during a step is saved at that step
-    items.append(StopCallback(ctx))
+    # before the checkpointer: a stop requested (or a SIGTERM got) during a step is saved at
+    # that step
+    items.append(StopCallback(ctx, ledger, runlog.log))
     items.append(CheckpointerCallback(ctx, ledger))
     return Callbacks(items)

@@ -27,6 +27,7 @@ class LedgerCallback(Callback):
     def __init__(self, ctx: TrainContext, resumed_from: int, device: str) -> None:
         self.ctx = ctx
         self.writer: LedgerWriter | None = None
+        self._emergency_step: int | None = None
         self._open(resumed_from, device)
 
     @property
@@ -69,6 +70,11 @@ class LedgerCallback(Callback):
         if self.writer is not None:
             self.writer.interval("rollback", t0, t1, step=to_step, from_step=from_step)
 
+    def on_preempted(self, step: int) -> None:
+        """Every rank stops after ``step`` for a SIGTERM: its save, unless one was due then
+        anyway, is time lost to the preemption."""
+        self._emergency_step = step if step % self.ctx.spec.checkpoint.every_steps else None
+
     @never_raise
     def on_step_end(self, result: StepResult) -> None:
         if self.writer is not None:
@@ -85,7 +91,8 @@ class LedgerCallback(Callback):
     @never_raise
     def on_save(self, stats: SaveStats, t0: float) -> None:
         if self.writer is not None:  # the save, retention and Ray Train's report
-            self.writer.checkpoint(stats.step, t0, time.time(), committed=True)
+            self.writer.checkpoint(stats.step, t0, time.time(), committed=True,
+                                   preemption=stats.step == self._emergency_step)  # fmt: skip
 
     @never_raise
     def on_end(self, status: str) -> None:
