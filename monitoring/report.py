@@ -185,7 +185,8 @@ CAUSE_NAMES = {
     "productive": "productive (goodput)", "startup": "start-up", "restart": "restart",
     "hang": "hang", "checkpoint_load": "checkpoint load", "checkpoint_save": "checkpoint save",
     "lost": "lost (rolled back)", "rollback": "loss-spike rollback", "data_wait": "data wait",
-    "eval": "evaluation", "idle": "idle", "uncommitted": "uncommitted (not yet known)",
+    "eval": "evaluation", "idle": "idle", "preemption": "preemption (SIGTERM)",
+    "uncommitted": "uncommitted (not yet known)",
 }  # fmt: skip
 
 

@@ -59,11 +59,22 @@ def run_workers(run_dir: Location, nproc: int) -> int:
             f"loss became {info['loss']} at step {info['step']}; stopped; last good "
             f"checkpoint: {info['last_checkpoint']}"
         )
+    if code != 0 and _preempted(run_dir):
+        print(f"preempted (SIGTERM) with a checkpoint; run it again to resume {run_dir}",
+              flush=True)  # fmt: skip
     if code == 0:
         print(summarize(run_dir, time.perf_counter() - t0), flush=True)
         if stop_request(run_dir).is_file():
             print(f"stopped on request; run it again to continue {run_dir}", flush=True)
     return code
+
+
+def _preempted(run_dir: Location) -> bool:
+    """Whether the run's last record says its attempt was preempted."""
+    from crucible.cluster.storage import read_jsonl
+
+    records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    return bool(records) and records[-1].get("kind") == "preempted"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(
                 int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
             )
-        train_loop_per_worker({"run_dir": args.run_dir, "use_gpu": use_gpu})
+        from crucible.jobs.train.callbacks.preemption import Preempted
+
+        try:
+            train_loop_per_worker({"run_dir": args.run_dir, "use_gpu": use_gpu})
+        except Preempted as e:  # saved; no Ray Train here to restart it: the rerun resumes
+            print(
+                f"rank {os.environ.get('RANK', '?')}: Preempted: {e}", file=sys.stderr, flush=True
+            )
+            return 143
         return 0
     nproc = args.nproc or (torch.cuda.device_count() if use_gpu else 1)
     try:
