@@ -1,5 +1,6 @@
 """``crucible train run``, ``crucible resume`` and ``crucible export``: the train job, restarting
-a stopped run from its last valid checkpoint, and consolidated weights out of a checkpoint."""
+a stopped run from its last valid checkpoint, and consolidated weights out of a checkpoint (as
+Hugging Face, torch or GGUF files)."""
 
 from __future__ import annotations
 
@@ -140,16 +141,57 @@ def export_cmd(
         help="A checkpoint (step-<N>), or a run directory (its newest valid checkpoint): a "
         "path or URI.",
     ),
-    format: str = typer.Option("hf", "--format", help="hf (transformers directory) or torch."),
-    out: Path = typer.Option(..., "--out", help="Output directory (hf) or file (torch)."),
-    dtype: str = typer.Option("fp32", help="fp32 or bf16 weights."),
+    format: str = typer.Option(
+        "hf", "--format", help="hf (transformers directory), torch, or gguf (llama.cpp file)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory (hf) or file (torch, gguf)."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16 weights (hf, torch)."),
+    quant: str | None = typer.Option(
+        None,
+        "--quant",
+        help="gguf: f32, f16 (default), q8_0, q5_0, q5_1, q4_0 or q4_1; k-quants (q4_k_m) come "
+        "from llama.cpp's llama-quantize on an f16 file.",
+    ),
 ) -> None:
-    """Gather a ZeRO-3 checkpoint's shards into consolidated weights (torch or HF format)."""
+    """Gather a ZeRO-3 checkpoint's shards into consolidated weights (HF, torch or GGUF)."""
     from crucible.jobs.train.export import export_checkpoint
 
+    if format == "gguf":
+        _export_gguf(checkpoint, out, quant or "f16", dtype)
+        return
     if format not in ("hf", "torch"):
-        raise CrucibleError(f"--format {format!r} is not one of hf, torch")
+        raise CrucibleError(f"--format {format!r} is not one of hf, torch, gguf")
+    if quant is not None:
+        raise CrucibleError("--quant is for --format gguf; hf and torch take --dtype")
     if dtype not in ("fp32", "bf16"):
         raise CrucibleError(f"--dtype {dtype!r} is not one of fp32, bf16")
     path = export_checkpoint(checkpoint, format, out, dtype)  # type: ignore[arg-type]
     typer.echo(f"wrote {format} weights ({dtype}) to {path}")
+
+
+def _export_gguf(checkpoint: str, out: Path, quant: str, dtype: str) -> None:
+    """``crucible export --format gguf``: the model, quantised, with the run's tokenizer."""
+    from crucible.model.gguf import check_quant, gguf_arch, write_gguf
+
+    if dtype != "fp32":
+        raise CrucibleError("--dtype is for hf and torch; a GGUF file's types come from --quant")
+    check_quant(quant)
+    from crucible.jobs.cli.generate import run_tokenizer
+    from crucible.jobs.spec import TrainRunSpec, parse_spec
+    from crucible.jobs.train import checkpoint as ckpt
+    from crucible.jobs.train.export import load_model, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    spec = parse_spec(ckpt.read_state(path)["spec"], source=str(path / ckpt.STATE))
+    if not isinstance(spec, TrainRunSpec):
+        raise CrucibleError(f"{path} is a checkpoint of a {spec.kind} run, not of a train run")
+    arch = gguf_arch(spec.model.resolve())  # before the weights load
+    tok, eos = run_tokenizer(spec.data.shards)
+    written = write_gguf(load_model(path), out, quant, tok, eos, name=spec.name)
+    kept = [t.name for t in written if t.fallback]
+    typer.echo(
+        f"wrote {arch} GGUF ({quant}, {out.stat().st_size:,} bytes, {len(written)} tensors) "
+        f"to {out}"
+    )
+    if kept:
+        typer.echo(f"kept f16 (rows not whole {quant} blocks): {', '.join(kept)}")
