@@ -53,7 +53,7 @@ QUANTS = {
 LLAMA_QUANTIZE_ONLY = (
     "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
     "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s",
-    "iq3_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
+    "iq3_m", "iq4_nl", "iq4_xs",
 )  # fmt: skip
 
 # crucible parameter (without .weight/.bias) -> llama.cpp tensor (gguf.MODEL_TENSOR member).
@@ -209,14 +209,18 @@ def _byte_level_vocab(tok: Tokenizer, vocab_size: int) -> tuple[list[str], list[
 
     spec = json.loads(tok.to_str())
     pre = spec.get("pre_tokenizer") or {}
+    # llama.cpp's gpt2 pre-tokenizer: GPT-2's regex, bytes to unicode, no prefix space.
+    gpt2_pre = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
     if (
         spec["model"]["type"] != "BPE"
-        or pre.get("type") != "ByteLevel"
-        or not pre.get("use_regex", True)
+        or not gpt2_pre
+        or pre.get("add_prefix_space")
+        or spec.get("normalizer")
     ):
         raise CrucibleError(
             "GGUF export needs the run's tokenizer to be a byte-level BPE with GPT-2's "
-            f"pre-tokenizer (model {spec['model']['type']}, pre-tokenizer {pre.get('type')})"
+            f"pre-tokenizer and no normalizer (model {spec['model']['type']}, pre-tokenizer "
+            f"{pre.get('type')}, normalizer {(spec.get('normalizer') or {}).get('type')})"
         )
     by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
     if by_id and max(by_id) >= vocab_size:

@@ -349,3 +349,17 @@ def test_export_refuses_what_it_cannot_write(
     rc, _, err = _crucible([*base, "--format", "gguf", "--dtype", "bf16"], capsys)
     assert rc == 2 and "--dtype is for hf and torch" in err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_tokenizer_llama_cpps_gpt2_vocab_cannot_reproduce_is_refused(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from crucible.errors import CrucibleError
+    from crucible.model.presets import get_preset
+
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = init_weights(build_model(get_preset("tiny")))
+    with pytest.raises(CrucibleError, match="pre-tokenizer Whitespace"):
+        write_gguf(model, tmp_path / "m.gguf", "f16", tok, 0)
+    assert not list(tmp_path.iterdir())
