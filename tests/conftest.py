@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,10 +167,11 @@ CHECKPOINT_MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
 @pytest.fixture
-def tiny_checkpoint(
+def fake_checkpoint(
     tmp_path: Path, train_shards: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Path, Any]:
-    """A run directory with one committed checkpoint (step 3) of a tiny model, and the model.
+) -> Callable[[str, dict[str, Any]], tuple[Path, Any]]:
+    """``make(name, model_section)``: a run directory with one committed checkpoint (step 3)
+    of that model (random init, seed 4), and the model.
 
     The checkpoint is what a train run commits (manifest, sha256s, state, spec, the test
     shards and their tokenizer) in all but DeepSpeed's files: only ZeRO's consolidation
@@ -185,29 +186,6 @@ def tiny_checkpoint(
     from crucible.jobs.spec import parse_spec
     from crucible.jobs.train import checkpoint as ckpt
     from crucible.model.gpt import build_model, init_weights
-    from crucible.model.presets import get_preset
-
-    spec = parse_spec(
-        {
-            "kind": "train",
-            "name": "gen",
-            "model": {"preset": "tiny", "init_std": 0.2},
-            "data": {"shards": str(train_shards)},
-            "train": {"num_workers": 1, "max_steps": 3},
-        }
-    )
-    cfg = get_preset("tiny").model_copy(update={"init_std": 0.2})  # peaked logits: varied text
-    model = init_weights(build_model(cfg), seed=4).eval()
-    root = location(tmp_path / "gen" / "checkpoints")
-    ckpt.clear_for_save(root, 3)
-    stage = ckpt.stage_dir(root, 3, "test")
-    (stage / "ds").mkdir(parents=True)
-    (stage / "crucible_state").mkdir()
-    (stage / ckpt.STATE).write_text(json.dumps({"step": 3, "spec": spec.model_dump(mode="json")}))
-    torch.save(model.state_dict(), stage / "ds" / CHECKPOINT_MODEL_FILE)
-    (stage / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optim")
-    (stage / "crucible_state" / "rank-0.pt").write_bytes(b"rng")
-    ckpt.commit(root, 3, ckpt.hash_own_files(stage, 0, 1), 1)
 
     def consolidated(checkpoint_dir: str, tag: str) -> dict[str, Any]:
         return torch.load(Path(checkpoint_dir) / tag / CHECKPOINT_MODEL_FILE)
@@ -215,4 +193,66 @@ def tiny_checkpoint(
     monkeypatch.setattr(
         "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint", consolidated
     )
-    return tmp_path / "gen", model
+
+    def make(name: str, model_section: dict[str, Any]) -> tuple[Path, Any]:
+        spec = parse_spec(
+            {
+                "kind": "train",
+                "name": name,
+                "model": model_section,
+                "data": {"shards": str(train_shards)},
+                "train": {"num_workers": 1, "max_steps": 3},
+            }
+        )
+        model = init_weights(build_model(spec.model.resolve()), seed=4).eval()  # type: ignore[union-attr]
+        root = location(tmp_path / name / "checkpoints")
+        ckpt.clear_for_save(root, 3)
+        stage = ckpt.stage_dir(root, 3, "test")
+        (stage / "ds").mkdir(parents=True)
+        (stage / "crucible_state").mkdir()
+        state = {"step": 3, "spec": spec.model_dump(mode="json")}
+        (stage / ckpt.STATE).write_text(json.dumps(state))
+        torch.save(model.state_dict(), stage / "ds" / CHECKPOINT_MODEL_FILE)
+        (stage / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optim")
+        (stage / "crucible_state" / "rank-0.pt").write_bytes(b"rng")
+        ckpt.commit(root, 3, ckpt.hash_own_files(stage, 0, 1), 1)
+        return tmp_path / name, model
+
+    return make
+
+
+@pytest.fixture
+def tiny_checkpoint(
+    fake_checkpoint: Callable[[str, dict[str, Any]], tuple[Path, Any]],
+) -> tuple[Path, Any]:
+    """A committed checkpoint of the tiny preset (init std 0.2: peaked logits, varied text)."""
+    return fake_checkpoint("gen", {"preset": "tiny", "init_std": 0.2})
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread: tiny-model tests are many times slower with every core on a busy
+    machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tuple[int, str, str]]:
+    """``cli(argv)``: ``crucible ARGV`` in this process; (exit code, stdout, stderr)."""
+    from crucible.jobs.cli import main
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        try:
+            main(argv)
+            rc = 0
+        except SystemExit as e:
+            rc = int(e.code or 0)
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,29 +15,12 @@ import torch.nn.functional as F
 from crucible.data_pipeline.shards.manifest import read_manifest
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer
 from crucible.data_pipeline.training_reader import TrainingReader
-from crucible.jobs.cli import main
 from crucible.model.generate import generate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _crucible(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        rc = 0
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_perplexity_and_exact_match(tiny_checkpoint, train_shards: Path, tmp_path: Path, capsys):
+def test_perplexity_and_exact_match(tiny_checkpoint, train_shards: Path, tmp_path: Path, cli):
     run_dir, model = tiny_checkpoint
     info = read_manifest(train_shards).tokenizer
     tok = load_tokenizer(train_shards / info.file)
@@ -55,8 +37,8 @@ def test_perplexity_and_exact_match(tiny_checkpoint, train_shards: Path, tmp_pat
               json.dumps({"prompt": "the " * 200, "reference": "x"})]  # fmt: skip
     (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
 
-    rc, out, err = _crucible(["eval", str(run_dir), "--prompts", str(tmp_path / "p.jsonl"),
-                              "--max-new-tokens", "5", "--batch-size", "3"], capsys)  # fmt: skip
+    rc, out, err = cli(["eval", str(run_dir), "--prompts", str(tmp_path / "p.jsonl"),
+                              "--max-new-tokens", "5", "--batch-size", "3"])  # fmt: skip
     assert rc == 0, err
 
     # by hand: every held-out row once, token-weighted (the run attends across documents)
@@ -93,13 +75,13 @@ def test_perplexity_and_exact_match(tiny_checkpoint, train_shards: Path, tmp_pat
         (["--missing"], "is not a checkpoint"),
     ],
 )
-def test_user_errors_are_one_line_exit_2(tiny_checkpoint, tmp_path, args, message, capsys):
+def test_user_errors_are_one_line_exit_2(tiny_checkpoint, tmp_path, args, message, cli):
     run_dir, _ = tiny_checkpoint
     if "--empty" in args:
         (tmp_path / "e.jsonl").write_text("{bad\n")
         args = ["--prompts", str(tmp_path / "e.jsonl")]
     where = str(run_dir / "nowhere") if "--missing" in args else str(run_dir)
     args = [a for a in args if a != "--missing"]
-    rc, out, err = _crucible(["eval", where, *args], capsys)
+    rc, out, err = cli(["eval", where, *args])
     assert rc == 2 and out == ""
     assert len(err.splitlines()) == 1 and message in err, err

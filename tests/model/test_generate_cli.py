@@ -6,25 +6,17 @@ DeepSpeed's files.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
 
 from crucible.data_pipeline.shards.manifest import read_manifest
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer
-from crucible.jobs.cli import main
 from crucible.model.generate import generate
 from crucible.model.gpt import GPT
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -32,23 +24,13 @@ def run(tiny_checkpoint: tuple[Path, GPT]) -> tuple[Path, GPT]:
     return tiny_checkpoint
 
 
-def _crucible(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        rc = 0
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_greedy_completions_of_a_checkpoint(
-    run: tuple[Path, GPT], train_shards: Path, capsys: pytest.CaptureFixture[str]
+    run: tuple[Path, GPT], train_shards: Path, cli: Any
 ) -> None:
     run_dir, model = run
     prompts = ["the cat of", "and to in a is that for it as was with the"]
     argv = ["generate", str(run_dir), "--temperature", "0", "--max-new-tokens", "9"]
-    rc, out, err = _crucible([*argv, "--prompt", prompts[0], "--prompt", prompts[1]], capsys)
+    rc, out, err = cli([*argv, "--prompt", prompts[0], "--prompt", prompts[1]])
     assert rc == 0, err
 
     info = read_manifest(train_shards).tokenizer
@@ -63,14 +45,14 @@ def test_greedy_completions_of_a_checkpoint(
     assert len(out) > len("".join(prompts)) + 10  # something was generated
 
 
-def test_sampling_is_seeded(run: tuple[Path, GPT], capsys: pytest.CaptureFixture[str]) -> None:
+def test_sampling_is_seeded(run: tuple[Path, GPT], cli: Any) -> None:
     run_dir, _ = run
     argv = ["generate", str(run_dir / "checkpoints" / "step-3"), "--prompt", "the"]
     argv += ["--top-k", "50", "--top-p", "0.95", "--max-new-tokens", "20"]
-    first = _crucible([*argv, "--seed", "1"], capsys)
+    first = cli([*argv, "--seed", "1"])
     assert first[0] == 0, first[2]
-    assert _crucible([*argv, "--seed", "1"], capsys) == first
-    assert _crucible([*argv, "--seed", "2"], capsys)[1] != first[1]
+    assert cli([*argv, "--seed", "1"]) == first
+    assert cli([*argv, "--seed", "2"])[1] != first[1]
 
 
 @pytest.mark.parametrize(
@@ -87,11 +69,11 @@ def test_user_errors_are_one_line_exit_2(
     run: tuple[Path, GPT],
     args: list[str],
     message: str,
-    capsys: pytest.CaptureFixture[str],
+    cli: Any,
 ) -> None:
     run_dir, _ = run
     where = str(run_dir / "nowhere") if "--missing" in args else str(run_dir)
     args = [a for a in args if a != "--missing"]
-    rc, out, err = _crucible(["generate", where, *args], capsys)
+    rc, out, err = cli(["generate", where, *args])
     assert rc == 2 and out == ""
     assert len(err.splitlines()) == 1 and message in err, err

@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,66 +23,25 @@ import torch
 from crucible.data_pipeline.shards.manifest import read_manifest
 from crucible.data_pipeline.tokens.tokenizer import load_tokenizer
 from crucible.data_pipeline.training_reader import TrainingReader
-from crucible.jobs.cli import main
 from crucible.jobs.evaluation import perplexity
 from crucible.model.generate import generate
 from crucible.model.gguf import permute_rotary, read_gguf, unpermute_rotary, write_gguf
 from crucible.model.gpt import GPT, apply_rotary, build_model, init_weights, rotary_cos_sin
 from crucible.model.hf import state_dict_to_hf
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # debug (LLaMA-style, rope theta 5e5) cut to CPU size; d_ff 80 is not a whole number of
 # 32-value blocks, so ffn_down's rows stay f16 in quantised files.
 LLAMA = {"preset": "debug", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
          "d_ff": 80, "vocab_size": 512, "max_seq_len": 128, "init_std": 0.2}  # fmt: skip
 PROMPTS = ["the cat of", "and to in a is that for it as was with the", "of the", "it was"]
-CHECKPOINT_MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
-def llama_checkpoint(
-    tmp_path: Path, train_shards: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Path, GPT]:
-    """A committed checkpoint of a LLaMA-style run, as ``tiny_checkpoint`` builds its own."""
-    from crucible.cluster.storage import location
-    from crucible.jobs.spec import parse_spec
-    from crucible.jobs.train import checkpoint as ckpt
-
-    spec = parse_spec(
-        {
-            "kind": "train",
-            "name": "llama",
-            "model": LLAMA,
-            "data": {"shards": str(train_shards)},
-            "train": {"num_workers": 1, "max_steps": 3},
-        }
-    )
-    model = init_weights(build_model(spec.model.resolve()), seed=4).eval()  # type: ignore[union-attr]
-    root = location(tmp_path / "llama" / "checkpoints")
-    ckpt.clear_for_save(root, 3)
-    stage = ckpt.stage_dir(root, 3, "test")
-    (stage / "ds").mkdir(parents=True)
-    (stage / "crucible_state").mkdir()
-    (stage / ckpt.STATE).write_text(json.dumps({"step": 3, "spec": spec.model_dump(mode="json")}))
-    torch.save(model.state_dict(), stage / "ds" / CHECKPOINT_MODEL_FILE)
-    (stage / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optim")
-    (stage / "crucible_state" / "rank-0.pt").write_bytes(b"rng")
-    ckpt.commit(root, 3, ckpt.hash_own_files(stage, 0, 1), 1)
-
-    def consolidated(checkpoint_dir: str, tag: str) -> dict[str, Any]:
-        return torch.load(Path(checkpoint_dir) / tag / CHECKPOINT_MODEL_FILE)
-
-    monkeypatch.setattr(
-        "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint", consolidated
-    )
-    return tmp_path / "llama", model
+def llama_checkpoint(fake_checkpoint: Any) -> tuple[Path, GPT]:
+    """A committed checkpoint of a LLaMA-style run, as ``tiny_checkpoint`` is built."""
+    return fake_checkpoint("llama", LLAMA)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(params=["gpt2", "llama"])
@@ -92,16 +50,6 @@ def run(request: pytest.FixtureRequest) -> tuple[str, Path, GPT]:
     name = "tiny_checkpoint" if request.param == "gpt2" else "llama_checkpoint"
     run_dir, model = request.getfixturevalue(name)
     return request.param, run_dir, model
-
-
-def _crucible(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        rc = 0
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _tokenizer(shards: Path) -> tuple[Any, int]:
@@ -144,13 +92,13 @@ def test_metadata_tensors_and_vocab_as_llama_cpp_reads_them(
     run: tuple[str, Path, GPT],
     train_shards: Path,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    cli: Any,
 ) -> None:
     arch, run_dir, model = run
     cfg = model.cfg
     out = tmp_path / f"{arch}-q8_0.gguf"
     argv = ["export", str(run_dir), "--format", "gguf", "--quant", "q8_0", "--out", str(out)]
-    rc, stdout, err = _crucible(argv, capsys)
+    rc, stdout, err = cli(argv)
     assert rc == 0, err
     assert f"wrote {arch} GGUF (q8_0" in stdout
     if arch == "llama":
@@ -335,18 +283,18 @@ def test_size_and_perplexity_per_quant(
 
 
 def test_export_refuses_what_it_cannot_write(
-    tiny_checkpoint: tuple[Path, GPT], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_checkpoint: tuple[Path, GPT], tmp_path: Path, cli: Any
 ) -> None:
     run_dir, _ = tiny_checkpoint
     base = ["export", str(run_dir), "--out", str(tmp_path / "m.gguf")]
-    rc, _, err = _crucible([*base, "--format", "gguf", "--quant", "q4_k_m"], capsys)
+    rc, _, err = cli([*base, "--format", "gguf", "--quant", "q4_k_m"])
     assert rc == 2
     assert "llama-quantize" in err and "Q4_K_M" in err and "--quant f16" in err
-    rc, _, err = _crucible([*base, "--format", "gguf", "--quant", "q3"], capsys)
+    rc, _, err = cli([*base, "--format", "gguf", "--quant", "q3"])
     assert rc == 2 and "not one of f32, f16, q8_0" in err
-    rc, _, err = _crucible([*base, "--format", "hf", "--quant", "q8_0"], capsys)
+    rc, _, err = cli([*base, "--format", "hf", "--quant", "q8_0"])
     assert rc == 2 and "--quant is for --format gguf" in err
-    rc, _, err = _crucible([*base, "--format", "gguf", "--dtype", "bf16"], capsys)
+    rc, _, err = cli([*base, "--format", "gguf", "--dtype", "bf16"])
     assert rc == 2 and "--dtype is for hf and torch" in err
     assert not (tmp_path / "m.gguf").exists()
 
