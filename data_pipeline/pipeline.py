@@ -268,4 +268,5 @@ def _shard_stages(spec: DataSpec, run_dir: Location, digest: str) -> list[Stage]
         return []
     from crucible.data_pipeline.shards.build import ShardStage
 
-    return [ShardStage(run_dir / "documents", spec.shards, run_dir / "shards", digest)]
+    chat = spec.reader.chat.template if spec.reader.chat is not None else None
+    return [ShardStage(run_dir / "documents", spec.shards, run_dir / "shards", digest, chat)]

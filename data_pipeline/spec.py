@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from crucible.config import StrictModel
+from crucible.data_pipeline.chat import ChatSpec
 from crucible.data_pipeline.shards.spec import ShardSpec
 
 
@@ -34,6 +35,12 @@ class ReaderSpec(StrictModel):
         "with '_', e.g. warc_date, warc_target_uri, warc_record_id, "
         "warc_identified_content_language; HTTP ones as http_content_type, "
         "http_content_language).",
+    )
+    chat: ChatSpec | None = Field(
+        None,
+        description="Instruction data: each JSONL/Parquet record is a conversation (messages, "
+        "or prompt/response) rendered with a chat template into the document text; the shards "
+        "then train only the assistant's turns. null: records are plain documents.",
     )
 
 

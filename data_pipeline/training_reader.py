@@ -54,6 +54,8 @@ class SplitView:
         self.row_len = manifest.row_len
         self._tokens: list[np.ndarray] = []  # (rows, row_len) views into the mapped files
         self._length: list[np.ndarray] = []
+        self._mask: list[np.ndarray] = []  # chat shards: (rows, row_len) uint8 loss masks
+        self.has_loss_mask = manifest.chat_template is not None
         self._batches: list[pa.RecordBatch] = []
         sizes = []
         for shard in manifest.split(split).shards:
@@ -62,6 +64,9 @@ class SplitView:
                 toks = rb.column("tokens")
                 self._tokens.append(toks.flatten().to_numpy().reshape(-1, self.row_len))
                 self._length.append(rb.column("length").to_numpy())
+                if self.has_loss_mask:
+                    m = rb.column("loss_mask").flatten().to_numpy()
+                    self._mask.append(m.reshape(-1, self.row_len))
                 self._batches.append(rb)
                 sizes.append(rb.num_rows)
         self._first = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -92,6 +97,15 @@ class SplitView:
             tokens[i] = self._tokens[c][r]  # the only copy out of the mapped file
             length[i] = self._length[c][r]
         return tokens.astype(np.int64), length
+
+    def loss_mask(self, indices: np.ndarray) -> np.ndarray:
+        """Loss masks (B, row_len) of rows ``indices`` of a chat split: 1 on targets.
+
+        Args:
+            indices: Sample indices of the split.
+        """
+        chunks, rows = self._locate(indices)
+        return np.stack([self._mask[c][r] for c, r in zip(chunks, rows, strict=True)])
 
     def doc_ids(self, index: int) -> list[str]:
         """Ids of the documents whose tokens sample ``index`` holds, in order (its lineage).
@@ -317,12 +331,15 @@ class TrainingReader:
             labels[np.arange(1, self.view.row_len)[None, :] >= length[:, None]] = IGNORE_INDEX
             if keep is not None:
                 labels[~keep] = IGNORE_INDEX
+        if self.view.has_loss_mask:
+            labels = labels.copy()
+            labels[self.view.loss_mask(indices)[:, 1:] == 0] = IGNORE_INDEX
         out = {
             "input_ids": torch.from_numpy(inputs),
             "labels": torch.from_numpy(labels),
             "sample_index": torch.from_numpy(np.asarray(indices, np.int64)),
         }
-        if self.doc_index:
+        if self.doc_index or self.view.has_loss_mask:
             # Documents are separated by EOS, and text never encodes to EOS (packing encodes
             # special tokens as plain text), so a new document starts after every EOS.
             eos = inputs == self.manifest.tokenizer.eos_id
@@ -331,6 +348,14 @@ class TrainingReader:
             if padded.any():
                 doc[np.arange(self.view.row_len - 1)[None, :] >= length[:, None]] = -1
             out["doc_index"] = torch.from_numpy(doc)
+            if self.view.has_loss_mask:
+                # Each example sees itself alone: positions restart at 0 where it starts.
+                t = np.arange(doc.shape[1])
+                starts = np.ones_like(doc, bool)
+                starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+                out["position_ids"] = torch.from_numpy(
+                    t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
+                )
         return out
 
     def eval_batches(self) -> Iterator[dict[str, Any]]:

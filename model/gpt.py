@@ -14,11 +14,13 @@ Decoding passes a :class:`~crucible.model.kv_cache.KVCache` to ``forward``; with
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from crucible.model.config import ModelConfig
 
@@ -78,7 +80,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -92,6 +94,9 @@ class Attention(nn.Module):
         if cache is not None:
             # Store this step's keys and values, kv_heads wide; attend over the cache's slots.
             k, v = cache.update(k, v)
+        if isinstance(mask, BlockMask):  # grouped K/V heads natively, no repeat
+            y = flex_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, nq * hd)
+            return self.resid_dropout(self.proj(y))
         if nkv != nq:
             # Query head h uses K/V head h // (nq/nkv), as in Hugging Face's repeat_kv.
             k = k.repeat_interleave(nq // nkv, dim=1)
@@ -146,7 +151,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope, mask, cache)
@@ -156,14 +161,17 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only transformer language model.
 
-    ``forward(tokens, targets=None, doc_ids=None, cache=None)`` returns ``(logits, loss)``;
-    ``loss`` is the mean cross-entropy over targets that are not ``-100``, or ``None`` without
-    targets.
+    ``forward(tokens, targets=None, doc_ids=None, cache=None, positions=None)`` returns
+    ``(logits, loss)``; ``loss`` is the mean cross-entropy over targets that are not ``-100``,
+    or ``None`` without targets.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.flex_attention: bool | None = None
+        """Document masks through flex attention (True), a dense SDPA mask (False), or
+        flex on CUDA and dense elsewhere (None)."""
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
@@ -179,6 +187,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T, V] for ``tokens`` [B, T], and the loss against ``targets`` [B, T].
 
@@ -190,15 +199,18 @@ class GPT(nn.Module):
             cache: keys and values of the positions before ``tokens`` (decoding, see
                 :mod:`crucible.model.kv_cache`); ``tokens`` continue every row, and the
                 cache gives their positions and attention mask.
+            positions: optional [B, T] position of each token (packed examples restart at 0);
+                default 0..T-1.
         """
         T = tokens.shape[1]
-        mask = None
+        mask: torch.Tensor | BlockMask | None = None
         if cache is None:
             if self.cfg.max_seq_len < T:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
-            positions = torch.arange(T, device=tokens.device)
-        elif doc_ids is not None:
-            raise ValueError("doc_ids and a KV cache cannot be combined")
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device)
+        elif doc_ids is not None or positions is not None:
+            raise ValueError("doc_ids or positions and a KV cache cannot be combined")
         else:
             positions, mask = cache.extend(T)
         x = self.tok_emb(tokens)
@@ -209,10 +221,12 @@ class GPT(nn.Module):
             rope = rotary_cos_sin(self.cfg, positions, x.dtype)
         x = self.dropout(x)
         if doc_ids is not None:
-            # [B, 1, T, T]: same document and not in the future. Positions stay global.
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-            mask = mask[:, None]
+            flex = self.flex_attention
+            if flex is None:
+                flex = tokens.device.type == "cuda"
+            if self.training and self.cfg.dropout > 0:
+                flex = False  # flex attention has no attention dropout
+            mask = document_mask(doc_ids, flex)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, None if cache is None else cache.layers[i])
         logits = self.lm_head(self.norm_f(x))
@@ -222,6 +236,49 @@ class GPT(nn.Module):
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
         return logits, loss
+
+
+def document_mask(doc_ids: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
+    """Causal attention within each document of packed rows: a flex-attention block mask
+    (blocks that cross no document are skipped, no [T, T] tensor) or a dense [B, 1, T, T] one.
+
+    Args:
+        doc_ids: [B, T] document number of each token.
+        flex: build a :class:`BlockMask` for :func:`flex_attention`.
+    """
+    B, T = doc_ids.shape
+    if flex:
+
+        def same_doc_causal(
+            b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+        ) -> torch.Tensor:
+            return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
+
+        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+
+
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask
+) -> torch.Tensor:
+    """torch's flex attention under ``block_mask``; compiled on CUDA (its fast path), eager
+    elsewhere (a reference implementation, for tests)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    gqa = k.shape[1] != q.shape[1]
+    if q.device.type != "cuda":
+        out = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    else:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex, dynamic=False)
+        out = _compiled_flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def build_model(

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import orjson
 
+from crucible.data_pipeline.chat import TEMPLATES, BadRecord, record_turns, render
 from crucible.data_pipeline.document import Document, Exclusion
 from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.readers.files import iter_lines
@@ -56,6 +57,9 @@ def read_jsonl(
         exclusions.append(Exclusion(f"{path}#{offset}", path, f"read/{rule}", text))
 
     columns = (spec.text_key, spec.id_key, spec.url_key)
+    if spec.chat is not None:  # the conversation is the text, not metadata
+        c = spec.chat
+        columns += (c.messages_key, c.prompt_key, c.response_key, c.system_key)
     cut_files = stats.counters["files/truncated"]  # more after the last chunk: this file is cut
     for offset, line, ended in iter_lines(path, stats, compression):
         stats.counters["lines"] += 1
@@ -74,7 +78,17 @@ def read_jsonl(
         if not isinstance(obj, dict):
             bad(offset, "bad_json", line[:1000].decode("utf-8", "replace"))
             continue
-        text = obj.get(spec.text_key)
+        if spec.chat is not None:
+            try:
+                text = render(record_turns(obj, spec.chat), TEMPLATES[spec.chat.template])
+            except BadRecord as e:
+                bad(offset, e.rule, f"{e}: {line[:1000].decode('utf-8', 'replace')}")
+                continue
+            if len(text.encode("utf-8", "surrogatepass")) > spec.max_doc_bytes:
+                bad(offset, "too_large")
+                continue
+        else:
+            text = obj.get(spec.text_key)
         if text is None:
             bad(offset, "missing_text")
             continue

@@ -48,6 +48,11 @@ class Reader(PipelineStep):
             file_failed(st, path, "empty", "empty file, no documents")
             return
         fmt = detect_format(path, st)
+        if self.spec.chat is not None and fmt.kind != "jsonl":
+            file_failed(
+                st, path, "not_chat", f"a {fmt.kind} file; chat records are read from JSONL"
+            )
+            return
         if fmt.kind == "parquet":
             docs = read_parquet(path, self.spec, st, self.exclusions)
         elif fmt.kind == "jsonl":

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from crucible.cluster.storage import Location, location, sha256_file
+from crucible.data_pipeline.chat import TEMPLATES
 from crucible.data_pipeline.executors.base import Executor, Stage
 from crucible.data_pipeline.permutation import FeistelPermutation
 from crucible.data_pipeline.shards import hf_layout
@@ -47,6 +48,7 @@ from crucible.data_pipeline.shards.manifest import (
 )
 from crucible.data_pipeline.shards.spec import ShardSpec
 from crucible.data_pipeline.tokens.pack import PackStats, encode_and_pack, row_schema, token_dtype
+from crucible.data_pipeline.tokens.pack_chat import chat_row_schema, encode_examples, pack_examples
 from crucible.data_pipeline.tokens.tokenizer import (
     build_tokenizer,
     canonical_json,
@@ -65,16 +67,24 @@ class ShardStage(Stage):
     name = "shards"
 
     def __init__(
-        self, documents_dir: Location, spec: ShardSpec, out_dir: Location, spec_hash: str
+        self,
+        documents_dir: Location,
+        spec: ShardSpec,
+        out_dir: Location,
+        spec_hash: str,
+        chat_template: str | None = None,
     ) -> None:
         self.documents_dir = documents_dir
         self.spec = spec
         self.out_dir = out_dir
         self.spec_hash = spec_hash
+        self.chat_template = chat_template
 
     def run(self, ex: Executor) -> dict[str, Any]:
         """Build (or keep) the shard set; its manifest's totals."""
-        m = build_shards(self.documents_dir, self.spec, self.out_dir, ex, self.spec_hash)
+        m = build_shards(
+            self.documents_dir, self.spec, self.out_dir, ex, self.spec_hash, self.chat_template
+        )
         return m.totals.model_dump()
 
 
@@ -84,6 +94,7 @@ def build_shards(
     out_dir: Location | str,
     executor: Executor,
     spec_hash: str = "",
+    chat_template: str | None = None,
 ) -> Manifest:
     """Build the training shard set of ``documents_dir`` in ``out_dir``.
 
@@ -96,6 +107,8 @@ def build_shards(
         out_dir: The shard directory to create (e.g. ``<run_dir>/shards``).
         executor: A data executor (in-process or Ray): every task and the shuffle run on it.
         spec_hash: Hash of the producing pipeline spec, recorded in the manifest.
+        chat_template: The documents are conversations rendered with this template
+            (:mod:`crucible.data_pipeline.chat`): pack whole examples with a loss mask.
 
     Returns:
         The manifest of the shard set.
@@ -114,7 +127,7 @@ def build_shards(
         (out / MANIFEST).rm()  # a damaged set of this very spec: rebuilt below
     out.rmtree()  # an interrupted build's files (no manifest): not worth keeping
     try:
-        return _build(files, spec, out, executor, spec_hash)
+        return _build(files, spec, out, executor, spec_hash, chat_template)
     except BaseException:
         out.rmtree()
         raise
@@ -154,7 +167,12 @@ def _texts(files: list[Location]) -> Iterator[str]:
 
 
 def _build(
-    files: list[Location], spec: ShardSpec, out: Location, executor: Executor, spec_hash: str
+    files: list[Location],
+    spec: ShardSpec,
+    out: Location,
+    executor: Executor,
+    spec_hash: str,
+    chat_template: str | None,
 ) -> Manifest:
     tok = build_tokenizer(spec.tokenizer, _texts(files))
     tok_json = canonical_json(tok)
@@ -173,6 +191,7 @@ def _build(
             "eos_id": eos,
             "dtype": str(dtype),
             "batch_size": spec.encode_batch_size,
+            "chat_template": chat_template,
         }
         for i, f in enumerate(files)
     ]
@@ -181,6 +200,13 @@ def _build(
     for r in results:
         stats.add(PackStats(**{k: int(r[k]) for k in asdict(stats)}))
     n = stats.rows
+    if stats.too_long or stats.untrained:
+        print(
+            f"warning: {stats.too_long} conversation(s) longer than a row of {spec.seq_len + 1} "
+            f"tokens and {stats.untrained} with no assistant turn left were not packed; raise "
+            "shards.seq_len or shorten them",
+            flush=True,
+        )
     if n == 0:
         raise CrucibleError(f"the {stats.documents} input documents hold no text; nothing to shard")
     held = _heldout_rows(n, spec)
@@ -193,7 +219,7 @@ def _build(
         for s in ("heldout", "train")
         for k in range(counts[s])
     ]
-    schema = row_schema(spec.seq_len + 1, dtype).append(
+    schema = _schema(spec.seq_len + 1, dtype, chat_template).append(
         pa.field("row_id", pa.int64(), nullable=False)
     )
     features = hf_layout.features_json(schema)
@@ -268,6 +294,7 @@ def _build(
         totals=Totals(**asdict(stats), bytes=sum(int(r["bytes"]) for r in written.values())),
         lineage="column doc_ids of every shard: ids of the documents whose tokens a row holds, "
         "in order; column row_id: the row's position in packing order (source files in order)",
+        chat_template=chat_template,
     )
     write_manifest(out, manifest)  # last: its presence marks the set complete
     return manifest
@@ -310,15 +337,40 @@ def pack_file(job: dict[str, Any]) -> dict[str, Any]:
         batch_size=int(job["batch_size"]), columns=["id", "text"]
     )
     docs = ((b.column(0).to_pylist(), b.column(1).to_pylist()) for b in batches)
-    schema = row_schema(int(job["seq_len"]) + 1, dtype)
+    seq_len, eos = int(job["seq_len"]), int(job["eos_id"])
+    template = job.get("chat_template")
+    schema = _schema(seq_len + 1, dtype, template)
+    if template is None:
+        rows = encode_and_pack(tok, docs, seq_len, eos, dtype, stats)
+    else:
+        tok = _text_specials(tok)
+        examples = (
+            ex
+            for ids, texts in docs
+            for ex in encode_examples(tok, ids, texts, TEMPLATES[template], eos, seq_len + 1, stats)
+        )
+        rows = pack_examples(examples, seq_len, eos, dtype, stats)
     with (
         location(str(job["out"])).writing() as pending,
         pa.OSFile(str(pending.path), "wb") as sink,
         pa.ipc.new_file(sink, schema) as writer,
     ):
-        for rb in encode_and_pack(tok, docs, int(job["seq_len"]), int(job["eos_id"]), dtype, stats):
+        for rb in rows:
             writer.write_batch(rb)
     return {"out": job["out"], **asdict(stats)}
+
+
+def _schema(row_len: int, dtype: pa.DataType, chat_template: str | None) -> pa.Schema:
+    return (row_schema if chat_template is None else chat_row_schema)(row_len, dtype)
+
+
+def _text_specials(tok: Tokenizer) -> Tokenizer:
+    """``tok`` encoding special tokens as plain text (a document never holds an EOS)."""
+    if tok.encode_special_tokens:
+        return tok
+    tok = Tokenizer.from_str(tok.to_str())
+    tok.encode_special_tokens = True
+    return tok
 
 
 def route_rows(job: dict[str, Any]) -> pa.Table:

@@ -62,6 +62,9 @@ class Totals(StrictModel):
     rows: int = Field(description="Packed rows (train + held-out).")
     padding_tokens: int = Field(description="EOS padding in the last row of each packing stream.")
     bytes: int = Field(description="Bytes of all shard files.")
+    too_long: int = Field(0, description="Chat: conversations longer than a row, dropped.")
+    untrained: int = Field(0, description="Chat: conversations with no assistant turn left.")
+    target_tokens: int = Field(0, description="Chat: tokens trained on (loss mask 1).")
 
 
 class Manifest(StrictModel):
@@ -81,6 +84,11 @@ class Manifest(StrictModel):
     )
     totals: Totals = Field(description="Counts over the whole build.")
     lineage: str = Field(description="Where row → document lineage lives.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat shards: the template of the conversations; rows hold whole "
+        "examples and a loss_mask column (1 on training targets).",
+    )
 
     @property
     def fingerprint(self) -> str:

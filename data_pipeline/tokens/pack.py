@@ -28,6 +28,10 @@ class PackStats:
     document_tokens: int = 0
     rows: int = 0
     padding_tokens: int = 0
+    # chat shards only (:mod:`.pack_chat`)
+    too_long: int = 0
+    untrained: int = 0
+    target_tokens: int = 0
 
     def add(self, other: PackStats) -> None:
         """Add ``other``'s counts into this one."""

@@ -1,0 +1,161 @@
+"""Encode rendered conversations with a loss mask and pack whole examples into rows.
+
+Unlike pretraining text, an example is never cut across rows: a row holds several complete
+conversations (first fit over a few open rows, in input order, so the packing is
+deterministic and rows fill well), each followed by EOS, and the rest of the row is padding.
+Every token carries a loss-mask bit: 1 where it is a training target (an assistant turn, its
+end marker and the EOS after the conversation), 0 for headers, user and system turns and
+padding. An example longer than a row is dropped and counted, never truncated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
+
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer
+
+from crucible.data_pipeline.chat import Template, split_rendered
+from crucible.data_pipeline.tokens.pack import PackStats, row_schema
+
+OPEN_ROWS = 16  # rows kept open for first-fit packing; the oldest is closed past this
+
+
+def chat_row_schema(row_len: int, dtype: pa.DataType) -> pa.Schema:
+    """:func:`~.pack.row_schema` plus ``loss_mask``: one uint8 per token, 1 on targets."""
+    return row_schema(row_len, dtype).append(
+        pa.field("loss_mask", pa.list_(pa.uint8(), row_len), nullable=False)
+    )
+
+
+def encode_examples(
+    tok: Tokenizer,
+    doc_ids: Sequence[str],
+    texts: Sequence[str | None],
+    template: Template,
+    eos_id: int,
+    max_len: int,
+    stats: PackStats,
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(doc_id, token ids, loss mask)`` of each conversation that fits in ``max_len``.
+
+    Each piece of the rendered text (headers, turns) is encoded on its own, so a piece's
+    tokens never merge with its neighbour's and the mask falls on token boundaries.
+
+    Args:
+        tok: the tokenizer (special tokens encoded as text).
+        doc_ids: document ids.
+        texts: rendered conversations.
+        template: the template they were rendered with.
+        eos_id: appended after each conversation, and trained.
+        max_len: longest example kept (a row's tokens).
+        stats: documents, empty, too long, tokens and targets counted.
+    """
+    pieces = [split_rendered(t, template) if t else [] for t in texts]
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    flat = [p for ps in pieces for p, _ in ps]
+    encoded = iter(e.ids for e in encode(flat, add_special_tokens=False))
+    stats.documents += len(texts)
+    for doc_id, ps in zip(doc_ids, pieces, strict=True):
+        ids_per_piece = [next(encoded) for _ in ps]
+        n = sum(map(len, ids_per_piece)) + 1
+        ids = np.fromiter(chain(*ids_per_piece, [eos_id]), np.uint32, count=n)
+        mask = np.fromiter(
+            chain(*([int(tr)] * len(i) for i, (_, tr) in zip(ids_per_piece, ps, strict=True)), [1]),
+            np.uint8,
+            count=n,
+        )
+        if n == 1:
+            stats.empty_documents += 1
+        elif not mask[:-1].any():
+            stats.untrained += 1  # no assistant turn survived the pipeline's steps
+        elif n > max_len:
+            stats.too_long += 1
+        else:
+            yield doc_id, ids, mask
+
+
+def pack_examples(
+    examples: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    seq_len: int,
+    eos_id: int,
+    dtype: pa.DataType,
+    stats: PackStats,
+    rows_per_batch: int = 256,
+) -> Iterator[pa.RecordBatch]:
+    """Whole examples into rows of ``seq_len + 1`` tokens, padded with EOS (mask 0).
+
+    Args:
+        examples: from :func:`encode_examples`, each at most ``seq_len + 1`` tokens.
+        seq_len: model context.
+        eos_id: the padding id.
+        dtype: token storage type.
+        stats: rows, tokens, targets and padding counted.
+        rows_per_batch: rows per record batch yielded.
+    """
+    L = seq_len + 1
+    schema = chat_row_schema(L, dtype)
+    open_rows: list[list[tuple[str, np.ndarray, np.ndarray]]] = []
+    used: list[int] = []
+    closed: list[list[tuple[str, np.ndarray, np.ndarray]]] = []
+    for ex in examples:
+        n = len(ex[1])
+        stats.document_tokens += n
+        stats.target_tokens += int(ex[2].sum())
+        slot = next((i for i, u in enumerate(used) if u + n <= L), None)
+        if slot is None:
+            open_rows.append([])
+            used.append(0)
+            slot = len(open_rows) - 1
+        open_rows[slot].append(ex)
+        used[slot] += n
+        if used[slot] == L or len(open_rows) > OPEN_ROWS:
+            k = slot if used[slot] == L else 0
+            closed.append(open_rows.pop(k))
+            used.pop(k)
+        if len(closed) >= rows_per_batch:
+            yield _batch(closed, L, eos_id, schema, stats)
+            closed = []
+    closed += open_rows
+    if closed:
+        yield _batch(closed, L, eos_id, schema, stats)
+
+
+def _batch(
+    rows: list[list[tuple[str, np.ndarray, np.ndarray]]],
+    L: int,
+    eos_id: int,
+    schema: pa.Schema,
+    stats: PackStats,
+) -> pa.RecordBatch:
+    n = len(rows)
+    tokens = np.full((n, L), eos_id, np.uint32)
+    mask = np.zeros((n, L), np.uint8)
+    lengths = np.zeros(n, np.int32)
+    starts: list[list[int]] = []
+    for r, row in enumerate(rows):
+        pos, s = 0, []
+        for _, ids, m in row:
+            tokens[r, pos : pos + len(ids)] = ids
+            mask[r, pos : pos + len(ids)] = m
+            s.append(pos)
+            pos += len(ids)
+        lengths[r] = pos
+        starts.append(s)
+    stats.rows += n
+    stats.padding_tokens += int(n * L - lengths.sum())
+    value_type = schema.field("tokens").type.value_type
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.FixedSizeListArray.from_arrays(
+                pa.array(tokens.reshape(-1).astype(value_type.to_pandas_dtype())), L
+            ),
+            pa.array(lengths, pa.int32()),
+            pa.array(starts, pa.list_(pa.int32())),
+            pa.array([[d for d, _, _ in row] for row in rows], pa.list_(pa.string())),
+            pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), L),
+        ],
+        schema=schema,
+    )
