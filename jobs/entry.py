@@ -35,7 +35,7 @@ def run(run_dir: Location, executor: str = "ray", verbose: bool = False) -> int:
         run_pipeline(spec.data, run_dir, executor=executor, verbose=verbose)  # type: ignore[arg-type]
         print(format_stats(run_dir), flush=True)
         return 0
-    if spec.kind == "train":
+    if spec.kind in ("train", "finetune"):
         from crucible.jobs.train.run import run_train
 
         return run_train(run_dir)

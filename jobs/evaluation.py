@@ -23,6 +23,7 @@ from crucible.errors import CrucibleError
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from crucible.data_pipeline.chat import Template
     from crucible.model.gpt import GPT
 
 
@@ -52,8 +53,9 @@ def perplexity(
     model.eval()
     for batch in islice(reader.eval_batches(), max_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        doc = batch.get("doc_index") if doc_mask else None
-        logits, _ = model(batch["input_ids"], doc_ids=doc)
+        logits, _ = model(
+            batch["input_ids"], doc_ids=batch.get("doc_index"), positions=batch.get("position_ids")
+        )
         labels = batch["labels"]
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                reduction="sum")  # fmt: skip
@@ -124,8 +126,12 @@ def prompt_accuracy(
     prompts: PromptSet,
     max_new_tokens: int,
     batch_size: int,
+    template: Template | None = None,
 ) -> dict[str, Any]:
     """Greedy completions of every prompt and their exact match with the reference.
+
+    A model fine-tuned on chat shards gets each prompt as a user turn in its template,
+    followed by the assistant's header; its answer ends at the template's end marker.
 
     Args:
         model: the model, on the device to generate on.
@@ -134,13 +140,18 @@ def prompt_accuracy(
         prompts: from :func:`read_prompts` (prompts that cannot fit are counted in it).
         max_new_tokens: most tokens per completion.
         batch_size: prompts per generation batch.
+        template: the chat template the model was fine-tuned with (None: plain text).
     """
+    from crucible.data_pipeline.chat import generation_prompt
     from crucible.model.generate import generate
 
     context = model.cfg.max_seq_len
     todo = []
     for rec in prompts.records:
-        ids = tokenizer.encode(rec["prompt"]).ids
+        text = rec["prompt"]
+        if template is not None:
+            text = generation_prompt([("user", text)], template)
+        ids = tokenizer.encode(text).ids
         if not ids:
             prompts.skip("empty_after_tokenizing")
         elif len(ids) + max_new_tokens > context:
@@ -153,6 +164,8 @@ def prompt_accuracy(
         outs = generate(model, [ids for _, ids in chunk], max_new_tokens, 0.0, None, 1.0, {eos})
         for (rec, _), new in zip(chunk, outs, strict=True):
             text = tokenizer.decode([t for t in new if t != eos])
+            if template is not None:
+                text = text.split(template.end)[0]
             rows.append(rec | {"completion": text,
                                "exact": normalize(text) == normalize(rec["reference"])})  # fmt: skip
     n = len(rows)

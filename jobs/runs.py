@@ -36,8 +36,12 @@ def absolutize(spec: RunSpec, base: Path | None = None) -> RunSpec:
         return str(base / p)
 
     data["cluster"]["storage"] = fix(data["cluster"]["storage"])
-    if spec.kind == "train":
+    if spec.kind in ("train", "finetune"):
         data["data"]["shards"] = fix(data["data"]["shards"])
+        source = data.get("base") or {}
+        for key in ("checkpoint", "hf"):
+            if source.get(key):
+                source[key] = fix(source[key])
     else:
         data["data"]["inputs"] = [fix(p) for p in data["data"]["inputs"]]
         shards = data["data"].get("shards") or {}
@@ -68,7 +72,7 @@ def prepare_run(spec: RunSpec, resume: bool = False) -> Location:
         if spec_hash(old) != spec_hash(spec):
             again = (
                 f"`crucible resume {spec.name}`"
-                if old.kind == "train"
+                if old.kind != "data"
                 else f"rerun it with its own spec (`crucible data run {existing}`)"
             )
             raise CrucibleError(

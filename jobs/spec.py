@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from crucible.cluster.spec import ClusterSpec
 from crucible.cluster.storage import Location
 from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, validate
 from crucible.data_pipeline.spec import DataSpec
 from crucible.errors import CrucibleError
+from crucible.jobs.finetune.spec import BaseSpec, LoraSpec
 from crucible.jobs.train.spec import (
     CheckpointSpec,
     MonitoringSpec,
@@ -71,10 +72,47 @@ class TrainRunSpec(_RunBase):
     )
 
 
-RunSpec = DataRunSpec | TrainRunSpec
+class FinetuneRunSpec(TrainRunSpec):
+    """A finetune job: the train job started from ``base``'s weights, on chat shards (a data
+    run with ``reader.chat``), fully or with LoRA adapters.
+
+    ``model`` may give only ``parallel``: the shape is the base's (filled in at submission,
+    so the resolved spec names every field); a shape that differs from the base's is refused.
+    """
+
+    kind: Literal["finetune"] = Field(description="The job to run.")  # type: ignore[assignment]
+    base: BaseSpec = Field(description="The model fine-tuning starts from.")
+    lora: LoraSpec | None = Field(
+        None, description="Train LoRA adapters on a frozen base; null: full fine-tuning."
+    )
+    data: TrainDataSpec = Field(
+        description="The chat shards (mask_cross_document defaults to true here)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        d = data.get("data")
+        if isinstance(d, dict) and "mask_cross_document" not in d:
+            data["data"] = {**d, "mask_cross_document": True}
+        model = data.get("model")
+        base = data.get("base")
+        if (model is None or set(model) <= {"parallel"}) and isinstance(base, dict):
+            from crucible.jobs.finetune.base import base_config
+
+            shape = base_config(validate(BaseSpec, base, source="base")).model_dump()
+            data["model"] = {**(model or {}), **shape}
+        return data
+
+
+RunSpec = DataRunSpec | TrainRunSpec | FinetuneRunSpec
 KINDS: dict[str, type[DataRunSpec] | type[TrainRunSpec]] = {
     "data": DataRunSpec,
     "train": TrainRunSpec,
+    "finetune": FinetuneRunSpec,
 }
 
 

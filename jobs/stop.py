@@ -31,7 +31,7 @@ def stop_job(
         return f"{job_id}: already {info.status.value}"
     meta = info.metadata or {}
     run_dir = meta.get("run_dir")
-    if meta.get("crucible_kind") != "train" or not run_dir:
+    if meta.get("crucible_kind") not in ("train", "finetune") or not run_dir:
         client.stop(job_id)
         return f"{job_id}: stop requested"
     run = location(run_dir)

@@ -56,7 +56,7 @@ def read_jsonl(
         stats.dropped[rule] += 1
         exclusions.append(Exclusion(f"{path}#{offset}", path, f"read/{rule}", text))
 
-    columns = (spec.text_key, spec.id_key, spec.url_key)
+    columns: tuple[str, ...] = (spec.text_key, spec.id_key, spec.url_key)
     if spec.chat is not None:  # the conversation is the text, not metadata
         c = spec.chat
         columns += (c.messages_key, c.prompt_key, c.response_key, c.system_key)
@@ -78,6 +78,7 @@ def read_jsonl(
         if not isinstance(obj, dict):
             bad(offset, "bad_json", line[:1000].decode("utf-8", "replace"))
             continue
+        text: object
         if spec.chat is not None:
             try:
                 text = render(record_turns(obj, spec.chat), TEMPLATES[spec.chat.template])

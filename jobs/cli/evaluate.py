@@ -59,8 +59,15 @@ def eval_cmd(
     )
     acc = None
     if prompt_set is not None:
+        from crucible.data_pipeline.chat import TEMPLATES
+        from crucible.data_pipeline.shards.manifest import read_manifest
+
         tok, eos = run_tokenizer(spec.data.shards)
-        acc = ev.prompt_accuracy(model, tok, eos, prompt_set, max_new_tokens, batch_size)
+        chat = read_manifest(location(spec.data.shards)).chat_template
+        template = TEMPLATES[chat] if chat is not None else None
+        acc = ev.prompt_accuracy(
+            model, tok, eos, prompt_set, max_new_tokens, batch_size, template=template
+        )
         skipped = f"; skipped {acc['skipped']}" if acc["skipped"] else ""
         typer.echo(f"exact match {acc['exact_match']:.1%} of {acc['evaluated']} prompts{skipped}")
     out = path.parent.parent / "eval" / path.name

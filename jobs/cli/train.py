@@ -62,7 +62,9 @@ def _submit(spec: object, resume: bool, detach: bool) -> None:
 
 @app.command("run")
 def run(
-    spec_path: Path = typer.Argument(..., metavar="SPEC", help="A spec with kind: train."),
+    spec_path: Path = typer.Argument(
+        ..., metavar="SPEC", help="A spec with kind: train or finetune."
+    ),
     set_: list[str] = SetOption,
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
     dry_run: bool = typer.Option(
@@ -74,9 +76,10 @@ def run(
     from crucible.jobs.spec import load_spec
 
     spec = absolutize(load_spec(spec_path, set_))
-    if spec.kind != "train":
+    if spec.kind == "data":
         raise CrucibleError(
-            f"{spec_path} has kind: {spec.kind}; `crucible train run` needs kind: train"
+            f"{spec_path} has kind: data; `crucible train run` needs kind: train or finetune "
+            "(data specs run with `crucible data run`)"
         )
     if dry_run:
         typer.echo(dry_run_text(spec))

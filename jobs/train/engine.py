@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from crucible.cluster.plan import RunPlan
+from crucible.cluster.storage import Location
 from crucible.jobs.spec import TrainRunSpec
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (a LoRA run's base): no optimizer state
+            continue
         is_matrix = len(getattr(p, "ds_shape", None) or p.shape) >= 2
         (decay if is_matrix and "pos_emb" not in name else no_decay).append(p)
     return [
@@ -32,13 +35,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build_engine(spec: TrainRunSpec, plan: RunPlan, universal: bool = False) -> DeepSpeedEngine:
+def build_engine(
+    spec: TrainRunSpec,
+    plan: RunPlan,
+    universal: bool = False,
+    base: Location | None = None,
+    rank: int = 0,
+) -> DeepSpeedEngine:
     """The model built sharded under ZeRO-3 (or plain below stage 3), wrapped by DeepSpeed.
 
+    A finetune run's model takes the base's weights (``base``), and with ``lora`` gets
+    adapters, before DeepSpeed builds its master weights and optimizer from it.
+
     Args:
-        spec: the train spec.
+        spec: the train (or finetune) spec.
         plan: this world size's plan (holds the DeepSpeed config).
         universal: configure DeepSpeed to load a universal (world-size-free) checkpoint.
+        base: a finetune run's converted base weights (``<run>/base``).
+        rank: this rank (rank 0 reads the base's weights under ZeRO-3).
     """
     import deepspeed
 
@@ -51,10 +65,19 @@ def build_engine(spec: TrainRunSpec, plan: RunPlan, universal: bool = False) -> 
     if universal:
         config["checkpoint"] = {"load_universal": True}
     if spec.model.parallel.zero_stage == 3:
-        model = build_zero3_model(cfg, config, seed=spec.train.seed)
+        model = build_zero3_model(cfg, config, seed=spec.train.seed, init=base is None)
     else:
         model = init_weights(build_model(cfg), seed=spec.train.seed)
+    if base is not None:
+        from crucible.jobs.finetune.base import load_base
+
+        load_base(model, base, rank)
     model = parallelize(model, spec.model.parallel)
+    lora = getattr(spec, "lora", None)
+    if lora is not None:
+        from crucible.jobs.finetune.lora import apply_lora
+
+        model = apply_lora(model, lora, seed=spec.train.seed)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, spec.optim.weight_decay),

@@ -99,13 +99,21 @@ def consolidate(checkpoint: Location | Path) -> tuple[dict[str, torch.Tensor], M
 
 
 def load_model(checkpoint: str | Path | Location, dtype: str = "fp32") -> GPT:
-    """A plain :class:`GPT` holding a checkpoint's consolidated weights.
+    """A plain :class:`GPT` holding a checkpoint's consolidated weights (a LoRA run's
+    adapters merged in).
 
     Args:
         checkpoint: a ``step-<N>`` directory, checkpoints directory or run directory.
         dtype: ``fp32`` or ``bf16``.
     """
-    sd, cfg = consolidate(resolve_checkpoint(checkpoint))
+    path = resolve_checkpoint(checkpoint)
+    sd, cfg = consolidate(path)
+    lora = ckpt.read_state(path)["spec"].get("lora")
+    if lora is not None:  # a LoRA run: the adapters merged into the base's weights
+        from crucible.jobs.finetune.lora import merge_lora
+        from crucible.jobs.finetune.spec import LoraSpec
+
+        return merge_lora(sd, cfg, LoraSpec.model_validate(lora)).to(DTYPES[dtype]).eval()
     model = build_model(cfg, device="meta")
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings:  # assign=True loads each name separately; share them again

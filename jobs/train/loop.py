@@ -80,7 +80,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx.callbacks = build_callbacks(ctx, resumed_from=state["step"] if state else 0)
     rollback = ctx.callbacks.find(RollbackCallback)
     stopper = ctx.callbacks.find(StopCallback)
-    ctx.engine = build_engine(spec, plan, universal=bool(state and state["world_size"] != world))
+    base = run_dir / "base" if getattr(spec, "base", None) is not None else None
+    ctx.engine = build_engine(
+        spec, plan, universal=bool(state and state["world_size"] != world), base=base, rank=rank
+    )
     seed_everything(rank_seed(spec.train.seed, rank))
     if chosen is not None and state is not None:
         resumed = restore(ctx, chosen, state)
@@ -96,9 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 group["lr"] = lr
             batch = reader.next_batch()
             data_wait = time.perf_counter() - t0
-            loss_sum, engine_seconds = train_step(
-                ctx.engine, batch, plan, spec.data.mask_cross_document
-            )
+            loss_sum, engine_seconds = train_step(ctx.engine, batch, plan)
             loss_avg = loss_sum / plan.grad_accum_steps
             dist.all_reduce(loss_avg)
             loss = float(loss_avg) / world
@@ -129,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def train_step(
-    engine: DeepSpeedEngine, batch: dict[str, torch.Tensor], plan: RunPlan, doc_mask: bool
+    engine: DeepSpeedEngine, batch: dict[str, torch.Tensor], plan: RunPlan
 ) -> tuple[torch.Tensor, float]:
     """Forward, backward and step over this rank's micro-batches of one global batch; return
     the sum of their losses (on the device) and the seconds spent in the engine.
@@ -138,7 +139,6 @@ def train_step(
         engine: the DeepSpeed engine (it steps the optimizer at the accumulation boundary).
         batch: this rank's slice of the global batch.
         plan: the plan (micro-batch size).
-        doc_mask: attend within documents only.
     """
     device = engine.device
     mbs = micro_batches(batch, plan.micro_batch_size, device)
@@ -147,8 +147,14 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     t0 = time.perf_counter()
     for mb in mbs:
-        doc = mb.get("doc_index") if doc_mask else None
-        _, loss = engine(mb["input_ids"], mb["labels"], doc_ids=doc)
+        # doc_index and position_ids are there when the reader was asked for document masks
+        # or reads fine-tuning shards (examples packed whole, positions restarting per example)
+        _, loss = engine(
+            mb["input_ids"],
+            mb["labels"],
+            doc_ids=mb.get("doc_index"),
+            positions=mb.get("position_ids"),
+        )
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().float()

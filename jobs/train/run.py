@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from crucible.cluster.storage import Location, location, read_jsonl
 from crucible.errors import CrucibleError
 from crucible.jobs.runs import load_train_spec, stop_request
-from crucible.jobs.spec import TrainRunSpec
+from crucible.jobs.spec import FinetuneRunSpec, TrainRunSpec
 from crucible.jobs.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -49,6 +49,11 @@ def check_shards(spec: TrainRunSpec) -> Manifest:
         raise CrucibleError(
             f"shards {spec.data.shards} use a {vocab}-token vocabulary but the model has "
             f"vocab_size {cfg.vocab_size}; set model.vocab_size to at least {vocab}"
+        )
+    if manifest.chat_template is not None and not spec.data.mask_cross_document:
+        raise CrucibleError(
+            f"shards {spec.data.shards} hold packed conversations: set "
+            "data.mask_cross_document: true so that examples do not attend to each other"
         )
     if manifest.seq_len > cfg.max_seq_len:
         raise CrucibleError(
@@ -185,7 +190,11 @@ def run_train(run_dir: Location) -> int:
     from crucible.jobs.train.loop import train_loop_per_worker
 
     spec = load_train_spec(run_dir)
-    check_shards(spec)
+    manifest = check_shards(spec)
+    if isinstance(spec, FinetuneRunSpec):
+        from crucible.jobs.finetune.base import check_base
+
+        check_base(spec, manifest.tokenizer.fingerprint)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     start_metrics_registry()
@@ -197,6 +206,12 @@ def run_train(run_dir: Location) -> int:
     root = run_dir / "checkpoints"
     root.mkdirs()
     prepare_reshard(root, spec.train.num_workers)
+    if isinstance(spec, FinetuneRunSpec):
+        from crucible.jobs.finetune.base import prepare_base
+
+        t0 = time.perf_counter()
+        base = prepare_base(spec, run_dir)
+        print(f"base model ready in {base} ({time.perf_counter() - t0:.1f} s)", flush=True)
     attempts = run_dir / "ray"
     attempt = len(attempts.glob("attempt-*"))
     t = spec.train

@@ -22,6 +22,7 @@ import time
 from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.runs import load_train_spec, stop_request
+from crucible.jobs.spec import FinetuneRunSpec
 
 
 def run_workers(run_dir: Location, nproc: int) -> int:
@@ -39,7 +40,12 @@ def run_workers(run_dir: Location, nproc: int) -> int:
     from crucible.jobs.train.run import check_shards, summarize
 
     spec = load_train_spec(run_dir)
-    check_shards(spec)
+    manifest = check_shards(spec)
+    if isinstance(spec, FinetuneRunSpec):
+        from crucible.jobs.finetune.base import check_base, prepare_base
+
+        check_base(spec, manifest.tokenizer.fingerprint)
+        prepare_base(spec, run_dir, use_ray=False)
     (run_dir / "nan.json").rm()
     root = run_dir / "checkpoints"
     root.mkdirs()

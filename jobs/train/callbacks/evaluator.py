@@ -39,7 +39,9 @@ def evaluate(
         for batch in islice(reader.eval_batches(), batches):
             for mb in micro_batches(batch, micro, device):
                 logits, _ = engine(
-                    mb["input_ids"], doc_ids=mb.get("doc_index") if doc_mask else None
+                    mb["input_ids"],
+                    doc_ids=mb.get("doc_index") if doc_mask else None,
+                    positions=mb.get("position_ids"),
                 )
                 labels = mb["labels"]
                 loss = F.cross_entropy(

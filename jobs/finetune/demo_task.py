@@ -1,0 +1,58 @@
+"""A fine-tuning task whose answers can be checked: "reverse these words". Used by the tests,
+the benchmark and the README's example to show SFT and LoRA learning an instruction format
+and a skill that the pretrained base has neither of."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+PROMPT = "reverse: {}"
+
+
+def reverse_words(words: Sequence[str], n: int, k: int, seed: int) -> list[dict[str, str]]:
+    """``n`` prompt/response records: ``reverse: w1 … wk`` → ``wk … w1``.
+
+    Args:
+        words: the vocabulary the words are drawn from.
+        n: records.
+        k: words per prompt.
+        seed: the draw's seed.
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w = [rng.choice(words) for _ in range(k)]
+        out.append({"prompt": PROMPT.format(" ".join(w)), "response": " ".join(reversed(w))})
+    return out
+
+
+def write_task(
+    out_dir: Path, words: Sequence[str], train: int, heldout: int, k: int = 3, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` (prompt/response records for a data run with ``reader.chat``)
+    and ``heldout.jsonl`` (prompt/reference records for ``crucible eval --prompts``), whose
+    prompts never occur in the training file.
+
+    Args:
+        out_dir: where both files go.
+        words: the vocabulary.
+        train: training records.
+        heldout: held-out prompts.
+        k: words per prompt.
+        seed: the draw's seed.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = reverse_words(words, train, k, seed)
+    seen = {r["prompt"] for r in records}
+    held: list[dict[str, str]] = []
+    for r in reverse_words(words, 50 * heldout, k, seed + 1):
+        if r["prompt"] not in seen and len(held) < heldout:
+            seen.add(r["prompt"])
+            held.append({"prompt": r["prompt"], "reference": r["response"]})
+    train_path, held_path = out_dir / "train.jsonl", out_dir / "heldout.jsonl"
+    train_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    held_path.write_text("".join(json.dumps(r) + "\n" for r in held))
+    return train_path, held_path
