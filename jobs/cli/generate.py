@@ -2,7 +2,9 @@
 
 The weights are the checkpoint's consolidated fp32 master weights (as ``crucible export``
 gathers them); the tokenizer is the one the run's shards were encoded with, found through
-the shards' manifest, and its EOS token ends a completion.
+the shards' manifest, and its EOS token ends a completion. A model fine-tuned on chat shards
+gets each prompt as a user turn in the shards' chat template and answers as the assistant:
+what it prints is the answer, up to the template's end marker.
 """
 
 from __future__ import annotations
@@ -71,8 +73,14 @@ def generate_cmd(
     spec = parse_spec(ckpt.read_state(path)["spec"], source=str(path / ckpt.STATE))
     if not isinstance(spec, TrainRunSpec):
         raise CrucibleError(f"{path} is a checkpoint of a {spec.kind} run, not of a train run")
+    from crucible.data_pipeline.chat import TEMPLATES, generation_prompt
+    from crucible.data_pipeline.shards.manifest import read_manifest
+
     tok, eos = run_tokenizer(spec.data.shards)
-    ids = [tok.encode(p).ids for p in prompt]
+    chat = read_manifest(spec.data.shards).chat_template
+    template = TEMPLATES[chat] if chat is not None else None
+    texts = [generation_prompt([("user", p)], template) if template else p for p in prompt]
+    ids = [tok.encode(t).ids for t in texts]
     if not all(ids):
         raise CrucibleError("a --prompt encodes to no tokens; give text the tokenizer knows")
     context = spec.model.resolve().max_seq_len
@@ -89,4 +97,8 @@ def generate_cmd(
     for i, (text, new) in enumerate(zip(prompt, outs, strict=True)):
         if i:
             typer.echo("---")
-        typer.echo(text + tok.decode([t for t in new if t != eos]))
+        completion = tok.decode([t for t in new if t != eos])
+        if template is not None:
+            typer.echo(completion.split(template.end)[0])
+        else:
+            typer.echo(text + completion)

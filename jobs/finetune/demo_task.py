@@ -56,3 +56,23 @@ def write_task(
     train_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     held_path.write_text("".join(json.dumps(r) + "\n" for r in held))
     return train_path, held_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m crucible.jobs.finetune.demo_task OUT_DIR``: write the task's files."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m crucible.jobs.finetune.demo_task")
+    ap.add_argument("out_dir", type=Path, help="where train.jsonl and heldout.jsonl go")
+    ap.add_argument("--train", type=int, default=3000, help="training records")
+    ap.add_argument("--heldout", type=int, default=60, help="held-out prompts")
+    ap.add_argument("--words", type=int, default=13, help="the first N English sample words")
+    args = ap.parse_args(argv)
+    sample = Path(__file__).resolve().parents[2] / "data_pipeline" / "sample_words" / "en.txt"
+    words = sample.read_text().split()[: args.words]
+    for p in write_task(args.out_dir, words, args.train, args.heldout):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

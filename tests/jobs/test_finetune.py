@@ -246,3 +246,11 @@ def test_merged_lora_gives_the_adapter_models_logits() -> None:
         got, _ = merged(x)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float reordering only
+
+
+def test_generate_answers_in_the_chat_template(full_run: Path, cli: Any) -> None:
+    rc, out, err = cli(["generate", str(full_run), "--prompt", "reverse: the of and",
+                        "--temperature", "0", "--max-new-tokens", "16"])  # fmt: skip
+    assert rc == 0, err
+    answer = out.strip().splitlines()[-1].split()
+    assert len(answer) == 3 and set(answer) <= set(WORDS), out  # the answer's format, alone
