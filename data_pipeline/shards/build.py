@@ -28,10 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tokenizers import Tokenizer
 
 from crucible.cluster.storage import Location, location, sha256_file
-from crucible.data_pipeline.chat import TEMPLATES
 from crucible.data_pipeline.executors.base import Executor, Stage
 from crucible.data_pipeline.permutation import FeistelPermutation
 from crucible.data_pipeline.shards import hf_layout
@@ -46,9 +44,9 @@ from crucible.data_pipeline.shards.manifest import (
     shard_problems,
     write_manifest,
 )
+from crucible.data_pipeline.shards.pack_task import pack_file, shard_schema
 from crucible.data_pipeline.shards.spec import ShardSpec
-from crucible.data_pipeline.tokens.pack import PackStats, encode_and_pack, row_schema, token_dtype
-from crucible.data_pipeline.tokens.pack_chat import chat_row_schema, encode_examples, pack_examples
+from crucible.data_pipeline.tokens.pack import PackStats, token_dtype
 from crucible.data_pipeline.tokens.tokenizer import (
     build_tokenizer,
     canonical_json,
@@ -219,7 +217,7 @@ def _build(
         for s in ("heldout", "train")
         for k in range(counts[s])
     ]
-    schema = _schema(spec.seq_len + 1, dtype, chat_template).append(
+    schema = shard_schema(spec.seq_len + 1, dtype, chat_template).append(
         pa.field("row_id", pa.int64(), nullable=False)
     )
     features = hf_layout.features_json(schema)
@@ -313,64 +311,6 @@ def _heldout_rows(n: int, spec: ShardSpec) -> int:
             "lower shards.heldout_rows/heldout_fraction or add documents"
         )
     return held
-
-
-@functools.lru_cache(maxsize=2)
-def _tokenizer(uri: str) -> Tokenizer:
-    return Tokenizer.from_str(location(uri).read_text())
-
-
-def pack_file(job: dict[str, Any]) -> dict[str, Any]:
-    """Encode and pack one input file into an Arrow file of rows (one task).
-
-    Args:
-        job: ``path`` (documents file), ``out`` (packed file), ``tokenizer`` (the saved
-            tokenizer.json's URI), ``seq_len``, ``eos_id``, ``dtype``, ``batch_size``.
-
-    Returns:
-        The file's :class:`PackStats` as a dict, with ``out``.
-    """
-    tok = _tokenizer(str(job["tokenizer"]))
-    dtype = pa.type_for_alias(str(job["dtype"]))
-    stats = PackStats()
-    batches = pq.ParquetFile(location(str(job["path"])).open_read()).iter_batches(
-        batch_size=int(job["batch_size"]), columns=["id", "text"]
-    )
-    docs = ((b.column(0).to_pylist(), b.column(1).to_pylist()) for b in batches)
-    seq_len, eos = int(job["seq_len"]), int(job["eos_id"])
-    template = job.get("chat_template")
-    schema = _schema(seq_len + 1, dtype, template)
-    if template is None:
-        rows = encode_and_pack(tok, docs, seq_len, eos, dtype, stats)
-    else:
-        tok = _text_specials(tok)
-        examples = (
-            ex
-            for ids, texts in docs
-            for ex in encode_examples(tok, ids, texts, TEMPLATES[template], eos, seq_len + 1, stats)
-        )
-        rows = pack_examples(examples, seq_len, eos, dtype, stats)
-    with (
-        location(str(job["out"])).writing() as pending,
-        pa.OSFile(str(pending.path), "wb") as sink,
-        pa.ipc.new_file(sink, schema) as writer,
-    ):
-        for rb in rows:
-            writer.write_batch(rb)
-    return {"out": job["out"], **asdict(stats)}
-
-
-def _schema(row_len: int, dtype: pa.DataType, chat_template: str | None) -> pa.Schema:
-    return (row_schema if chat_template is None else chat_row_schema)(row_len, dtype)
-
-
-def _text_specials(tok: Tokenizer) -> Tokenizer:
-    """``tok`` encoding special tokens as plain text (a document never holds an EOS)."""
-    if tok.encode_special_tokens:
-        return tok
-    tok = Tokenizer.from_str(tok.to_str())
-    tok.encode_special_tokens = True
-    return tok
 
 
 def route_rows(job: dict[str, Any]) -> pa.Table:
