@@ -12,12 +12,19 @@ so no rank ever holds the whole model twice.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from crucible.cluster.storage import Location, cache_key, location, scratch_dir, sha256_file
+from crucible.cluster.storage import (
+    Location,
+    cache_key,
+    location,
+    scratch_dir,
+    sha256_file,
+)
 from crucible.errors import CrucibleError
 from crucible.jobs.finetune.spec import BaseSpec
 from crucible.model.config import ModelConfig
@@ -49,9 +56,14 @@ def base_config(base: BaseSpec) -> ModelConfig:
 
     from crucible.model.hf import config_from_hf
 
-    try:
-        hf = AutoConfig.from_pretrained(base.hf, local_files_only=True)
-    except (OSError, ValueError) as e:
+    if not (location(base.hf) / "config.json").is_file():
+        raise CrucibleError(
+            f"base.hf {base.hf} has no config.json; give a Hugging Face model directory "
+            "(save_pretrained's output)"
+        )
+    try:  # config.json read through the storage layer: a local path or an object-store URI
+        hf = AutoConfig.for_model(**(location(base.hf) / "config.json").read_json())
+    except (OSError, ValueError, KeyError) as e:
         raise CrucibleError(
             f"base.hf {base.hf} is not a Hugging Face model directory ({e})"
         ) from None
@@ -112,8 +124,15 @@ def base_state_dict(base: BaseSpec) -> dict[str, torch.Tensor]:
 
     from crucible.model.hf import from_hf
 
-    hf = AutoModelForCausalLM.from_pretrained(base.hf, local_files_only=True, dtype=torch.float32)
-    return from_hf(hf).state_dict()
+    src = location(base.hf)
+    with tempfile.TemporaryDirectory(dir=scratch_dir("base-hf")) as tmp:
+        local = src.local_path if src.is_local else Path(tmp) / "model"
+        if not src.is_local:  # a flat directory (config, weights, tokenizer): file by file
+            for name in src.ls():
+                if (src / name).is_file():
+                    (src / name).download(local / name)
+        hf = AutoModelForCausalLM.from_pretrained(local, local_files_only=True, dtype=torch.float32)
+        return from_hf(hf).state_dict()
 
 
 def convert_base(base: dict[str, Any], out: str) -> str:

@@ -254,3 +254,22 @@ def test_generate_answers_in_the_chat_template(full_run: Path, cli: Any) -> None
     assert rc == 0, err
     answer = out.strip().splitlines()[-1].split()
     assert len(answer) == 3 and set(answer) <= set(WORDS), out  # the answer's format, alone
+
+
+def test_hf_base_from_object_storage(s3: Any, task: dict[str, Path], tmp_path: Path) -> None:
+    """A base in a bucket: its shape read through the storage layer, its weights fetched
+    file by file and converted, the same as from the local directory."""
+    from safetensors.torch import load_file
+
+    from crucible.jobs.finetune.base import WEIGHTS, base_config, convert_base
+    from crucible.jobs.finetune.spec import BaseSpec
+
+    remote = location(s3.bucket("bases") + "/tiny")
+    for f in task["base"].iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    local_base = BaseSpec(hf=str(task["base"]))
+    assert base_config(BaseSpec(hf=remote.uri)) == base_config(local_base)
+    convert_base({"hf": remote.uri}, str(tmp_path / "a"))
+    convert_base({"hf": str(task["base"])}, str(tmp_path / "b"))
+    a, b = load_file(str(tmp_path / "a" / WEIGHTS)), load_file(str(tmp_path / "b" / WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
