@@ -154,8 +154,16 @@ def split_rendered(text: str, template: Template) -> list[tuple[str, bool]]:
         return [(text, False)]
     for i, m in enumerate(matches):
         role = role_of[m.group(0)]
-        stop = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        last = i + 1 == len(matches)
+        stop = len(text) if last else matches[i + 1].start()
         body = text[m.end() : stop]
+        if last and not body.endswith(template.end):
+            # Normalisation strips the text's trailing whitespace, which ends the last turn's
+            # end marker ("\n\n" of plain, the "\n" after chatml's <|im_end|>): put it back,
+            # so the last answer teaches the marker like every other turn.
+            kept = template.end.rstrip()
+            if body.endswith(kept):
+                body = body[: len(body) - len(kept)] + template.end
         pieces.append((m.group(0), False))
         pieces.append((body, role == "assistant"))
     return [(t, trained) for t, trained in pieces if t]

@@ -38,6 +38,9 @@ def test_render_and_split_round_trip(name: str) -> None:
     assert "".join(p for p, _ in pieces) == text
     assert [p for p, trained in pieces if trained] == ["hello" + t.end, "hello again" + t.end]
     assert generation_prompt(turns[:2], t).endswith(t.header("assistant"))
+    # the pipeline's normaliser strips trailing whitespace: the last end marker comes back
+    stripped = split_rendered(text.rstrip(), t)
+    assert [p for p, trained in stripped if trained] == ["hello" + t.end, "hello again" + t.end]
 
 
 def test_bad_records_are_named() -> None:

@@ -40,7 +40,8 @@ OFF = {"enabled": False}
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory, train_shards: Path) -> dict[str, Path]:
-    """Chat shards of 3,000 training conversations, held-out prompts, and the base model: the
+    """Chat shards of 3,000 generated training conversations (about 1,650 left after exact
+    dedup: 13 words make 2,197 prompts), held-out prompts, and the base model: the
     tiny preset pretrained 150 steps on the test shards, saved as a Hugging Face directory."""
     root = tmp_path_factory.mktemp("finetune")
     train_file, heldout = write_task(root / "task", WORDS, train=3000, heldout=60)
