@@ -182,7 +182,7 @@ def test_bad_arguments_are_rejected(gpt_cfg: ModelConfig, make_model: Callable[.
         generate(model, [[1] * 20], 5)
     with pytest.raises(ValueError, match="top_p must be in"):
         generate(model, [[1]], 4, temperature=1.0, top_p=0.0)
-    with pytest.raises(ValueError, match="doc_ids and a KV cache"):
+    with pytest.raises(ValueError, match="doc_ids or positions and a KV cache"):
         model(
             torch.ones(1, 2, dtype=torch.long),
             doc_ids=torch.zeros(1, 2),
