@@ -68,6 +68,16 @@ class CheckpointSpec(StrictModel):
     verify: Literal["sha256", "size"] = Field(
         "sha256", description="How checkpoint files are checked on load."
     )
+    async_save: bool = Field(
+        True,
+        description="Training waits only while the state is copied to host memory; files "
+        "are written, hashed and committed in the background (one save in flight at most).",
+    )
+    test_stall_steps: list[NonNegativeInt] = Field(
+        default_factory=list,
+        description="Tests only: the asynchronous saves of these steps write their files and "
+        "never commit (a test kills the run while they are in flight).",
+    )
 
 
 class TrainSpec(StrictModel):

@@ -93,13 +93,14 @@ class RunLogCallback(Callback):
             return
         removed = ", ".join(f"step-{s}" for s in stats.removed)
         say(
-            f"checkpoint {stats.path.name}: {stats.bytes / 1e6:.2f} MB in "
-            f"{stats.seconds:.2f} s ({stats.bytes_per_s / 1e6:.1f} MB/s)"
-            + (f"; removed {removed}" if removed else "")
+            f"checkpoint {stats.path.name}: {stats.bytes / 1e6:.2f} MB written in "
+            f"{stats.write_seconds:.2f} s ({stats.bytes_per_s / 1e6:.1f} MB/s), training "
+            f"blocked {stats.blocked_seconds:.2f} s" + (f"; removed {removed}" if removed else "")
         )
         self.log.append(
             {"kind": "checkpoint", "step": stats.step, "bytes": stats.bytes,
-             "save_seconds": stats.seconds, "path": stats.path.uri},
+             "save_seconds": stats.seconds, "blocked_seconds": stats.blocked_seconds,
+             "write_seconds": stats.write_seconds, "path": stats.path.uri},
             sync=True,
         )  # fmt: skip
 

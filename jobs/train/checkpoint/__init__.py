@@ -23,6 +23,12 @@ manifest, then ``latest``, after all of them. Either way a crash at any point le
 previous checkpoint as the newest committed one, or the new one complete: a ``step-<N>``
 without a manifest is never a candidate.
 
+Asynchronous save (``checkpoint.async_save``, the default; see :mod:`.async_save`): the loop
+waits only while every file's state is copied to host memory; a background thread on each
+rank writes those copies into the stage and runs the same commit, over a process group of
+its own. One save is in flight at most (:data:`IN_FLIGHT`); the next save, the end of the
+run and a rollback's reload wait for it.
+
 Load: the driver reads manifests only. Each rank verifies the files it owns (sizes, or sizes
 and sha256), in parallel with the others; from an object store verifying is fetching them
 into node-local scratch, checked on the way. One bad file makes the whole group fall back to
@@ -30,6 +36,7 @@ the previous checkpoint (see :func:`.load.choose_checkpoint`).
 """
 
 from crucible.cluster.storage import sha256_file
+from crucible.jobs.train.checkpoint.in_flight import IN_FLIGHT, SaveSlot
 from crucible.jobs.train.checkpoint.layout import (
     DS_TAG,
     MANIFEST,
@@ -58,7 +65,9 @@ from crucible.jobs.train.checkpoint.save import (
     SaveStats,
     clear_for_save,
     commit,
+    finish_save,
     hash_own_files,
+    open_stage,
     publish_own,
     save,
     stage_dir,
@@ -66,9 +75,11 @@ from crucible.jobs.train.checkpoint.save import (
 
 __all__ = [
     "DS_TAG",
+    "IN_FLIGHT",
     "MANIFEST",
     "STATE",
     "UNIVERSAL",
+    "SaveSlot",
     "SaveStats",
     "check_manifest",
     "check_universal",
@@ -77,11 +88,13 @@ __all__ = [
     "commit",
     "committed_steps",
     "fetch",
+    "finish_save",
     "hash_own_files",
     "latest_committed",
     "latest_valid",
     "list_files",
     "missing_rank_files",
+    "open_stage",
     "owned_by",
     "owner_rank",
     "publish_own",

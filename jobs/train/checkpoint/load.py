@@ -9,6 +9,7 @@ from typing import Any
 
 from crucible.cluster.storage import Location, cache_key, scratch_dir, sha256_file
 from crucible.errors import CrucibleError
+from crucible.jobs.train.checkpoint.in_flight import IN_FLIGHT
 from crucible.jobs.train.checkpoint.layout import (
     MANIFEST,
     STATE,
@@ -175,7 +176,8 @@ def choose_checkpoint(
     Each rank checks the files it owns (all of the universal copy when the world size changed,
     since every rank reads every parameter's file); from an object store checking them is
     fetching them into node-local scratch. One rank's problem makes the whole group move on
-    to the previous checkpoint: one collective decision.
+    to the previous checkpoint: one collective decision. A save of this process still in
+    flight is finished first (a rollback goes back to it if it is committed).
 
     Args:
         root: the checkpoints directory.
@@ -185,6 +187,7 @@ def choose_checkpoint(
     """
     import torch.distributed as dist
 
+    IN_FLIGHT.join()
     box: list[Any] = [committed_steps(root) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)  # one listing, the same for every rank
     for step in reversed(box[0]):

@@ -31,19 +31,38 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SaveStats:
-    """What one save wrote and how long it took (wall time of the whole commit)."""
+    """What one save wrote and how long it took."""
 
     step: int
     path: Location
     bytes: int
     seconds: float
+    """Wall time from the start of the save to its commit."""
     removed: tuple[int, ...] = ()
     """Older checkpoints retention deleted after this one was committed."""
+    blocked: float | None = None
+    """Seconds the training loop was blocked by this save, from the ``t0`` that ``on_save``
+    gets (None: all of ``seconds``, as in a synchronous save). For an asynchronous save: the
+    copy to host memory, plus any wait for the previous save (or, at the end of a run, for
+    this one)."""
+    write: float | None = None
+    """Seconds spent writing, hashing and committing, in the background when asynchronous
+    (None: all of ``seconds``)."""
+
+    @property
+    def blocked_seconds(self) -> float:
+        """Seconds the training loop was blocked by this save."""
+        return self.seconds if self.blocked is None else self.blocked
+
+    @property
+    def write_seconds(self) -> float:
+        """Seconds spent writing, hashing and committing."""
+        return self.seconds if self.write is None else self.write
 
     @property
     def bytes_per_s(self) -> float:
-        """Throughput of the save (all ranks' bytes over the commit's wall time)."""
-        return self.bytes / max(self.seconds, 1e-9)
+        """Throughput of the writing (all ranks' bytes over the write's wall time)."""
+        return self.bytes / max(self.write_seconds, 1e-9)
 
 
 def stage_dir(root: Location, step: int, nonce: str) -> Path:
@@ -172,6 +191,85 @@ def commit(
     return final
 
 
+def open_stage(root: Location, step: int, rank: int) -> Path:
+    """Every rank, at the start of a save: the local stage, emptied of an earlier attempt's
+    files at this step and ready for DeepSpeed (a collective).
+
+    Args:
+        root: the checkpoints directory.
+        step: the step being saved.
+        rank: this rank.
+    """
+    import torch.distributed as dist
+
+    box: list[Any] = [uuid.uuid4().hex[:12] if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    stage = stage_dir(root, step, box[0])
+    if rank == 0:
+        clear_for_save(root, step)  # a crashed earlier attempt's partial save
+        (stage / "crucible_state").mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    (stage / "crucible_state").mkdir(parents=True, exist_ok=True)  # another node's stage
+    return stage
+
+
+def finish_save(
+    root: Location,
+    step: int,
+    stage: Path,
+    written: dict[str, dict[str, Any]],
+    rank: int,
+    world: int,
+    error: str | None = None,
+    group: Any = None,
+) -> int:
+    """Every rank, once it has written its files: hash and publish them, and rank 0 commits
+    the checkpoint when every rank's are there. Returns the bytes of all ranks' files.
+
+    A rank that failed to write says so (``error``) and still takes part, so that no rank
+    waits for it and the checkpoint is committed by none.
+
+    Args:
+        root: the checkpoints directory.
+        step: the step being saved.
+        stage: this rank's stage.
+        written: ``{abspath: {sha256, bytes}}`` of files hashed as they were written.
+        rank: this rank.
+        world: number of ranks.
+        error: why this rank's files are not all written (None: they are).
+        group: the process group of the collectives (None: the default one).
+
+    Raises:
+        CrucibleError: on every rank, when the checkpoint was not committed.
+    """
+    import torch.distributed as dist
+
+    dist.barrier(group=group)  # every rank's files are written before anyone lists them
+    files: dict[str, dict[str, Any]] = {}
+    if error is None:
+        try:
+            files = hash_own_files(stage, rank, world, known=written)
+            publish_own(root, step, stage, files)
+        except Exception as e:
+            error = f"rank {rank}: {e}"
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (files, error), group=group)
+    problems = [e for _, e in gathered if e]
+    outcome: list[Any] = [problems[0] if problems else None]
+    if rank == 0 and not problems:
+        merged = {k: v for part, _ in gathered for k, v in part.items()}
+        try:
+            commit(root, step, merged, world)
+        except Exception as e:
+            outcome = [str(e)]
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    if not (root.renames and root.is_local):
+        shutil.rmtree(stage, ignore_errors=True)  # uploaded: the node-local copy goes
+    if outcome[0]:
+        raise CrucibleError(f"checkpoint step-{step} was not committed: {outcome[0]}")
+    return sum(v["bytes"] for part, _ in gathered for v in part.values())
+
+
 def save(
     engine: DeepSpeedEngine,
     root: Location,
@@ -180,7 +278,8 @@ def save(
     rank: int,
     world: int,
 ) -> SaveStats:
-    """Save every rank's shards + RNG state and commit the checkpoint (every rank calls it).
+    """Save every rank's shards + RNG state and commit the checkpoint, all before returning
+    (every rank calls it; :mod:`.async_save` is the same save written in the background).
 
     Args:
         engine: the DeepSpeed engine.
@@ -190,21 +289,13 @@ def save(
         rank: this rank.
         world: number of ranks.
     """
-    import torch.distributed as dist
-
     from crucible.jobs.train import hashing_engine  # imports DeepSpeed: after DS_ACCELERATOR
     from crucible.jobs.train.state import rng_state
 
     t0 = time.perf_counter()
-    box: list[Any] = [uuid.uuid4().hex[:12] if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    stage = stage_dir(root, step, box[0])
+    stage = open_stage(root, step, rank)
     if rank == 0:
-        clear_for_save(root, step)  # a crashed earlier attempt's partial save
-        (stage / "crucible_state").mkdir(parents=True, exist_ok=True)
-        _write_json_local(stage / STATE, state)
-    dist.barrier()
-    (stage / "crucible_state").mkdir(parents=True, exist_ok=True)  # another node's stage
+        write_json_local(stage / STATE, state)
     hashing = engine.checkpoint_engine
     is_hashing = isinstance(hashing, hashing_engine.HashingCheckpointEngine)
     written: dict[str, dict[str, Any]] = hashing.written if is_hashing else {}
@@ -212,23 +303,17 @@ def save(
     engine.save_checkpoint(str(stage), tag=DS_TAG, save_latest=False)
     rng_file = stage / "crucible_state" / f"rank-{rank}.pt"
     written[os.path.abspath(rng_file)] = hashing_engine.save_hashed(rng_state(), rng_file)
-    dist.barrier()  # every rank's files are written before anyone lists them
-    files = hash_own_files(stage, rank, world, known=written)
-    publish_own(root, step, stage, files)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, files)
-    nbytes = sum(v["bytes"] for part in gathered for v in part.values())
-    if rank == 0:
-        merged = {k: v for part in gathered for k, v in part.items()}
-        commit(root, step, merged, world)
-    dist.barrier()
-    if not (root.renames and root.is_local):
-        shutil.rmtree(stage, ignore_errors=True)  # uploaded: the node-local copy goes
+    nbytes = finish_save(root, step, stage, written, rank, world)
     return SaveStats(step, step_path(root, step), nbytes, time.perf_counter() - t0)
 
 
-def _write_json_local(path: Path, data: Any) -> None:
-    """JSON to a local file, fsynced (part of a checkpoint's stage)."""
+def write_json_local(path: Path, data: Any) -> None:
+    """JSON to a local file, fsynced (part of a checkpoint's stage).
+
+    Args:
+        path: the file.
+        data: JSON-serialisable.
+    """
     with path.open("w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.flush()
