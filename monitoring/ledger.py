@@ -5,7 +5,10 @@ Rank 0 of each training attempt appends intervals to ``<run_dir>/ledger/attempt-
 each step (with its data wait), checkpoints (committed or not), evaluations, idle time. Records
 are made durable at checkpoints and at the end, and at most every second otherwise (on object
 stores, which cannot append, by rewriting the current segment), so a killed process or a
-machine crash loses at most that much.
+machine crash loses at most that much. A checkpoint's interval is the time training waited
+for its save: all of a synchronous save, an asynchronous one's copy to host memory (its
+writing overlaps the steps after it, billed as steps: billing it too would count that wall
+time twice), and one more interval if the loop ended with it in flight and waited for it.
 
 :func:`account` reads the ledger after the fact. Whether a step was *productive* is only
 known in hindsight: a step counts if the run's final state descends from it, i.e. it was

@@ -149,8 +149,15 @@ class TrainMetrics:
             registry=g,
         )  # fmt: skip
         self.ckpt_save = Counter(
-            "crucible_checkpoint_save_seconds", "Time spent saving checkpoints.", registry=g
-        )
+            "crucible_checkpoint_save_seconds",
+            "Time training was blocked by checkpoint saves (an asynchronous save's copy to "
+            "host memory).", registry=g,
+        )  # fmt: skip
+        self.ckpt_write = Counter(
+            "crucible_checkpoint_write_seconds",
+            "Time spent writing, hashing and committing checkpoints (in the background, "
+            "overlapping training, for asynchronous saves).", registry=g,
+        )  # fmt: skip
         self.ckpt_bytes = Counter(
             "crucible_checkpoint_saved_bytes", "Bytes written to checkpoints.", registry=g
         )
@@ -273,17 +280,22 @@ class TrainMetrics:
             self.heldout.set(_finite(loss))
 
     @never_raise
-    def on_checkpoint(self, step: int, save_seconds: float, nbytes: int) -> None:
+    def on_checkpoint(
+        self, step: int, save_seconds: float, nbytes: int, write_seconds: float | None = None
+    ) -> None:
         """Record a committed checkpoint.
 
         Args:
             step: the checkpoint's step.
-            save_seconds: time from start of save to commit.
+            save_seconds: time training was blocked by the save.
             nbytes: bytes written (all ranks).
+            write_seconds: time writing, hashing and committing it (None: ``save_seconds``,
+                a synchronous save).
         """
         if not self.is_global:
             return
         self.ckpt_save.inc(save_seconds)
+        self.ckpt_write.inc(save_seconds if write_seconds is None else write_seconds)
         self.ckpt_bytes.inc(nbytes)
         self.ckpt_saves.inc()
         self.ckpt_time.set(time.time())

@@ -8,6 +8,7 @@ checkpoint before it."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -25,16 +26,21 @@ import pytest
 import torch
 import yaml
 
-from crucible.cluster.storage import location
+from crucible.cluster.storage import Location, location
 from crucible.jobs.runs import prepare_run
 from crucible.jobs.spec import TrainRunSpec, parse_spec
 from crucible.jobs.train import checkpoint as ckpt
+from crucible.jobs.train.callbacks import Callback, Callbacks, StepResult
 from crucible.jobs.train.callbacks import checkpointer as checkpointer_mod
+from crucible.jobs.train.callbacks import ledger as ledger_mod
 from crucible.jobs.train.callbacks.checkpointer import CheckpointerCallback
+from crucible.jobs.train.callbacks.ledger import LedgerCallback
 from crucible.jobs.train.checkpoint import async_save
 from crucible.jobs.train.checkpoint.host_copy import HostBuffers, host_copy
 from crucible.jobs.train.checkpoint.in_flight import IN_FLIGHT, SaveSlot
 from crucible.jobs.train.export import consolidate
+from crucible.monitoring.ledger import account
+from crucible.monitoring.ledger_format import read_attempts
 
 BATCH = 16
 
@@ -154,7 +160,9 @@ def test_the_checkpointer_waits_for_the_save_in_flight_before_the_next_one(
     def snapshot(engine, root, step, state, rank, buffers):  # type: ignore[no-untyped-def]
         events.append(f"snapshot {step}")
         waiting.set()
-        return async_save.Snapshot(step, tmp_path, [], {}, state, True, time.perf_counter(), 0)
+        return async_save.Snapshot(
+            step, tmp_path, [], {}, state, True, time.perf_counter(), time.time(), 0
+        )
 
     def write(snap, root, rank, world, group=None, stall=False):  # type: ignore[no-untyped-def]
         events.append(f"write {snap.step}")
@@ -207,7 +215,9 @@ def test_a_save_is_told_of_once_committed_and_stays_in_flight_until_reported(
     reported, commits = threading.Event(), threading.Event()
 
     def snapshot(engine, root, step, state, rank, buffers):  # type: ignore[no-untyped-def]
-        return async_save.Snapshot(step, tmp_path, [], {}, state, True, time.perf_counter(), 0)
+        return async_save.Snapshot(
+            step, tmp_path, [], {}, state, True, time.perf_counter(), time.time(), 0
+        )
 
     def write(snap, root, rank, world, group=None, stall=False):  # type: ignore[no-untyped-def]
         return ckpt.SaveStats(snap.step, ckpt.step_path(root, snap.step), 1, 0.1, write=0.1)
@@ -232,6 +242,187 @@ def test_a_save_is_told_of_once_committed_and_stays_in_flight_until_reported(
     saver.start(object(), 10, {})  # type: ignore[arg-type]
     stats = saver.wait()
     assert stats is not None and stats.step == 10
+
+
+# -- what the ledger bills: the loop's wait, never the background write ----------------------
+
+STEP_S, COPY_S, FLUSH_S = 10.0, 1.0, 2.0
+# A real run's step ends at its unix start plus a perf_counter duration and the next record
+# begins at a fresh time.time(): the two clocks may disagree by this much at a boundary.
+CLOCK_SLACK_S = 0.01
+# The checkpoint phase is the sum of the same spans metrics.jsonl sums: up to float rounding.
+SUM_SLACK_S = 1e-6
+
+
+class _Clock:
+    """The checkpointer's clock in the fast tests: time passes only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = time.time()  # not before the ledger's attempt began
+
+    def time(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _Told(Callback):
+    """Built before the checkpointer: what it is told of, and that it is told before it ends."""
+
+    def __init__(self) -> None:
+        self.saves: list[ckpt.SaveStats] = []
+        self.ended = False
+
+    def on_save(self, stats: ckpt.SaveStats, t0: float) -> None:
+        assert not self.ended, f"told of step-{stats.step} after the end"
+        self.saves.append(stats)
+
+    def on_end(self, status: str) -> None:
+        self.ended = True
+
+
+def _ledgered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gates: dict[int, threading.Event]
+) -> tuple[Any, _Told, _Clock]:
+    """One rank of a 6-step run, a save every 2 steps, with the real ledger before the
+    checkpointer; copies take ``COPY_S`` on the fake clock, writes take none of it (they
+    overlap the steps) and the write of a step in ``gates`` waits for its gate."""
+    clock = _Clock()
+    spec = parse_spec({
+        "kind": "train", "name": "fake", "cluster": {"storage": str(tmp_path)},
+        "model": {"preset": "tiny"}, "data": {"shards": str(tmp_path / "shards")},
+        "checkpoint": {"every_steps": 2, "keep_last": 10}, "train": {"max_steps": 6},
+    })  # fmt: skip
+    ctx = SimpleNamespace(
+        spec=spec, plan=SimpleNamespace(total_steps=6), rank=0, world=1, use_gpu=False,
+        engine=object(), run_dir=location(tmp_path), checkpoints=location(tmp_path / "ckpt"),
+        launcher=None, stop_requested=False, stop_checkpoint=True, step=0,
+        reader=SimpleNamespace(samples_consumed=0, state_dict=lambda: {}),
+    )  # fmt: skip
+    ledger = LedgerCallback(ctx, resumed_from=0, device="cpu")  # type: ignore[arg-type]
+    told = _Told()
+    ctx.callbacks = Callbacks([ledger, told, CheckpointerCallback(ctx, ledger)])  # type: ignore[arg-type]
+
+    def snapshot(engine, root, step, state, rank, buffers):  # type: ignore[no-untyped-def]
+        clock.advance(COPY_S)
+        return async_save.Snapshot(step, tmp_path, [], {}, state, True, 0.0, 0.0, 0.0)
+
+    def write(snap, root, rank, world, group=None, stall=False):  # type: ignore[no-untyped-def]
+        if snap.step in gates:
+            gates[snap.step].wait(timeout=60)
+        return ckpt.SaveStats(snap.step, ckpt.step_path(root, snap.step), 1, 0.1, write=0.1)
+
+    monkeypatch.setattr(async_save, "take_snapshot", snapshot)
+    monkeypatch.setattr(async_save, "write_snapshot", write)
+    monkeypatch.setattr(checkpointer_mod, "supports_async", lambda engine: True)
+    monkeypatch.setattr(checkpointer_mod, "time", clock)
+    monkeypatch.setattr(ledger_mod, "time", clock)
+    monkeypatch.setattr("torch.distributed.new_group", lambda **kw: None)
+    (tmp_path / "ckpt").mkdir()
+    return ctx, told, clock
+
+
+def _train(ctx: Any, clock: _Clock, steps: range, join: bool = True) -> None:
+    for n in steps:
+        started = clock.time()
+        clock.advance(STEP_S)
+        ctx.step = n
+        ctx.callbacks.on_step_end(StepResult(
+            step=n, loss=1.0, lr=1e-3, grad_norm=1.0, tokens=BATCH * 64, samples=BATCH,
+            started=started, seconds=STEP_S, data_wait_seconds=0.0, engine_seconds=STEP_S,
+        ))  # fmt: skip
+        if join:
+            IN_FLIGHT.join()  # a save is written and committed during the next step
+
+
+def _check_ledger(run_dir: Path | Location, blocked_seconds: float, devices: int) -> Any:
+    """No device-second billed twice, and saves billed for the loop's wait only.
+
+    Within each attempt the ledger's intervals do not overlap (but for ``CLOCK_SLACK_S``), so
+    its total is within the run's wall time; its checkpoint phase is ``blocked_seconds``
+    (the sum of ``metrics.jsonl``'s, times the devices; ``SUM_SLACK_S`` per device).
+    """
+    attempts, corrupt = read_attempts(run_dir)
+    assert corrupt == 0 and attempts
+    bounds = 0
+    for a in attempts:
+        spans = sorted(
+            (r["t0"], r["t1"], r["kind"], r.get("step"))
+            for r in a.records if r["kind"] != "checkpoint_load"  # inside start-up
+        )  # fmt: skip
+        for before, after in itertools.pairwise(spans):
+            assert after[0] >= before[1] - CLOCK_SLACK_S, (before, after)
+        bounds += len(spans)
+    s = account(run_dir)
+    assert s.total_seconds <= s.devices * (s.wall_seconds + bounds * CLOCK_SLACK_S)
+    assert s.seconds["checkpoint"] == pytest.approx(devices * blocked_seconds, abs=SUM_SLACK_S)
+    return s
+
+
+def test_the_ledger_bills_an_async_save_for_the_copy_not_for_the_steps_it_overlaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps 2 and 4's saves are committed during the next step and told of at its end:
+    billing them from their start to then would bill that step twice."""
+    ctx, told, clock = _ledgered(tmp_path, monkeypatch, gates={})
+    _train(ctx, clock, range(1, 7))
+    ctx.callbacks.on_end("finished")
+    assert [s.step for s in told.saves] == [2, 4, 6]
+    assert [s.blocked_seconds for s in told.saves] == [COPY_S] * 3  # the last one: + its wait
+    s = _check_ledger(tmp_path, sum(x.blocked_seconds for x in told.saves), devices=1)
+    assert s.finished and s.seconds["productive"] == pytest.approx(6 * STEP_S)
+
+
+@pytest.mark.parametrize("ending", ["failure", "stop without a checkpoint"])
+def test_a_save_in_flight_as_the_loop_ends_is_waited_for_billed_and_told_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """Step 4's save is still being written when the loop ends after step 5: step 5 failed
+    (the attempt's end waits for the save) or a stop asked for no checkpoint (step 5's end
+    waits for it). That wait (``FLUSH_S``) is billed to the save, and the ledger and the
+    other callbacks hear of it before they end: steps 1-4 are in a committed checkpoint."""
+    gates = {4: threading.Event()}
+    ctx, told, clock = _ledgered(tmp_path, monkeypatch, gates)
+    _train(ctx, clock, range(1, 4))
+    _train(ctx, clock, range(4, 5), join=False)
+    waiting = threading.Event()
+    real_take = IN_FLIGHT.take
+
+    def take(block: bool) -> Any:
+        if block:
+            waiting.set()
+        return real_take(block)
+
+    def write_on() -> None:  # once the loop waits for the save, it takes FLUSH_S more
+        waiting.wait(timeout=60)
+        clock.advance(FLUSH_S)
+        gates[4].set()
+
+    monkeypatch.setattr(IN_FLIGHT, "take", take)
+    helper = threading.Thread(target=write_on)
+    helper.start()
+    if ending == "failure":
+        clock.advance(STEP_S)  # step 5, which fails: no step end
+        status = "failed"
+    else:
+        ctx.stop_requested, ctx.stop_checkpoint = True, False
+        _train(ctx, clock, range(5, 6), join=False)
+        status = "stopped"
+    ctx.callbacks.on_end(status)
+    helper.join()
+    assert not IN_FLIGHT.busy
+    assert [s.step for s in told.saves] == [2, 4]
+    assert told.saves[-1].blocked_seconds == pytest.approx(COPY_S + FLUSH_S)
+    (attempt,), _ = read_attempts(tmp_path)
+    assert attempt.status == status
+    assert {r["step"] for r in attempt.records if r["kind"] == "checkpoint"} == {2, 4}
+    s = _check_ledger(tmp_path, sum(x.blocked_seconds for x in told.saves), devices=1)
+    assert s.seconds["productive"] == pytest.approx(4 * STEP_S)
+    assert s.seconds["lost"] == pytest.approx(0 if ending == "failure" else STEP_S)
 
 
 # -- 2 gloo ranks ----------------------------------------------------------------------------
@@ -400,6 +591,64 @@ def test_a_kill_while_a_save_is_in_flight_leaves_the_previous_checkpoint_and_res
                 assert _equal(ours_sd, ref_sd), (step, rel)
     saves = _records(run_dir, "checkpoint")
     assert [r["step"] for r in saves] == [2, 4, 6]
-    assert all(0 < r["write_seconds"] < r["save_seconds"] for r in saves)
-    # the loop waited for the copy only, except at the last step, which waits for the commit
-    assert all(0 < r["blocked_seconds"] < r["save_seconds"] for r in saves[:-1])
+    # the save's seconds are the loop's wait; the background write is counted apart
+    assert all(r["save_seconds"] == r["blocked_seconds"] > 0 for r in saves)
+    assert all(r["write_seconds"] > 0 for r in saves)
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory: pytest.TempPathFactory, train_shards: Path) -> Path:
+    """The reference's 6 steps with asynchronous saves (the default)."""
+    storage = tmp_path_factory.mktemp("async-ckpt-runs")
+    spec = parse_spec(_spec_data("async", storage, train_shards))
+    run_dir = prepare_run(spec).local_path
+    proc = _standalone(run_dir)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-5000:]
+    return run_dir
+
+
+def _productive(run_dir: Path, steps: set[int]) -> float:
+    """Device-seconds of these steps' compute (2 ranks), as metrics.jsonl has them."""
+    kept = {r["step"]: r for r in _records(run_dir, "step") if r["step"] in steps}
+    assert kept.keys() == steps
+    return 2 * sum(r["step_seconds"] - r["data_wait_seconds"] for r in kept.values())
+
+
+@pytest.mark.slow
+def test_an_async_run_s_ledger_bills_no_second_twice(async_run: Path, sync_run: Path) -> None:
+    """Steps 2 and 4's saves are written while the next steps train; the ledger's checkpoint
+    phase is the loop's wait for saves that metrics.jsonl reports, and its intervals never
+    overlap, so its total is within the attempt's wall time."""
+    saves = _records(async_run, "checkpoint")
+    assert [r["step"] for r in saves] == [2, 4, 6]
+    s = _check_ledger(async_run, sum(r["blocked_seconds"] for r in saves), devices=2)
+    assert s.finished and s.seconds["lost"] == 0
+    assert s.seconds["productive"] == pytest.approx(_productive(async_run, set(range(1, 7))))
+    assert _losses(async_run) == _losses(sync_run)  # bitwise
+
+
+@pytest.mark.slow
+def test_a_save_in_flight_when_the_run_gives_up_is_committed_and_recorded(
+    tmp_path: Path, train_shards: Path
+) -> None:
+    """Step 5's loss is NaN and no rollback is allowed (``train.max_rollbacks: 0``): the loop
+    ends right after step 4's save began, before a step end could tell of it. The attempt's
+    end waits for that save, which is committed, in metrics.jsonl and in the ledger like any
+    other, so steps 1-4 are productive, not lost."""
+    data = _spec_data("gives-up", tmp_path, train_shards)
+    data["train"].update(test_nan_batches=[4], max_rollbacks=0)
+    run_dir = prepare_run(parse_spec(data)).local_path  # type: ignore[arg-type]
+    proc = _standalone(run_dir)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, log[-5000:]
+    assert "checkpoint step-4 committed as the attempt ended (failed)" in log
+    assert ckpt.committed_steps(location(run_dir / "checkpoints")) == [2, 4]
+    saves = _records(run_dir, "checkpoint")
+    assert [r["step"] for r in saves] == [2, 4]
+    (attempt,), _ = read_attempts(run_dir)
+    assert attempt.status == "failed"
+    assert {r["step"] for r in attempt.records if r["kind"] == "checkpoint"} == {2, 4}
+    s = _check_ledger(run_dir, sum(r["blocked_seconds"] for r in saves), devices=2)
+    assert s.seconds["lost"] == 0
+    assert s.seconds["productive"] == pytest.approx(_productive(run_dir, {1, 2, 3, 4}))

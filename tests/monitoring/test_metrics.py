@@ -83,6 +83,14 @@ def test_nan_loss_checkpoints_restarts_and_eval() -> None:
     assert value(m, "crucible_train_restarts_total") == 3
 
 
+def test_checkpoint_save_seconds_count_the_blocked_time_and_the_write_is_apart() -> None:
+    m = TrainMetrics(1e9, 1e9, num_devices=1, peak_flops_per_device=1e12)
+    m.on_checkpoint(100, 4.0, 2_000_000)  # synchronous: blocked for all of its write
+    m.on_checkpoint(200, 0.5, 2_000_000, write_seconds=7.0)  # asynchronous
+    assert value(m, "crucible_checkpoint_save_seconds_total") == 4.5
+    assert value(m, "crucible_checkpoint_write_seconds_total") == 11.0
+
+
 def test_bad_calls_never_raise_and_log_once(caplog: pytest.LogCaptureFixture) -> None:
     m = TrainMetrics(1e9, 1e9, num_devices=1, peak_flops_per_device=1e12)
     with caplog.at_level(logging.ERROR, logger="crucible.monitoring.metrics"):

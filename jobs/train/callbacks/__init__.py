@@ -47,7 +47,8 @@ def build_callbacks(ctx: TrainContext, resumed_from: int) -> Callbacks:
 
     Order matters: metrics fill in a step's MFU and the evaluator its held-out loss before
     the loggers write the step; the checkpointer runs last, so the ledger holds the step
-    when its totals go into the checkpoint.
+    when its totals go into the checkpoint, and ends first (``on_end`` runs in reverse), so
+    the others still hear of a save a failure left in flight.
 
     Args:
         ctx: the rank's training context (every rank calls this: the peak FLOP/s is

@@ -98,8 +98,9 @@ C = TypeVar("C", bound="Callback")
 class Callback:
     """One cross-cutting concern of the loop; every hook does nothing unless overridden.
 
-    Hooks run in the order the callbacks were built (see :func:`.build_callbacks`), on every
-    rank; a callback that only rank 0 needs checks ``rank`` itself.
+    Hooks run on every rank in the order the callbacks were built (see
+    :func:`.build_callbacks`), ``on_end`` in the reverse order; a callback that only rank 0
+    needs checks ``rank`` itself.
     """
 
     def on_resume(self, resumed: Resumed) -> None:
@@ -115,7 +116,8 @@ class Callback:
         """A held-out evaluation ran from ``t0`` to ``t1`` (unix seconds)."""
 
     def on_save(self, stats: SaveStats, t0: float) -> None:
-        """A checkpoint was committed; its save began at ``t0`` (unix seconds)."""
+        """A checkpoint was committed; its save began at ``t0`` (unix seconds), and the loop
+        waited for it during ``stats.blocked_spans``."""
 
     def on_end(self, status: str) -> None:
         """The attempt is over: ``finished`` or ``failed``."""
@@ -152,7 +154,9 @@ class Callbacks(Callback):
             cb.on_save(stats, t0)
 
     def on_end(self, status: str) -> None:
-        for cb in self.items:
+        # In reverse: a callback ends while those built before it, which it may still tell of
+        # something (the checkpointer of a save a failure left in flight), are open.
+        for cb in reversed(self.items):
             cb.on_end(status)
 
 

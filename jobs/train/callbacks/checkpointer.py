@@ -5,9 +5,11 @@ committed atomically (see :mod:`crucible.jobs.train.checkpoint`); then retention
 
 With ``checkpoint.async_save`` (the default) the loop waits only while the state is copied to
 host memory; the writing, the commit, retention and the report run in the background, and the
-other callbacks hear of the checkpoint (``on_save``) at the first step end after its commit.
-A save waits for the one before it; the run's last step waits for its own save, so nothing
-is left in flight when the loop ends (and the attempt's end waits for one a failure left).
+other callbacks hear of the checkpoint (``on_save``) at the first step end after its commit,
+with the spans of time the loop waited for it (``SaveStats.blocked_spans``): what the ledger
+bills to the save, since its writing overlaps the steps after it. A save waits for the one
+before it; the run's last step waits for its own save, so nothing is left in flight when
+the loop ends (and the attempt's end waits for one a failure left, and tells of it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class CheckpointerCallback(Callback):
         self.ledger = ledger
         self.saver: AsyncSaver | None = None
         self._t0 = 0.0  # unix time the loop began to wait for the save in flight
+        self._spans: list[tuple[float, float]] = []  # and when it has waited for it so far
 
     def state(self) -> dict[str, Any]:
         """crucible's part of the checkpoint (``crucible_state/state.json``)."""
@@ -62,12 +65,12 @@ class CheckpointerCallback(Callback):
         elif due:
             self._save_sync(result)
         elif ctx.stop_requested:
-            self._hand_back(block=True)  # the loop ends: its last save is committed first
+            self._flush()  # the loop ends: its last save is committed first
 
     def _save_sync(self, result: StepResult) -> None:
         ctx = self.ctx
-        self._hand_back(block=True)  # one left by an asynchronous save (async_save turned off)
         t0, p0 = time.time(), time.perf_counter()
+        self._hand_back(block=True)  # one left by an asynchronous save: its wait is this one's
         stats = ckpt.save(ctx.engine, ctx.checkpoints, result.step, self.state(), ctx.rank,
                           ctx.world)  # fmt: skip
         # Ray Train's report is a barrier that waits for the controller's next poll (every
@@ -75,7 +78,8 @@ class CheckpointerCallback(Callback):
         # ledger's checkpoint interval holds it.
         stats = self._retain(stats)
         self._report(result.record(), stats)
-        ctx.callbacks.on_save(dataclasses.replace(stats, blocked=time.perf_counter() - p0), t0)
+        blocked = ((t0, t0 + time.perf_counter() - p0),)
+        ctx.callbacks.on_save(dataclasses.replace(stats, blocked_spans=blocked), t0)
 
     def _save_async(self, result: StepResult, ending: bool) -> None:
         ctx = self.ctx
@@ -88,9 +92,11 @@ class CheckpointerCallback(Callback):
         self.saver.start(ctx.engine, result.step, self.state(), on_commit=self._retain,
                          then=lambda stats: self._report(record, stats),
                          waited=time.perf_counter() - p0)  # fmt: skip
-        self._t0 = t0
+        # The loop's wait for this save so far: for the previous one, then the copy. Only
+        # this is billed to the save; its writing overlaps the steps after it.
+        self._t0, self._spans = t0, [(t0, t0 + time.perf_counter() - p0)]
         if ending:  # nothing may be in flight once the loop is over: wait for the commit
-            self._hand_back(block=True, blocked_since=p0)
+            self._hand_back(block=True, since=(t0, p0))
 
     def _retain(self, stats: ckpt.SaveStats) -> ckpt.SaveStats:
         """Rank 0, once a checkpoint is committed: retention (in the background for an
@@ -107,36 +113,59 @@ class CheckpointerCallback(Callback):
         if self.ctx.launcher is not None:
             self.ctx.launcher.report(record | {"checkpoint": stats.path.uri})
 
-    def _hand_back(self, block: bool, blocked_since: float | None = None) -> None:
+    def _flush(self) -> bool:
+        """The loop is over with a save in flight: wait for it, and bill the wait to it."""
+        return self._hand_back(block=True, since=(time.time(), time.perf_counter()))
+
+    def _hand_back(self, block: bool, since: tuple[float, float] | None = None) -> bool:
         """Tell the other callbacks of the asynchronous save in flight once it is committed
-        (``block``: wait until it is over). Raises its error if it failed, as a synchronous
-        save would.
+        (``block``: wait until it is over), with the spans the loop waited for it; return
+        whether they were told now. Raises its error if it failed, as a synchronous save
+        would.
 
         Args:
             block: wait for it.
-            blocked_since: ``time.perf_counter()`` when the loop began to wait for it, if
-                it waited for its commit too (None: only for its copy).
+            since: unix time and ``time.perf_counter()`` when the loop began to wait, if the
+                wait is this save's (None: it is the next save's, which began then).
         """
-        if self.saver is None:
-            return
+        if self.saver is None or not self.saver.in_flight:
+            return False
         stats = self.saver.wait() if block else self.saver.poll()
+        if since is not None:
+            self._spans.append((since[0], since[0] + time.perf_counter() - since[1]))
+        # None: still writing, or told of already (a wait for the launcher's report after
+        # its commit is then billed to no save)
         if stats is None:
-            return
-        if blocked_since is not None:
-            stats = dataclasses.replace(stats, blocked=time.perf_counter() - blocked_since)
-        self.ctx.callbacks.on_save(stats, self._t0)
+            return False
+        blocked = _union(self._spans)
+        self.ctx.callbacks.on_save(dataclasses.replace(stats, blocked_spans=blocked), self._t0)
+        return True
 
     def on_end(self, status: str) -> None:
         # Normally nothing is in flight here (the last step waited for its save); after a
         # failure a save may be: it is a consistent state of an earlier step, so it is
-        # committed rather than left half-written. The other callbacks have ended by now.
-        if self.saver is None or not self.saver.in_flight:
+        # committed rather than left half-written, and told of like any other. The callbacks
+        # it reports to end after this one (see :meth:`.Callbacks.on_end`).
+        if self.saver is None or self.saver.step is None:
             return
+        name = f"step-{self.saver.step}"
         try:
-            stats = self.saver.wait()  # None: committed and told of before
+            told = self._flush()
         except Exception as e:
             if self.ctx.rank == 0:
-                say(f"warning: the checkpoint in flight as the attempt ended was not saved: {e}")
+                say(f"warning: checkpoint {name}, in flight as the attempt ended, was not "
+                    f"saved: {e}")  # fmt: skip
             return
-        if stats is not None and self.ctx.rank == 0:
-            say(f"checkpoint {stats.path.name} committed as the attempt ended ({status})")
+        if told and self.ctx.rank == 0:
+            say(f"checkpoint {name} committed as the attempt ended ({status})")
+
+
+def _union(spans: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """Overlapping spans merged (the wait up to an ending save's commit covers its copy)."""
+    out: list[tuple[float, float]] = []
+    for t0, t1 in sorted(spans):
+        if out and t0 <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], t1))
+        else:
+            out.append((t0, t1))
+    return tuple(out)

@@ -90,8 +90,13 @@ class LedgerCallback(Callback):
 
     @never_raise
     def on_save(self, stats: SaveStats, t0: float) -> None:
-        if self.writer is not None:  # the save, retention and Ray Train's report
-            self.writer.checkpoint(stats.step, t0, time.time(), committed=True,
+        """Bills the time the loop waited for the save (a synchronous one's write,
+        retention and Ray Train's report; an asynchronous one's copy to host memory), and
+        only that: an asynchronous save's writing overlaps steps, billed as steps."""
+        if self.writer is None:
+            return
+        for start, end in stats.blocked_spans or ((t0, t0 + stats.blocked_seconds),):
+            self.writer.checkpoint(stats.step, start, end, committed=True,
                                    preemption=stats.step == self._emergency_step)  # fmt: skip
 
     @never_raise

@@ -111,7 +111,9 @@ class PrometheusCallback(Callback):
     @never_raise
     def on_save(self, stats: SaveStats, t0: float) -> None:
         if self.metrics is not None:
-            self.metrics.on_checkpoint(stats.step, stats.seconds, stats.bytes)
+            self.metrics.on_checkpoint(
+                stats.step, stats.blocked_seconds, stats.bytes, stats.write_seconds
+            )
 
     @never_raise
     def on_end(self, status: str) -> None:

@@ -99,7 +99,7 @@ class RunLogCallback(Callback):
         )
         self.log.append(
             {"kind": "checkpoint", "step": stats.step, "bytes": stats.bytes,
-             "save_seconds": stats.seconds, "blocked_seconds": stats.blocked_seconds,
+             "save_seconds": stats.blocked_seconds, "blocked_seconds": stats.blocked_seconds,
              "write_seconds": stats.write_seconds, "path": stats.path.uri},
             sync=True,
         )  # fmt: skip

@@ -122,12 +122,12 @@ class StopCallback(Callback):
         if self.preempted_rank is not None and stats.step == self.ctx.step:
             say(
                 f"preempted: SIGTERM on rank {self.preempted_rank}; every rank stopped after "
-                f"step {stats.step}, saved as {stats.path.name} in {stats.seconds:.2f} s; the "
-                "next attempt resumes from it"
+                f"step {stats.step}, saved as {stats.path.name} in {stats.blocked_seconds:.2f} "
+                "s; the next attempt resumes from it"
             )
             self.log.append(
                 {"kind": "preempted", "step": stats.step, "rank": self.preempted_rank,
-                 "checkpoint": stats.path.uri, "save_seconds": stats.seconds,
+                 "checkpoint": stats.path.uri, "save_seconds": stats.blocked_seconds,
                  "time": time.time()},
                 sync=True,
             )  # fmt: skip

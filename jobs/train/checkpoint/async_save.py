@@ -56,8 +56,10 @@ class Snapshot:
     zipfile: bool
     started: float
     """``time.perf_counter()`` when the loop began to wait for this save."""
+    started_at: float
+    """The same moment in unix time."""
     blocked: float
-    """Seconds the loop was blocked by it."""
+    """Seconds the loop was blocked by it (from then on, in one piece)."""
 
     @property
     def nbytes(self) -> int:
@@ -98,14 +100,14 @@ def take_snapshot(
     from crucible.jobs.train.checkpoint.capture_engine import capturing
     from crucible.jobs.train.state import rng_state
 
-    t0 = time.perf_counter()
+    t0, t0_unix = time.perf_counter(), time.time()
     zipfile = bool(engine.checkpoint_engine.zipfile_serialization)
     stage = open_stage(root, step, rank)
     with capturing(engine, buffers) as capture:
         engine.save_checkpoint(str(stage), tag=DS_TAG, save_latest=False)
     wait_for_copies()
     frozen = json.loads(json.dumps(state)) if rank == 0 else None  # nothing shared with the loop
-    return Snapshot(step, stage, capture.captured, rng_state(), frozen, zipfile, t0,
+    return Snapshot(step, stage, capture.captured, rng_state(), frozen, zipfile, t0, t0_unix,
                     time.perf_counter() - t0)  # fmt: skip
 
 
@@ -148,8 +150,9 @@ def write_snapshot(
         threading.Event().wait()  # until the test kills the process
     nbytes = finish_save(root, snap.step, snap.stage, written, rank, world, error, group)
     end = time.perf_counter()
+    blocked = ((snap.started_at, snap.started_at + snap.blocked),)
     return SaveStats(snap.step, step_path(root, snap.step), nbytes, end - snap.started,
-                     blocked=snap.blocked, write=end - t0)  # fmt: skip
+                     blocked_spans=blocked, write=end - t0)  # fmt: skip
 
 
 class AsyncSaver:
@@ -191,6 +194,11 @@ class AsyncSaver:
         """A save was started and its background work is not known to be over."""
         return self._snapshot is not None
 
+    @property
+    def step(self) -> int | None:
+        """The step of the save in flight (None: none)."""
+        return None if self._snapshot is None else self._snapshot.step
+
     def start(
         self,
         engine: DeepSpeedEngine,
@@ -224,6 +232,7 @@ class AsyncSaver:
             self._group = dist.new_group(backend="gloo")
         snap = take_snapshot(engine, self.root, step, state, self.rank, self.buffers)
         snap.started -= waited
+        snap.started_at -= waited
         snap.blocked += waited
         group, stall = self._group, step in self.stall_steps
 

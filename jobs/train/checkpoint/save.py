@@ -40,19 +40,22 @@ class SaveStats:
     """Wall time from the start of the save to its commit."""
     removed: tuple[int, ...] = ()
     """Older checkpoints retention deleted after this one was committed."""
-    blocked: float | None = None
-    """Seconds the training loop was blocked by this save, from the ``t0`` that ``on_save``
-    gets (None: all of ``seconds``, as in a synchronous save). For an asynchronous save: the
-    copy to host memory, plus any wait for the previous save (or, at the end of a run, for
-    this one)."""
+    blocked_spans: tuple[tuple[float, float], ...] | None = None
+    """Unix (start, end) of each wait of the training loop for this save (None: one wait, the
+    whole save, from the ``t0`` that ``on_save`` gets). A synchronous save has one; so does an
+    asynchronous one, its copy to host memory (after any wait for the previous save, and at
+    the end of a run up to its own commit), plus one more when the loop ended while it was
+    in flight and waited for it (a stop without a checkpoint, a failure)."""
     write: float | None = None
     """Seconds spent writing, hashing and committing, in the background when asynchronous
     (None: all of ``seconds``)."""
 
     @property
     def blocked_seconds(self) -> float:
-        """Seconds the training loop was blocked by this save."""
-        return self.seconds if self.blocked is None else self.blocked
+        """Seconds the training loop was blocked by this save (the sum of its spans)."""
+        if self.blocked_spans is None:
+            return self.seconds
+        return sum(t1 - t0 for t0, t1 in self.blocked_spans)
 
     @property
     def write_seconds(self) -> float:
