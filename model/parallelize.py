@@ -32,6 +32,7 @@ def build_deepspeed_config(
     optimizer: dict[str, Any] | None = None,
     scheduler: dict[str, Any] | None = None,
     steps_per_print: int = 1_000_000,
+    num_params: int | None = None,
 ) -> dict[str, Any]:
     """A DeepSpeed config dict for ``parallel`` and the batch shape.
 
@@ -45,6 +46,9 @@ def build_deepspeed_config(
             {...}}``); None when the caller passes a torch optimizer to ``initialize``.
         scheduler: DeepSpeed ``scheduler`` section, or None.
         steps_per_print: DeepSpeed's own logging interval (crucible logs its own metrics).
+        num_params: the model's parameter count; caps the bucket sizes, which DeepSpeed
+            allocates whole (ZeRO-3's default 5e8-element reduce bucket is 1 GB in bf16,
+            2 GB in fp32, on every rank, however small the model).
     """
     for name, value in [
         ("micro_batch_size", micro_batch_size),
@@ -57,13 +61,13 @@ def build_deepspeed_config(
         "stage": parallel.zero_stage,
         "overlap_comm": parallel.overlap_comm,
         "contiguous_gradients": parallel.contiguous_gradients,
-        "reduce_bucket_size": parallel.reduce_bucket_size,
+        "reduce_bucket_size": _capped(parallel.reduce_bucket_size, num_params),
     }
     if parallel.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": parallel.offload_optimizer, "pin_memory": True}
     if parallel.zero_stage == 3:
         zero |= {
-            "stage3_prefetch_bucket_size": parallel.prefetch_bucket_size,
+            "stage3_prefetch_bucket_size": _capped(parallel.prefetch_bucket_size, num_params),
             "stage3_param_persistence_threshold": parallel.param_persistence_threshold,
             "stage3_max_live_parameters": parallel.max_live_parameters,
             # Checkpoints keep every rank's shard; exports gather them (see jobs/export).
@@ -89,6 +93,10 @@ def build_deepspeed_config(
     if scheduler is not None:
         config["scheduler"] = scheduler
     return config
+
+
+def _capped(size: int, num_params: int | None) -> int:
+    return size if num_params is None else max(1, min(size, num_params))
 
 
 def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:

@@ -96,5 +96,6 @@ def run_plan(
             world_size=world,
             grad_clip=grad_clip,
             optimizer=optimizer,
+            num_params=num_params(cfg),
         ),
     )

@@ -278,8 +278,15 @@ def summarize(run_dir: Location, seconds: float) -> str:
         tps = sum(r["tokens"] for r in steps) / sum(r["step_seconds"] for r in steps)
         lines.append(f"step {last['step']}: loss {last['loss']:.4f}; {tps:,.0f} tokens/s")
     if saves:
-        mbps = sum(r["bytes"] for r in saves) / sum(r["save_seconds"] for r in saves) / 1e6
-        lines.append(f"checkpoint saves: {len(saves)}, {mbps:.1f} MB/s")
+        # write_seconds is the write itself; save_seconds only the loop's wait for it (an
+        # asynchronous save's copy to host memory). Records from before async saves lack it.
+        written = sum(r.get("write_seconds", r["save_seconds"]) for r in saves)
+        blocked = sum(r["save_seconds"] for r in saves)
+        mbps = sum(r["bytes"] for r in saves) / max(written, 1e-9) / 1e6
+        lines.append(
+            f"checkpoint saves: {len(saves)}, written at {mbps:.1f} MB/s, "
+            f"training blocked {blocked:.1f} s"
+        )
     if latest is not None:
         ledger = ckpt.read_state(latest[0])["ledger"]
         lines.append(

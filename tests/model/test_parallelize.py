@@ -146,3 +146,19 @@ def test_parallelize_compile_after_checkpointing_same_loss_and_grads(
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6)
     assert list(model.state_dict()) == names  # compiled in place: checkpoints unchanged
+
+
+def test_buckets_capped_by_the_model_size() -> None:
+    # DeepSpeed allocates the reduce bucket whole: 5e8 fp32 elements are 2 GB per rank.
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parallel = ParallelSpec(zero_stage=3)
+    small = build_deepspeed_config(
+        parallel, micro_batch_size=1, grad_accum_steps=1, world_size=1, num_params=123_456
+    )
+    zero = DeepSpeedConfig(small).zero_config
+    assert zero.reduce_bucket_size == 123_456 and zero.prefetch_bucket_size == 123_456
+    large = build_deepspeed_config(
+        parallel, micro_batch_size=1, grad_accum_steps=1, world_size=1, num_params=10**12
+    )
+    assert large["zero_optimization"]["reduce_bucket_size"] == parallel.reduce_bucket_size
