@@ -94,7 +94,15 @@ def consolidate(checkpoint: Location | Path) -> tuple[dict[str, torch.Tensor], M
     spec = parse_spec(state["spec"], source=str(loc / ckpt.STATE))
     cfg = spec.model.resolve()  # type: ignore[union-attr]
     with local_checkpoint(loc) as local:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=ckpt.DS_TAG)
+        ds = local / ckpt.DS_TAG
+        if any(ds.glob("*optim_states.pt")):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=ckpt.DS_TAG)
+        else:  # ZeRO stage 0 in fp32: the whole model, optimizer included, in one file
+            states = torch.load(
+                ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+            )
+            module = states["module"]
+            sd = {k: v.float() for k, v in module.items()}
     return dict(sd), cfg
 
 

@@ -47,6 +47,7 @@ from crucible.jobs.train.checkpoint.layout import (
     missing_rank_files,
     owned_by,
     owner_rank,
+    shared_files,
     step_path,
 )
 from crucible.jobs.train.checkpoint.load import (
@@ -103,6 +104,7 @@ __all__ = [
     "retain",
     "save",
     "sha256_file",
+    "shared_files",
     "stage_dir",
     "step_path",
     "verify",

@@ -58,28 +58,49 @@ def owned_by(files: Iterable[str], rank: int, world: int) -> list[str]:
 def missing_rank_files(files: set[str] | dict[str, Any], world_size: int) -> list[str]:
     """Per-rank files a ``world_size``-rank checkpoint must hold that ``files`` lacks.
 
-    Each rank writes its ZeRO optimizer shard (``[bf16_]zero_pp_rank_<r>_..._optim_states.pt``),
-    its ZeRO-3 model-state file and its RNG state.
+    Every rank writes its RNG state. The engine's files depend on the ZeRO stage, read from
+    the files themselves: under ZeRO-3 each rank writes its model-state shard
+    (``zero_pp_rank_<r>_mp_rank_00_model_states.pt``); under stages 0-2 rank 0 alone writes
+    ``mp_rank_00_model_states.pt``. Each rank writes its ZeRO optimizer shard
+    (``[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt``) except under plain fp32
+    stage 0, where the optimizer is inside the model states.
 
     Args:
         files: relative paths present (or listed in the manifest).
         world_size: data-parallel ranks that wrote the checkpoint.
     """
+    names = set(files)
+
+    def has(pattern: str) -> bool:
+        return any(re.match(pattern, f) for f in names)
+
+    zero3 = has(rf"^{DS_TAG}/zero_pp_rank_\d+_mp_rank_00_model_states\.pt$")
+    sharded_optim = zero3 or has(rf"^{DS_TAG}/(bf16_)?zero_pp_rank_\d+_mp_rank_00_optim_states")
     missing = []
+    if not zero3 and not has(rf"^{DS_TAG}/mp_rank_00_model_states\.pt$"):
+        missing.append(f"{DS_TAG}/mp_rank_00_model_states.pt")
     for r in range(world_size):
-        wanted = {
-            f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt": re.compile(
+        wanted = {f"crucible_state/rank-{r}.pt": rf"^crucible_state/rank-{r}\.pt$"}
+        if sharded_optim:
+            wanted[f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = (
                 rf"^{DS_TAG}/(bf16_)?zero_pp_rank_{r}_mp_rank_00_optim_states\.pt$"
-            ),
-            f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt": re.compile(
+            )
+        if zero3:
+            wanted[f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt"] = (
                 rf"^{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states\.pt$"
-            ),
-            f"crucible_state/rank-{r}.pt": re.compile(rf"^crucible_state/rank-{r}\.pt$"),
-        }
-        for name, pattern in wanted.items():
-            if not any(pattern.match(f) for f in files):
-                missing.append(name)
+            )
+        missing += [name for name, pattern in wanted.items() if not has(pattern)]
     return missing
+
+
+def shared_files(files: Iterable[str]) -> list[str]:
+    """Engine files every rank loads although one rank wrote them (ZeRO stages 0-2's
+    ``mp_rank_00_model_states.pt``): fetched by every rank from an object store.
+
+    Args:
+        files: relative paths (a manifest's ``files`` mapping works too).
+    """
+    return sorted(f for f in files if re.match(rf"^{DS_TAG}/mp_rank_\d+_model_states\.pt$", f))
 
 
 def list_files(d: Path) -> list[str]:

@@ -17,6 +17,7 @@ from crucible.jobs.train.checkpoint.layout import (
     committed_steps,
     missing_rank_files,
     owned_by,
+    shared_files,
     step_path,
 )
 from crucible.jobs.train.console import say
@@ -203,6 +204,8 @@ def choose_checkpoint(
                 local, bad = fetch(uni, sorted(umanifest["files"]), umanifest, mode)
         elif manifest is not None:
             mine = owned_by(manifest["files"], rank, world)
+            if not path.is_local:  # from an object store every rank needs its own copy
+                mine = sorted(set(mine) | set(shared_files(manifest["files"])))
             local, bad = fetch(path, mine, manifest, mode)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, bad)
