@@ -46,7 +46,7 @@ def test_port_in_use_returns_none_and_logs_once(caplog: pytest.LogCaptureFixture
 
 
 def test_without_a_registry_the_exporter_still_serves() -> None:
-    """Outside a crucible cluster there is no registry to announce to: served, unannounced,
+    """Outside a Ray job there is no registry to announce to: served, unannounced,
     said once, no traceback. A fresh interpreter: this process may hold an earlier test's Ray."""
     code = (
         "import logging, requests\n"
@@ -65,7 +65,7 @@ def test_without_a_registry_the_exporter_still_serves() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "served"
     assert "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.count("no crucible metrics registry") == 1, out.stderr
+    assert out.stderr.count("not in a Ray job: metrics are served at") == 1, out.stderr
 
 
 def test_registry_serves_http_sd_and_drops_a_dead_target() -> None:
