@@ -107,7 +107,7 @@ def start_exporter(
         try:
             import ray
         except ImportError:  # a rank under torchrun on a host without Ray
-            ray = None
+            ray = None  # type: ignore[assignment]
         if ray is None or not ray.is_initialized():  # not a Ray worker (torchrun, a script)
             _warn_once("sd", "not in a Ray job: metrics are served at %s for a scrape "
                        "configured by hand; no Prometheus discovers them", address)  # fmt: skip
