@@ -8,6 +8,7 @@ connection failures into one-line errors, and follows logs.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import sys
@@ -68,9 +69,9 @@ class JobsClient:
 
     def __init__(self, target: Target):
         self.target = target
-        headers = local.auth_headers(target.token_path) if target.token_path else {}
+        self._headers = local.auth_headers(target.token_path) if target.token_path else {}
         with self._errors():
-            self._client = JobSubmissionClient(target.dashboard_url, headers=headers)
+            self._client = JobSubmissionClient(target.dashboard_url, headers=self._headers)
 
     @contextlib.contextmanager
     def _errors(self, job_id: str | None = None) -> Iterator[None]:
@@ -150,6 +151,39 @@ class JobsClient:
     def list(self) -> list[Any]:
         with self._errors():
             return self._client.list_jobs()
+
+    def live_actors(self, job_id: str) -> builtins.list[str]:
+        """Class names of job ``job_id``'s non-detached actors that are not dead: a job
+        stopped through the Jobs API is STOPPED as soon as its driver is, while its workers
+        take a while to exit (on every node; Ray's state API sees them all).
+
+        Args:
+            job_id: the submission id.
+        """
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        ray_job = getattr(self.info(job_id), "job_id", None)
+        if not ray_job:  # its driver never started: it has no actors
+            return []
+        with self._errors(job_id):
+            client = StateApiClient(
+                address=self.target.dashboard_url,
+                headers={"Content-Type": "application/json", **self._headers},
+            )
+            actors = client.list(
+                StateResource.ACTORS,
+                options=ListApiOptions(
+                    filters=[("job_id", "=", ray_job), ("state", "!=", "DEAD")], detail=True
+                ),
+                raise_on_missing_output=False,
+            )
+        # detached actors outlive their job by design (the cluster's metrics registry)
+        return sorted(
+            str(getattr(a, "class_name", "?"))
+            for a in actors
+            if not getattr(a, "is_detached", False)
+        )
 
     def _call(self, fn: Any, job_id: str) -> Any:
         with self._errors(job_id):

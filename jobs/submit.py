@@ -10,7 +10,7 @@ from crucible.cluster.storage import JsonlLog, Location, read_jsonl
 from crucible.errors import CrucibleError
 from crucible.jobs.client import JobsClient
 from crucible.jobs.preflight import preflight
-from crucible.jobs.runs import prepare_run, stop_request
+from crucible.jobs.runs import prepare_run, run_location, stop_request
 from crucible.jobs.spec import RunSpec
 
 ACTIVE = {"PENDING", "RUNNING"}
@@ -27,8 +27,44 @@ def active_job(client: JobsClient, run_name: str) -> str | None:
     return None
 
 
+def wait_for_workers_to_exit(
+    client: JobsClient, run: Location, wait_s: float = 60.0, poll_s: float = 1.0
+) -> None:
+    """Before a resume: wait until the run's previous job has no live actor left, since its
+    workers would otherwise train on beside the new ones and write into the same checkpoints.
+
+    Args:
+        client: the cluster's jobs client.
+        run: the run directory (its ``jobs.jsonl`` names the previous job).
+        wait_s: how long to wait for them to exit before refusing.
+        poll_s: how often to look.
+
+    Raises:
+        CrucibleError: workers of the previous job are still alive after ``wait_s``.
+    """
+    history = read_jsonl(run / "jobs.jsonl")
+    if not history:
+        return
+    previous = str(history[-1]["job"])
+    if not any(job.submission_id == previous for job in client.list()):
+        return  # submitted to another cluster (or one since restarted): nothing of it runs here
+    deadline = time.monotonic() + wait_s
+    said = False
+    while alive := client.live_actors(previous):
+        if time.monotonic() >= deadline:
+            raise CrucibleError(
+                f"{len(alive)} actor{'s' * (len(alive) > 1)} of run {run.name!r}'s previous job "
+                f"{previous} {'are' if len(alive) > 1 else 'is'} still alive ({', '.join(sorted(set(alive)))}) and would train beside the resumed "
+                "run; resume again once they have exited"
+            )
+        if not said:
+            print(f"waiting for {len(alive)} actors of job {previous} to exit", flush=True)
+            said = True
+        time.sleep(poll_s)
+
+
 def submit_run(
-    spec: RunSpec, resume: bool = False, verbose: bool = False
+    spec: RunSpec, resume: bool = False, verbose: bool = False, linger_wait_s: float = 60.0
 ) -> tuple[JobsClient, str, Location]:
     """Prepare the run directory and submit the run's job; return (client, job id, run dir).
 
@@ -36,6 +72,7 @@ def submit_run(
         spec: the run's spec.
         resume: resume an existing run of this name.
         verbose: the job keeps third-party logging (``--verbose`` on its entrypoint).
+        linger_wait_s: on a resume, how long to wait for the previous job's workers to exit.
     """
     preflight(spec)  # nothing is written or submitted for a spec the driver would refuse
     client = JobsClient.for_cluster(spec.cluster)
@@ -45,6 +82,8 @@ def submit_run(
             f"run {spec.name!r} is already running as job {running}; "
             f"follow it with `crucible jobs logs {running} --follow`"
         )
+    if resume:
+        wait_for_workers_to_exit(client, run_location(spec), linger_wait_s)
     run_dir = prepare_run(spec, resume=resume)
     stop_request(run_dir).rm()  # an earlier attempt's stop does not stop this one
     history = run_dir / "jobs.jsonl"
