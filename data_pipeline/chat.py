@@ -19,6 +19,7 @@ from pydantic import Field
 from crucible.config import StrictModel
 
 ROLES = ("system", "user", "assistant")
+CANDIDATE = "candidate"  # the pseudo-role whose header opens each answer of a comparison
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Template:
     @property
     def markers(self) -> tuple[str, ...]:
         """Strings that must not occur inside content (they would forge turns)."""
-        return (*(self.header(r) for r in ROLES), self.end)
+        return (*(self.header(r) for r in (*ROLES, CANDIDATE)), self.end)
 
 
 TEMPLATES = {
@@ -63,6 +64,15 @@ class ChatSpec(StrictModel):
     )
     response_key: str = Field("response", description="... and of the assistant's response.")
     system_key: str = Field("system", description="Optional field of a system message.")
+    comparisons: bool = Field(
+        False,
+        description="Records are ranked answers to one prompt (reward-model data): the "
+        "prompt (messages_key without the answer, or prompt_key) and answers_key (best "
+        "first), or chosen_key and rejected_key.",
+    )
+    answers_key: str = Field("answers", description="Comparisons: the answers, best first.")
+    chosen_key: str = Field("chosen", description="Comparisons: or the preferred answer ...")
+    rejected_key: str = Field("rejected", description="... and the other one.")
 
 
 class BadRecord(ValueError):
@@ -167,3 +177,62 @@ def split_rendered(text: str, template: Template) -> list[tuple[str, bool]]:
         pieces.append((m.group(0), False))
         pieces.append((body, role == "assistant"))
     return [(t, trained) for t, trained in pieces if t]
+
+
+def record_comparison(
+    obj: dict[str, Any], spec: ChatSpec
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The prompt turns and the answers, best first, of one comparison record.
+
+    Raises:
+        BadRecord: no prompt, fewer than two distinct string answers (``bad_comparison``).
+    """
+    if spec.answers_key in obj:
+        answers = obj[spec.answers_key]
+    elif spec.chosen_key in obj or spec.rejected_key in obj:
+        answers = [obj.get(spec.chosen_key), obj.get(spec.rejected_key)]
+    else:
+        raise BadRecord(
+            "bad_comparison",
+            f"neither {spec.answers_key} nor {spec.chosen_key}/{spec.rejected_key} is present",
+        )
+    if not isinstance(answers, list) or not all(isinstance(a, str) and a for a in answers):
+        raise BadRecord("bad_comparison", "the answers are not non-empty strings")
+    if len(answers) < 2 or len(set(answers)) != len(answers):
+        raise BadRecord("bad_comparison", "a comparison needs two or more distinct answers")
+    if spec.messages_key in obj:
+        raw = obj[spec.messages_key]
+        if not isinstance(raw, list) or not raw:
+            raise BadRecord("bad_chat", f"{spec.messages_key} is not a non-empty list")
+        prompt = record_turns({spec.messages_key: [*raw, {"role": "assistant", "content": "-"}]},
+                              spec)[:-1]  # fmt: skip
+    elif isinstance(obj.get(spec.prompt_key), str):
+        prompt = record_turns(
+            {spec.prompt_key: obj[spec.prompt_key], spec.response_key: "-",
+             spec.system_key: obj.get(spec.system_key)}, spec
+        )[:-1]  # fmt: skip
+    else:
+        raise BadRecord("bad_chat", f"no {spec.messages_key} or {spec.prompt_key} string")
+    return prompt, answers
+
+
+def render_comparison(prompt: list[tuple[str, str]], answers: list[str], template: Template) -> str:
+    """One text for a whole comparison: each answer, best first, as a complete conversation
+    (the prompt and the answer) opened by the candidate header, so that filters and dedup
+    see the group as one document and the shard build keeps it in one row.
+
+    Raises:
+        BadRecord: content holding one of the template's markers.
+    """
+    return "".join(
+        template.header(CANDIDATE) + render([*prompt, ("assistant", a)], template) for a in answers
+    )
+
+
+def split_comparison(text: str, template: Template) -> list[str]:
+    """The rendered conversations of a comparison text, best first (empty if it does not
+    start with a candidate header: a filter rewrote it)."""
+    head = template.header(CANDIDATE)
+    if not text.startswith(head):
+        return []
+    return text[len(head) :].split(head)

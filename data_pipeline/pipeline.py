@@ -268,5 +268,14 @@ def _shard_stages(spec: DataSpec, run_dir: Location, digest: str) -> list[Stage]
         return []
     from crucible.data_pipeline.shards.build import ShardStage
 
-    chat = spec.reader.chat.template if spec.reader.chat is not None else None
-    return [ShardStage(run_dir / "documents", spec.shards, run_dir / "shards", digest, chat)]
+    chat = spec.reader.chat
+    return [
+        ShardStage(
+            run_dir / "documents",
+            spec.shards,
+            run_dir / "shards",
+            digest,
+            chat.template if chat is not None else None,
+            chat is not None and chat.comparisons,
+        )
+    ]

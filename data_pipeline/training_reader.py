@@ -244,7 +244,14 @@ class TrainingReader:
             labels[np.arange(1, self.view.row_len)[None, :] >= length[:, None]] = IGNORE_INDEX
             if keep is not None:
                 labels[~keep] = IGNORE_INDEX
-        if self.view.has_loss_mask:
+        if self.view.comparisons:
+            # A reward model's targets: the rank (1 = best) of the answer that ends at each
+            # input position, -100 elsewhere (see pack_chat.encode_comparisons).
+            ranks = self.view.loss_mask(indices)[:, :-1].astype(np.int64)
+            labels = np.where(ranks > 0, ranks, IGNORE_INDEX)
+            if keep is not None:
+                labels[~keep] = IGNORE_INDEX
+        elif self.view.has_loss_mask:
             labels = labels.copy()
             labels[self.view.loss_mask(indices)[:, 1:] == 0] = IGNORE_INDEX
         out = {

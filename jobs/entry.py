@@ -16,6 +16,7 @@ import yaml
 from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.runs import load_run_spec
+from crucible.jobs.spec import TRAINING_KINDS
 
 
 def run(run_dir: Location, executor: str = "ray", verbose: bool = False) -> int:
@@ -35,7 +36,7 @@ def run(run_dir: Location, executor: str = "ray", verbose: bool = False) -> int:
         run_pipeline(spec.data, run_dir, executor=executor, verbose=verbose)  # type: ignore[arg-type]
         print(format_stats(run_dir), flush=True)
         return 0
-    if spec.kind in ("train", "finetune"):
+    if spec.kind in TRAINING_KINDS:
         from crucible.jobs.train.run import run_train
 
         return run_train(run_dir)

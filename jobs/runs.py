@@ -15,7 +15,7 @@ import yaml
 from crucible.cluster.storage import Location, check_storage, location
 from crucible.config import spec_hash
 from crucible.errors import CrucibleError
-from crucible.jobs.spec import RunSpec, TrainRunSpec, parse_spec, write_resolved
+from crucible.jobs.spec import TRAINING_KINDS, RunSpec, TrainRunSpec, parse_spec, write_resolved
 
 RESOLVED = "spec.resolved.yaml"
 
@@ -36,7 +36,7 @@ def absolutize(spec: RunSpec, base: Path | None = None) -> RunSpec:
         return str(base / p)
 
     data["cluster"]["storage"] = fix(data["cluster"]["storage"])
-    if spec.kind in ("train", "finetune"):
+    if spec.kind in TRAINING_KINDS:
         data["data"]["shards"] = fix(data["data"]["shards"])
         source = data.get("base") or {}
         for key in ("checkpoint", "hf"):

@@ -108,12 +108,34 @@ class FinetuneRunSpec(TrainRunSpec):
         return data
 
 
-RunSpec = DataRunSpec | TrainRunSpec | FinetuneRunSpec
+class RewardRunSpec(FinetuneRunSpec):
+    """A reward job: a reward model (the base's trunk, a scalar head) trained on comparison
+    shards (a data run with ``reader.chat.comparisons``), with InstructGPT's ranking loss;
+    held-out loss and accuracy (pairs ordered right) at every evaluation."""
+
+    kind: Literal["reward"] = Field(description="The job to run.")  # type: ignore[assignment]
+    data: TrainDataSpec = Field(
+        description="The comparison shards (mask_cross_document defaults to true here)."
+    )
+
+    @model_validator(mode="after")
+    def _full(self) -> RewardRunSpec:
+        if self.lora is not None:
+            raise ValueError("lora is not supported for kind: reward; train it fully")
+        if not self.data.mask_cross_document:
+            raise ValueError("a reward model scores each answer alone: keep "
+                             "data.mask_cross_document true")  # fmt: skip
+        return self
+
+
+RunSpec = DataRunSpec | TrainRunSpec | FinetuneRunSpec | RewardRunSpec
 KINDS: dict[str, type[DataRunSpec] | type[TrainRunSpec]] = {
     "data": DataRunSpec,
     "train": TrainRunSpec,
     "finetune": FinetuneRunSpec,
+    "reward": RewardRunSpec,
 }
+TRAINING_KINDS = ("train", "finetune", "reward")  # the kinds the train job runs
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:

@@ -8,6 +8,7 @@ import time
 from crucible.cluster.storage import location, read_jsonl
 from crucible.jobs.client import TERMINAL, JobsClient
 from crucible.jobs.runs import stop_request
+from crucible.jobs.spec import TRAINING_KINDS
 
 
 def stop_job(
@@ -31,7 +32,7 @@ def stop_job(
         return f"{job_id}: already {info.status.value}"
     meta = info.metadata or {}
     run_dir = meta.get("run_dir")
-    if meta.get("crucible_kind") not in ("train", "finetune") or not run_dir:
+    if meta.get("crucible_kind") not in TRAINING_KINDS or not run_dir:
         client.stop(job_id)
         return f"{job_id}: stop requested"
     run = location(run_dir)

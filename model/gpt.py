@@ -194,6 +194,29 @@ class GPT(nn.Module):
         Args:
             tokens: token ids, int64 [B, T] with T <= max_seq_len.
             targets: next-token ids [B, T]; -100 marks positions left out of the loss.
+            doc_ids: see :meth:`hidden`.
+            cache: see :meth:`hidden`.
+            positions: see :meth:`hidden`.
+        """
+        logits = self.lm_head(self.hidden(tokens, doc_ids, cache, positions))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+            )
+        return logits, loss
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final normalised hidden states [B, T, d_model] of ``tokens`` [B, T].
+
+        Args:
+            tokens: token ids, int64 [B, T] with T <= max_seq_len.
             doc_ids: optional [B, T] document number of each token in a packed sequence;
                 attention then stays inside each document (block-diagonal causal mask).
             cache: keys and values of the positions before ``tokens`` (decoding, see
@@ -229,13 +252,7 @@ class GPT(nn.Module):
             mask = document_mask(doc_ids, flex)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, None if cache is None else cache.layers[i])
-        logits = self.lm_head(self.norm_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-            )
-        return logits, loss
+        return self.norm_f(x)
 
 
 def document_mask(doc_ids: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
@@ -282,7 +299,10 @@ def flex_attention(
 
 
 def build_model(
-    cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+    cfg: ModelConfig,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype | None = None,
+    cls: type[GPT] | None = None,
 ) -> GPT:
     """Construct a :class:`GPT` on ``device`` without initialising it.
 
@@ -294,9 +314,10 @@ def build_model(
         cfg: the model shape.
         device: where parameters are created; "meta" allocates nothing.
         dtype: parameter dtype (default: torch's default dtype).
+        cls: the class to build (default :class:`GPT`; e.g. the reward model).
     """
     with torch.device(device):
-        model = GPT(cfg)
+        model = (cls or GPT)(cfg)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model
@@ -338,7 +359,7 @@ def init_weights(model: GPT, seed: int = 0, device: str | torch.device | None = 
     first = next(model.parameters())
     if first.is_meta:
         model.to_empty(device=device or "cpu")
-        if model.cfg.tie_embeddings:  # to_empty gives each module its own new tensor
+        if model.cfg.tie_embeddings and hasattr(model, "lm_head"):  # to_empty unties them
             model.lm_head.weight = model.tok_emb.weight
         first = next(model.parameters())
     gen = torch.Generator(device=first.device).manual_seed(seed)

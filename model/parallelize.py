@@ -147,7 +147,11 @@ def parallelize(model: GPT, parallel: ParallelSpec) -> GPT:
 
 
 def build_zero3_model(
-    cfg: ModelConfig, ds_config: dict[str, Any], seed: int = 0, init: bool = True
+    cfg: ModelConfig,
+    ds_config: dict[str, Any],
+    seed: int = 0,
+    init: bool = True,
+    cls: type[GPT] | None = None,
 ) -> GPT:
     """Construct a :class:`GPT` already partitioned across ranks by ``deepspeed.zero.Init``.
 
@@ -161,6 +165,7 @@ def build_zero3_model(
         ds_config: the DeepSpeed config (from :func:`build_deepspeed_config`), ZeRO stage 3.
         seed: initialisation seed.
         init: initialise weights (False leaves DeepSpeed's default values, for loading).
+        cls: the class to build (default :class:`GPT`).
     """
     import deepspeed
     import torch
@@ -171,7 +176,7 @@ def build_zero3_model(
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         raise CrucibleError("build_zero3_model needs a DeepSpeed config with ZeRO stage 3")
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = GPT(cfg)
+        model = (cls or GPT)(cfg)
     if init:
         rank = dist.get_rank() if dist.is_initialized() else 0
         gen = None

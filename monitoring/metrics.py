@@ -118,6 +118,12 @@ class TrainMetrics:
         )  # fmt: skip
         self.loss = Gauge("crucible_train_loss", "Training loss of the last step.", registry=g)
         self.heldout = Gauge("crucible_train_heldout_loss", "Last held-out loss.", registry=g)
+        self.heldout_accuracy = Gauge(
+            "crucible_train_heldout_accuracy_ratio",
+            "A reward model's last held-out accuracy (answer pairs ordered right).",
+            registry=g,
+        )
+        self.heldout_accuracy.set(math.nan)  # NaN, not 0, in runs that are not reward models
         self.lr = Gauge(
             "crucible_train_learning_rate", "Learning rate of the last step.", registry=g
         )
@@ -270,14 +276,17 @@ class TrainMetrics:
         self.straggler.set(1.0 if straggler else 0.0)
 
     @never_raise
-    def on_eval(self, loss: float) -> None:
+    def on_eval(self, loss: float, accuracy: float | None = None) -> None:
         """Record a held-out loss.
 
         Args:
-            loss: token-weighted held-out loss.
+            loss: token-weighted held-out loss (a reward model's ranking loss).
+            accuracy: a reward model's share of held-out answer pairs ordered right.
         """
         if self.is_global:
             self.heldout.set(_finite(loss))
+            if accuracy is not None:
+                self.heldout_accuracy.set(_finite(accuracy))
 
     @never_raise
     def on_checkpoint(

@@ -6,7 +6,14 @@ from collections.abc import Iterator
 
 import orjson
 
-from crucible.data_pipeline.chat import TEMPLATES, BadRecord, record_turns, render
+from crucible.data_pipeline.chat import (
+    TEMPLATES,
+    BadRecord,
+    record_comparison,
+    record_turns,
+    render,
+    render_comparison,
+)
 from crucible.data_pipeline.document import Document, Exclusion
 from crucible.data_pipeline.document_step import StepStats
 from crucible.data_pipeline.readers.files import iter_lines
@@ -60,6 +67,8 @@ def read_jsonl(
     if spec.chat is not None:  # the conversation is the text, not metadata
         c = spec.chat
         columns += (c.messages_key, c.prompt_key, c.response_key, c.system_key)
+        if c.comparisons:
+            columns += (c.answers_key, c.chosen_key, c.rejected_key)
     cut_files = stats.counters["files/truncated"]  # more after the last chunk: this file is cut
     for offset, line, ended in iter_lines(path, stats, compression):
         stats.counters["lines"] += 1
@@ -81,7 +90,11 @@ def read_jsonl(
         text: object
         if spec.chat is not None:
             try:
-                text = render(record_turns(obj, spec.chat), TEMPLATES[spec.chat.template])
+                template = TEMPLATES[spec.chat.template]
+                if spec.chat.comparisons:
+                    text = render_comparison(*record_comparison(obj, spec.chat), template)
+                else:
+                    text = render(record_turns(obj, spec.chat), template)
             except BadRecord as e:
                 bad(offset, e.rule, f"{e}: {line[:1000].decode('utf-8', 'replace')}")
                 continue

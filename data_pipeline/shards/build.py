@@ -71,17 +71,25 @@ class ShardStage(Stage):
         out_dir: Location,
         spec_hash: str,
         chat_template: str | None = None,
+        comparisons: bool = False,
     ) -> None:
         self.documents_dir = documents_dir
         self.spec = spec
         self.out_dir = out_dir
         self.spec_hash = spec_hash
         self.chat_template = chat_template
+        self.comparisons = comparisons
 
     def run(self, ex: Executor) -> dict[str, Any]:
         """Build (or keep) the shard set; its manifest's totals."""
         m = build_shards(
-            self.documents_dir, self.spec, self.out_dir, ex, self.spec_hash, self.chat_template
+            self.documents_dir,
+            self.spec,
+            self.out_dir,
+            ex,
+            self.spec_hash,
+            self.chat_template,
+            self.comparisons,
         )
         return m.totals.model_dump()
 
@@ -93,6 +101,7 @@ def build_shards(
     executor: Executor,
     spec_hash: str = "",
     chat_template: str | None = None,
+    comparisons: bool = False,
 ) -> Manifest:
     """Build the training shard set of ``documents_dir`` in ``out_dir``.
 
@@ -107,6 +116,8 @@ def build_shards(
         spec_hash: Hash of the producing pipeline spec, recorded in the manifest.
         chat_template: The documents are conversations rendered with this template
             (:mod:`crucible.data_pipeline.chat`): pack whole examples with a loss mask.
+        comparisons: The conversations are comparisons (ranked answers to one prompt): each
+            packed whole, its mask holding each answer's rank at its last token.
 
     Returns:
         The manifest of the shard set.
@@ -125,7 +136,7 @@ def build_shards(
         (out / MANIFEST).rm()  # a damaged set of this very spec: rebuilt below
     out.rmtree()  # an interrupted build's files (no manifest): not worth keeping
     try:
-        return _build(files, spec, out, executor, spec_hash, chat_template)
+        return _build(files, spec, out, executor, spec_hash, chat_template, comparisons)
     except BaseException:
         out.rmtree()
         raise
@@ -171,6 +182,7 @@ def _build(
     executor: Executor,
     spec_hash: str,
     chat_template: str | None,
+    comparisons: bool,
 ) -> Manifest:
     tok = build_tokenizer(spec.tokenizer, _texts(files))
     tok_json = canonical_json(tok)
@@ -190,6 +202,7 @@ def _build(
             "dtype": str(dtype),
             "batch_size": spec.encode_batch_size,
             "chat_template": chat_template,
+            "comparisons": comparisons,
         }
         for i, f in enumerate(files)
     ]
@@ -293,6 +306,7 @@ def _build(
         lineage="column doc_ids of every shard: ids of the documents whose tokens a row holds, "
         "in order; column row_id: the row's position in packing order (source files in order)",
         chat_template=chat_template,
+        comparisons=comparisons,
     )
     write_manifest(out, manifest)  # last: its presence marks the set complete
     return manifest

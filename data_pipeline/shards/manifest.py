@@ -89,6 +89,11 @@ class Manifest(StrictModel):
         description="Chat shards: the template of the conversations; rows hold whole "
         "examples and a loss_mask column (1 on training targets).",
     )
+    comparisons: bool = Field(
+        False,
+        description="Comparison shards (reward-model data): each row holds whole groups of "
+        "ranked answers; loss_mask is the answer's rank + 1 at its last token, else 0.",
+    )
 
     @property
     def fingerprint(self) -> str:

@@ -15,7 +15,12 @@ from tokenizers import Tokenizer
 from crucible.cluster.storage import location
 from crucible.data_pipeline.chat import TEMPLATES
 from crucible.data_pipeline.tokens.pack import PackStats, encode_and_pack, row_schema
-from crucible.data_pipeline.tokens.pack_chat import chat_row_schema, encode_examples, pack_examples
+from crucible.data_pipeline.tokens.pack_chat import (
+    chat_row_schema,
+    encode_comparisons,
+    encode_examples,
+    pack_examples,
+)
 
 
 @functools.lru_cache(maxsize=2)
@@ -28,7 +33,8 @@ def pack_file(job: dict[str, Any]) -> dict[str, Any]:
 
     Args:
         job: ``path`` (documents file), ``out`` (packed file), ``tokenizer`` (the saved
-            tokenizer.json's URI), ``seq_len``, ``eos_id``, ``dtype``, ``batch_size``.
+            tokenizer.json's URI), ``seq_len``, ``eos_id``, ``dtype``, ``batch_size``;
+            chat documents: ``chat_template``, and ``comparisons`` for ranked answers.
 
     Returns:
         The file's :class:`PackStats` as a dict, with ``out``.
@@ -47,12 +53,17 @@ def pack_file(job: dict[str, Any]) -> dict[str, Any]:
         rows = encode_and_pack(tok, docs, seq_len, eos, dtype, stats)
     else:
         tok = _text_specials(tok)
+        # a comparison's scored tokens (each answer's EOS) must all be inputs: seq_len of them
+        comparisons = bool(job.get("comparisons"))
+        encode, cap = (
+            (encode_comparisons, seq_len) if comparisons else (encode_examples, seq_len + 1)
+        )
         examples = (
             ex
             for ids, texts in docs
-            for ex in encode_examples(tok, ids, texts, TEMPLATES[template], eos, seq_len + 1, stats)
+            for ex in encode(tok, ids, texts, TEMPLATES[template], eos, cap, stats)
         )
-        rows = pack_examples(examples, seq_len, eos, dtype, stats)
+        rows = pack_examples(examples, seq_len, eos, dtype, stats, capacity=cap)
     with (
         location(str(job["out"])).writing() as pending,
         pa.OSFile(str(pending.path), "wb") as sink,

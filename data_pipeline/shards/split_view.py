@@ -29,6 +29,7 @@ class SplitView:
         self._length: list[np.ndarray] = []
         self._mask: list[np.ndarray] = []  # chat shards: (rows, row_len) uint8 loss masks
         self.has_loss_mask = manifest.chat_template is not None
+        self.comparisons = manifest.comparisons  # the mask holds ranks, not target bits
         self._batches: list[pa.RecordBatch] = []
         sizes = []
         for shard in manifest.split(split).shards:

@@ -17,10 +17,13 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from crucible.data_pipeline.chat import Template, split_rendered
+from crucible.data_pipeline.chat import Template, split_comparison, split_rendered
 from crucible.data_pipeline.tokens.pack import PackStats, row_schema
 
 OPEN_ROWS = 16  # rows kept open for first-fit packing; the oldest is closed past this
+
+# (document id, token ids, per-token mask, offsets where the example's documents start)
+Example = tuple[str, np.ndarray, np.ndarray, tuple[int, ...]]
 
 
 def chat_row_schema(row_len: int, dtype: pa.DataType) -> pa.Schema:
@@ -38,8 +41,9 @@ def encode_examples(
     eos_id: int,
     max_len: int,
     stats: PackStats,
-) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """``(doc_id, token ids, loss mask)`` of each conversation that fits in ``max_len``.
+) -> Iterator[Example]:
+    """``(doc_id, token ids, loss mask, starts)`` of each conversation that fits in
+    ``max_len`` (one document: ``starts`` is ``(0,)``).
 
     Each piece of the rendered text (headers, turns) is encoded on its own, so a piece's
     tokens never merge with its neighbour's and the mask falls on token boundaries.
@@ -74,45 +78,98 @@ def encode_examples(
         elif n > max_len:
             stats.too_long += 1
         else:
-            yield doc_id, ids, mask
+            yield doc_id, ids, mask, (0,)
+
+
+def encode_comparisons(
+    tok: Tokenizer,
+    doc_ids: Sequence[str],
+    texts: Sequence[str | None],
+    template: Template,
+    eos_id: int,
+    max_len: int,
+    stats: PackStats,
+) -> Iterator[Example]:
+    """``(doc_id, token ids, rank mask, starts)`` of each comparison that fits in
+    ``max_len``: its answers' conversations back to back (each followed by EOS, each a
+    document of its own in the row: it attends only to itself), the mask 0 but on each
+    conversation's EOS, where it is the answer's rank + 1 (1: the best). The reward model
+    scores each answer at that token.
+
+    Args:
+        tok: the tokenizer (special tokens encoded as text).
+        doc_ids: document ids.
+        texts: comparison texts (:func:`~crucible.data_pipeline.chat.render_comparison`).
+        template: the template they were rendered with.
+        eos_id: ends each answer's conversation.
+        max_len: longest comparison kept (all its answers).
+        stats: documents, empty (unparseable), too long, tokens and targets (answers).
+    """
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    stats.documents += len(texts)
+    for doc_id, text in zip(doc_ids, texts, strict=True):
+        convs = split_comparison(text or "", template)
+        if len(convs) < 2:
+            stats.empty_documents += 1
+            continue
+        pieces = [[p for p, _ in split_rendered(c, template)] for c in convs]
+        encoded = iter(e.ids for e in encode([p for ps in pieces for p in ps],
+                                             add_special_tokens=False))  # fmt: skip
+        ids: list[int] = []
+        mask: list[int] = []
+        starts: list[int] = []
+        for rank, ps in enumerate(pieces):
+            conv = [t for _ in ps for t in next(encoded)] + [eos_id]
+            starts.append(len(ids))
+            ids += conv
+            mask += [0] * (len(conv) - 1) + [rank + 1]
+        if len(ids) > max_len:
+            stats.too_long += 1
+            continue
+        yield (doc_id, np.asarray(ids, np.uint32), np.asarray(mask, np.uint8), tuple(starts))
 
 
 def pack_examples(
-    examples: Iterable[tuple[str, np.ndarray, np.ndarray]],
+    examples: Iterable[Example],
     seq_len: int,
     eos_id: int,
     dtype: pa.DataType,
     stats: PackStats,
     rows_per_batch: int = 256,
+    capacity: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Whole examples into rows of ``seq_len + 1`` tokens, padded with EOS (mask 0).
 
     Args:
-        examples: from :func:`encode_examples`, each at most ``seq_len + 1`` tokens.
+        examples: from :func:`encode_examples` or :func:`encode_comparisons`, each at most
+            ``capacity`` tokens.
         seq_len: model context.
         eos_id: the padding id.
         dtype: token storage type.
         stats: rows, tokens, targets and padding counted.
         rows_per_batch: rows per record batch yielded.
+        capacity: tokens of a row examples may fill (default all ``seq_len + 1``;
+            comparisons keep every scored token among the ``seq_len`` inputs).
     """
     L = seq_len + 1
+    cap = L if capacity is None else capacity
     schema = chat_row_schema(L, dtype)
-    open_rows: list[list[tuple[str, np.ndarray, np.ndarray]]] = []
+    open_rows: list[list[Example]] = []
     used: list[int] = []
-    closed: list[list[tuple[str, np.ndarray, np.ndarray]]] = []
+    closed: list[list[Example]] = []
     for ex in examples:
         n = len(ex[1])
         stats.document_tokens += n
-        stats.target_tokens += int(ex[2].sum())
-        slot = next((i for i, u in enumerate(used) if u + n <= L), None)
+        stats.target_tokens += int((ex[2] > 0).sum())
+        slot = next((i for i, u in enumerate(used) if u + n <= cap), None)
         if slot is None:
             open_rows.append([])
             used.append(0)
             slot = len(open_rows) - 1
         open_rows[slot].append(ex)
         used[slot] += n
-        if used[slot] == L or len(open_rows) > OPEN_ROWS:
-            k = slot if used[slot] == L else 0
+        if used[slot] == cap or len(open_rows) > OPEN_ROWS:
+            k = slot if used[slot] == cap else 0
             closed.append(open_rows.pop(k))
             used.pop(k)
         if len(closed) >= rows_per_batch:
@@ -124,7 +181,7 @@ def pack_examples(
 
 
 def _batch(
-    rows: list[list[tuple[str, np.ndarray, np.ndarray]]],
+    rows: list[list[Example]],
     L: int,
     eos_id: int,
     schema: pa.Schema,
@@ -137,10 +194,10 @@ def _batch(
     starts: list[list[int]] = []
     for r, row in enumerate(rows):
         pos, s = 0, []
-        for _, ids, m in row:
+        for _, ids, m, example_starts in row:
             tokens[r, pos : pos + len(ids)] = ids
             mask[r, pos : pos + len(ids)] = m
-            s.append(pos)
+            s += [pos + k for k in example_starts]
             pos += len(ids)
         lengths[r] = pos
         starts.append(s)
@@ -154,7 +211,7 @@ def _batch(
             ),
             pa.array(lengths, pa.int32()),
             pa.array(starts, pa.list_(pa.int32())),
-            pa.array([[d for d, _, _ in row] for row in rows], pa.list_(pa.string())),
+            pa.array([[ex[0] for ex in row] for row in rows], pa.list_(pa.string())),
             pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), L),
         ],
         schema=schema,

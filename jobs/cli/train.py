@@ -63,7 +63,7 @@ def _submit(spec: object, resume: bool, detach: bool) -> None:
 @app.command("run")
 def run(
     spec_path: Path = typer.Argument(
-        ..., metavar="SPEC", help="A spec with kind: train or finetune."
+        ..., metavar="SPEC", help="A spec with kind: train, finetune or reward."
     ),
     set_: list[str] = SetOption,
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
@@ -78,7 +78,8 @@ def run(
     spec = absolutize(load_spec(spec_path, set_))
     if spec.kind == "data":
         raise CrucibleError(
-            f"{spec_path} has kind: data; `crucible train run` needs kind: train or finetune "
+            f"{spec_path} has kind: data; `crucible train run` needs kind: train, finetune or "
+            "reward "
             "(data specs run with `crucible data run`)"
         )
     if dry_run:

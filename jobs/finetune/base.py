@@ -200,6 +200,9 @@ def local_weights(base_dir: Location) -> Path:
     return cache / WEIGHTS
 
 
+NEW_HEADS = {"score.weight"}  # parameters of a model built on the base that it does not have
+
+
 def load_base(model: torch.nn.Module, base_dir: Location, rank: int) -> None:
     """Copy the base's weights into ``model`` (plain, or partitioned by ZeRO-3) before
     ``deepspeed.initialize`` builds its master copies from them.
@@ -218,6 +221,8 @@ def load_base(model: torch.nn.Module, base_dir: Location, rank: int) -> None:
     with safe_open(str(local_weights(base_dir)), "pt") as f:
         names = set(f.keys())
         for name, p in model.named_parameters():
+            if name in NEW_HEADS:
+                continue
             if name not in names:
                 raise CrucibleError(f"the base weights in {base_dir} lack parameter {name}")
             shape = tuple(getattr(p, "ds_shape", None) or p.shape)
@@ -227,6 +232,8 @@ def load_base(model: torch.nn.Module, base_dir: Location, rank: int) -> None:
                     f"the model {shape}"
                 )
         for name, p in model.named_parameters():
+            if name in NEW_HEADS:
+                continue
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
                 if rank == 0 or not zero3:
                     with torch.no_grad():

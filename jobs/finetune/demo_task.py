@@ -1,6 +1,7 @@
 """A fine-tuning task whose answers can be checked: "reverse these words". Used by the tests,
 the benchmark and the README's example to show SFT and LoRA learning an instruction format
-and a skill that the pretrained base has neither of."""
+and a skill that the pretrained base has neither of, and a reward model learning which of
+several answers is the better one (the more words in their reversed place, the better)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,33 @@ def reverse_words(words: Sequence[str], n: int, k: int, seed: int) -> list[dict[
     for _ in range(n):
         w = [rng.choice(words) for _ in range(k)]
         out.append({"prompt": PROMPT.format(" ".join(w)), "response": " ".join(reversed(w))})
+    return out
+
+
+def reverse_comparisons(words: Sequence[str], n: int, k: int, seed: int) -> list[dict[str, object]]:
+    """``n`` comparison records: a ``reverse: …`` prompt and ``k + 1`` answers, best first,
+    with ``k``, ``k - 1``, …, 0 words in their reversed place (the others replaced by
+    another word), so the ranking is the answers' correctness.
+
+    Args:
+        words: the vocabulary (at least two words).
+        n: records.
+        k: words per prompt.
+        seed: the draw's seed.
+    """
+    rng = random.Random(seed)
+    out: list[dict[str, object]] = []
+    for _ in range(n):
+        w = [rng.choice(words) for _ in range(k)]
+        right = list(reversed(w))
+        answers = []
+        for correct in range(k, -1, -1):
+            wrong = set(rng.sample(range(k), k - correct))
+            answers.append(" ".join(
+                rng.choice([x for x in words if x != t]) if i in wrong else t
+                for i, t in enumerate(right)
+            ))  # fmt: skip
+        out.append({"prompt": PROMPT.format(" ".join(w)), "answers": answers})
     return out
 
 
@@ -67,11 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", type=int, default=3000, help="training records")
     ap.add_argument("--heldout", type=int, default=60, help="held-out prompts")
     ap.add_argument("--words", type=int, default=13, help="the first N English sample words")
+    ap.add_argument(
+        "--comparisons", type=int, default=3000,
+        help="ranked-answer records for a reward model (comparisons.jsonl; 0: none)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     sample = Path(__file__).resolve().parents[2] / "data_pipeline" / "sample_words" / "en.txt"
     words = sample.read_text().split()[: args.words]
     for p in write_task(args.out_dir, words, args.train, args.heldout):
         print(p)
+    if args.comparisons:
+        path = args.out_dir / "comparisons.jsonl"
+        records = reverse_comparisons(words, args.comparisons, 3, seed=2)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(path)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 from crucible.cluster.plan import RunPlan
 from crucible.cluster.storage import Location
-from crucible.jobs.spec import TrainRunSpec
+from crucible.jobs.spec import RewardRunSpec, TrainRunSpec
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -57,21 +57,25 @@ def build_engine(
     import deepspeed
 
     from crucible.jobs.train import hashing_engine
-    from crucible.model.gpt import build_model, init_weights
+    from crucible.model.gpt import GPT, build_model, init_weights
     from crucible.model.parallelize import build_zero3_model, parallelize
+    from crucible.model.reward import RewardModel, init_score
 
     cfg = spec.model.resolve()
     config = dict(plan.ds_config)
     if universal:
         config["checkpoint"] = {"load_universal": True}
+    cls = RewardModel if isinstance(spec, RewardRunSpec) else GPT
     if spec.model.parallel.zero_stage == 3:
-        model = build_zero3_model(cfg, config, seed=spec.train.seed, init=base is None)
+        model = build_zero3_model(cfg, config, seed=spec.train.seed, init=base is None, cls=cls)
     else:
-        model = init_weights(build_model(cfg), seed=spec.train.seed)
+        model = init_weights(build_model(cfg, cls=cls), seed=spec.train.seed)
     if base is not None:
         from crucible.jobs.finetune.base import load_base
 
         load_base(model, base, rank)
+    if isinstance(model, RewardModel):
+        init_score(model)  # a new head on the base's trunk
     model = parallelize(model, spec.model.parallel)
     lora = getattr(spec, "lora", None)
     if lora is not None:

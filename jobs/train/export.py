@@ -106,17 +106,37 @@ def consolidate(checkpoint: Location | Path) -> tuple[dict[str, torch.Tensor], M
     return dict(sd), cfg
 
 
-def load_model(checkpoint: str | Path | Location, dtype: str = "fp32") -> GPT:
+def load_model(
+    checkpoint: str | Path | Location, dtype: str = "fp32", reward_ok: bool = False
+) -> GPT:
     """A plain :class:`GPT` holding a checkpoint's consolidated weights (a LoRA run's
-    adapters merged in).
+    adapters merged in), or a reward run's :class:`~crucible.model.reward.RewardModel`.
 
     Args:
         checkpoint: a ``step-<N>`` directory, checkpoints directory or run directory.
         dtype: ``fp32`` or ``bf16``.
+        reward_ok: the caller takes a reward model (else one is refused: it does not
+            generate).
+
+    Raises:
+        CrucibleError: a reward model where ``reward_ok`` is false.
     """
     path = resolve_checkpoint(checkpoint)
+    spec = ckpt.read_state(path)["spec"]
+    if spec.get("kind") == "reward":
+        if not reward_ok:
+            raise CrucibleError(
+                f"{path} is a reward model (kind: reward): it scores answers and has no "
+                "language-model head; export it with --format torch"
+            )
+        from crucible.model.reward import RewardModel
+
+        sd, cfg = consolidate(path)
+        reward = build_model(cfg, device="meta", cls=RewardModel)
+        reward.load_state_dict(sd, strict=True, assign=True)
+        return reward.to(DTYPES[dtype]).eval()
     sd, cfg = consolidate(path)
-    lora = ckpt.read_state(path)["spec"].get("lora")
+    lora = spec.get("lora")
     if lora is not None:  # a LoRA run: the adapters merged into the base's weights
         from crucible.jobs.finetune.lora import merge_lora
         from crucible.jobs.finetune.spec import LoraSpec
@@ -151,7 +171,7 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise CrucibleError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = resolve_checkpoint(checkpoint)
-    model = load_model(path, dtype)
+    model = load_model(path, dtype, reward_ok=fmt == "torch")
     out = Path(out)
     if fmt == "torch":
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from crucible.cluster.storage import Location, location, read_jsonl
 from crucible.errors import CrucibleError
 from crucible.jobs.runs import load_train_spec, stop_request
-from crucible.jobs.spec import FinetuneRunSpec, TrainRunSpec
+from crucible.jobs.spec import FinetuneRunSpec, RewardRunSpec, TrainRunSpec
 from crucible.jobs.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -54,6 +54,14 @@ def check_shards(spec: TrainRunSpec) -> Manifest:
         raise CrucibleError(
             f"shards {spec.data.shards} hold packed conversations: set "
             "data.mask_cross_document: true so that examples do not attend to each other"
+        )
+    if manifest.comparisons != isinstance(spec, RewardRunSpec):
+        raise CrucibleError(
+            f"shards {spec.data.shards} hold comparisons (ranked answers): train a reward model "
+            "on them with kind: reward"
+            if manifest.comparisons
+            else f"kind: reward needs comparison shards, and {spec.data.shards} are not: build "
+            "them with a data run whose reader.chat has comparisons: true"
         )
     if manifest.seq_len > cfg.max_seq_len:
         raise CrucibleError(

@@ -43,6 +43,8 @@ class StepResult:
     """Model FLOPs utilisation (set by the metrics callback on rank 0)."""
     heldout_loss: float | None = None
     """Held-out loss (set by the evaluator on evaluation steps)."""
+    heldout_accuracy: float | None = None
+    """A reward model's held-out accuracy: the share of answer pairs ordered right."""
 
     def record(self) -> dict[str, Any]:
         """The step's record in ``metrics.jsonl`` (without its kind and time)."""
@@ -60,6 +62,8 @@ class StepResult:
         }
         if self.heldout_loss is not None:
             out["heldout_loss"] = self.heldout_loss
+        if self.heldout_accuracy is not None:
+            out["heldout_accuracy"] = self.heldout_accuracy
         return out
 
     def scalars(self) -> dict[str, float]:
@@ -76,6 +80,8 @@ class StepResult:
             out["train/mfu"] = self.mfu
         if self.heldout_loss is not None:
             out["eval/heldout_loss"] = self.heldout_loss
+        if self.heldout_accuracy is not None:
+            out["eval/heldout_accuracy"] = self.heldout_accuracy
         return out
 
 
@@ -112,8 +118,9 @@ class Callback:
     def on_step_end(self, result: StepResult) -> None:
         """An optimizer step finished."""
 
-    def on_eval(self, loss: float, t0: float, t1: float) -> None:
-        """A held-out evaluation ran from ``t0`` to ``t1`` (unix seconds)."""
+    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
+        """A held-out evaluation ran from ``t0`` to ``t1`` (unix seconds); ``accuracy`` is a
+        reward model's (pairs ordered right)."""
 
     def on_save(self, stats: SaveStats, t0: float) -> None:
         """A checkpoint was committed; its save began at ``t0`` (unix seconds), and the loop
@@ -145,9 +152,9 @@ class Callbacks(Callback):
         for cb in self.items:
             cb.on_step_end(result)
 
-    def on_eval(self, loss: float, t0: float, t1: float) -> None:
+    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
         for cb in self.items:
-            cb.on_eval(loss, t0, t1)
+            cb.on_eval(loss, t0, t1, accuracy)
 
     def on_save(self, stats: SaveStats, t0: float) -> None:
         for cb in self.items:

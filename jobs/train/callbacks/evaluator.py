@@ -1,5 +1,6 @@
 """Held-out loss every ``train.eval_every`` steps, over the first ``train.eval_batches`` global
-batches of the shards' held-out split (the same batches every time)."""
+batches of the shards' held-out split (the same batches every time); for a reward model, its
+ranking loss and accuracy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from crucible.jobs.spec import RewardRunSpec
 from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
 from crucible.jobs.train.engine import micro_batches
 
@@ -56,6 +58,36 @@ def evaluate(
     return float(total[0] / total[1].clamp(min=1))
 
 
+def evaluate_reward(
+    engine: DeepSpeedEngine, reader: TrainingReader, batches: int, micro: int
+) -> tuple[float, float]:
+    """A reward model's held-out ``(ranking loss per prompt, accuracy)`` over the first
+    ``batches`` global batches: accuracy is the share of answer pairs whose better answer gets
+    the higher reward (every pair of every prompt counted once).
+
+    Args:
+        engine: the DeepSpeed engine of a reward model.
+        reader: a held-out :class:`TrainingReader` of this rank (comparison shards).
+        batches: global batches to evaluate.
+        micro: rows per forward pass.
+    """
+    from crucible.model.reward import ranking_stats
+
+    device = engine.device
+    total = torch.zeros(4, dtype=torch.float64, device=device)
+    engine.eval()
+    with torch.no_grad():
+        for batch in islice(reader.eval_batches(), batches):
+            for mb in micro_batches(batch, micro, device):
+                rewards, _ = engine(
+                    mb["input_ids"], doc_ids=mb["doc_index"], positions=mb["position_ids"]
+                )
+                total += torch.stack([t.double() for t in ranking_stats(rewards, mb["labels"])])
+    engine.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3].clamp(min=1))
+
+
 class EvaluatorCallback(Callback):
     """Adds ``heldout_loss`` to the steps it evaluates at and tells the other callbacks.
 
@@ -83,8 +115,14 @@ class EvaluatorCallback(Callback):
         if self.heldout is None or result.step % t.eval_every:
             return
         t0 = time.time()
-        result.heldout_loss = evaluate(
-            self.ctx.engine, self.heldout, t.eval_batches, self.ctx.plan.micro_batch_size,
-            self.ctx.spec.data.mask_cross_document,
-        )  # fmt: skip
-        self.ctx.callbacks.on_eval(result.heldout_loss, t0, time.time())
+        micro = self.ctx.plan.micro_batch_size
+        if isinstance(self.ctx.spec, RewardRunSpec):
+            result.heldout_loss, result.heldout_accuracy = evaluate_reward(
+                self.ctx.engine, self.heldout, t.eval_batches, micro
+            )
+        else:
+            result.heldout_loss = evaluate(
+                self.ctx.engine, self.heldout, t.eval_batches, micro,
+                self.ctx.spec.data.mask_cross_document,
+            )  # fmt: skip
+        self.ctx.callbacks.on_eval(result.heldout_loss, t0, time.time(), result.heldout_accuracy)

@@ -104,9 +104,9 @@ class PrometheusCallback(Callback):
             result.mfu = mfu
 
     @never_raise
-    def on_eval(self, loss: float, t0: float, t1: float) -> None:
+    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
         if self.metrics is not None:
-            self.metrics.on_eval(loss)
+            self.metrics.on_eval(loss, accuracy)
 
     @never_raise
     def on_save(self, stats: SaveStats, t0: float) -> None:

@@ -70,7 +70,7 @@ class WatchdogCallback(Callback):
         self._progress()
 
     @never_raise
-    def on_eval(self, loss: float, t0: float, t1: float) -> None:
+    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
         self._progress()
 
     @never_raise
