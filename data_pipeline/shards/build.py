@@ -76,21 +76,12 @@ class ShardStage(Stage):
         self.documents_dir = documents_dir
         self.spec = spec
         self.out_dir = out_dir
-        self.spec_hash = spec_hash
-        self.chat_template = chat_template
-        self.comparisons = comparisons
+        self.rows: dict[str, Any] = {"spec_hash": spec_hash, "chat_template": chat_template,
+                                     "comparisons": comparisons}  # fmt: skip
 
     def run(self, ex: Executor) -> dict[str, Any]:
         """Build (or keep) the shard set; its manifest's totals."""
-        m = build_shards(
-            self.documents_dir,
-            self.spec,
-            self.out_dir,
-            ex,
-            self.spec_hash,
-            self.chat_template,
-            self.comparisons,
-        )
+        m = build_shards(self.documents_dir, self.spec, self.out_dir, ex, **self.rows)
         return m.totals.model_dump()
 
 

@@ -30,30 +30,38 @@ def reverse_words(words: Sequence[str], n: int, k: int, seed: int) -> list[dict[
     return out
 
 
-def reverse_comparisons(words: Sequence[str], n: int, k: int, seed: int) -> list[dict[str, object]]:
-    """``n`` comparison records: a ``reverse: …`` prompt and ``k + 1`` answers, best first,
-    with ``k``, ``k - 1``, …, 0 words in their reversed place (the others replaced by
-    another word), so the ranking is the answers' correctness.
+def reverse_comparisons(
+    words: Sequence[str], n: int, k: int, seed: int, answers: int | None = None
+) -> list[dict[str, object]]:
+    """``n`` comparison records: a ``reverse: …`` prompt and its answers, best first, with
+    from ``k`` down to 0 words in their reversed place (the others replaced by another word),
+    so the ranking is the answers' correctness.
 
     Args:
         words: the vocabulary (at least two words).
         n: records.
         k: words per prompt.
         seed: the draw's seed.
+        answers: answers per prompt, 2 to ``k + 1`` (default ``k + 1``: every count of
+            correct words; fewer spread evenly from ``k`` to 0).
     """
+    K = k + 1 if answers is None else answers
+    if not 2 <= K <= k + 1:
+        raise ValueError(f"answers must be 2 to {k + 1}, got {K}")
+    counts = [round(k - i * k / (K - 1)) for i in range(K)]
     rng = random.Random(seed)
     out: list[dict[str, object]] = []
     for _ in range(n):
         w = [rng.choice(words) for _ in range(k)]
         right = list(reversed(w))
-        answers = []
-        for correct in range(k, -1, -1):
+        ranked = []
+        for correct in counts:
             wrong = set(rng.sample(range(k), k - correct))
-            answers.append(" ".join(
+            ranked.append(" ".join(
                 rng.choice([x for x in words if x != t]) if i in wrong else t
                 for i, t in enumerate(right)
             ))  # fmt: skip
-        out.append({"prompt": PROMPT.format(" ".join(w)), "answers": answers})
+        out.append({"prompt": PROMPT.format(" ".join(w)), "answers": ranked})
     return out
 
 
@@ -99,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         "--comparisons", type=int, default=3000,
         help="ranked-answer records for a reward model (comparisons.jsonl; 0: none)",
     )  # fmt: skip
+    ap.add_argument(
+        "--answers", type=int, default=2,
+        help="answers per comparison (2-4; 4 need rows of about 180 tokens)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     sample = Path(__file__).resolve().parents[2] / "data_pipeline" / "sample_words" / "en.txt"
     words = sample.read_text().split()[: args.words]
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         print(p)
     if args.comparisons:
         path = args.out_dir / "comparisons.jsonl"
-        records = reverse_comparisons(words, args.comparisons, 3, seed=2)
+        records = reverse_comparisons(words, args.comparisons, 3, seed=2, answers=args.answers)
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         print(path)
 
