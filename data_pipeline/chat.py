@@ -200,20 +200,29 @@ def record_comparison(
         raise BadRecord("bad_comparison", "the answers are not non-empty strings")
     if len(answers) < 2 or len(set(answers)) != len(answers):
         raise BadRecord("bad_comparison", "a comparison needs two or more distinct answers")
+    return record_prompt(obj, spec), answers
+
+
+def record_prompt(obj: dict[str, Any], spec: ChatSpec) -> list[tuple[str, str]]:
+    """The turns of a record's prompt: ``messages_key`` (turns up to the answer) or
+    ``prompt_key`` (a user turn, after ``system_key``'s message if there is one).
+
+    Raises:
+        BadRecord: neither is there, or a turn is malformed (``bad_chat``).
+    """
     if spec.messages_key in obj:
         raw = obj[spec.messages_key]
         if not isinstance(raw, list) or not raw:
             raise BadRecord("bad_chat", f"{spec.messages_key} is not a non-empty list")
-        prompt = record_turns({spec.messages_key: [*raw, {"role": "assistant", "content": "-"}]},
-                              spec)[:-1]  # fmt: skip
-    elif isinstance(obj.get(spec.prompt_key), str):
-        prompt = record_turns(
-            {spec.prompt_key: obj[spec.prompt_key], spec.response_key: "-",
-             spec.system_key: obj.get(spec.system_key)}, spec
-        )[:-1]  # fmt: skip
-    else:
-        raise BadRecord("bad_chat", f"no {spec.messages_key} or {spec.prompt_key} string")
-    return prompt, answers
+        answered: dict[str, Any] = {
+            spec.messages_key: [*raw, {"role": "assistant", "content": "-"}]
+        }
+        return record_turns(answered, spec)[:-1]
+    if isinstance(obj.get(spec.prompt_key), str):
+        answered = {spec.prompt_key: obj[spec.prompt_key], spec.response_key: "-",
+                    spec.system_key: obj.get(spec.system_key)}  # fmt: skip
+        return record_turns(answered, spec)[:-1]
+    raise BadRecord("bad_chat", f"no {spec.messages_key} or {spec.prompt_key} string")
 
 
 def render_comparison(prompt: list[tuple[str, str]], answers: list[str], template: Template) -> str:

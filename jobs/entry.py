@@ -40,6 +40,10 @@ def run(run_dir: Location, executor: str = "ray", verbose: bool = False) -> int:
         from crucible.jobs.train.run import run_train
 
         return run_train(run_dir)
+    if spec.kind == "rejection-sampling":
+        from crucible.jobs.rlhf.rejection import run_rejection_sampling
+
+        return run_rejection_sampling(run_dir)
     raise CrucibleError(f"jobs of kind {spec.kind!r} are not runnable by this crucible version")
 
 

@@ -36,7 +36,10 @@ def absolutize(spec: RunSpec, base: Path | None = None) -> RunSpec:
         return str(base / p)
 
     data["cluster"]["storage"] = fix(data["cluster"]["storage"])
-    if spec.kind in TRAINING_KINDS:
+    if spec.kind == "rejection-sampling":
+        data["policy"], data["reward"] = fix(data["policy"]), fix(data["reward"])
+        data["prompts"] = [fix(p) for p in data["prompts"]]
+    elif spec.kind in TRAINING_KINDS:
         data["data"]["shards"] = fix(data["data"]["shards"])
         source = data.get("base") or {}
         for key in ("checkpoint", "hf"):

@@ -21,6 +21,7 @@ from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, 
 from crucible.data_pipeline.spec import DataSpec
 from crucible.errors import CrucibleError
 from crucible.jobs.finetune.spec import BaseSpec, LoraSpec
+from crucible.jobs.rlhf.spec import SamplingSpec
 from crucible.jobs.train.spec import (
     CheckpointSpec,
     MonitoringSpec,
@@ -128,12 +129,33 @@ class RewardRunSpec(FinetuneRunSpec):
         return self
 
 
-RunSpec = DataRunSpec | TrainRunSpec | FinetuneRunSpec | RewardRunSpec
-KINDS: dict[str, type[DataRunSpec] | type[TrainRunSpec]] = {
+class RejectionSamplingRunSpec(_RunBase):
+    """A rejection-sampling job (Llama 2-Chat): K answers to each prompt from ``policy``,
+    scored by ``reward``, the best kept as fine-tuning data (``best.jsonl``)."""
+
+    kind: Literal["rejection-sampling"] = Field(description="The job to run.")
+    policy: str = Field(
+        description="The policy: a chat fine-tuned run or checkpoint (path or URI)."
+    )
+    reward: str = Field(description="The reward model: a kind: reward run or checkpoint.")
+    prompts: list[str] = Field(
+        min_length=1,
+        description="JSONL files of prompts: {prompt (, system)} or {messages} records.",
+    )
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How to sample.")
+    num_workers: int = Field(1, ge=1, description="Ray tasks sharing the prompt batches.")
+    use_gpu: bool | None = Field(
+        None, description="One GPU per worker; null: if the cluster has GPUs."
+    )
+
+
+RunSpec = DataRunSpec | TrainRunSpec | FinetuneRunSpec | RewardRunSpec | RejectionSamplingRunSpec
+KINDS: dict[str, type[DataRunSpec] | type[TrainRunSpec] | type[RejectionSamplingRunSpec]] = {
     "data": DataRunSpec,
     "train": TrainRunSpec,
     "finetune": FinetuneRunSpec,
     "reward": RewardRunSpec,
+    "rejection-sampling": RejectionSamplingRunSpec,
 }
 TRAINING_KINDS = ("train", "finetune", "reward")  # the kinds the train job runs
 

@@ -52,7 +52,7 @@ def pack_file(job: dict[str, Any]) -> dict[str, Any]:
     if template is None:
         rows = encode_and_pack(tok, docs, seq_len, eos, dtype, stats)
     else:
-        tok = _text_specials(tok)
+        tok = text_specials(tok)
         # a comparison's scored tokens (each answer's EOS) must all be inputs: seq_len of them
         comparisons = bool(job.get("comparisons"))
         encode, cap = (
@@ -79,7 +79,7 @@ def shard_schema(row_len: int, dtype: pa.DataType, chat_template: str | None) ->
     return (row_schema if chat_template is None else chat_row_schema)(row_len, dtype)
 
 
-def _text_specials(tok: Tokenizer) -> Tokenizer:
+def text_specials(tok: Tokenizer) -> Tokenizer:
     """``tok`` encoding special tokens as plain text (a document never holds an EOS)."""
     if tok.encode_special_tokens:
         return tok

@@ -81,6 +81,24 @@ def encode_examples(
             yield doc_id, ids, mask, (0,)
 
 
+def encode_conversations(
+    tok: Tokenizer, texts: Sequence[str], template: Template, eos_id: int
+) -> list[list[int]]:
+    """Token ids of rendered conversations as the shards hold them: each piece (header,
+    turn) encoded on its own, then EOS. A reward model scores a conversation at that EOS.
+
+    Args:
+        tok: the tokenizer (special tokens encoded as text).
+        texts: rendered conversations.
+        template: their template.
+        eos_id: appended to each.
+    """
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    pieces = [[p for p, _ in split_rendered(t, template)] for t in texts]
+    flat = iter(e.ids for e in encode([p for ps in pieces for p in ps], add_special_tokens=False))
+    return [[t for _ in ps for t in next(flat)] + [eos_id] for ps in pieces]
+
+
 def encode_comparisons(
     tok: Tokenizer,
     doc_ids: Sequence[str],
@@ -105,21 +123,16 @@ def encode_comparisons(
         max_len: longest comparison kept (all its answers).
         stats: documents, empty (unparseable), too long, tokens and targets (answers).
     """
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     stats.documents += len(texts)
     for doc_id, text in zip(doc_ids, texts, strict=True):
         convs = split_comparison(text or "", template)
         if len(convs) < 2:
             stats.empty_documents += 1
             continue
-        pieces = [[p for p, _ in split_rendered(c, template)] for c in convs]
-        encoded = iter(e.ids for e in encode([p for ps in pieces for p in ps],
-                                             add_special_tokens=False))  # fmt: skip
         ids: list[int] = []
         mask: list[int] = []
         starts: list[int] = []
-        for rank, ps in enumerate(pieces):
-            conv = [t for _ in ps for t in next(encoded)] + [eos_id]
+        for rank, conv in enumerate(encode_conversations(tok, convs, template, eos_id)):
             starts.append(len(ids))
             ids += conv
             mask += [0] * (len(conv) - 1) + [rank + 1]

@@ -63,7 +63,7 @@ def _submit(spec: object, resume: bool, detach: bool) -> None:
 @app.command("run")
 def run(
     spec_path: Path = typer.Argument(
-        ..., metavar="SPEC", help="A spec with kind: train, finetune or reward."
+        ..., metavar="SPEC", help="A spec of kind train, finetune, reward or rejection-sampling."
     ),
     set_: list[str] = SetOption,
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
@@ -83,6 +83,10 @@ def run(
             "(data specs run with `crucible data run`)"
         )
     if dry_run:
+        if spec.kind == "rejection-sampling":
+            raise CrucibleError(
+                "--dry-run prints a training plan; kind: rejection-sampling has none"
+            )
         typer.echo(dry_run_text(spec))
         return
     _submit(spec, resume=False, detach=detach)

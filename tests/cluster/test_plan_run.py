@@ -12,7 +12,8 @@ from crucible.jobs.cli.plan import format_run_plan
 from crucible.jobs.spec import parse_spec
 
 # The train job's DeepSpeed config for the tiny spec below on 2 CPU ranks, as
-# jobs/train/plan.py built it (commit 56b265e), key order included.
+# jobs/train/plan.py built it (commit 56b265e), key order included; since then the bucket
+# sizes are capped by the model's 141,056 parameters (DeepSpeed allocates them whole).
 TINY_DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
     "gradient_accumulation_steps": 2,
@@ -23,8 +24,8 @@ TINY_DS_CONFIG = {
         "stage": 3,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": 500000000,
-        "stage3_prefetch_bucket_size": 50000000,
+        "reduce_bucket_size": 141056,
+        "stage3_prefetch_bucket_size": 141056,
         "stage3_param_persistence_threshold": 100000,
         "stage3_max_live_parameters": 1000000000,
         "stage3_gather_16bit_weights_on_model_save": False,
