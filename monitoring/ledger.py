@@ -184,6 +184,11 @@ def account(
     for a in reversed(attempts):
         top = max((r["step"] for r in a.records if r["kind"] == "step"), default=0)
         own = top if (a is last and finished) else _committed(a)
+        if a.resumed_from < upper <= top:
+            # The next attempt resumed from a step this one trained: this one committed it,
+            # even if it died before recording the commit (an asynchronous save commits in
+            # the background, and its record follows).
+            own = max(own, int(upper))
         windows[a.index] = (a.resumed_from, int(min(upper, own)))
         upper = min(upper, a.resumed_from)
     submissions = read_submissions(run_dir)

@@ -65,6 +65,26 @@ def test_resume_from_an_older_checkpoint_loses_the_newer_work(tmp_path: Path) ->
     assert s.seconds["productive"] == pytest.approx(20 * 0.9 * 2)
 
 
+def test_a_commit_the_dead_attempt_never_recorded_is_its_work_not_lost(tmp_path: Path) -> None:
+    # Attempt 1 records checkpoint 10; checkpoint 20 is committed in the background but the
+    # attempt dies before recording it. Attempt 2 resumes from 20: steps 11-20 are attempt
+    # 1's productive work, only 21-25 are lost.
+    w = LedgerWriter(tmp_path, 2, resumed_from=0, start_time=0.0)
+    w.startup_done(10.0)
+    t = 10.0
+    for n in range(1, 26):
+        w.step(n, t, t + 1.0, data_wait_seconds=0.1)
+        t += 1.0
+        if n == 10:
+            w.checkpoint(n, t, t + 2.0, committed=True)
+            t += 2.0
+    w.close()
+    write_attempt(tmp_path, 2, t + 5, 20, range(21, 31), 10, end="finished")
+    s = account(tmp_path)
+    assert s.seconds["lost"] == pytest.approx(5 * 0.9 * 2)
+    assert s.seconds["productive"] == pytest.approx(30 * 0.9 * 2)
+
+
 def test_live_attempt_has_uncommitted_work_until_it_goes_stale(tmp_path: Path) -> None:
     end = write_attempt(tmp_path, 1, 0.0, 0, range(1, 8), 5, end=None)
     live = account(tmp_path, now=end + 1)
