@@ -150,15 +150,20 @@ def export_cmd(
         "path or URI.",
     ),
     format: str = typer.Option(
-        "hf", "--format", help="hf (transformers directory), torch, or gguf (llama.cpp file)."
+        "hf",
+        "--format",
+        help="hf (transformers directory), torch, gguf (llama.cpp file) or torchao (int8 "
+        "weights for PyTorch).",
     ),
-    out: Path = typer.Option(..., "--out", help="Output directory (hf) or file (torch, gguf)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output directory (hf) or file (torch, gguf, torchao)."
+    ),
     dtype: str = typer.Option("fp32", help="fp32 or bf16 weights (hf, torch)."),
     quant: str | None = typer.Option(
         None,
         "--quant",
         help="gguf: f32, f16 (default), q8_0, q5_0, q5_1, q4_0 or q4_1; k-quants (q4_k_m) come "
-        "from llama.cpp's llama-quantize on an f16 file.",
+        "from llama.cpp's llama-quantize on an f16 file. torchao: int8 (weight-only).",
     ),
 ) -> None:
     """Gather a ZeRO-3 checkpoint's shards into consolidated weights (HF, torch or GGUF)."""
@@ -167,12 +172,24 @@ def export_cmd(
     if format == "gguf":
         _export_gguf(checkpoint, out, quant or "f16", dtype)
         return
-    if format not in ("hf", "torch"):
-        raise CrucibleError(f"--format {format!r} is not one of hf, torch, gguf")
-    if quant is not None:
-        raise CrucibleError("--quant is for --format gguf; hf and torch take --dtype")
     if dtype not in ("fp32", "bf16"):
         raise CrucibleError(f"--dtype {dtype!r} is not one of fp32, bf16")
+    if format == "torchao":
+        from crucible.jobs.train.export import load_model
+        from crucible.model.torchao_export import quantize, save_quantized
+
+        model = quantize(load_model(checkpoint, dtype), quant or "int8")
+        save_quantized(model, out, quant or "int8")
+        typer.echo(
+            f"wrote torchao {quant or 'int8'} weights ({dtype} activations, "
+            f"{out.stat().st_size:,} bytes) to {out}; load them with "
+            "crucible.model.torchao_export.load_quantized"
+        )
+        return
+    if format not in ("hf", "torch"):
+        raise CrucibleError(f"--format {format!r} is not one of hf, torch, gguf, torchao")
+    if quant is not None:
+        raise CrucibleError("--quant is for --format gguf and torchao; hf and torch take --dtype")
     path = export_checkpoint(checkpoint, format, out, dtype)  # type: ignore[arg-type]
     typer.echo(f"wrote {format} weights ({dtype}) to {path}")
 
