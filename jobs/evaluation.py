@@ -127,6 +127,7 @@ def prompt_accuracy(
     max_new_tokens: int,
     batch_size: int,
     template: Template | None = None,
+    lockstep: bool = False,
 ) -> dict[str, Any]:
     """Greedy completions of every prompt and their exact match with the reference.
 
@@ -141,6 +142,8 @@ def prompt_accuracy(
         max_new_tokens: most tokens per completion.
         batch_size: prompts per generation batch.
         template: the chat template the model was fine-tuned with (None: plain text).
+        lockstep: every rank of a sharded model runs this on the same prompts (see
+            :func:`~crucible.model.generate.generate`).
     """
     from crucible.data_pipeline.chat import generation_prompt
     from crucible.model.generate import generate
@@ -161,7 +164,10 @@ def prompt_accuracy(
     rows: list[dict[str, Any]] = []
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        outs = generate(model, [ids for _, ids in chunk], max_new_tokens, 0.0, None, 1.0, {eos})
+        outs = generate(
+            model, [ids for _, ids in chunk], max_new_tokens, 0.0, None, 1.0, {eos},
+            lockstep=lockstep,
+        )  # fmt: skip
         for (rec, _), new in zip(chunk, outs, strict=True):
             text = tokenizer.decode([t for t in new if t != eos])
             if template is not None:

@@ -38,6 +38,8 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "train.max_tokens",
     "train.eval_every",
     "train.eval_batches",
+    "train.eval_prompts",
+    "train.eval_max_new_tokens",
     "train.max_failures",
     "train.log_every",
     "train.hang_timeout_s",

@@ -41,6 +41,8 @@ def absolutize(spec: RunSpec, base: Path | None = None) -> RunSpec:
         data["prompts"] = [fix(p) for p in data["prompts"]]
     elif spec.kind in TRAINING_KINDS:
         data["data"]["shards"] = fix(data["data"]["shards"])
+        if data["train"].get("eval_prompts"):
+            data["train"]["eval_prompts"] = fix(data["train"]["eval_prompts"])
         source = data.get("base") or {}
         for key in ("checkpoint", "hf"):
             if source.get(key):

@@ -123,6 +123,9 @@ class RewardRunSpec(FinetuneRunSpec):
     def _full(self) -> RewardRunSpec:
         if self.lora is not None:
             raise ValueError("lora is not supported for kind: reward; train it fully")
+        if self.train.eval_prompts is not None:
+            raise ValueError("train.eval_prompts is for language models; a reward model's "
+                             "evaluation is its held-out accuracy")  # fmt: skip
         if not self.data.mask_cross_document:
             raise ValueError("a reward model scores each answer alone: keep "
                              "data.mask_cross_document true")  # fmt: skip

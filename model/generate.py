@@ -75,6 +75,7 @@ def generate(
     top_p: float = 1.0,
     stop_tokens: Collection[int] = (),
     generator: torch.Generator | None = None,
+    lockstep: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens, all rows in one batch.
 
@@ -92,6 +93,9 @@ def generate(
         top_p: sample from the smallest set of tokens whose probability reaches this.
         stop_tokens: ids that end a row (e.g. the tokenizer's EOS).
         generator: random source of sampling (seed it for reproducible samples).
+        lockstep: decode all ``max_new_tokens`` steps even after every row has stopped, so
+            that the number of forward passes depends on the shapes alone (every rank of a
+            ZeRO-3-sharded model must run the same forwards).
 
     Returns:
         The new tokens of each row, in prompt order.
@@ -129,7 +133,7 @@ def generate(
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             new.append(nxt)
             ended |= torch.isin(nxt, stop)
-            if step + 1 == max_new_tokens or bool(ended.all()):
+            if step + 1 == max_new_tokens or (not lockstep and bool(ended.all())):
                 break
             logits = model(nxt[:, None], cache=cache)[0][:, -1]
     finally:

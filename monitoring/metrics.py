@@ -123,7 +123,14 @@ class TrainMetrics:
             "A reward model's last held-out accuracy (answer pairs ordered right).",
             registry=g,
         )
-        self.heldout_accuracy.set(math.nan)  # NaN, not 0, in runs that are not reward models
+        self.heldout_exact_match = Gauge(
+            "crucible_train_heldout_exact_match_ratio",
+            "Greedy exact match of the run's evaluation prompts (train.eval_prompts).",
+            registry=g,
+        )
+        # NaN, not 0, where a run does not measure them
+        self.heldout_accuracy.set(math.nan)
+        self.heldout_exact_match.set(math.nan)
         self.lr = Gauge(
             "crucible_train_learning_rate", "Learning rate of the last step.", registry=g
         )
@@ -276,17 +283,22 @@ class TrainMetrics:
         self.straggler.set(1.0 if straggler else 0.0)
 
     @never_raise
-    def on_eval(self, loss: float, accuracy: float | None = None) -> None:
+    def on_eval(
+        self, loss: float, accuracy: float | None = None, exact_match: float | None = None
+    ) -> None:
         """Record a held-out loss.
 
         Args:
             loss: token-weighted held-out loss (a reward model's ranking loss).
             accuracy: a reward model's share of held-out answer pairs ordered right.
+            exact_match: greedy exact match of the run's evaluation prompts.
         """
         if self.is_global:
             self.heldout.set(_finite(loss))
             if accuracy is not None:
                 self.heldout_accuracy.set(_finite(accuracy))
+            if exact_match is not None:
+                self.heldout_exact_match.set(_finite(exact_match))
 
     @never_raise
     def on_checkpoint(

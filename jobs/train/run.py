@@ -55,6 +55,9 @@ def check_shards(spec: TrainRunSpec) -> Manifest:
             f"shards {spec.data.shards} hold packed conversations: set "
             "data.mask_cross_document: true so that examples do not attend to each other"
         )
+    prompts = spec.train.eval_prompts
+    if prompts is not None and not location(prompts).is_file():
+        raise CrucibleError(f"train.eval_prompts: {prompts} does not exist")
     if manifest.comparisons != isinstance(spec, RewardRunSpec):
         raise CrucibleError(
             f"shards {spec.data.shards} hold comparisons (ranked answers): train a reward model "

@@ -98,6 +98,14 @@ class TrainSpec(StrictModel):
     )
     eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: never).")
     eval_batches: int = Field(4, ge=1, description="Held-out batches per evaluation.")
+    eval_prompts: str | None = Field(
+        None,
+        description="JSONL of prompt/reference records (as crucible eval --prompts takes): "
+        "greedy exact match at every evaluation (language models; chat shards' template).",
+    )
+    eval_max_new_tokens: int = Field(
+        32, ge=1, description="Most tokens per completion of eval_prompts."
+    )
     max_failures: int = Field(
         3, ge=0, description="Worker-group restarts from the last checkpoint before giving up."
     )

@@ -111,8 +111,11 @@ def _exact_match(model: Any, task: dict[str, Path]) -> float:
 
 @pytest.fixture(scope="module")
 def full_run(task: dict[str, Path]) -> Iterator[Path]:
-    """Full fine-tuning, 2 ranks under torchrun (the same loop as on Ray Train)."""
+    """Full fine-tuning, 2 ranks under torchrun (the same loop as on Ray Train), with the
+    held-out prompts' exact match at each evaluation."""
     spec = _spec("sft-full", task["root"] / "runs", task)
+    spec.train.eval_prompts = str(task["heldout"])
+    spec.train.eval_max_new_tokens = 12
     run = prepare_run(spec)
     out = subprocess.run(
         [sys.executable, "-m", "crucible.jobs.train.standalone", run.uri, "--nproc", "2"],
@@ -139,6 +142,10 @@ def test_full_finetune_learns_the_task(full_run: Path, task: dict[str, Path]) ->
     evals = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["heldout_loss"] for r in evals if "heldout_loss" in r]
     assert len(losses) == 2 and losses[-1] < losses[0]
+    # the job's own exact match (every rank decoding in lockstep under ZeRO-3) is the
+    # exported model's, but for greedy near-ties between sharded and whole weights
+    in_job = [r["heldout_exact_match"] for r in evals if "heldout_exact_match" in r]
+    assert len(in_job) == 2 and in_job[-1] == pytest.approx(em, abs=0.05), (in_job, em)
 
 
 def test_finetune_refuses_another_shape_or_tokenizer(

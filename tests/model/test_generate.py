@@ -172,6 +172,14 @@ def test_stop_tokens_end_a_row(
     finally:
         hook.remove()
     assert out == cut[:1] and len(calls) == len(cut[0])  # the prompt, then one step per token
+    # In lockstep (every rank of a sharded model) all steps run; the output is the same.
+    calls.clear()
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = generate(model, prompts[:1], 12, stop_tokens={stop}, lockstep=True)
+    finally:
+        hook.remove()
+    assert out == cut[:1] and len(calls) == 12
 
 
 def test_bad_arguments_are_rejected(gpt_cfg: ModelConfig, make_model: Callable[..., GPT]) -> None:

@@ -45,6 +45,13 @@ class StepResult:
     """Held-out loss (set by the evaluator on evaluation steps)."""
     heldout_accuracy: float | None = None
     """A reward model's held-out accuracy: the share of answer pairs ordered right."""
+    heldout_exact_match: float | None = None
+    """Greedy exact match of ``train.eval_prompts`` (set on evaluation steps when given)."""
+
+    def scores(self) -> dict[str, float]:
+        """The evaluation's scores besides the loss, by name (``accuracy``, ``exact_match``)."""
+        out = {"accuracy": self.heldout_accuracy, "exact_match": self.heldout_exact_match}
+        return {k: v for k, v in out.items() if v is not None}
 
     def record(self) -> dict[str, Any]:
         """The step's record in ``metrics.jsonl`` (without its kind and time)."""
@@ -62,8 +69,8 @@ class StepResult:
         }
         if self.heldout_loss is not None:
             out["heldout_loss"] = self.heldout_loss
-        if self.heldout_accuracy is not None:
-            out["heldout_accuracy"] = self.heldout_accuracy
+        for name, value in self.scores().items():
+            out[f"heldout_{name}"] = value
         return out
 
     def scalars(self) -> dict[str, float]:
@@ -80,8 +87,8 @@ class StepResult:
             out["train/mfu"] = self.mfu
         if self.heldout_loss is not None:
             out["eval/heldout_loss"] = self.heldout_loss
-        if self.heldout_accuracy is not None:
-            out["eval/heldout_accuracy"] = self.heldout_accuracy
+        for name, value in self.scores().items():
+            out[f"eval/heldout_{name}"] = value
         return out
 
 
@@ -118,9 +125,11 @@ class Callback:
     def on_step_end(self, result: StepResult) -> None:
         """An optimizer step finished."""
 
-    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
-        """A held-out evaluation ran from ``t0`` to ``t1`` (unix seconds); ``accuracy`` is a
-        reward model's (pairs ordered right)."""
+    def on_eval(
+        self, loss: float, t0: float, t1: float, scores: dict[str, float] | None = None
+    ) -> None:
+        """A held-out evaluation ran from ``t0`` to ``t1`` (unix seconds); ``scores`` are its
+        other results by name (a reward model's ``accuracy``, ``exact_match`` on prompts)."""
 
     def on_save(self, stats: SaveStats, t0: float) -> None:
         """A checkpoint was committed; its save began at ``t0`` (unix seconds), and the loop
@@ -152,9 +161,11 @@ class Callbacks(Callback):
         for cb in self.items:
             cb.on_step_end(result)
 
-    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
+    def on_eval(
+        self, loss: float, t0: float, t1: float, scores: dict[str, float] | None = None
+    ) -> None:
         for cb in self.items:
-            cb.on_eval(loss, t0, t1, accuracy)
+            cb.on_eval(loss, t0, t1, scores)
 
     def on_save(self, stats: SaveStats, t0: float) -> None:
         for cb in self.items:

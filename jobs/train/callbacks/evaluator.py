@@ -88,8 +88,37 @@ def evaluate_reward(
     return float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3].clamp(min=1))
 
 
+def evaluate_prompts(ctx: TrainContext) -> float:
+    """Greedy exact match of ``train.eval_prompts`` (prompt/reference JSONL) by the model
+    being trained. Every rank decodes every prompt in lockstep (a ZeRO-3 forward needs all
+    ranks), so all get the same completions; the run's tokenizer and chat template are its
+    shards'.
+
+    Args:
+        ctx: the rank's training context.
+    """
+    from crucible.cluster.storage import location
+    from crucible.data_pipeline.chat import TEMPLATES
+    from crucible.data_pipeline.shards.manifest import read_manifest
+    from crucible.jobs.cli.generate import run_tokenizer
+    from crucible.jobs.evaluation import prompt_accuracy, read_prompts
+
+    spec = ctx.spec
+    assert spec.train.eval_prompts is not None
+    tok, eos = run_tokenizer(spec.data.shards)
+    chat = read_manifest(spec.data.shards).chat_template
+    prompts = read_prompts(location(spec.train.eval_prompts))
+    with torch.no_grad():
+        acc = prompt_accuracy(
+            ctx.engine.module, tok, eos, prompts, spec.train.eval_max_new_tokens,
+            batch_size=64, template=TEMPLATES[chat] if chat else None, lockstep=True,
+        )  # fmt: skip
+    return float(acc["exact_match"])
+
+
 class EvaluatorCallback(Callback):
-    """Adds ``heldout_loss`` to the steps it evaluates at and tells the other callbacks.
+    """Adds ``heldout_loss`` (and a reward model's accuracy, or the exact match of
+    ``train.eval_prompts``) to the steps it evaluates at and tells the other callbacks.
 
     Args:
         ctx: the rank's training context.
@@ -125,4 +154,6 @@ class EvaluatorCallback(Callback):
                 self.ctx.engine, self.heldout, t.eval_batches, micro,
                 self.ctx.spec.data.mask_cross_document,
             )  # fmt: skip
-        self.ctx.callbacks.on_eval(result.heldout_loss, t0, time.time(), result.heldout_accuracy)
+            if t.eval_prompts is not None:
+                result.heldout_exact_match = evaluate_prompts(self.ctx)
+        self.ctx.callbacks.on_eval(result.heldout_loss, t0, time.time(), result.scores())

@@ -84,7 +84,9 @@ class LedgerCallback(Callback):
             )  # fmt: skip
 
     @never_raise
-    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
+    def on_eval(
+        self, loss: float, t0: float, t1: float, scores: dict[str, float] | None = None
+    ) -> None:
         if self.writer is not None:
             self.writer.interval("eval", t0, t1)
 

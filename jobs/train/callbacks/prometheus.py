@@ -104,9 +104,11 @@ class PrometheusCallback(Callback):
             result.mfu = mfu
 
     @never_raise
-    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
+    def on_eval(
+        self, loss: float, t0: float, t1: float, scores: dict[str, float] | None = None
+    ) -> None:
         if self.metrics is not None:
-            self.metrics.on_eval(loss, accuracy)
+            self.metrics.on_eval(loss, **(scores or {}))
 
     @never_raise
     def on_save(self, stats: SaveStats, t0: float) -> None:

@@ -33,6 +33,8 @@ def step_line(record: dict[str, Any], total_steps: int) -> str:
     held = f" heldout {record['heldout_loss']:.4f}" if "heldout_loss" in record else ""
     if "heldout_accuracy" in record:
         held += f" accuracy {record['heldout_accuracy']:.3f}"
+    if "heldout_exact_match" in record:
+        held += f" exact match {record['heldout_exact_match']:.3f}"
     mfu = f" MFU {record['mfu']:.2%}" if record.get("mfu") is not None else ""
     return (
         f"step {record['step']}/{total_steps} loss {record['loss']:.4f}{held} "

@@ -70,7 +70,9 @@ class WatchdogCallback(Callback):
         self._progress()
 
     @never_raise
-    def on_eval(self, loss: float, t0: float, t1: float, accuracy: float | None = None) -> None:
+    def on_eval(
+        self, loss: float, t0: float, t1: float, scores: dict[str, float] | None = None
+    ) -> None:
         self._progress()
 
     @never_raise
