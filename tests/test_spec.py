@@ -55,11 +55,11 @@ def test_unknown_top_level_key_lists_valid_keys(tmp_path: Path) -> None:
 
 
 def test_wrong_type_and_value_name_path_value_and_allowed(tmp_path: Path) -> None:
-    p = write(tmp_path, "kind: reward\nname: r\n")
+    p = write(tmp_path, "kind: pretrain\nname: r\n")
     with pytest.raises(CrucibleError) as e:
         load_spec(p)
-    assert 'kind = "reward" is invalid' in str(e.value)
-    assert "use one of data, train, finetune" in str(e.value)
+    assert 'kind = "pretrain" is invalid' in str(e.value)
+    assert "use one of data, train, finetune, reward, rejection-sampling" in str(e.value)
     p = write(tmp_path, "kind: data\nname: 'bad name!'\n" + DATA)
     with pytest.raises(CrucibleError, match=r"name = \"bad name!\" is invalid: use letters"):
         load_spec(p)
