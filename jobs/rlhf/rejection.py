@@ -297,8 +297,7 @@ def write_outputs(
             continue
         best = max(scored, key=lambda a: a["reward"])
         kept.append(best["reward"])
-        rec = {k: v for k, v in row["record"].items() if k in ("prompt", "system", "messages")}
-        best_lines.append(json.dumps(rec | {"response": best["text"]}) + "\n")
+        best_lines.append(json.dumps(sft_record(row["record"], best["text"])) + "\n")
     (run_dir / "samples.jsonl").write_text(
         "".join(json.dumps({"prompt": r["record"], "answers": r["answers"]}) + "\n" for r in rows)
     )
@@ -314,6 +313,21 @@ def write_outputs(
     }
     (run_dir / "summary.json").write_json(summary)
     return summary
+
+
+def sft_record(prompt: dict[str, Any], answer: str) -> dict[str, Any]:
+    """A fine-tuning record of ``answer`` to ``prompt`` as a data run with ``reader.chat``
+    reads it: ``messages`` with the answer as the last turn, or ``prompt`` (and ``system``)
+    with ``response``.
+
+    Args:
+        prompt: the prompt record (its other fields, such as a reference, are dropped).
+        answer: the kept answer.
+    """
+    if "messages" in prompt:
+        return {"messages": [*prompt["messages"], {"role": "assistant", "content": answer}]}
+    kept = {k: prompt[k] for k in ("prompt", "system") if k in prompt}
+    return kept | {"response": answer}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
