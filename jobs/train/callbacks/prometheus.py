@@ -46,6 +46,9 @@ def shared_peak_flops(rank: int) -> tuple[str, float]:
     return str(device), float(peak)
 
 
+FINAL_SCRAPE_S = 30.0
+
+
 class PrometheusCallback(Callback):
     """Serves this rank's metrics and records every event in them.
 
@@ -122,5 +125,9 @@ class PrometheusCallback(Callback):
         if self.port is not None:
             from crucible.monitoring.exporter import stop_exporter
 
-            stop_exporter(self.port)
+            # Rank 0's run-wide values (the last step, the last checkpoint) reach Prometheus
+            # only if it scrapes once more: wait for that scrape, up to two 15 s intervals,
+            # except when a preemption's grace period is running out.
+            final = FINAL_SCRAPE_S if self.ctx.rank == 0 and status != "preempted" else 0.0
+            stop_exporter(self.port, final_scrape_s=final)
             self.port = None
