@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,22 @@ from typing import Any
 import pytest
 
 from crucible.jobs.spec import TrainRunSpec, parse_spec
+
+
+@pytest.fixture(scope="session")
+def standalone() -> Callable[[str], str]:
+    """``standalone(run_uri)``: run a prepared run's training under torchrun, 2 ranks (the
+    loop Ray Train runs); it must succeed. Returns its standard output (the job log)."""
+
+    def run(uri: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "crucible.jobs.train.standalone", uri, "--nproc", "2"],
+            capture_output=True, text=True, timeout=1800,  # a bound on a broken run
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+        return out.stdout
+
+    return run
 
 
 @pytest.fixture

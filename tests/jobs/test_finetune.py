@@ -7,9 +7,7 @@ answers only (the masks are checked in tests/data_pipeline/test_chat.py)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,18 +108,14 @@ def _exact_match(model: Any, task: dict[str, Path]) -> float:
 
 
 @pytest.fixture(scope="module")
-def full_run(task: dict[str, Path]) -> Iterator[Path]:
+def full_run(task: dict[str, Path], standalone: Callable[[str], str]) -> Iterator[Path]:
     """Full fine-tuning, 2 ranks under torchrun (the same loop as on Ray Train), with the
     held-out prompts' exact match at each evaluation."""
     spec = _spec("sft-full", task["root"] / "runs", task)
     spec.train.eval_prompts = str(task["heldout"])
     spec.train.eval_max_new_tokens = 12
     run = prepare_run(spec)
-    out = subprocess.run(
-        [sys.executable, "-m", "crucible.jobs.train.standalone", run.uri, "--nproc", "2"],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    standalone(run.uri)
     yield run.local_path
 
 
@@ -283,20 +277,14 @@ def test_hf_base_from_object_storage(s3: Any, task: dict[str, Path], tmp_path: P
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _standalone(run: Any) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "crucible.jobs.train.standalone", run.uri, "--nproc", "2"],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "step"}
 
 
-def test_finetune_resumes_bitwise(task: dict[str, Path], tmp_path: Path) -> None:
+def test_finetune_resumes_bitwise(
+    task: dict[str, Path], tmp_path: Path, standalone: Callable[[str], str]
+) -> None:
     """LoRA fine-tuning stopped at step 10 and resumed to 20 gives the losses of an
     uninterrupted run, bit for bit (same world size, CPU): the base is loaded again, then the
     checkpoint (adapters, optimizer, RNG, data position) over it."""
@@ -308,10 +296,10 @@ def test_finetune_resumes_bitwise(task: dict[str, Path], tmp_path: Path) -> None
         data["checkpoint"]["every_steps"] = 10
         return parse_spec(data)  # type: ignore[return-value]
 
-    _standalone(prepare_run(spec("straight", 20)))
-    _standalone(prepare_run(spec("resumed", 10)))
+    standalone(prepare_run(spec("straight", 20)).uri)
+    standalone(prepare_run(spec("resumed", 10)).uri)
     run = prepare_run(spec("resumed", 20), resume=True)
-    _standalone(run)
+    standalone(run.uri)
     straight, resumed = _losses(tmp_path / "straight"), _losses(run.local_path)
     assert sorted(resumed) == list(range(1, 21))
     assert resumed == straight

@@ -12,8 +12,7 @@ words in their reversed place than the answers on average."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reward_run(root: Path) -> Path:
+def reward_run(root: Path, standalone: Callable[[str], str]) -> Path:
     records = reverse_comparisons(WORDS, 3000, 3, seed=2)
     (root / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     data = DataSpec.model_validate(
@@ -83,22 +82,13 @@ def reward_run(root: Path) -> Path:
     })  # fmt: skip
     assert isinstance(spec, RewardRunSpec)
     run = prepare_run(spec)
-    out = _standalone(run.uri)
+    out = standalone(run.uri)
     assert "accuracy" in out  # the job log's evaluation lines
     return run.local_path
 
 
-def _standalone(run: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "crucible.jobs.train.standalone", run, "--nproc", "2"],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
-def policy_run(root: Path, reward_run: Path) -> Path:
+def policy_run(root: Path, reward_run: Path, standalone: Callable[[str], str]) -> Path:
     """A policy that has begun to learn the task: 60 steps of full fine-tuning of the same
     random base on prompt/response records, with the reward model's tokenizer."""
     train, _ = write_task(root / "task", WORDS, train=3000, heldout=60)
@@ -122,7 +112,7 @@ def policy_run(root: Path, reward_run: Path) -> Path:
         "cluster": {"storage": str(root / "runs")},
     })  # fmt: skip
     run = prepare_run(spec)
-    _standalone(run.uri)
+    standalone(run.uri)
     return run.local_path
 
 

@@ -5,8 +5,7 @@ none under stage 0), and the commit, the per-rank fetch and the export follow th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,6 @@ def _spec(name: str, storage: str, shards: Path, stage: int) -> TrainRunSpec:
     return spec
 
 
-def _standalone(run: Location) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "crucible.jobs.train.standalone", run.uri, "--nproc", "2"],
-        capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-
-
 def _losses(run: Location) -> list[tuple[int, float]]:
     records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     return [(r["step"], r["loss"]) for r in records if r["kind"] == "step"]
@@ -51,7 +42,12 @@ def _losses(run: Location) -> list[tuple[int, float]]:
     ("stage", "storage"), [(0, "local"), (2, "s3")], ids=["stage0-local", "stage2-s3"]
 )
 def test_zero_stage_checkpoint_resumes_bitwise_and_exports(
-    stage: int, storage: str, train_shards: Path, tmp_path: Path, request: pytest.FixtureRequest
+    stage: int,
+    storage: str,
+    train_shards: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    standalone: Callable[[str], str],
 ) -> None:
     """4 steps with a checkpoint every 2; step-4 is set aside and the run resumed from step-2
     retrains steps 3 and 4 with the same losses and the same final weights, bit for bit
@@ -63,7 +59,7 @@ def test_zero_stage_checkpoint_resumes_bitwise_and_exports(
         root = f"{request.getfixturevalue('s3').bucket('zero')}/{request.node.name}"
     spec = _spec(f"zero{stage}", root, train_shards, stage)
     run = prepare_run(spec)
-    _standalone(run)
+    standalone(run.uri)
     checkpoints = run / "checkpoints"
     assert ckpt.committed_steps(checkpoints) == [2, 4]
     manifest = ckpt.read_manifest(checkpoints / "step-4")
@@ -77,7 +73,7 @@ def test_zero_stage_checkpoint_resumes_bitwise_and_exports(
     before = _losses(run)
 
     prepare_run(spec, resume=True)
-    _standalone(run)
+    standalone(run.uri)
     again, _ = consolidate(checkpoints / "step-4")
     after = _losses(run)[len(before) :]
     assert [s for s, _ in after] == [3, 4]  # resumed from step-2
