@@ -222,25 +222,38 @@ def data() -> dict[str, Any]:
     ], "crucible_data_documents_in_total")  # fmt: skip
 
 
+# The run's device-seconds and goodput computed from the ledger's own series, as the
+# recording rules do: a recording rule only holds a value where one of its evaluations fell
+# after a scrape had landed, so a short run (or a slow scrape) can leave it empty while the raw
+# series have data.
+GPU_SECONDS = (
+    f"(sum by (run) (crucible_gpu_seconds_total{R}) "
+    f"+ sum by (run) (crucible_gpu_uncommitted_seconds{R}))"
+)
+GOODPUT = (
+    f'sum by (run) (crucible_gpu_seconds_total{{run="$run", phase="productive"}}) / {GPU_SECONDS}'
+)
+
+
 def cost() -> dict[str, Any]:
     """GPU-hours by phase, goodput, budget burn-down."""
     return dashboard("crucible-cost", "Crucible / Cost", [
-        panel("GPU-hours", [(f"run:crucible_gpu_seconds:sum{R} / 3600", "GPU-hours")], "stat",
+        panel("GPU-hours", [(f"{GPU_SECONDS} / 3600", "GPU-hours")], "stat",
               w=6, h=5),
-        panel("Goodput", [(f"run:crucible_goodput:ratio{R}", "goodput")], "stat",
+        panel("Goodput", [(GOODPUT, "goodput")], "stat",
               "percentunit", w=6, h=5,
               description="Productive device time (steps kept by a committed checkpoint) ÷ all."),
         panel("Budget left (GPU-hours)", [(
-            f"(max(crucible_gpu_budget_seconds{R}) - sum(run:crucible_gpu_seconds:sum{R})) / 3600",
+            f"(max(crucible_gpu_budget_seconds{R}) - sum({GPU_SECONDS})) / 3600",
             "left")], "stat", w=6, h=5),
         panel("Projected GPU-hours at the end", [(
-            f"sum(run:crucible_gpu_seconds:sum{R}) / (max(crucible_train_step{R}) / "
+            f"sum({GPU_SECONDS}) / (max(crucible_train_step{R}) / "
             f"max(crucible_train_target_steps{R})) / 3600", "projected")], "stat", w=6, h=5),
         panel("GPU-hours by phase", [(
             f"sum by (phase) (crucible_gpu_seconds_total{R}) / 3600", "{{phase}}"),
             (f"sum(crucible_gpu_uncommitted_seconds{R}) / 3600", "uncommitted")], stack=True,
               description="Productive, lost, checkpoint, data wait, eval, start-up, idle."),
-        panel("Goodput over time", [(f"run:crucible_goodput:ratio{R}", "goodput")],
+        panel("Goodput over time", [(GOODPUT, "goodput")],
               unit="percentunit"),
         panel("GPU-hours lost, by cause", [(
             f"sum by (cause) (crucible_gpu_badput_seconds_total{R}) / 3600", "{{cause}}")],
@@ -248,7 +261,7 @@ def cost() -> dict[str, Any]:
               "load, rollback, preemption, data wait, hang, evaluation, idle, lost steps."),
         panel("Budget burn-down (GPU-hours)", [
             (f"max(crucible_gpu_budget_seconds{R}) / 3600", "budget"),
-            (f"sum(run:crucible_gpu_seconds:sum{R}) / 3600", "used")]),
+            (f"sum({GPU_SECONDS}) / 3600", "used")]),
         panel("Burn rate (devices busy)", [(
             f"sum(rate(crucible_gpu_seconds_total{R}[$__rate_interval]))", "device-s / s")]),
     ], "crucible_gpu_seconds_total")  # fmt: skip

@@ -203,3 +203,12 @@ def test_monitor_names_the_straggler_prometheus_knows(
     console = Console(width=120, record=True)
     console.print(render(st))
     assert "rank 1 (1.90x the others' busy time)" in console.export_text()
+
+
+def test_cost_panels_read_the_ledger_series_not_recording_rules() -> None:
+    """A recording rule holds a value only where one of its evaluations came after a scrape
+    had landed: a short attempt (or a slow scrape of the ledger on object storage) can leave
+    it empty while the raw series have data. Found by the multi-node drill, whose Cost
+    panels were all empty in one run of four."""
+    exprs = [t["expr"] for p in dash.cost()["panels"] for t in p["targets"]]
+    assert exprs and not [e for e in exprs if "run:crucible_" in e]
