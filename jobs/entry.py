@@ -44,6 +44,10 @@ def run(run_dir: Location, executor: str = "ray", verbose: bool = False) -> int:
         from crucible.jobs.rlhf.rejection import run_rejection_sampling
 
         return run_rejection_sampling(run_dir)
+    if spec.kind == "ppo":
+        from crucible.jobs.rlhf.ppo import run_ppo
+
+        return run_ppo(run_dir)
     raise CrucibleError(f"jobs of kind {spec.kind!r} are not runnable by this crucible version")
 
 

@@ -7,7 +7,13 @@ only decide whether a run directory is claimed and a job submitted at all.
 
 from __future__ import annotations
 
-from crucible.jobs.spec import DataRunSpec, RejectionSamplingRunSpec, RunSpec, TrainRunSpec
+from crucible.jobs.spec import (
+    DataRunSpec,
+    PPORunSpec,
+    RejectionSamplingRunSpec,
+    RunSpec,
+    TrainRunSpec,
+)
 
 
 def preflight(spec: RunSpec) -> None:
@@ -30,6 +36,10 @@ def preflight(spec: RunSpec) -> None:
         from crucible.jobs.train.run import check_shards
 
         check_shards(spec)
+    elif isinstance(spec, PPORunSpec):
+        from crucible.jobs.rlhf.ppo import check_ppo
+
+        check_ppo(spec)
     elif isinstance(spec, RejectionSamplingRunSpec):
         from crucible.jobs.rlhf.rejection import check_inputs
 

@@ -15,7 +15,15 @@ import yaml
 from crucible.cluster.storage import Location, check_storage, location
 from crucible.config import spec_hash
 from crucible.errors import CrucibleError
-from crucible.jobs.spec import TRAINING_KINDS, RunSpec, TrainRunSpec, parse_spec, write_resolved
+from crucible.jobs.spec import (
+    TRAINING_KINDS,
+    LanguageModelRunSpec,
+    PPORunSpec,
+    RunSpec,
+    TrainRunSpec,
+    parse_spec,
+    write_resolved,
+)
 
 RESOLVED = "spec.resolved.yaml"
 
@@ -36,9 +44,11 @@ def absolutize(spec: RunSpec, base: Path | None = None) -> RunSpec:
         return str(base / p)
 
     data["cluster"]["storage"] = fix(data["cluster"]["storage"])
-    if spec.kind == "rejection-sampling":
+    if spec.kind in ("rejection-sampling", "ppo"):
         data["policy"], data["reward"] = fix(data["policy"]), fix(data["reward"])
         data["prompts"] = [fix(p) for p in data["prompts"]]
+        if spec.kind == "ppo":
+            data["data"]["shards"] = fix(data["data"]["shards"])
     elif spec.kind in TRAINING_KINDS:
         data["data"]["shards"] = fix(data["data"]["shards"])
         if data["train"].get("eval_prompts"):
@@ -125,6 +135,15 @@ def load_train_spec(run: Location) -> TrainRunSpec:
     spec = load_run_spec(run)
     if not isinstance(spec, TrainRunSpec):
         raise CrucibleError(f"{run} is a {spec.kind} run, not a train run")
+    return spec
+
+
+def load_model_spec(run: Location) -> LanguageModelRunSpec:
+    """The resolved spec of ``run``, a run whose checkpoints hold a language model (train,
+    finetune or ppo; an error otherwise)."""
+    spec = load_run_spec(run)
+    if not isinstance(spec, TrainRunSpec | PPORunSpec):
+        raise CrucibleError(f"{run} is a {spec.kind} run, not one that trains a language model")
     return spec
 
 

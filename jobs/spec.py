@@ -21,7 +21,15 @@ from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, 
 from crucible.data_pipeline.spec import DataSpec
 from crucible.errors import CrucibleError
 from crucible.jobs.finetune.spec import BaseSpec, LoraSpec
-from crucible.jobs.rlhf.spec import SamplingSpec
+from crucible.jobs.rlhf.spec import (
+    PolicyDataSpec,
+    PPOCheckpointSpec,
+    PPOOptimSpec,
+    PPOSpec,
+    PPOWorkersSpec,
+    RolloutSpec,
+    SamplingSpec,
+)
 from crucible.jobs.train.spec import (
     CheckpointSpec,
     MonitoringSpec,
@@ -152,14 +160,71 @@ class RejectionSamplingRunSpec(_RunBase):
     )
 
 
-RunSpec = DataRunSpec | TrainRunSpec | FinetuneRunSpec | RewardRunSpec | RejectionSamplingRunSpec
-KINDS: dict[str, type[DataRunSpec] | type[TrainRunSpec] | type[RejectionSamplingRunSpec]] = {
+class PPORunSpec(_RunBase):
+    """A PPO job (InstructGPT's RLHF step): the policy trained against ``reward``'s scores
+    with a per-token KL penalty to its starting weights, by a value model started from the
+    reward model's (as InstructGPT's was). The run's checkpoints hold the policy as a train
+    run's do (generate, eval and export read them), and the value model beside it.
+
+    ``model`` may give only ``parallel``: the shape is the policy's; ``data`` is the
+    policy's (both filled in at submission).
+    """
+
+    kind: Literal["ppo"] = Field(description="The job to run.")
+    policy: str = Field(description="The starting policy: a chat fine-tuned run or checkpoint.")
+    reward: str = Field(description="The reward model: a kind: reward run or checkpoint.")
+    prompts: list[str] = Field(
+        min_length=1,
+        description="JSONL files of prompts: {prompt (, system)} or {messages} records.",
+    )
+    model: ModelSpec = Field(description="The policy's shape (filled in) and its sharding.")
+    data: PolicyDataSpec = Field(description="The policy's shards (filled in).")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="How to sample.")
+    ppo: PPOSpec = Field(default_factory=PPOSpec, description="PPO's settings.")
+    optim: PPOOptimSpec = Field(default_factory=PPOOptimSpec, description="The optimizers.")
+    checkpoint: PPOCheckpointSpec = Field(
+        default_factory=PPOCheckpointSpec, description="Checkpoint frequency and retention."
+    )
+    workers: PPOWorkersSpec = Field(default_factory=PPOWorkersSpec, description="The workers.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_policy(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("policy"), str):
+            return data
+        data = dict(data)
+        model = data.get("model")
+        if model is None or set(model) <= {"parallel"}:
+            from crucible.jobs.finetune.base import base_config
+
+            shape = base_config(BaseSpec(checkpoint=data["policy"])).model_dump()
+            data["model"] = {**(model or {}), **shape}
+        if "data" not in data:
+            from crucible.jobs.rlhf.rejection import policy_shards
+
+            data["data"] = {"shards": policy_shards(data["policy"])}
+        return data
+
+
+RunSpec = (
+    DataRunSpec
+    | TrainRunSpec
+    | FinetuneRunSpec
+    | RewardRunSpec
+    | RejectionSamplingRunSpec
+    | PPORunSpec
+)
+KINDS: dict[str, type[RunSpec]] = {
     "data": DataRunSpec,
     "train": TrainRunSpec,
     "finetune": FinetuneRunSpec,
     "reward": RewardRunSpec,
     "rejection-sampling": RejectionSamplingRunSpec,
+    "ppo": PPORunSpec,
 }
+# Runs whose checkpoints hold a language model (``model`` and ``data.shards``): generate, eval
+# and export read them.
+LanguageModelRunSpec = TrainRunSpec | PPORunSpec
 TRAINING_KINDS = ("train", "finetune", "reward")  # the kinds the train job runs
 
 

@@ -39,15 +39,15 @@ def eval_cmd(
     from crucible.cluster.storage import location
     from crucible.jobs import evaluation as ev
     from crucible.jobs.cli.generate import run_tokenizer
-    from crucible.jobs.spec import TrainRunSpec, parse_spec
+    from crucible.jobs.spec import PPORunSpec, TrainRunSpec, parse_spec
     from crucible.jobs.train import checkpoint as ckpt
     from crucible.jobs.train.export import load_model, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     state = ckpt.read_state(path)
     spec = parse_spec(state["spec"], source=str(path / ckpt.STATE))
-    if not isinstance(spec, TrainRunSpec):
-        raise CrucibleError(f"{path} is a checkpoint of a {spec.kind} run, not of a train run")
+    if not isinstance(spec, TrainRunSpec | PPORunSpec):
+        raise CrucibleError(f"{path} is a checkpoint of a {spec.kind} run, not a language model's")
     prompt_set = ev.read_prompts(location(prompts)) if prompts else None  # before the weights
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path).to(device)

@@ -64,15 +64,15 @@ def generate_cmd(
             raise CrucibleError(message)
     import torch
 
-    from crucible.jobs.spec import TrainRunSpec, parse_spec
+    from crucible.jobs.spec import PPORunSpec, TrainRunSpec, parse_spec
     from crucible.jobs.train import checkpoint as ckpt
     from crucible.jobs.train.export import load_model, resolve_checkpoint
     from crucible.model.generate import generate
 
     path = resolve_checkpoint(checkpoint)
     spec = parse_spec(ckpt.read_state(path)["spec"], source=str(path / ckpt.STATE))
-    if not isinstance(spec, TrainRunSpec):
-        raise CrucibleError(f"{path} is a checkpoint of a {spec.kind} run, not of a train run")
+    if not isinstance(spec, TrainRunSpec | PPORunSpec):
+        raise CrucibleError(f"{path} is a checkpoint of a {spec.kind} run, not a language model's")
     from crucible.data_pipeline.chat import TEMPLATES, generation_prompt
     from crucible.data_pipeline.shards.manifest import read_manifest
 

@@ -63,7 +63,7 @@ def _submit(spec: object, resume: bool, detach: bool) -> None:
 @app.command("run")
 def run(
     spec_path: Path = typer.Argument(
-        ..., metavar="SPEC", help="A spec of kind train, finetune, reward or rejection-sampling."
+        ..., metavar="SPEC", help="A spec of kind train, finetune, reward, rejection-sampling or ppo."
     ),
     set_: list[str] = SetOption,
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),
@@ -78,15 +78,12 @@ def run(
     spec = absolutize(load_spec(spec_path, set_))
     if spec.kind == "data":
         raise CrucibleError(
-            f"{spec_path} has kind: data; `crucible train run` needs kind: train, finetune or "
-            "reward "
-            "(data specs run with `crucible data run`)"
+            f"{spec_path} has kind: data; `crucible train run` needs kind: train, finetune, "
+            "reward, rejection-sampling or ppo (data specs run with `crucible data run`)"
         )
     if dry_run:
-        if spec.kind == "rejection-sampling":
-            raise CrucibleError(
-                "--dry-run prints a training plan; kind: rejection-sampling has none"
-            )
+        if spec.kind in ("rejection-sampling", "ppo"):
+            raise CrucibleError(f"--dry-run prints a training plan; kind: {spec.kind} has none")
         typer.echo(dry_run_text(spec))
         return
     _submit(spec, resume=False, detach=detach)

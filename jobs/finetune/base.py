@@ -221,7 +221,7 @@ def load_base(model: torch.nn.Module, base_dir: Location, rank: int) -> None:
     with safe_open(str(local_weights(base_dir)), "pt") as f:
         names = set(f.keys())
         for name, p in model.named_parameters():
-            if name in NEW_HEADS:
+            if name in NEW_HEADS and name not in names:
                 continue
             if name not in names:
                 raise CrucibleError(f"the base weights in {base_dir} lack parameter {name}")
@@ -232,7 +232,7 @@ def load_base(model: torch.nn.Module, base_dir: Location, rank: int) -> None:
                     f"the model {shape}"
                 )
         for name, p in model.named_parameters():
-            if name in NEW_HEADS:
+            if name not in names:  # a new head (a reward model's score on a language model)
                 continue
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
                 if rank == 0 or not zero3:

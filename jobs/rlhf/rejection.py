@@ -23,10 +23,10 @@ from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 
 if TYPE_CHECKING:
-    from crucible.jobs.spec import RejectionSamplingRunSpec
+    from crucible.jobs.spec import PPORunSpec, RejectionSamplingRunSpec
 
 
-def check_inputs(spec: RejectionSamplingRunSpec) -> None:
+def check_inputs(spec: RejectionSamplingRunSpec | PPORunSpec) -> None:
     """Before submitting: the policy is a chat model's checkpoint, the reward one a reward
     model's, and every prompts file exists.
 
@@ -41,9 +41,9 @@ def check_inputs(spec: RejectionSamplingRunSpec) -> None:
         path = resolve_checkpoint(getattr(spec, role))
         kinds[role] = ckpt.read_state(path)["spec"].get("kind")
         _chat_template(path)
-    if kinds["policy"] not in ("train", "finetune"):
+    if kinds["policy"] not in ("train", "finetune", "ppo"):
         raise CrucibleError(f"policy: {spec.policy} is a {kinds['policy']} run's checkpoint, "
-                            "not a language model's (kind: train or finetune)")  # fmt: skip
+                            "not a language model's (kind: train, finetune or ppo)")  # fmt: skip
     if kinds["reward"] != "reward":
         raise CrucibleError(f"reward: {spec.reward} is not a reward model's checkpoint "
                             f"(kind: {kinds['reward']}, not reward)")  # fmt: skip
@@ -97,7 +97,7 @@ def sample_batch(task: dict[str, Any]) -> dict[str, Any]:
 
     from crucible.data_pipeline.chat import TEMPLATES, generation_prompt
     from crucible.jobs.cli.generate import run_tokenizer
-    from crucible.jobs.runs import load_train_spec
+    from crucible.jobs.runs import load_model_spec
     from crucible.jobs.train.export import load_model, resolve_checkpoint
     from crucible.model.generate import generate
 
@@ -105,7 +105,7 @@ def sample_batch(task: dict[str, Any]) -> dict[str, Any]:
     s = task["sampling"]
     policy_path = resolve_checkpoint(task["policy"])
     policy = load_model(policy_path).to(device)
-    tok, eos = run_tokenizer(load_train_spec(policy_path.parent.parent).data.shards)
+    tok, eos = run_tokenizer(load_model_spec(policy_path.parent.parent).data.shards)
     template = TEMPLATES[_chat_template(policy_path)]
     scorer = RewardScorer(task["reward"], device)
     rows: list[dict[str, Any]] = []
@@ -151,7 +151,7 @@ class RewardScorer:
         from crucible.data_pipeline.chat import TEMPLATES
         from crucible.data_pipeline.shards.pack_task import text_specials
         from crucible.jobs.cli.generate import run_tokenizer
-        from crucible.jobs.runs import load_train_spec
+        from crucible.jobs.runs import load_model_spec
         from crucible.jobs.train.export import load_model, resolve_checkpoint
         from crucible.model.reward import RewardModel
 
@@ -162,7 +162,7 @@ class RewardScorer:
         self.model = model.to(device)
         self.device = device
         self.batch_size = batch_size
-        tok, self.eos = run_tokenizer(load_train_spec(path.parent.parent).data.shards)
+        tok, self.eos = run_tokenizer(load_model_spec(path.parent.parent).data.shards)
         self.tok = text_specials(tok)
         self.template = TEMPLATES[_chat_template(path)]
 
@@ -204,13 +204,22 @@ class RewardScorer:
         return out
 
 
+def policy_shards(checkpoint: str) -> str:
+    """The shards (tokenizer, chat template) of the run a checkpoint, checkpoints directory or
+    run directory belongs to."""
+    from crucible.jobs.runs import load_model_spec
+    from crucible.jobs.train.export import resolve_checkpoint
+
+    return load_model_spec(resolve_checkpoint(checkpoint).parent.parent).data.shards
+
+
 def _chat_template(checkpoint: Location) -> str:
     """The chat template of the shards a checkpoint's run trained on (refused if none)."""
     from crucible.data_pipeline.shards.manifest import read_manifest
-    from crucible.jobs.runs import load_train_spec
+    from crucible.jobs.runs import load_model_spec
 
     run = checkpoint.parent.parent
-    template = read_manifest(load_train_spec(run).data.shards).chat_template
+    template = read_manifest(load_model_spec(run).data.shards).chat_template
     if template is None:
         raise CrucibleError(
             f"{run} was not trained on chat shards: rejection sampling needs a chat policy "

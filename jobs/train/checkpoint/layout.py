@@ -74,33 +74,42 @@ def missing_rank_files(files: set[str] | dict[str, Any], world_size: int) -> lis
     def has(pattern: str) -> bool:
         return any(re.match(pattern, f) for f in names)
 
-    zero3 = has(rf"^{DS_TAG}/zero_pp_rank_\d+_mp_rank_00_model_states\.pt$")
-    sharded_optim = zero3 or has(rf"^{DS_TAG}/(bf16_)?zero_pp_rank_\d+_mp_rank_00_optim_states")
-    missing = []
-    if not zero3 and not has(rf"^{DS_TAG}/mp_rank_00_model_states\.pt$"):
-        missing.append(f"{DS_TAG}/mp_rank_00_model_states.pt")
-    for r in range(world_size):
-        wanted = {f"crucible_state/rank-{r}.pt": rf"^crucible_state/rank-{r}\.pt$"}
-        if sharded_optim:
-            wanted[f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = (
-                rf"^{DS_TAG}/(bf16_)?zero_pp_rank_{r}_mp_rank_00_optim_states\.pt$"
-            )
-        if zero3:
-            wanted[f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt"] = (
-                rf"^{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states\.pt$"
-            )
-        missing += [name for name, pattern in wanted.items() if not has(pattern)]
+    missing = [
+        f"crucible_state/rank-{r}.pt"
+        for r in range(world_size)
+        if not has(rf"^crucible_state/rank-{r}\.pt$")
+    ]
+    # every engine's directory: the model's (DS_TAG) and any other a job saves beside it
+    # (a PPO run's value model)
+    tags = {DS_TAG} | {f.split("/", 1)[0] for f in names if f.endswith("model_states.pt")}
+    for tag in sorted(tags):
+        zero3 = has(rf"^{tag}/zero_pp_rank_\d+_mp_rank_00_model_states\.pt$")
+        sharded_optim = zero3 or has(rf"^{tag}/(bf16_)?zero_pp_rank_\d+_mp_rank_00_optim_states")
+        if not zero3 and not has(rf"^{tag}/mp_rank_00_model_states\.pt$"):
+            missing.append(f"{tag}/mp_rank_00_model_states.pt")
+        for r in range(world_size):
+            wanted = {}
+            if sharded_optim:
+                wanted[f"{tag}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = (
+                    rf"^{tag}/(bf16_)?zero_pp_rank_{r}_mp_rank_00_optim_states\.pt$"
+                )
+            if zero3:
+                wanted[f"{tag}/zero_pp_rank_{r}_mp_rank_00_model_states.pt"] = (
+                    rf"^{tag}/zero_pp_rank_{r}_mp_rank_00_model_states\.pt$"
+                )
+            missing += [name for name, pattern in wanted.items() if not has(pattern)]
     return missing
 
 
 def shared_files(files: Iterable[str]) -> list[str]:
     """Engine files every rank loads although one rank wrote them (ZeRO stages 0-2's
-    ``mp_rank_00_model_states.pt``): fetched by every rank from an object store.
+    ``mp_rank_00_model_states.pt``, of every engine): fetched by every rank from an object
+    store.
 
     Args:
         files: relative paths (a manifest's ``files`` mapping works too).
     """
-    return sorted(f for f in files if re.match(rf"^{DS_TAG}/mp_rank_\d+_model_states\.pt$", f))
+    return sorted(f for f in files if re.match(r"^[^/]+/mp_rank_\d+_model_states\.pt$", f))
 
 
 def list_files(d: Path) -> list[str]:
