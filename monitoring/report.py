@@ -1,7 +1,8 @@
 """``crucible report``: PNG charts and a Markdown summary of a run, for sharing.
 
 Charts (matplotlib, headless): loss (train and held-out) by step, throughput (tokens/s) by
-step with restarts marked, MFU by step where the records carry it, and cumulative GPU-hours
+step with restarts marked, MFU by step where the records carry it, a PPO run's score and KL by
+PPO step, and cumulative GPU-hours
 by phase over time from the ledger; ``report.md`` adds goodput with badput by cause and the
 paused time (not billed). Written to ``<run_dir>/report/``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -110,6 +112,9 @@ def _write_local(run_dir: Location, out: Path, price_per_device_hour: float | No
             ax.grid(alpha=0.3)
             files.append(_save(fig, out / "mfu.png"))
 
+    if recs.ppo:
+        files.append(_ppo_chart(recs.ppo, restarts, st.run, out / "ppo.png"))
+
     if st.ledger is not None and st.ledger.timeline:
         fig, ax = plt.subplots(figsize=(7, 4))
         # From the first attempt's start: phases are added when their interval ends, so
@@ -135,16 +140,56 @@ def _write_local(run_dir: Location, out: Path, price_per_device_hour: float | No
         files.append(_save(fig, out / "gpu_hours.png"))
 
     md = out / "report.md"
-    md.write_text(_markdown(st, [f.name for f in files], price_per_device_hour))
+    md.write_text(_markdown(st, [f.name for f in files], price_per_device_hour, recs.ppo))
     files.append(md)
     return files
 
 
-def _markdown(st: RunStatus, images: list[str], price: float | None) -> str:
+def _ppo_chart(steps: list[dict], restarts: list[int], run: str, path: Path) -> Path:
+    """A PPO run's reward-model score (mean ± std of the sampled answers) and KL to the
+    reference per answer, by PPO step."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    xs, mean = _series(steps, "score_mean")
+    _, std = _series(steps, "score_std")
+    top.plot(xs, mean, lw=1.2, label="score (mean)")
+    top.fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)],
+                     [m + s for m, s in zip(mean, std, strict=True)], alpha=0.2, label="± std")  # fmt: skip
+    top.set(ylabel="reward-model score", title=f"{run}: PPO")
+    top.legend(fontsize=8)
+    bottom.plot(*_series(steps, "kl"), lw=1.2, color="#d62728", label="KL to the reference")
+    bottom.set(xlabel="PPO step", ylabel="KL per answer (nats)")
+    for ax in (top, bottom):
+        for i, s in enumerate(restarts):
+            ax.axvline(
+                s, color="gray", ls="--", lw=1, label="restart" if i == 0 and ax is top else None
+            )
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _markdown(
+    st: RunStatus, images: list[str], price: float | None, ppo: list[dict] | None = None
+) -> str:
     def f(x: float | None, spec: str) -> str:
         return "–" if x is None else format(x, spec)
 
-    rows = [
+    if ppo:  # a PPO run: its steps are PPO steps
+        a, b = ppo[0], ppo[-1]
+        rows = [
+            ("PPO steps", str(b["step"])),
+            ("score (mean, first → last step)", f"{a['score_mean']:.4f} → {b['score_mean']:.4f}"),
+            ("KL per answer (last step)", f"{b['kl']:.4f}"),
+            ("last checkpoint", "–" if st.last_checkpoint_step is None
+             else f"step {st.last_checkpoint_step}"),
+            ("restarts", str(st.restarts)),
+        ]  # fmt: skip
+    else:
+        rows = _train_rows(st, f)
+    return _markdown_body(st, rows, images, price)
+
+
+def _train_rows(st: RunStatus, f: Any) -> list[tuple[str, str]]:
+    return [
         ("steps", f"{st.step}" + (f" / {st.total_steps:.0f}" if st.total_steps else "")),
         ("tokens", f"{st.tokens:,.0f}" + (f" / {st.total_tokens:,.0f}" if st.total_tokens else "")),
         ("progress", f(None if st.progress is None else 100 * st.progress, ".1f") + " %"),
@@ -156,6 +201,11 @@ def _markdown(st: RunStatus, images: list[str], price: float | None) -> str:
          else f"step {st.last_checkpoint_step}"),
         ("restarts", str(st.restarts)),
     ]  # fmt: skip
+
+
+def _markdown_body(
+    st: RunStatus, rows: list[tuple[str, str]], images: list[str], price: float | None
+) -> str:
     lines = [f"# Run `{st.run}`", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     led = st.ledger

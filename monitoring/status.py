@@ -32,6 +32,7 @@ class RunRecords:
     steps: list[dict[str, Any]] = field(default_factory=list)  # by step, last attempt wins
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    ppo: list[dict[str, Any]] = field(default_factory=list)  # a PPO run's steps, as steps
     corrupt_lines: int = 0
 
 
@@ -53,6 +54,7 @@ def read_records(run_dir: Location | str | Path) -> RunRecords:
     """
     out = RunRecords()
     by_step: dict[int, dict[str, Any]] = {}
+    ppo_by_step: dict[int, dict[str, Any]] = {}
     last_time: float | None = None
     try:
         lines = read_lines(location(run_dir) / METRICS)
@@ -80,7 +82,10 @@ def read_records(run_dir: Location | str | Path) -> RunRecords:
             out.checkpoints.append(rec)
         elif kind == "resume":
             out.resumes.append(rec)
+        elif kind == "ppo" and as_number(rec.get("step")) is not None:
+            ppo_by_step[int(rec["step"])] = rec
     out.steps = [by_step[k] for k in sorted(by_step)]
+    out.ppo = [ppo_by_step[k] for k in sorted(ppo_by_step)]
     return out
 
 

@@ -51,8 +51,9 @@ def eval_cmd(
     prompt_set = ev.read_prompts(location(prompts)) if prompts else None  # before the weights
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(path).to(device)
-    ppl = ev.perplexity(model, spec.data.shards, split, batch_size, max_batches,
-                        spec.data.mask_cross_document)  # fmt: skip
+    # a PPO run's shards are its policy's: chat shards, examples masked from each other
+    masked = spec.data.mask_cross_document if isinstance(spec, TrainRunSpec) else True
+    ppl = ev.perplexity(model, spec.data.shards, split, batch_size, max_batches, masked)
     typer.echo(
         f"{split} loss {ppl['loss']:.4f}, perplexity {ppl['perplexity']:.2f} over "
         f"{ppl['tokens']:,.0f} tokens"

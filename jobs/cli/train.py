@@ -63,7 +63,9 @@ def _submit(spec: object, resume: bool, detach: bool) -> None:
 @app.command("run")
 def run(
     spec_path: Path = typer.Argument(
-        ..., metavar="SPEC", help="A spec of kind train, finetune, reward, rejection-sampling or ppo."
+        ...,
+        metavar="SPEC",
+        help="A spec of kind train, finetune, reward, rejection-sampling or ppo.",
     ),
     set_: list[str] = SetOption,
     detach: bool = typer.Option(False, "--detach", help="Submit and return without following."),

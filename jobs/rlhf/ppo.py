@@ -66,9 +66,10 @@ def check_ppo(spec: PPORunSpec) -> None:
             f"reward: {spec.reward} uses another tokenizer than the policy; the value model "
             "starts from the reward model, so train it on shards with the policy's tokenizer"
         )
-    reward_cfg = json.loads(json.dumps(_state_spec(spec.reward)["model"]))
-    reward_cfg.pop("parallel", None)
-    if reward_cfg.get("vocab_size") != spec.model.vocab_size:
+    from crucible.model.spec import ModelSpec
+
+    reward_model = ModelSpec.model_validate(_state_spec(spec.reward)["model"]).resolve()
+    if reward_model.vocab_size != spec.model.resolve().vocab_size:
         raise CrucibleError(f"reward: {spec.reward} has another vocabulary size than the policy")
     per = spec.rollout.prompts_per_step
     parts = spec.workers.num_workers * spec.ppo.mini_batches
