@@ -47,7 +47,13 @@ STEPS = 300
 # 0.82); 0.7 leaves room for float differences between CPUs without admitting a model that
 # did not learn the ranking.
 THRESHOLD = 0.7
-KL_BOUND = 20.0  # nats per answer; set from the measured run below
+# PPO at kl_coef 0.2 kept the KL to the reference at or below 1.6 nats per answer in every
+# measured run (bf16 and fp32, seeds 0 and 1); 3 is the bound the test holds it to.
+KL_BOUND = 3.0
+# Words in place of sampled answers rose from 0.65 to 0.83-0.98 in those runs (+0.18 to
+# +0.34); the measurement's standard error is about 0.04, so +0.1 is a clear rise that float
+# differences between CPUs leave room for.
+PPO_GAIN = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +192,7 @@ def test_rejection_sampling_keeps_better_answers(
     best = [json.loads(x) for x in (run / "best.jsonl").read_text().splitlines()]
     kept = [_in_place(b["prompt"], b["response"]) for b in best]
     assert [b["prompt"] for b in best] == [r["prompt"]["prompt"] for r in samples]
-    # measured: 0.25 words in place on average, 0.58 for the kept answers (chance 3/13)
+    # measured: 0.71 words in place on average, 1.22 for the kept answers (chance 3/13)
     assert np.mean(kept) >= np.mean(every) + 0.15, (np.mean(kept), np.mean(every))
 
 
@@ -249,7 +255,7 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     # trained policy against the starting one's, on held-out prompts.
     heldout = [json.loads(x)["prompt"] for x in (root / "task" / "heldout.jsonl").read_text().splitlines()]  # fmt: skip
     before, after = _sampled_in_place(policy_run, heldout), _sampled_in_place(run, heldout)
-    assert after >= before + 0.3, (before, after)
+    assert after >= before + PPO_GAIN, (before, after)
     # the reward model's score rose over the run, and the policy stayed near the reference
     first = np.mean([r["score_mean"] for r in steps[:5]])
     last = np.mean([r["score_mean"] for r in steps[-5:]])
@@ -258,7 +264,7 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     assert any(f.name == "ppo.png" for f in write_report(run))
 
     # A resume after losing the last checkpoint redoes its steps bitwise.
-    shutil.rmtree(run / "checkpoints" / f"step-{PPO_STEPS}")
+    shutil.rmtree((run / "checkpoints" / f"step-{PPO_STEPS}").local_path)
     client, job, run = submit_run(spec, resume=True)
     status = client.wait(job, timeout=1800)
     assert str(status).endswith("SUCCEEDED"), client.logs(job)[-5000:]
@@ -274,3 +280,30 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
         assert {k: v for k, v in r.items() if k not in timing} == {
             k: v for k, v in was.items() if k not in timing
         }, step
+
+
+def test_ppo_refuses_what_it_cannot_run(root: Path, policy_run: Path, reward_run: Path) -> None:
+    from crucible.jobs.preflight import preflight
+
+    def spec(**over: Any) -> Any:
+        return parse_spec({
+            "kind": "ppo", "name": "bad", "cluster": {"storage": str(root / "runs")},
+            "policy": str(policy_run), "reward": str(reward_run),
+            "prompts": [str(root / "task" / "heldout.jsonl")], **over,
+        })  # fmt: skip
+
+    for over, error in [
+        ({"rollout": {"prompts_per_step": 30}, "ppo": {"mini_batches": 4},
+          "workers": {"num_workers": 2}}, "must be a multiple of workers.num_workers x ppo.mini"),
+        ({"reward": str(policy_run)}, "is not a reward model's checkpoint"),
+        ({"policy": str(reward_run)}, "not a language model's"),
+        ({"prompts": [str(root / "nope.jsonl")]}, "does not exist"),
+    ]:  # fmt: skip
+        with pytest.raises(CrucibleError, match=error) as e:
+            preflight(spec(**over))
+        assert "\n" not in str(e.value)
+    with pytest.raises(Exception, match="kl_cof"):
+        spec(ppo={"kl_cof": 0.1})  # a typo is an error, not a default
+    resolved = spec()
+    assert resolved.model.resolve() == load_run_spec(policy_run).model.resolve()  # type: ignore[union-attr]
+    assert resolved.data.shards == load_run_spec(policy_run).data.shards  # type: ignore[union-attr]
