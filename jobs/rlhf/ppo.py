@@ -401,6 +401,7 @@ class PPOWorker:
             lockstep=self.zero3,
         )  # fmt: skip
         gen_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
         answers = [
             self.tok.decode([t for t in o if t != self.eos]).split(self.template.end)[0]
             for o in outs
@@ -412,6 +413,7 @@ class PPOWorker:
         if unscorable:  # a marker in the answer or too long for the reward model: the worst
             finite = scores[torch.isfinite(scores)]
             scores[~torch.isfinite(scores)] = finite.min() if finite.numel() else 0.0
+        score_seconds = time.perf_counter() - t0
         tokens, mask = self._rows([ids for _, ids in items], outs)
         t1 = time.perf_counter()
         with torch.no_grad():
@@ -448,6 +450,7 @@ class PPOWorker:
             **stats,
             "generation_seconds": gen_seconds,
             "generation_tokens_per_s": float(totals[7]) / max(gen_seconds, 1e-9) / self.world,
+            "score_seconds": score_seconds,
             "train_seconds": train_seconds,
             "train_tokens_per_s": float(tokens.numel()) * self.world / max(train_seconds, 1e-9),
         }

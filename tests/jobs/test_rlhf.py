@@ -273,7 +273,7 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     assert records[resume]["step"] == PPO_CHECKPOINT_EVERY
     redone = {r["step"]: r for r in records[resume:] if r["kind"] == "ppo"}
     assert sorted(redone) == list(range(PPO_CHECKPOINT_EVERY + 1, PPO_STEPS + 1))
-    timing = {"time", "generation_seconds", "generation_tokens_per_s", "train_seconds",
+    timing = {"time", "generation_seconds", "generation_tokens_per_s", "score_seconds", "train_seconds",
               "train_tokens_per_s"}  # fmt: skip
     for step, r in redone.items():
         was = steps[step - 1]
