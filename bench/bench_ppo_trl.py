@@ -1,7 +1,7 @@
 """PPO steps/s: crucible's ``kind: ppo`` worker loop against Hugging Face TRL's PPOTrainer.
 
 Both sides run in this one script run, on the same tiny models and task, one process each,
-on the CPU in fp32: the chat policy ``policy100`` (a 2-layer GPT fine-tuned to reverse three
+on the CPU in fp32: the RLHF tests' chat policy (a 2-layer GPT fine-tuned 100 steps to reverse three
 words), the reward model ``rm`` (that trunk plus a scalar ``score`` head, which also starts
 the value model) and the "reverse: w1 w2 w3" prompts. A PPO step is 64 prompts, one answer
 each (at most 12 new tokens, temperature 1), 4 epochs x 4 mini-batches of 16 rows, KL
@@ -25,7 +25,7 @@ with the actor at 3e-4 and the critic at 1e-3.
 Rounds alternate which side runs first (other jobs share the machine); each figure is the
 median over rounds. Needs ``pip install --no-deps trl==1.12.0``. Run from the repo root:
 
-    .venv/bin/python bench/bench_ppo_trl.py [--steps 8] [--rounds 2] [--threads 1]
+    .venv/bin/python bench/bench_ppo_trl.py [--root DIR] [--steps 8] [--rounds 2] [--threads 1]
 
 Prints a table and writes ``bench/results/ppo_trl_cpu_2026-12-01.json``.
 """
@@ -47,9 +47,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+# The runs tests/jobs/test_rlhf.py builds (its 100-step policy and the reward model); keep
+# them with ``pytest tests/jobs/test_rlhf.py -k rejection --basetemp=/tmp/ppodev``.
 ROOT = "/tmp/ppodev/reward0"
-POLICY, REWARD = f"{ROOT}/runs/policy100", f"{ROOT}/runs/rm"
+POLICY, REWARD = f"{ROOT}/runs/policy", f"{ROOT}/runs/rm"
 PROMPTS = f"{ROOT}/task/train.jsonl"
+
+
+def set_root(root: str) -> None:
+    """Read the policy, reward model and prompts under ``root``."""
+    global ROOT, POLICY, REWARD, PROMPTS
+    ROOT = root
+    POLICY, REWARD = f"{ROOT}/runs/policy", f"{ROOT}/runs/rm"
+    PROMPTS = f"{ROOT}/task/train.jsonl"
+
+
 OUT = Path(__file__).parent / "results" / "ppo_trl_cpu_2026-12-01.json"
 S = dict(prompts_per_step=64, max_new_tokens=12, temperature=1.0, epochs=4, mini_batches=4,
          kl_coef=0.2, clip=0.2, value_clip=0.2, gamma=1.0, lam=0.95, actor_lr=3e-4,
@@ -280,7 +292,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds, alternating the order")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per side")
     p.add_argument("--storage", default=f"/tmp/bench_ppo_trl/{int(time.time())}")
+    p.add_argument("--root", default=ROOT, help="the RLHF tests' runs (DIR/reward0 of --basetemp)")
     a = p.parse_args()
+    set_root(a.root)
     hf_dir = f"{a.storage}/hf"
     checks = export_hf(hf_dir)
     print(f"HF copies in {hf_dir}, checked against crucible's: {checks}", flush=True)
