@@ -38,6 +38,7 @@ import torch
 from crucible.cluster.storage import Location, location, sha256_file
 from crucible.errors import CrucibleError
 from crucible.jobs.rlhf import ppo_math as pm
+from crucible.jobs.train.console import say
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -354,16 +355,16 @@ class PPOWorker:
         log = open_metrics(self.run_dir) if self.rank == 0 else None
         s = self.spec
         if self.rank == 0:
-            print(f"PPO: {len(self.prompts)} prompts ({dict(self.skipped) or 'none'} skipped), "
+            say(f"PPO: {len(self.prompts)} prompts ({dict(self.skipped) or 'none'} skipped), "
                   f"{s.rollout.prompts_per_step} per step on {self.world} worker(s), steps "
-                  f"{self.step + 1}-{s.ppo.steps}", flush=True)  # fmt: skip
+                  f"{self.step + 1}-{s.ppo.steps}")  # fmt: skip
         try:
             while self.step < s.ppo.steps:
                 record = self.ppo_step()
                 self.step += 1
                 if log is not None:
                     log.append({"kind": "ppo", "step": self.step, **record, "time": time.time()})
-                    print(step_line(self.step, s.ppo.steps, record), flush=True)
+                    say(step_line(self.step, s.ppo.steps, record))
                 if self.step % s.checkpoint.every_steps == 0 or self.step == s.ppo.steps:
                     self.save(root, log)
         finally:
@@ -584,7 +585,7 @@ class PPOWorker:
             log.append({"kind": "checkpoint", "step": self.step, "bytes": nbytes,
                         "save_seconds": seconds, "write_seconds": seconds,
                         "path": ckpt.step_path(root, self.step).uri, "time": time.time()})  # fmt: skip
-            print(f"checkpoint step-{self.step}: {nbytes / 1e6:.1f} MB in {seconds:.1f} s",
+            say(f"checkpoint step-{self.step}: {nbytes / 1e6:.1f} MB in {seconds:.1f} s",
                   flush=True)  # fmt: skip
 
     def resume(self, root: Location) -> None:
@@ -615,7 +616,7 @@ class PPOWorker:
             log.append({"kind": "resume", "step": self.step, "from": path.uri,
                         "world_size": self.world, "time": time.time()}, sync=True)  # fmt: skip
             log.close()
-            print(f"resumed from {path} (step {self.step})", flush=True)
+            print(f"resumed from {path} (step {self.step})")
 
 
 def step_line(step: int, steps: int, r: dict[str, float]) -> str:
