@@ -279,7 +279,7 @@ def trl_worker(hf_dir: str, steps: int, threads: int, out: str) -> None:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":  # a torchrun rank of crucible's side
-        from crucible.jobs.rlhf.ppo import ppo_loop_per_worker
+        from crucible.jobs.rlhf.ppo_worker import ppo_loop_per_worker
 
         ppo_loop_per_worker({"run_dir": sys.argv[2], "use_gpu": False})
         return

@@ -9,6 +9,8 @@ value loss ``½ · max((V − R)², (clip(V, V_old ± ε_v) − R)²)``, average
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -146,3 +148,48 @@ class KLController:
             return
         error = min(max(kl / self.target - 1, -0.2), 0.2)
         self.coef *= 1 + error * sequences / self.horizon
+
+
+def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``x`` on the mask over every rank's batch (a collective)."""
+    import torch.distributed as dist
+
+    sums = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    dist.all_reduce(sums)
+    mean = sums[0] / sums[2]
+    return mean.float(), (sums[1] / sums[2] - mean**2).clamp(min=0).float()
+
+
+class RunningMoments:
+    """The running mean and standard deviation of every score so far, over all ranks (Chan
+    et al.'s parallel update), which normalise each step's scores; saved with checkpoints."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """Add this step's scores (every rank's: a collective), then return them centred and
+        scaled by the running moments."""
+        import torch.distributed as dist
+
+        part = torch.stack(
+            [scores.sum(), (scores**2).sum(), torch.tensor(float(scores.numel()))]
+        ).double()
+        dist.all_reduce(part)
+        nb = float(part[2])
+        mb = float(part[0]) / nb
+        m2b = float(part[1]) - nb * mb * mb
+        na, ma = self.count, self.mean
+        n = na + nb
+        delta = mb - ma
+        self.mean = ma + delta * nb / n
+        self.m2 = self.m2 + m2b + delta * delta * na * nb / n
+        self.count = n
+        std = math.sqrt(self.m2 / n) if n > 1 else 1.0
+        return (scores - self.mean) / max(std, 1e-6)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
