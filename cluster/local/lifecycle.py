@@ -10,7 +10,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import psutil
 import yaml
 
 from crucible.cluster.local.ports import check_ports
@@ -154,7 +153,7 @@ def up(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
         )  # fmt: skip
-    state.procs.append(Proc("ray", ray_proc.pid, psutil.Process(ray_proc.pid).create_time()))
+    state.procs.append(Proc.of("ray", ray_proc.pid))
     save_state(state)
     try:
         wait_http(
@@ -181,9 +180,7 @@ def up(
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
-        state.procs.append(
-            Proc("prometheus", prom_proc.pid, psutil.Process(prom_proc.pid).create_time())
-        )
+        state.procs.append(Proc.of("prometheus", prom_proc.pid))
         save_state(state)
         wait_http(f"{state.prometheus_url}/-/ready", prom_proc, prom_log, "prometheus", timeout)
     except BaseException:

@@ -40,18 +40,37 @@ class Ports:
 PORT_NAMES = tuple(Ports.__dataclass_fields__)
 
 
+def since_boot(p: psutil.Process) -> float:
+    """When ``p`` started, in seconds since boot: the kernel's tick count, which a change of
+    the wall clock does not move (``create_time()`` is that plus the boot time, which the
+    kernel derives from the wall clock and which moves whenever the clock is set or slewed)."""
+    return p.create_time() - psutil.boot_time()
+
+
 @dataclass
 class Proc:
-    """A process ``up`` started: pid plus create time, to never signal a recycled pid."""
+    """A process ``up`` started: pid plus start time, to never signal a recycled pid."""
 
     name: str
     pid: int
     create_time: float
+    since_boot: float | None = None  # None in state files written before it was recorded
+
+    @classmethod
+    def of(cls, name: str, pid: int) -> Proc:
+        """The record of running process ``pid``."""
+        p = psutil.Process(pid)
+        return cls(name, pid, p.create_time(), since_boot(p))
 
     def handle(self) -> psutil.Process | None:
         try:
             p = psutil.Process(self.pid)
-            if abs(p.create_time() - self.create_time) < 1.0:
+            if self.since_boot is not None:
+                # within the boot-time read's 1 s step: a recycled pid started later than that
+                same = abs(since_boot(p) - self.since_boot) < 1.5
+            else:
+                same = abs(p.create_time() - self.create_time) < 1.0
+            if same:
                 return p
         except psutil.Error:
             pass
