@@ -112,14 +112,13 @@ def run_ppo(run_dir: Location) -> int:
         run_dir: the run directory (its resolved spec is a PPO spec).
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from crucible.jobs.finetune.base import INFO
     from crucible.jobs.rlhf.ppo_worker import ppo_loop_per_worker
     from crucible.jobs.runs import load_run_spec
     from crucible.jobs.spec import PPORunSpec
     from crucible.jobs.train.export import resolve_checkpoint
+    from crucible.jobs.train.run import check_worker_resources, worker_group
 
     spec = load_run_spec(run_dir)
     assert isinstance(spec, PPORunSpec)
@@ -129,14 +128,7 @@ def run_ppo(run_dir: Location) -> int:
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     w = spec.workers
     use_gpu = bool(resources.get("GPU", 0)) if w.use_gpu is None else w.use_gpu
-    need = {"CPU": w.num_workers * w.cpus_per_worker} | ({"GPU": w.num_workers} if use_gpu else {})
-    short = {k: v for k, v in need.items() if resources.get(k, 0) < v}
-    if short:
-        raise CrucibleError(
-            f"the run needs {', '.join(f'{v:g} {k}' for k, v in short.items())} but the cluster "
-            f"has {', '.join(f'{resources.get(k, 0):g} {k}' for k in short)}; lower "
-            "workers.num_workers / workers.cpus_per_worker or add nodes"
-        )
+    check_worker_resources(w.num_workers, w.cpus_per_worker, resources, use_gpu, "workers")
     t0 = time.perf_counter()
     todo = []
     for name, source, reward in (("policy", spec.policy, False), ("critic", spec.reward, True)):
@@ -147,22 +139,8 @@ def run_ppo(run_dir: Location) -> int:
     ray.get(todo)
     print(f"starting weights ready in {run_dir / 'init'} ({time.perf_counter() - t0:.1f} s)",
           flush=True)  # fmt: skip
-    attempts = run_dir / "ray"
-    trainer = TorchTrainer(
-        ppo_loop_per_worker,
-        train_loop_config={"run_dir": run_dir.uri, "use_gpu": use_gpu},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=w.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": w.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
-        ),
-        run_config=RunConfig(
-            storage_path=attempts.path,
-            storage_filesystem=attempts.fs,
-            name=f"attempt-{len(attempts.glob('attempt-*'))}",
-            failure_config=FailureConfig(max_failures=w.max_failures),
-        ),
+    trainer = worker_group(
+        ppo_loop_per_worker, run_dir, use_gpu, w.num_workers, w.cpus_per_worker, w.max_failures
     )
     t0 = time.perf_counter()
     trainer.fit()

@@ -19,6 +19,7 @@ from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.rlhf import ppo_math as pm
 from crucible.jobs.rlhf.ppo_checkpoint import resume, save
+from crucible.jobs.rlhf.rejection import decode_answer
 from crucible.jobs.train.console import say
 
 if TYPE_CHECKING:
@@ -232,10 +233,7 @@ class PPOWorker:
         )  # fmt: skip
         gen_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        answers = [
-            self.tok.decode([t for t in o if t != self.eos]).split(self.template.end)[0]
-            for o in outs
-        ]
+        answers = [decode_answer(self.tok, o, self.eos, self.template) for o in outs]
         scores = torch.tensor(
             self.scorer.score([(turns, a) for (turns, _), a in zip(items, answers, strict=True)])
         )

@@ -126,7 +126,7 @@ def sample_batch(task: dict[str, Any]) -> dict[str, Any]:
             policy, [ids for _, ids in todo for _ in range(k)], s["max_new_tokens"],
             s["temperature"], s["top_k"], s["top_p"], {eos}, generator=gen,
         )  # fmt: skip
-        answers = [tok.decode([t for t in o if t != eos]).split(template.end)[0] for o in outs]
+        answers = [decode_answer(tok, o, eos, template) for o in outs]
         rewards = scorer.score([(todo[i // k][0]["turns"], a) for i, a in enumerate(answers)])
         for j, (item, _) in enumerate(todo):
             mine = list(
@@ -135,6 +135,13 @@ def sample_batch(task: dict[str, Any]) -> dict[str, Any]:
             rows.append({"index": item["index"], "record": item["record"],
                          "answers": [{"text": a, "reward": r} for a, r in mine]})  # fmt: skip
     return {"rows": rows, "skipped": dict(skipped)}
+
+
+def decode_answer(tok: Any, ids: list[int], eos: int, template: Any) -> str:
+    """The text of a generated answer: its tokens without EOS, up to the template's end
+    marker (what a chat model says as its turn)."""
+    text: str = tok.decode([t for t in ids if t != eos])
+    return text.split(template.end)[0]
 
 
 class RewardScorer:

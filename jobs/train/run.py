@@ -95,17 +95,73 @@ def check_resources(spec: TrainRunSpec, resources: dict[str, float], use_gpu: bo
         use_gpu: whether workers need a GPU each.
     """
     t = spec.train
-    need = {"CPU": t.num_workers * t.cpus_per_worker}
+    check_worker_resources(t.num_workers, t.cpus_per_worker, resources, use_gpu, "train")
+
+
+def check_worker_resources(
+    num_workers: int, cpus_per_worker: float, resources: dict[str, float], use_gpu: bool,
+    section: str,
+) -> None:  # fmt: skip
+    """Refuse a worker group the cluster can never hold (totals, not what is free now).
+
+    Args:
+        num_workers: workers of the group.
+        cpus_per_worker: CPUs each.
+        resources: ``ray.cluster_resources()``.
+        use_gpu: whether each worker needs a GPU.
+        section: the spec section that sets the group's size (named in the error).
+    """
+    need = {"CPU": num_workers * cpus_per_worker}
     if use_gpu:
-        need["GPU"] = t.num_workers
+        need["GPU"] = num_workers
     short = {k: v for k, v in need.items() if resources.get(k, 0) < v}
     if short:
         have = ", ".join(f"{resources.get(k, 0):g} {k}" for k in short)
         want = ", ".join(f"{v:g} {k}" for k, v in short.items())
         raise CrucibleError(
-            f"the run needs {want} ({t.num_workers} workers) but the cluster has {have}; "
-            "lower train.num_workers / train.cpus_per_worker or add nodes"
+            f"the run needs {want} ({num_workers} workers) but the cluster has {have}; "
+            f"lower {section}.num_workers / {section}.cpus_per_worker or add nodes"
         )
+
+
+def worker_group(
+    loop: Any, run_dir: Location, use_gpu: bool, num_workers: int, cpus_per_worker: float,
+    max_failures: int, placement_strategy: str = "PACK",
+) -> Any:  # fmt: skip
+    """The Ray Train ``TorchTrainer`` that runs ``loop`` on every worker of a run: NCCL or
+    gloo, one GPU per worker on GPUs, its attempts recorded under ``<run>/ray``, restarted
+    up to ``max_failures`` times after a lost worker.
+
+    Args:
+        loop: the per-worker function (it gets ``{run_dir, use_gpu}``).
+        run_dir: the run directory.
+        use_gpu: GPU workers.
+        num_workers: workers (data-parallel ranks).
+        cpus_per_worker: CPUs reserved per worker.
+        max_failures: worker-group restarts before the run fails.
+        placement_strategy: Ray's placement of the workers on nodes.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    attempts = run_dir / "ray"
+    return TorchTrainer(
+        loop,
+        train_loop_config={"run_dir": run_dir.uri, "use_gpu": use_gpu},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
+            placement_strategy=placement_strategy,
+        ),
+        run_config=RunConfig(
+            storage_path=attempts.path,
+            storage_filesystem=attempts.fs,
+            name=f"attempt-{len(attempts.glob('attempt-*'))}",
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
 
 
 def check_placement(spec: TrainRunSpec, nodes: list[dict[str, float]], use_gpu: bool) -> None:
@@ -195,8 +251,6 @@ def run_train(run_dir: Location) -> int:
         CrucibleError: bad shards, too few resources, or a NaN loss.
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from crucible.jobs.train.loop import train_loop_per_worker
 
@@ -223,26 +277,11 @@ def run_train(run_dir: Location) -> int:
         t0 = time.perf_counter()
         base = prepare_base(spec, run_dir)
         print(f"base model ready in {base} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    attempts = run_dir / "ray"
-    attempt = len(attempts.glob("attempt-*"))
     t = spec.train
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run_dir": run_dir.uri, "use_gpu": use_gpu},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
-            placement_strategy=t.placement_strategy,
-        ),
-        run_config=RunConfig(
-            storage_path=attempts.path,
-            storage_filesystem=attempts.fs,
-            name=f"attempt-{attempt}",
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-    )
+    trainer = worker_group(
+        train_loop_per_worker, run_dir, use_gpu, t.num_workers, t.cpus_per_worker,
+        t.max_failures, t.placement_strategy,
+    )  # fmt: skip
     t0 = time.perf_counter()
     trainer.fit()
     nan = run_dir / "nan.json"
