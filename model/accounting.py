@@ -30,10 +30,22 @@ def _layer_shapes(cfg: ModelConfig) -> dict[str, int]:
 
 
 def _embedding_params(cfg: ModelConfig) -> int:
-    """Lookup tables: token embedding plus learned positions (no matmul FLOPs)."""
-    return cfg.vocab_size * cfg.d_model + (
-        cfg.max_seq_len * cfg.d_model if cfg.pos == "learned" else 0
+    """Lookup tables: token embedding plus learned positions (and BERT's token types); no
+    matmul FLOPs."""
+    types = cfg.type_vocab_size * cfg.d_model if cfg.arch == "bert" else 0
+    return (
+        cfg.vocab_size * cfg.d_model
+        + (cfg.max_seq_len * cfg.d_model if cfg.pos == "learned" else 0)
+        + types
     )
+
+
+def _bert_heads(cfg: ModelConfig) -> int:
+    """BERT's parameters besides the tables and blocks: the embedding LayerNorm, the pooler,
+    the masked-LM head (dense, LayerNorm, decoder bias; its weight is the token table) and
+    the next-sentence classifier."""
+    d = cfg.d_model
+    return 2 * d + (d * d + d) + (d * d + d + 2 * d + cfg.vocab_size) + (2 * d + 2)
 
 
 def num_params(cfg: ModelConfig) -> int:
@@ -43,6 +55,8 @@ def num_params(cfg: ModelConfig) -> int:
         cfg: the model shape.
     """
     per_layer = sum(_layer_shapes(cfg).values())
+    if cfg.arch == "bert":
+        return _embedding_params(cfg) + cfg.n_layers * per_layer + _bert_heads(cfg)
     final_norm = _layer_shapes(cfg)["norm1"]
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     return _embedding_params(cfg) + cfg.n_layers * per_layer + final_norm + head
@@ -144,5 +158,7 @@ def largest_layer_params(cfg: ModelConfig) -> int:
         cfg: the model shape.
     """
     vd = cfg.vocab_size * cfg.d_model
+    if cfg.arch == "bert":
+        vd += cfg.vocab_size  # the masked-LM decoder owns the tied table and its bias
     pos = cfg.max_seq_len * cfg.d_model if cfg.pos == "learned" else 0
     return max(vd, pos, *_layer_shapes(cfg).values())

@@ -15,8 +15,14 @@ from crucible.config import StrictModel, field_error
 
 
 class ModelConfig(StrictModel):
-    """The complete shape of a decoder-only transformer; every option of :class:`GPT`."""
+    """The complete shape of a transformer: every option of :class:`GPT` (decoder) and of
+    :class:`~crucible.model.bert.Bert` (encoder)."""
 
+    arch: Literal["gpt", "bert"] = Field(
+        default="gpt",
+        description="gpt: decoder (causal, pre-norm); bert: encoder (bidirectional, post-norm, "
+        "token types, masked-LM and next-sentence heads).",
+    )
     vocab_size: int = Field(gt=0, description="Number of token ids (embedding rows).")
     n_layers: int = Field(gt=0, description="Number of transformer blocks.")
     n_heads: int = Field(gt=0, description="Number of query heads per attention layer.")
@@ -49,6 +55,9 @@ class ModelConfig(StrictModel):
     rope_theta: float = Field(default=10000.0, gt=0, description="Rotary base frequency.")
     norm_eps: float = Field(default=1e-5, gt=0, description="Epsilon of the norm layers.")
     init_std: float = Field(default=0.02, gt=0, description="Std of the normal weight init.")
+    type_vocab_size: int = Field(
+        default=2, gt=0, description="bert: token types (segments A and B of next-sentence pairs)."
+    )
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
@@ -73,7 +82,24 @@ class ModelConfig(StrictModel):
                 self.pos,
                 f"rotary needs an even head dim, d_model/n_heads is {self.head_dim}",
             )
+        if self.arch == "bert":
+            wants = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+            wants["tie_embeddings"] = True
+            for field, value in wants.items():
+                if getattr(self, field) != value:
+                    raise field_error(
+                        "ModelConfig", field, getattr(self, field), f"arch bert needs {value}"
+                    )
+            if self.n_kv_heads not in (None, self.n_heads):
+                raise field_error(
+                    "ModelConfig", "n_kv_heads", self.n_kv_heads, "arch bert has no grouped K/V"
+                )
         return self
+
+    @property
+    def causal(self) -> bool:
+        """Whether a position attends only to itself and those before it (decoders)."""
+        return self.arch == "gpt"
 
     @property
     def head_dim(self) -> int:

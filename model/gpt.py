@@ -65,7 +65,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Causal self-attention; ``n_kv_heads < n_heads`` shares each K/V head across a group."""
+    """Self-attention, causal for decoders; ``n_kv_heads < n_heads`` shares each K/V head
+    across a group."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -107,7 +108,7 @@ class Attention(nn.Module):
             k,
             v,
             attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=mask is None and self.cfg.causal,
             dropout_p=self.cfg.dropout if self.training else 0.0,
         )
         y = y.transpose(1, 2).reshape(B, T, nq * hd)
@@ -120,6 +121,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        # GPT-2's "gelu_new" is the tanh approximation; BERT's is the exact (erf) GELU.
+        self.approximate = "tanh" if cfg.arch == "gpt" else "none"
         if self.swiglu:
             self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
             self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
@@ -132,8 +135,7 @@ class MLP(nn.Module):
         if self.swiglu:
             h = F.silu(self.gate(x)) * self.up(x)
         else:
-            # GPT-2's "gelu_new" is the tanh approximation.
-            h = F.gelu(self.fc(x), approximate="tanh")
+            h = F.gelu(self.fc(x), approximate=self.approximate)
         return self.dropout(self.proj(h))
 
 
@@ -298,6 +300,21 @@ def flex_attention(
     return out
 
 
+def model_class(cfg: ModelConfig) -> type[GPT]:
+    """The module a shape builds: :class:`GPT`, or :class:`~crucible.model.bert.Bert` for
+    ``arch: bert`` (typed as GPT: it takes the same ``forward`` arguments and returns the
+    same ``(logits, loss)``).
+
+    Args:
+        cfg: the model shape.
+    """
+    if cfg.arch == "bert":
+        from crucible.model.bert import Bert
+
+        return Bert  # type: ignore[return-value]
+    return GPT
+
+
 def build_model(
     cfg: ModelConfig,
     device: str | torch.device = "meta",
@@ -314,10 +331,10 @@ def build_model(
         cfg: the model shape.
         device: where parameters are created; "meta" allocates nothing.
         dtype: parameter dtype (default: torch's default dtype).
-        cls: the class to build (default :class:`GPT`; e.g. the reward model).
+        cls: the class to build (default :func:`model_class`; e.g. the reward model).
     """
     with torch.device(device):
-        model = (cls or GPT)(cfg)
+        model = (cls or model_class(cfg))(cfg)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model
@@ -328,22 +345,24 @@ def init_parameter(name: str, param: torch.Tensor, cfg: ModelConfig, gen: torch.
 
     Normal(0, init_std) for weights and embeddings; residual output projections scaled by
     1/sqrt(2·n_layers) (GPT-2 §2.3) so the residual stream's variance does not grow with
-    depth; zeros for biases; ones for norm scales.
+    depth (pre-norm decoders only: BERT's post-norm blocks renormalise the stream); zeros
+    for biases; ones for norm scales (every module whose name starts with ``norm``).
 
     Args:
-        name: the parameter's name in ``GPT.named_parameters()``.
+        name: the parameter's name in ``named_parameters()`` of the model.
         param: the tensor to fill.
         cfg: the model shape (for init_std and n_layers).
         gen: random generator on ``param``'s device.
     """
+    module = name.rsplit(".", 2)[-2] if name.count(".") else ""
     with torch.no_grad():
-        if ".norm" in name or name.startswith("norm_f"):
+        if module.startswith("norm"):
             param.fill_(1.0 if name.endswith("weight") else 0.0)
         elif name.endswith("bias"):
             param.zero_()
         else:
             std = cfg.init_std
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+            if cfg.arch == "gpt" and name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 std /= math.sqrt(2 * cfg.n_layers)
             param.normal_(0.0, std, generator=gen)
 
@@ -359,7 +378,9 @@ def init_weights(model: GPT, seed: int = 0, device: str | torch.device | None = 
     first = next(model.parameters())
     if first.is_meta:
         model.to_empty(device=device or "cpu")
-        if model.cfg.tie_embeddings and hasattr(model, "lm_head"):  # to_empty unties them
+        if hasattr(model, "tie_weights"):  # to_empty unties shared tables
+            model.tie_weights()
+        elif model.cfg.tie_embeddings and hasattr(model, "lm_head"):
             model.lm_head.weight = model.tok_emb.weight
         first = next(model.parameters())
     gen = torch.Generator(device=first.device).manual_seed(seed)

@@ -1,8 +1,8 @@
-"""Converters between crucible's :class:`GPT` and Hugging Face ``transformers`` models.
+"""Converters between crucible's models and Hugging Face ``transformers`` models.
 
 GPT-2/3-style configs (learned positions, LayerNorm, tanh-GELU, biases, no GQA) map to
 ``GPT2LMHeadModel``; LLaMA-style configs (rotary, RMSNorm, SwiGLU, optional GQA) map to
-``LlamaForCausalLM``. crucible's rotary uses Hugging Face's split-halves layout
+``LlamaForCausalLM``; ``arch: bert`` maps to ``BertForPreTraining`` (:mod:`.hf_bert`). crucible's rotary uses Hugging Face's split-halves layout
 (``rotate_half``), so Llama weights copy over without permutation; GPT-2's ``Conv1D``
 weights are stored transposed ([in, out]) and are transposed on the way.
 
@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from crucible.errors import CrucibleError
+from crucible.model import hf_bert
 from crucible.model.config import ModelConfig
 from crucible.model.gpt import GPT, build_model
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-Family = Literal["gpt2", "llama"]
+Family = Literal["gpt2", "llama", "bert"]
 StateDict = dict[str, torch.Tensor]
 
 
@@ -33,6 +34,8 @@ def hf_family(cfg: ModelConfig) -> Family:
     Args:
         cfg: the model shape.
     """
+    if cfg.arch == "bert":
+        return "bert"
     gpt2 = (cfg.pos, cfg.norm, cfg.mlp, cfg.bias) == ("learned", "layernorm", "gelu", True)
     if gpt2 and cfg.kv_heads == cfg.n_heads:
         return "gpt2"
@@ -53,6 +56,8 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     """
     from transformers import GPT2Config, LlamaConfig
 
+    if cfg.arch == "bert":
+        return hf_bert.hf_bert_config(cfg)
     common: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         tie_word_embeddings=cfg.tie_embeddings,
@@ -99,6 +104,8 @@ def config_from_hf(hf: PretrainedConfig) -> ModelConfig:
         hf: a Hugging Face config (``model.config``).
     """
     kind = getattr(hf, "model_type", None)
+    if kind == "bert":
+        return hf_bert.config_from_hf_bert(hf)
     if kind == "gpt2":
         if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise CrucibleError(f"GPT-2 activation {hf.activation_function!r} is not tanh-GELU")
@@ -150,7 +157,7 @@ def config_from_hf(hf: PretrainedConfig) -> ModelConfig:
             norm_eps=hf.rms_norm_eps,
             init_std=hf.initializer_range,
         )
-    raise CrucibleError(f"unsupported Hugging Face model_type {kind!r}; use gpt2 or llama")
+    raise CrucibleError(f"unsupported Hugging Face model_type {kind!r}; use gpt2, llama or bert")
 
 
 # crucible suffix -> Hugging Face suffix, per block; "T" marks GPT-2 Conv1D (transposed).
@@ -213,6 +220,8 @@ def state_dict_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
         sd: ``GPT.state_dict()`` (a tied model lists ``lm_head.weight`` too).
         cfg: the model shape.
     """
+    if cfg.arch == "bert":
+        return hf_bert.bert_state_dict_to_hf(sd, cfg)
     out: StateDict = {}
     llama = hf_family(cfg) == "llama"
     for ours, theirs in _key_map(cfg).items():
@@ -240,6 +249,8 @@ def state_dict_from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
         sd: ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` state dict (buffers are ignored).
         cfg: the model shape (e.g. from :func:`config_from_hf`).
     """
+    if cfg.arch == "bert":
+        return hf_bert.bert_state_dict_from_hf(sd, cfg)
     out: StateDict = {}
     for ours, theirs in _key_map(cfg).items():
         name, _, flag = theirs.partition(" ")
@@ -263,10 +274,11 @@ def to_hf(model: GPT) -> PreTrainedModel:
     Args:
         model: a materialised (not meta, not ZeRO-3-partitioned) :class:`GPT`.
     """
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import BertForPreTraining, GPT2LMHeadModel, LlamaForCausalLM
 
     cfg = model.cfg
-    cls: Any = GPT2LMHeadModel if hf_family(cfg) == "gpt2" else LlamaForCausalLM
+    classes = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "bert": BertForPreTraining}
+    cls: Any = classes[hf_family(cfg)]
     first = next(model.parameters())
     hf = cls(hf_config(cfg)).to(dtype=first.dtype)
     sd = {k: v.detach().clone() for k, v in state_dict_to_hf(model.state_dict(), cfg).items()}
@@ -284,6 +296,8 @@ def from_hf(hf: PreTrainedModel) -> GPT:
     sd = state_dict_from_hf(hf.state_dict(), cfg)
     model = build_model(cfg, device="meta")
     model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True, assign=True)
-    if cfg.tie_embeddings:  # assign=True loads each name separately; share them again
+    if hasattr(model, "tie_weights"):  # assign=True loads each name separately; share again
+        model.tie_weights()
+    elif cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     return model.eval()

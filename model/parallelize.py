@@ -165,18 +165,18 @@ def build_zero3_model(
         ds_config: the DeepSpeed config (from :func:`build_deepspeed_config`), ZeRO stage 3.
         seed: initialisation seed.
         init: initialise weights (False leaves DeepSpeed's default values, for loading).
-        cls: the class to build (default :class:`GPT`).
+        cls: the class to build (default :func:`~crucible.model.gpt.model_class`).
     """
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    from crucible.model.gpt import GPT, init_parameter
+    from crucible.model.gpt import init_parameter, model_class
 
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         raise CrucibleError("build_zero3_model needs a DeepSpeed config with ZeRO stage 3")
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = (cls or GPT)(cfg)
+        model = (cls or model_class(cfg))(cfg)
     if init:
         rank = dist.get_rank() if dist.is_initialized() else 0
         gen = None

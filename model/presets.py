@@ -1,10 +1,10 @@
-"""Named model shapes, as data in one place: the published GPT-1/2/3 and LLaMA 1/2 sizes and
-two tiny ones for tests and the CPU demo.
+"""Named model shapes, as data in one place: the published GPT-1/2/3, LLaMA 1/2 and BERT
+sizes and tiny ones for tests and the CPU demo.
 
 Sources: GPT-1 (Radford et al. 2018), GPT-2 (Radford et al. 2019), GPT-3 (Brown et al. 2020,
-table 2.1), LLaMA (Touvron et al. 2023a, table 2), Llama 2 (Touvron et al. 2023b). All
-presets are pre-norm decoders (GPT-1 was post-norm; we keep its shape, not its norm
-placement). GPT-3 alternated dense and locally banded sparse attention; here every layer is
+table 2.1), LLaMA (Touvron et al. 2023a, table 2), Llama 2 (Touvron et al. 2023b), BERT
+(Devlin et al. 2018, §3). All but BERT are pre-norm decoders (GPT-1 was post-norm; we keep
+its shape, not its norm placement). GPT-3 alternated dense and locally banded sparse attention; here every layer is
 dense, which changes no parameter count.
 """
 
@@ -32,6 +32,11 @@ _LLAMA: dict[str, Any] = dict(
     norm_eps=1e-6,
 )
 _LLAMA2 = dict(_LLAMA, max_seq_len=4096, norm_eps=1e-5)
+# BERT: a post-norm encoder with learned positions, 2 token types, exact GELU, dropout 0.1,
+# LayerNorm eps 1e-12, the uncased WordPiece vocabulary (30,522) and 512 positions.
+_BERT: dict[str, Any] = dict(
+    _GPT, arch="bert", vocab_size=30522, max_seq_len=512, norm_eps=1e-12, dropout=0.1
+)
 
 
 def _shape(n_layers: int, d_model: int, n_heads: int, **kw: Any) -> dict[str, Any]:
@@ -69,6 +74,10 @@ _RAW: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(_LLAMA2, d_ff=11008, **_shape(32, 4096, 32)),
     "llama2-13b": dict(_LLAMA2, d_ff=13824, **_shape(40, 5120, 40)),
     "llama2-70b": dict(_LLAMA2, d_ff=28672, n_kv_heads=8, **_shape(80, 8192, 64)),
+    # Tiny BERT for CPU tests and the demo (the tiny GPT's shape, no dropout).
+    "bert-tiny": dict(_BERT, vocab_size=512, max_seq_len=128, dropout=0.0) | _shape(2, 64, 4),
+    "bert-base": dict(_BERT, **_shape(12, 768, 12)),
+    "bert-large": dict(_BERT, **_shape(24, 1024, 16)),
 }
 
 PRESETS: dict[str, ModelConfig] = {name: ModelConfig(**raw) for name, raw in _RAW.items()}

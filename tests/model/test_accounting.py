@@ -83,6 +83,27 @@ def test_published_counts() -> None:
     # GPT-3 125M / 1.3B / 13B within 1.5% of their names.
     for name, n in [("gpt3-125m", 125e6), ("gpt3-1.3b", 1.3e9), ("gpt3-13b", 13e9)]:
         assert num_params(get_preset(name)) == pytest.approx(n, rel=0.015), name
+    # BERT: Hugging Face's BertForPreTraining for the same config (bert-base-uncased's config:
+    # vocab 30,522, 512 positions, 2 token types) holds 110,106,428 / 336,226,108 parameters;
+    # Devlin et al. 2018 round them to 110M / 340M.
+    assert num_params(get_preset("bert-base")) == 110_106_428
+    assert num_params(get_preset("bert-large")) == 336_226_108
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 300), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4),
+    st.one_of(st.none(), st.integers(1, 64)), st.integers(1, 64), st.integers(1, 3),
+)  # fmt: skip
+def test_bert_count_matches_instantiated(
+    vocab: int, layers: int, heads: int, head_dim: int, d_ff: int | None, seq: int, types: int
+) -> None:
+    cfg = ModelConfig(
+        arch="bert", vocab_size=vocab, n_layers=layers, n_heads=heads, d_model=heads * head_dim,
+        d_ff=d_ff, max_seq_len=seq, type_vocab_size=types,
+    )  # fmt: skip
+    assert num_params(cfg) == _instantiated(cfg)
+    assert largest_layer_params(cfg) == _largest_module(cfg)
 
 
 def test_flops_per_token_terms() -> None:

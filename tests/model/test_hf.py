@@ -79,9 +79,11 @@ def test_unsupported_combinations_are_rejected(gpt_cfg: ModelConfig) -> None:
         hf_family(gpt_cfg.model_copy(update={"norm": "rmsnorm"}))
     with pytest.raises(CrucibleError, match="no Hugging Face architecture"):
         hf_family(gpt_cfg.model_copy(update={"n_kv_heads": 2}))
-    from transformers import BertConfig, GPT2Config
+    from transformers import BertConfig, GPT2Config, T5Config
 
-    with pytest.raises(CrucibleError, match="unsupported Hugging Face model_type 'bert'"):
-        config_from_hf(BertConfig())
+    with pytest.raises(CrucibleError, match="unsupported Hugging Face model_type 't5'"):
+        config_from_hf(T5Config())
+    with pytest.raises(CrucibleError, match="not the exact GELU"):
+        config_from_hf(BertConfig(hidden_act="relu"))
     with pytest.raises(CrucibleError, match="not tanh-GELU"):
         config_from_hf(GPT2Config(activation_function="relu"))
