@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -36,7 +36,20 @@ from crucible.data_pipeline.shards.manifest import (
 from crucible.data_pipeline.shards.split_view import SplitView
 from crucible.errors import CrucibleError
 
+if TYPE_CHECKING:
+    from crucible.data_pipeline.tokens.masking import MaskedLMBatcher
+
 IGNORE_INDEX = -100  # label value torch's cross_entropy skips (padding, held-out filler)
+
+
+class MaskingOptions(Protocol):
+    """How rows become masked-LM samples (a train spec's ``objective`` section has these)."""
+
+    mask_prob: float
+    mask_token_prob: float
+    random_token_prob: float
+    whole_word: bool
+    nsp: bool
 
 
 @lru_cache(maxsize=4)
@@ -105,6 +118,7 @@ class TrainingReader:
         allow_manifest_change: bool = False,
         tokenizer_fingerprint: str | None = None,
         doc_index: bool = True,
+        mlm: MaskingOptions | None = None,
     ) -> None:
         """Open, verify and map a shard set.
 
@@ -119,6 +133,9 @@ class TrainingReader:
             allow_manifest_change: Resume onto a different shard set without an error.
             tokenizer_fingerprint: When given, shards of any other tokenizer are refused.
             doc_index: Also return ``doc_index`` (for attention masking across documents).
+            mlm: Return masked-LM samples (BERT) instead of next-token ones: see
+                :class:`~crucible.data_pipeline.tokens.masking.MaskedLMBatcher`, whose draws
+                are seeded by ``seed`` and each sample's index.
         """
         if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
             raise CrucibleError(
@@ -146,8 +163,31 @@ class TrainingReader:
         self.allow_manifest_change = allow_manifest_change
         self.doc_index = doc_index
         self.samples_consumed = 0
+        self.masking = None if mlm is None else self._masking(local, mlm)
         self.skipped: set[int] = set()
         """Global batches :meth:`next_batch` steps over (see :meth:`skip`)."""
+
+    def _masking(self, local: Path, mlm: MaskingOptions) -> MaskedLMBatcher:
+        from crucible.data_pipeline.tokens.masking import MaskedLMBatcher
+        from crucible.data_pipeline.tokens.tokenizer import (
+            bert_special_ids,
+            continuation_mask,
+            load_tokenizer,
+        )
+
+        tok = load_tokenizer(location(local / self.manifest.tokenizer.file))
+        return MaskedLMBatcher(
+            special=bert_special_ids(tok),
+            vocab_size=tok.get_vocab_size(),
+            seed=self.seed,
+            mask_prob=mlm.mask_prob,
+            mask_token_prob=mlm.mask_token_prob,
+            random_token_prob=mlm.random_token_prob,
+            whole_word=continuation_mask(tok) if mlm.whole_word else None,
+            nsp=mlm.nsp,
+            donor=self.view.rows,
+            num_samples=self.view.num_samples,
+        )
 
     @property
     def num_samples(self) -> int:
@@ -237,6 +277,14 @@ class TrainingReader:
         import torch
 
         tokens, length = self.view.rows(indices)
+        if self.masking is not None:
+            masked = self.masking(tokens, length, indices)
+            if keep is not None:
+                masked["labels"][~keep] = IGNORE_INDEX
+                if "next_sentence_label" in masked:
+                    masked["next_sentence_label"][~keep] = IGNORE_INDEX
+            masked["sample_index"] = np.asarray(indices, np.int64)
+            return {k: torch.from_numpy(v) for k, v in masked.items()}
         inputs, labels = tokens[:, :-1], tokens[:, 1:]  # views of one array, as plain slicing gives
         padded = length < self.view.row_len
         if padded.any() or keep is not None:

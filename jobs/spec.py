@@ -17,7 +17,14 @@ from pydantic import Field, field_validator, model_validator
 
 from crucible.cluster.spec import ClusterSpec
 from crucible.cluster.storage import Location
-from crucible.config import StrictModel, apply_overrides, load_yaml, spec_hash, validate
+from crucible.config import (
+    StrictModel,
+    apply_overrides,
+    field_error,
+    load_yaml,
+    spec_hash,
+    validate,
+)
 from crucible.data_pipeline.spec import DataSpec
 from crucible.errors import CrucibleError
 from crucible.jobs.finetune.spec import BaseSpec, LoraSpec
@@ -33,6 +40,7 @@ from crucible.jobs.rlhf.spec import (
 from crucible.jobs.train.spec import (
     CheckpointSpec,
     MonitoringSpec,
+    ObjectiveSpec,
     OptimSpec,
     TrainDataSpec,
     TrainSpec,
@@ -66,7 +74,7 @@ class DataRunSpec(_RunBase):
 
 
 class TrainRunSpec(_RunBase):
-    """A train job: a GPT trained with DeepSpeed ZeRO-3 on Ray Train workers."""
+    """A train job: a GPT (or BERT) trained with DeepSpeed ZeRO-3 on Ray Train workers."""
 
     kind: Literal["train"] = Field(description="The job to run.")
     model: ModelSpec = Field(description="The GPT to train and how it is sharded.")
@@ -76,9 +84,30 @@ class TrainRunSpec(_RunBase):
         default_factory=CheckpointSpec, description="Checkpoint frequency and retention."
     )
     train: TrainSpec = Field(description="Workers and the training budget.")
+    objective: ObjectiveSpec = Field(
+        default_factory=ObjectiveSpec, description="Next-token (GPT) or masked-LM (BERT)."
+    )
     monitoring: MonitoringSpec = Field(
         default_factory=MonitoringSpec, description="Loggers besides Prometheus."
     )
+
+    @model_validator(mode="after")
+    def _objective_fits_model(self) -> TrainRunSpec:
+        arch = self.model.resolve().arch
+        if (arch == "bert") != (self.objective.kind == "mlm"):
+            wants = "mlm" if arch == "bert" else "clm"
+            raise field_error("TrainRunSpec", "objective", self.objective.kind,
+                              f"model arch {arch} trains with objective.kind {wants}")  # fmt: skip
+        if arch == "bert":
+            if self.kind != "train":
+                raise ValueError(f"kind: {self.kind} needs a GPT; BERT trains with kind: train")
+            if self.train.eval_prompts is not None:
+                raise ValueError("train.eval_prompts needs a generating model; BERT's held-out "
+                                 "evaluation is its masked-token accuracy")  # fmt: skip
+            if self.data.mask_cross_document:
+                raise ValueError("data.mask_cross_document is for decoders: the segments of a "
+                                 "masked-LM row attend to each other")  # fmt: skip
+        return self
 
 
 class FinetuneRunSpec(TrainRunSpec):

@@ -375,10 +375,12 @@ def init_weights(model: GPT, seed: int = 0, device: str | torch.device | None = 
         seed: the same seed gives the same weights on the same device type.
         device: where to materialise a meta model (default "cpu"); ignored otherwise.
     """
+    from crucible.model.bert import Bert
+
     first = next(model.parameters())
     if first.is_meta:
         model.to_empty(device=device or "cpu")
-        if hasattr(model, "tie_weights"):  # to_empty unties shared tables
+        if isinstance(model, Bert):  # to_empty unties shared tables
             model.tie_weights()
         elif model.cfg.tie_embeddings and hasattr(model, "lm_head"):
             model.lm_head.weight = model.tok_emb.weight

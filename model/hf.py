@@ -18,6 +18,7 @@ import torch
 
 from crucible.errors import CrucibleError
 from crucible.model import hf_bert
+from crucible.model.bert import Bert
 from crucible.model.config import ModelConfig
 from crucible.model.gpt import GPT, build_model
 
@@ -296,7 +297,7 @@ def from_hf(hf: PreTrainedModel) -> GPT:
     sd = state_dict_from_hf(hf.state_dict(), cfg)
     model = build_model(cfg, device="meta")
     model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True, assign=True)
-    if hasattr(model, "tie_weights"):  # assign=True loads each name separately; share again
+    if isinstance(model, Bert):  # assign=True loads each name separately; share again
         model.tie_weights()
     elif cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight

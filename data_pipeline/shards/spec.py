@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from crucible.config import StrictModel
 
 EOS_TOKEN = "<|endoftext|>"
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 class TokenizerTrainSpec(StrictModel):
-    """Train a byte-level BPE tokenizer on the clean documents."""
+    """Train a tokenizer on the clean documents: byte-level BPE, or BERT's uncased WordPiece."""
 
+    model: Literal["bpe", "wordpiece"] = Field(
+        "bpe",
+        description="bpe: GPT-2 style byte-level BPE; wordpiece: BERT's uncased WordPiece.",
+    )
     vocab_size: int = Field(
         8192,
         ge=260,
         le=1 << 22,
-        description="Target vocabulary size, special tokens and the 256 bytes included.",
+        description="Target vocabulary size, special tokens (and for bpe the 256 bytes) included.",
     )
     special_tokens: list[str] = Field(
         default_factory=lambda: [EOS_TOKEN],
-        description="Special tokens added to the vocabulary; must include the EOS token.",
+        description="Special tokens added to the vocabulary (ids 0, 1, ...); must include the "
+        "EOS token. Default: [<|endoftext|>] for bpe, [PAD] [UNK] [CLS] [SEP] [MASK] for wordpiece.",
     )
     eos_token: str = Field(
-        EOS_TOKEN, description="Token appended after every document when packing."
+        EOS_TOKEN,
+        description="Token appended after every document when packing. Default: <|endoftext|> "
+        "for bpe, [SEP] for wordpiece.",
     )
     min_frequency: int = Field(
         2, ge=1, description="A pair is merged only if it occurs at least this many times."
@@ -36,6 +44,18 @@ class TokenizerTrainSpec(StrictModel):
         description="Train on the first N documents (in file order); null trains on all.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_per_model(cls, data: Any) -> Any:
+        # Filled in here rather than by field defaults so that the resolved spec names them.
+        if not isinstance(data, dict):
+            return data
+        bert = data.get("model") == "wordpiece"
+        data = dict(data)
+        data.setdefault("special_tokens", list(BERT_SPECIAL_TOKENS) if bert else [EOS_TOKEN])
+        data.setdefault("eos_token", "[SEP]" if bert else EOS_TOKEN)
+        return data
+
     @model_validator(mode="after")
     def _eos_is_special(self) -> TokenizerTrainSpec:
         if self.eos_token not in self.special_tokens:
@@ -44,12 +64,23 @@ class TokenizerTrainSpec(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _bert_tokens_present(self) -> TokenizerTrainSpec:
+        missing = [t for t in BERT_SPECIAL_TOKENS if t not in self.special_tokens]
+        if self.model == "wordpiece" and missing:
+            raise ValueError(
+                f"special_tokens lacks {' '.join(missing)}: a wordpiece tokenizer needs all of "
+                f"BERT's special tokens {' '.join(BERT_SPECIAL_TOKENS)}"
+            )
+        return self
+
 
 class TokenizerSpec(StrictModel):
     """Where the tokenizer comes from: exactly one of ``train`` or ``path``."""
 
     train: TokenizerTrainSpec | None = Field(
-        None, description="Train a new byte-level BPE tokenizer on the corpus."
+        None,
+        description="Train a new tokenizer on the corpus (byte-level BPE or BERT's WordPiece).",
     )
     path: str | None = Field(
         None,

@@ -1,4 +1,5 @@
-"""Train a byte-level BPE tokenizer on the clean corpus, or load a tokenizer.json; fingerprint it."""
+"""Train a tokenizer on the clean corpus (byte-level BPE, or BERT's uncased WordPiece) or load a
+tokenizer.json; fingerprint it; find the special tokens masked-language-model training needs."""
 
 from __future__ import annotations
 
@@ -8,33 +9,53 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from crucible.cluster.storage import Location, location
-from crucible.data_pipeline.shards.spec import TokenizerSpec, TokenizerTrainSpec
+from crucible.data_pipeline.shards.spec import (
+    BERT_SPECIAL_TOKENS,
+    TokenizerSpec,
+    TokenizerTrainSpec,
+)
 from crucible.errors import CrucibleError
 
 
 def train_tokenizer(texts: Iterable[str], spec: TokenizerTrainSpec) -> Tokenizer:
-    """Train a GPT-2 style byte-level BPE tokenizer.
+    """Train a GPT-2 style byte-level BPE or a BERT uncased WordPiece tokenizer (``spec.model``).
 
     Args:
         texts: Document texts; only the first ``spec.sample_docs`` are used.
-        spec: Vocabulary size, special tokens, minimum pair frequency, sample size.
+        spec: Model, vocabulary size, special tokens, minimum pair frequency, sample size.
 
     Returns:
-        The trained tokenizer; every byte is in the vocabulary, so no text is out of vocabulary.
+        The trained tokenizer. BPE has every byte in its vocabulary, so no text is out of
+        vocabulary; WordPiece lowercases, strips accents, and maps a word it cannot spell to
+        ``[UNK]``. Neither adds special tokens around an encoding by itself.
     """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        min_frequency=spec.min_frequency,
-        special_tokens=list(spec.special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer: trainers.Trainer
+    if spec.model == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=spec.vocab_size,
+            min_frequency=spec.min_frequency,
+            special_tokens=list(spec.special_tokens),
+            show_progress=False,
+        )
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=spec.vocab_size,
+            min_frequency=spec.min_frequency,
+            special_tokens=list(spec.special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
     sample: Iterator[str] = iter(texts)
     if spec.sample_docs is not None:
         sample = islice(sample, spec.sample_docs)
@@ -94,6 +115,45 @@ def eos_id(tok: Tokenizer, eos_token: str) -> int:
             "to one of its special tokens"
         )
     return tid
+
+
+def bert_special_ids(tok: Tokenizer) -> dict[str, int]:
+    """The ids of BERT's special tokens, keyed ``pad``, ``unk``, ``cls``, ``sep``, ``mask``.
+
+    Args:
+        tok: The shards' tokenizer.
+
+    Raises:
+        CrucibleError: The tokenizer lacks one of ``[PAD] [UNK] [CLS] [SEP] [MASK]``.
+    """
+    ids = {}
+    for token in BERT_SPECIAL_TOKENS:
+        tid = tok.token_to_id(token)
+        if tid is None:
+            raise CrucibleError(
+                f"the shards' tokenizer has no {token} token: masked-language-model training "
+                "needs BERT's special tokens; build the shards with tokenizer.train.model: "
+                "wordpiece"
+            )
+        ids[token.strip("[]").lower()] = tid
+    return ids
+
+
+def continuation_mask(tok: Tokenizer) -> np.ndarray:
+    """Which ids continue a word (WordPiece's ``##`` pieces), for whole-word masking.
+
+    Args:
+        tok: The tokenizer; for a model other than WordPiece no id is a continuation.
+
+    Returns:
+        A bool array of length ``tok.get_vocab_size()``.
+    """
+    mask = np.zeros(tok.get_vocab_size(), bool)
+    if isinstance(tok.model, models.WordPiece):
+        prefix = tok.model.continuing_subword_prefix
+        for token, tid in tok.get_vocab().items():
+            mask[tid] = token.startswith(prefix)
+    return mask
 
 
 def canonical_json(tok: Tokenizer) -> str:

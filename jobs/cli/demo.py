@@ -100,7 +100,7 @@ def demo(
     """Run the main job end to end on the local embedded cluster and summarise it."""
     from crucible.config import spec_hash
     from crucible.data_pipeline.sample import generate_corpus
-    from crucible.jobs.runs import absolutize, load_run_spec
+    from crucible.jobs.runs import absolutize
     from crucible.jobs.spec import parse_spec
     from crucible.jobs.submit import follow, submit_run
 
@@ -133,7 +133,10 @@ def demo(
     if state_dir is not None:
         spec.cluster.state_dir = state_dir
     old = workdir / "runs" / name
-    if (old / "spec.resolved.yaml").exists() and spec_hash(load_run_spec(old)) != spec_hash(spec):
+    saved = old / "spec.resolved.yaml"
+    # the hash written with the spec (not one recomputed now): a run made by an older
+    # crucible, whose spec lacked fields added since, is replaced too
+    if saved.exists() and saved.read_text().splitlines()[0] != f"# spec sha256: {spec_hash(spec)}":
         console.print(f"replacing {old}: it was made by another version of the demo spec")
         shutil.rmtree(old)
     client, job_id, run_dir = submit_run(spec, resume=True)

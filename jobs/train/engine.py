@@ -1,5 +1,6 @@
 """The model as DeepSpeed trains it: built sharded under ZeRO-3 (or plain below stage 3),
-AdamW's parameter groups, and the global batch cut into micro-batches."""
+AdamW's parameter groups, and the global batch cut into micro-batches with the model's
+keyword inputs."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def build_engine(
     import deepspeed
 
     from crucible.jobs.train import hashing_engine
-    from crucible.model.gpt import GPT, build_model, init_weights
+    from crucible.model.gpt import build_model, init_weights, model_class
     from crucible.model.parallelize import build_zero3_model, parallelize
     from crucible.model.reward import RewardModel, init_score
 
@@ -65,7 +66,7 @@ def build_engine(
     config = dict(plan.ds_config)
     if universal:
         config["checkpoint"] = {"load_universal": True}
-    cls = RewardModel if isinstance(spec, RewardRunSpec) else GPT
+    cls = RewardModel if isinstance(spec, RewardRunSpec) else model_class(cfg)
     if spec.model.parallel.zero_stage == 3:
         model = build_zero3_model(cfg, config, seed=spec.train.seed, init=base is None, cls=cls)
     else:
@@ -104,3 +105,24 @@ def micro_batches(
     """
     n = batch["input_ids"].shape[0]
     return [{k: v[i : i + micro].to(device) for k, v in batch.items()} for i in range(0, n, micro)]
+
+
+# The reader's optional tensors, by the model's keyword: doc_index and position_ids are there
+# when the reader was asked for document masks or reads fine-tuning shards (examples packed
+# whole, positions restarting per example); token types and next-sentence labels in masked-LM
+# batches.
+_MODEL_INPUTS = {
+    "doc_index": "doc_ids",
+    "position_ids": "positions",
+    "token_type_ids": "token_types",
+    "next_sentence_label": "nsp_labels",
+}
+
+
+def model_inputs(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's ``forward`` that micro-batch ``mb`` holds.
+
+    Args:
+        mb: a micro-batch from :func:`micro_batches`.
+    """
+    return {arg: mb[key] for key, arg in _MODEL_INPUTS.items() if key in mb}

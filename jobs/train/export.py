@@ -20,8 +20,10 @@ import torch
 from crucible.cluster.storage import Location, download_dir, location, scratch_dir
 from crucible.errors import CrucibleError
 from crucible.jobs.train import checkpoint as ckpt
+from crucible.model.bert import Bert
 from crucible.model.config import ModelConfig
 from crucible.model.gpt import GPT, build_model
+from crucible.model.spec import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -107,22 +109,32 @@ def consolidate(checkpoint: Location | Path) -> tuple[dict[str, torch.Tensor], M
 
 
 def load_model(
-    checkpoint: str | Path | Location, dtype: str = "fp32", reward_ok: bool = False
+    checkpoint: str | Path | Location,
+    dtype: str = "fp32",
+    reward_ok: bool = False,
+    encoder_ok: bool = False,
 ) -> GPT:
     """A plain :class:`GPT` holding a checkpoint's consolidated weights (a LoRA run's
-    adapters merged in), or a reward run's :class:`~crucible.model.reward.RewardModel`.
+    adapters merged in), or a reward run's :class:`~crucible.model.reward.RewardModel`, or a
+    :class:`~crucible.model.bert.Bert`.
 
     Args:
         checkpoint: a ``step-<N>`` directory, checkpoints directory or run directory.
         dtype: ``fp32`` or ``bf16``.
         reward_ok: the caller takes a reward model (else one is refused: it does not
             generate).
+        encoder_ok: the caller takes a BERT (else one is refused: it does not generate).
 
     Raises:
-        CrucibleError: a reward model where ``reward_ok`` is false.
+        CrucibleError: a reward model or BERT the caller does not take.
     """
     path = resolve_checkpoint(checkpoint)
     spec = ckpt.read_state(path)["spec"]
+    if ModelSpec.model_validate(spec["model"]).resolve().arch == "bert" and not encoder_ok:
+        raise CrucibleError(
+            f"{path} is a BERT (model.arch bert): an encoder, it does not generate; export "
+            "it with --format hf or torch"
+        )
     if spec.get("kind") == "reward":
         if not reward_ok:
             raise CrucibleError(
@@ -144,7 +156,10 @@ def load_model(
         return merge_lora(sd, cfg, LoraSpec.model_validate(lora)).to(DTYPES[dtype]).eval()
     model = build_model(cfg, device="meta")
     model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_embeddings:  # assign=True loads each name separately; share them again
+    # assign=True loads each name separately; share tied tables again
+    if isinstance(model, Bert):
+        model.tie_weights()
+    elif cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     return model.to(DTYPES[dtype]).eval()
 
@@ -159,8 +174,9 @@ def export_checkpoint(
 
     ``torch``: ``out`` is a ``torch.save``'d state dict (GPT parameter names) with
     ``<out>.config.json`` (the :class:`ModelConfig`) beside it. ``hf``: ``out`` is a
-    directory that ``AutoModelForCausalLM.from_pretrained`` loads (GPT-2 or LLaMA classes),
-    with the run's ``tokenizer.json`` when the shards have one.
+    directory that ``AutoModelForCausalLM.from_pretrained`` loads (GPT-2 or LLaMA classes;
+    ``BertForPreTraining`` for a BERT), with the run's ``tokenizer.json`` when the shards
+    have one.
 
     Args:
         checkpoint: a ``step-<N>`` directory, checkpoints directory or run directory.
@@ -171,7 +187,7 @@ def export_checkpoint(
     if dtype not in DTYPES:
         raise CrucibleError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     path = resolve_checkpoint(checkpoint)
-    model = load_model(path, dtype, reward_ok=fmt == "torch")
+    model = load_model(path, dtype, reward_ok=fmt == "torch", encoder_ok=True)
     out = Path(out)
     if fmt == "torch":
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from crucible.jobs.train.callbacks import (
     TrainContext,
     build_callbacks,
 )
-from crucible.jobs.train.engine import build_engine, micro_batches
+from crucible.jobs.train.engine import build_engine, micro_batches, model_inputs
 from crucible.jobs.train.environment import prepare_process
 from crucible.jobs.train.launcher import current_launcher
 from crucible.jobs.train.resume import rank_seed, restore
@@ -71,6 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         verify="size",  # the driver checked contents once; workers only check sizes
         allow_manifest_change=spec.data.allow_manifest_change,
         doc_index=spec.data.mask_cross_document,
+        mlm=spec.objective if spec.objective.kind == "mlm" else None,
     )
     plan = plan_run(spec, world, seq_len=reader.seq_len, use_gpu=use_gpu)
     ctx = TrainContext(spec, plan, run_dir, rank, world, use_gpu, reader, launcher=launcher)
@@ -147,14 +148,7 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     t0 = time.perf_counter()
     for mb in mbs:
-        # doc_index and position_ids are there when the reader was asked for document masks
-        # or reads fine-tuning shards (examples packed whole, positions restarting per example)
-        _, loss = engine(
-            mb["input_ids"],
-            mb["labels"],
-            doc_ids=mb.get("doc_index"),
-            positions=mb.get("position_ids"),
-        )
+        _, loss = engine(mb["input_ids"], mb["labels"], **model_inputs(mb))
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().float()

@@ -1,5 +1,6 @@
 """The sections of a train spec owned by the train job: ``data``, ``optim``, ``checkpoint``,
-``train`` (workers and budget), ``monitoring`` (loggers besides Prometheus)."""
+``train`` (workers and budget), ``objective`` (next-token or masked-LM), ``monitoring``
+(loggers besides Prometheus)."""
 
 from __future__ import annotations
 
@@ -193,3 +194,37 @@ class MonitoringSpec(StrictModel):
         description="Extra loggers on rank 0: TensorBoard event files in <run>/tensorboard, "
         "Weights & Biases in offline mode in <run>/wandb.",
     )
+
+
+class ObjectiveSpec(StrictModel):
+    """What the model learns to predict: the next token (decoders), or masked tokens and,
+    optionally, whether segment B follows segment A (BERT, Devlin et al. 2018)."""
+
+    kind: Literal["clm", "mlm"] = Field(
+        "clm", description="clm: next-token prediction (arch gpt); mlm: masked-LM (arch bert)."
+    )
+    mask_prob: float = Field(
+        0.15, gt=0, lt=1, description="mlm: share of each row's tokens chosen for prediction."
+    )
+    mask_token_prob: float = Field(
+        0.8, ge=0, le=1, description="mlm: of those, the share replaced by [MASK] ..."
+    )
+    random_token_prob: float = Field(
+        0.1, ge=0, le=1, description="... and by a random token (the rest are left unchanged)."
+    )
+    whole_word: bool = Field(
+        False, description="mlm: mask whole words (every WordPiece of a chosen word)."
+    )
+    nsp: bool = Field(
+        False,
+        description="mlm: next-sentence prediction: each row becomes [CLS] A [SEP] B [SEP], "
+        "B following A in the row or (half the time) taken from another sample.",
+    )
+
+    @model_validator(mode="after")
+    def _shares(self) -> ObjectiveSpec:
+        if self.mask_token_prob + self.random_token_prob > 1:
+            raise ValueError("mask_token_prob + random_token_prob must be at most 1")
+        if self.kind == "clm" and (self.nsp or self.whole_word):
+            raise ValueError("nsp and whole_word are options of kind: mlm")
+        return self

@@ -1,6 +1,6 @@
 """Held-out loss every ``train.eval_every`` steps, over the first ``train.eval_batches`` global
 batches of the shards' held-out split (the same batches every time); for a reward model, its
-ranking loss and accuracy."""
+ranking loss and accuracy; for a masked-LM, its loss and accuracy on the masked tokens."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from crucible.jobs.spec import RewardRunSpec
 from crucible.jobs.train.callbacks.base import Callback, StepResult, TrainContext
-from crucible.jobs.train.engine import micro_batches
+from crucible.jobs.train.engine import micro_batches, model_inputs
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -88,6 +88,38 @@ def evaluate_reward(
     return float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3].clamp(min=1))
 
 
+def evaluate_mlm(
+    engine: DeepSpeedEngine, reader: TrainingReader, batches: int, micro: int
+) -> tuple[float, float]:
+    """A masked-LM's held-out ``(loss, accuracy)`` over the masked tokens of the first
+    ``batches`` global batches: cross-entropy per masked token, and the share of masked
+    tokens whose original the model ranks first (the masks are a function of the sample and
+    the data seed, so every evaluation sees the same ones).
+
+    Args:
+        engine: the DeepSpeed engine of a BERT.
+        reader: a held-out masked-LM :class:`TrainingReader` of this rank.
+        batches: global batches to evaluate.
+        micro: rows per forward pass.
+    """
+    device = engine.device
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    engine.eval()
+    with torch.no_grad():
+        for batch in islice(reader.eval_batches(), batches):
+            for mb in micro_batches(batch, micro, device):
+                inputs = model_inputs(mb)
+                inputs.pop("nsp_labels", None)  # the masked-LM loss alone
+                logits, _ = engine(mb["input_ids"], mb["labels"], **inputs)
+                target = mb["labels"][mb["labels"] != -100]
+                loss = F.cross_entropy(logits.float(), target, reduction="sum")
+                right = (logits.argmax(-1) == target).sum()
+                total += torch.stack([loss.double(), right.double(), target.new_tensor(target.numel()).double()])  # fmt: skip
+    engine.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[2].clamp(min=1)), float(total[1] / total[2].clamp(min=1))
+
+
 def evaluate_prompts(ctx: TrainContext) -> float:
     """Greedy exact match of ``train.eval_prompts`` (prompt/reference JSONL) by the model
     being trained. Every rank decodes every prompt in lockstep (a ZeRO-3 forward needs all
@@ -136,7 +168,7 @@ class EvaluatorCallback(Callback):
             self.heldout = TrainingReader(
                 spec.data.shards, spec.optim.global_batch_size, rank=self.ctx.rank,
                 world_size=self.ctx.world, split="heldout", verify="size",
-                doc_index=spec.data.mask_cross_document,
+                doc_index=spec.data.mask_cross_document, mlm=spec.objective if spec.objective.kind == "mlm" else None,
             )  # fmt: skip
 
     def on_step_end(self, result: StepResult) -> None:
@@ -147,6 +179,10 @@ class EvaluatorCallback(Callback):
         micro = self.ctx.plan.micro_batch_size
         if isinstance(self.ctx.spec, RewardRunSpec):
             result.heldout_loss, result.heldout_accuracy = evaluate_reward(
+                self.ctx.engine, self.heldout, t.eval_batches, micro
+            )
+        elif self.ctx.spec.objective.kind == "mlm":
+            result.heldout_loss, result.heldout_accuracy = evaluate_mlm(
                 self.ctx.engine, self.heldout, t.eval_batches, micro
             )
         else:
