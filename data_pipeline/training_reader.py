@@ -135,7 +135,7 @@ class TrainingReader:
             doc_index: Also return ``doc_index`` (for attention masking across documents).
             mlm: Return masked-LM samples (BERT) instead of next-token ones: see
                 :class:`~crucible.data_pipeline.tokens.masking.MaskedLMBatcher`, whose draws
-                are seeded by ``seed`` and each sample's index.
+                are seeded by ``seed``, each sample's index and the epoch it is read in.
         """
         if global_batch_size < 1 or world_size < 1 or global_batch_size % world_size:
             raise CrucibleError(
@@ -260,25 +260,30 @@ class TrainingReader:
         first = self.samples_consumed + self.rank * self.local_batch_size
         indices = self.stream_indices(first, self.local_batch_size)
         self.samples_consumed += self.global_batch_size
-        return self.to_tensors(indices)
+        epochs = np.arange(first, first + self.local_batch_size) // self.num_samples
+        return self.to_tensors(indices, epochs=epochs)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Endless batches (the training loop decides when to stop)."""
         while True:
             yield self.next_batch()
 
-    def to_tensors(self, indices: np.ndarray, keep: np.ndarray | None = None) -> dict[str, Any]:
+    def to_tensors(
+        self, indices: np.ndarray, keep: np.ndarray | None = None, epochs: np.ndarray | None = None
+    ) -> dict[str, Any]:
         """Samples ``indices`` as training tensors (see :meth:`next_batch`).
 
         Args:
             indices: Sample indices of the split.
             keep: Optional per-sample mask; samples with ``False`` get all labels ``-100``.
+            epochs: The epoch each sample is read in (masked-LM readers mask a sample anew in
+                every epoch); default 0.
         """
         import torch
 
         tokens, length = self.view.rows(indices)
         if self.masking is not None:
-            masked = self.masking(tokens, length, indices)
+            masked = self.masking(tokens, length, indices, epochs)
             if keep is not None:
                 masked["labels"][~keep] = IGNORE_INDEX
                 if "next_sentence_label" in masked:

@@ -2,7 +2,7 @@
 2018): ``[CLS] text [SEP]`` (or ``[CLS] A [SEP] B [SEP]`` for next-sentence prediction), 15% of
 the text's tokens chosen for prediction, of which 80% become ``[MASK]``, 10% a random token and
 10% stay as they are. Pure numpy; every draw for a row comes from a generator seeded by
-``(seed, sample index)``, so a sample's result depends on nothing else in its batch.
+``(seed, sample index, epoch)``, so a sample's result depends on nothing else in its batch.
 """
 
 from __future__ import annotations
@@ -83,7 +83,11 @@ class MaskedLMBatcher:
         self._gaps = self._special_ids - np.arange(len(self._special_ids))
 
     def __call__(
-        self, tokens: np.ndarray, length: np.ndarray, sample_index: np.ndarray
+        self,
+        tokens: np.ndarray,
+        length: np.ndarray,
+        sample_index: np.ndarray,
+        epoch: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Mask a batch of packed rows.
 
@@ -91,6 +95,8 @@ class MaskedLMBatcher:
             tokens: ``[B, R]`` packed rows; only the first ``length[b]`` tokens of row b are real.
             length: ``[B]`` real tokens per row.
             sample_index: ``[B]`` each row's sample index in its split (seeds its draws).
+            epoch: ``[B]`` the epoch each row is read in (seeds its draws too: a sample seen
+                again is masked anew, RoBERTa's dynamic masking); default all 0.
 
         Returns:
             With ``T = R - 1``: ``input_ids``, ``labels`` (the original id where a token was
@@ -103,7 +109,11 @@ class MaskedLMBatcher:
         frame = 3 if self.nsp else 2  # [CLS] and one [SEP] per segment
         if frame > T:
             raise ValueError(f"rows of {R} tokens are too short for [CLS] and [SEP]")
-        rngs = [np.random.default_rng([self.seed, int(i)]) for i in sample_index]
+        epochs = np.zeros(B, np.int64) if epoch is None else epoch
+        rngs = [
+            np.random.default_rng([self.seed, int(i), int(e)])
+            for i, e in zip(sample_index, epochs, strict=True)
+        ]
         contents = [tokens[b, : int(length[b])].astype(np.int64) for b in range(B)]
         pairs: list[Pair] = [(c[: T - 2], None) for c in contents]
         nsp_label = None

@@ -102,7 +102,7 @@ def test_rates_match_devlin_et_al() -> None:
     assert not masked[:, 0].any() and not masked[:, 127].any()
 
 
-def test_a_rows_result_depends_only_on_seed_index_and_content() -> None:
+def test_a_rows_result_depends_only_on_seed_index_epoch_and_content() -> None:
     rows = _rows(6, 33)
     batcher = MaskedLMBatcher(special=SPECIAL, vocab_size=V, seed=5)
     index = np.array([10, 11, 12, 13, 14, 15])
@@ -114,6 +114,16 @@ def test_a_rows_result_depends_only_on_seed_index_and_content() -> None:
         np.testing.assert_array_equal(both[key][3:4], alone[key])
     other = _call(MaskedLMBatcher(special=SPECIAL, vocab_size=V, seed=6), rows, index=index)
     assert not np.array_equal(other["labels"], both["labels"])
+    # a sample read again in a later epoch is masked anew (dynamic masking), and the same in
+    # every read of that epoch
+    length = np.full(len(rows), rows.shape[1])
+    first = batcher(rows, length, index, np.zeros(6, np.int64))
+    for key in both:
+        np.testing.assert_array_equal(first[key], both[key])
+    later = batcher(rows, length, index, np.ones(6, np.int64))
+    assert not np.array_equal(later["labels"], both["labels"])
+    np.testing.assert_array_equal(batcher(rows, length, index, np.ones(6, np.int64))["labels"],
+                                  later["labels"])  # fmt: skip
 
 
 def _words(orig: np.ndarray, cont: np.ndarray) -> list[list[int]]:
