@@ -77,7 +77,11 @@ def describe_model(cfg: ModelConfig, seq_len: int | None = None) -> list[tuple[s
     t = seq_len or cfg.max_seq_len
     state = model_state_bytes(cfg, "bf16")
     attn = "MHA" if cfg.kv_heads == cfg.n_heads else ("MQA" if cfg.kv_heads == 1 else "GQA")
+    arch = (
+        "decoder (causal, pre-norm)" if cfg.arch == "gpt" else "encoder (bidirectional, post-norm)"
+    )
     return [
+        ("architecture", f"{cfg.arch}: {arch}"),
         ("layers", str(cfg.n_layers)),
         ("d_model", str(cfg.d_model)),
         ("heads (q / kv) × head dim", f"{cfg.n_heads} / {cfg.kv_heads} ({attn}) × {cfg.head_dim}"),

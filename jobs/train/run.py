@@ -50,6 +50,13 @@ def check_shards(spec: TrainRunSpec) -> Manifest:
             f"shards {spec.data.shards} use a {vocab}-token vocabulary but the model has "
             f"vocab_size {cfg.vocab_size}; set model.vocab_size to at least {vocab}"
         )
+    if spec.objective.kind == "mlm":
+        from crucible.data_pipeline.tokens.tokenizer import bert_special_ids, load_tokenizer
+
+        if manifest.chat_template is not None:
+            raise CrucibleError(f"shards {spec.data.shards} hold conversations; masked-LM "
+                                "training takes plain-text shards")  # fmt: skip
+        bert_special_ids(load_tokenizer(shards / manifest.tokenizer.file))
     if manifest.chat_template is not None and not spec.data.mask_cross_document:
         raise CrucibleError(
             f"shards {spec.data.shards} hold packed conversations: set "

@@ -189,3 +189,24 @@ def test_masked_batches_are_the_same_at_any_world_size_and_after_a_resume(
     epoch0 = one.to_tensors(first, epochs=np.zeros(1, np.int64))
     epoch1 = one.to_tensors(first, epochs=np.ones(1, np.int64))
     assert not torch.equal(epoch0["labels"], epoch1["labels"])
+
+
+def test_bert_specs_that_cannot_run_are_refused(train_shards: Path, tmp_path: Path) -> None:
+    from crucible.jobs.preflight import preflight
+
+    base = {"kind": "train", "name": "b", "cluster": {"storage": str(tmp_path)},
+            "model": {"preset": "bert-tiny"}, "data": {"shards": str(train_shards)},
+            "objective": {"kind": "mlm"}, "train": {"max_steps": 2}}  # fmt: skip
+    # GPT-2-style BPE shards have no [CLS], [SEP] or [MASK]
+    with pytest.raises(CrucibleError, match="tokenizer.train.model: wordpiece") as e:
+        preflight(parse_spec(base))
+    assert "\n" not in str(e.value)
+    for over, error in [
+        ({"objective": {"kind": "clm"}}, "model arch bert trains with objective.kind mlm"),
+        ({"model": {"preset": "tiny"}}, "model arch gpt trains with objective.kind clm"),
+        ({"objective": {"kind": "clm", "nsp": True}}, "options of kind: mlm"),
+        ({"data": {"shards": "x", "mask_cross_document": True}}, "for decoders"),
+        ({"train": {"max_steps": 2, "eval_prompts": "p.jsonl"}}, "generating model"),
+    ]:
+        with pytest.raises(CrucibleError, match=error):
+            parse_spec(base | over)
