@@ -120,7 +120,8 @@ class TrainMetrics:
         self.heldout = Gauge("crucible_train_heldout_loss", "Last held-out loss.", registry=g)
         self.heldout_accuracy = Gauge(
             "crucible_train_heldout_accuracy_ratio",
-            "A reward model's last held-out accuracy (answer pairs ordered right).",
+            "Last held-out accuracy: a reward model's answer pairs ordered right, a masked "
+            "LM's masked tokens predicted right.",
             registry=g,
         )
         self.heldout_exact_match = Gauge(
