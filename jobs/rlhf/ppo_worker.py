@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
     from crucible.jobs.spec import PPORunSpec
+    from crucible.monitoring.ledger import LedgerWriter
 
 
 def ppo_loop_per_worker(config: dict[str, Any]) -> None:
@@ -183,6 +184,7 @@ class PPOWorker:
             root.mkdirs()
         resume(self, root)
         log = open_metrics(self.run_dir) if self.rank == 0 else None
+        ledger = self._ledger()
         s = self.spec
         if self.rank == 0:
             say(f"PPO: {len(self.prompts)} prompts ({dict(self.skipped) or 'none'} skipped), "
@@ -190,16 +192,38 @@ class PPOWorker:
                   f"{self.step + 1}-{s.ppo.steps}")  # fmt: skip
         try:
             while self.step < s.ppo.steps:
+                t0 = time.time()
                 record = self.ppo_step()
                 self.step += 1
+                if ledger is not None:
+                    ledger.step(self.step, t0, time.time())
                 if log is not None:
                     log.append({"kind": "ppo", "step": self.step, **record, "time": time.time()})
                     say(step_line(self.step, s.ppo.steps, record))
                 if self.step % s.checkpoint.every_steps == 0 or self.step == s.ppo.steps:
+                    t0 = time.time()
                     save(self, root, log)
+                    if ledger is not None:
+                        ledger.checkpoint(self.step, t0, time.time())
         finally:
             if log is not None:
                 log.close()
+            if ledger is not None:
+                ledger.end("finished" if self.step >= s.ppo.steps else "failed")
+
+    def _ledger(self) -> LedgerWriter | None:
+        """Rank 0's GPU-hours ledger of this attempt (the train job's, with every device of
+        the attempt in it): start-up to the first step, each PPO step (rollout, scoring and
+        updates) and each checkpoint save; ``crucible report`` turns it into goodput and
+        cost."""
+        if self.rank != 0:
+            return None
+        from crucible.monitoring.ledger import LedgerWriter
+
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        ledger = LedgerWriter(self.run_dir, self.world, resumed_from=self.step, device=device)
+        ledger.startup_done()
+        return ledger
 
     def step_prompts(self) -> list[tuple[list[tuple[str, str]], list[int]]]:
         """This rank's share of the current step's prompts: global positions

@@ -262,6 +262,14 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     assert last > first, (first, last)
     assert max(r["kl"] for r in steps) < KL_BOUND, [r["kl"] for r in steps]
     assert any(f.name == "ppo.png" for f in write_report(run))
+    # the GPU-hours ledger holds the attempt: every step productive (the run finished on a
+    # committed checkpoint), its saves and start-up billed to their phases
+    from crucible.monitoring.ledger import account
+
+    spent = account(run)
+    assert spent.finished and spent.attempts == 1 and spent.devices == 2, spent
+    assert spent.seconds["productive"] > 0 and spent.seconds["lost"] == 0, spent.seconds
+    assert spent.seconds["checkpoint"] > 0 and spent.seconds["startup"] > 0, spent.seconds
 
     # A resume after losing the last checkpoint redoes its steps bitwise.
     shutil.rmtree((run / "checkpoints" / f"step-{PPO_STEPS}").local_path)
