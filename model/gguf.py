@@ -292,7 +292,9 @@ def write_gguf(
         w.add_layer_norm_eps(cfg.norm_eps)
 
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    # llama.cpp's name of GPT-2's pre-tokenizer (llama-vocab.cpp; convert_hf_to_gguf.py
+    # writes it): "gpt2" is an unknown pre-tokenizer there and the file does not load.
+    w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -133,7 +133,7 @@ def test_metadata_tensors_and_vocab_as_llama_cpp_reads_them(
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
     assert _field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert _field(reader, "tokenizer.ggml.pre") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.pre") == "gpt-2"  # llama.cpp's name (llama-vocab.cpp)
     assert len(tokens) == len(types) == cfg.vocab_size > len(vocab)
     assert tokens[: len(vocab)] == [vocab[i] for i in range(len(vocab))]
     assert tokens[len(vocab)] == f"[PAD{len(vocab)}]"
