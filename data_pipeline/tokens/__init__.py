@@ -1,1 +1,2 @@
-"""Tokens: train or load a byte-level BPE tokenizer, encode documents and pack them into rows."""
+"""Tokens: train (byte-level BPE or BERT's WordPiece) or load a tokenizer, encode documents
+and pack them into rows; turn packed rows into masked-LM samples for BERT."""

@@ -118,13 +118,18 @@ def run_ppo(run_dir: Location) -> int:
     from crucible.jobs.runs import load_run_spec
     from crucible.jobs.spec import PPORunSpec
     from crucible.jobs.train.export import resolve_checkpoint
-    from crucible.jobs.train.run import check_worker_resources, worker_group
+    from crucible.jobs.train.run import (
+        check_worker_resources,
+        start_metrics_registry,
+        worker_group,
+    )
 
     spec = load_run_spec(run_dir)
     assert isinstance(spec, PPORunSpec)
     check_ppo(spec)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+    start_metrics_registry()  # the workers' metrics are found through it
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     w = spec.workers
     use_gpu = bool(resources.get("GPU", 0)) if w.use_gpu is None else w.use_gpu

@@ -19,6 +19,7 @@ from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.rlhf import ppo_math as pm
 from crucible.jobs.rlhf.ppo_checkpoint import resume, save
+from crucible.jobs.rlhf.ppo_monitor import open_ledger, start_metrics, stop_metrics
 from crucible.jobs.rlhf.rejection import decode_answer
 from crucible.jobs.train.console import say
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
     from crucible.jobs.spec import PPORunSpec
-    from crucible.monitoring.ledger import LedgerWriter
 
 
 def ppo_loop_per_worker(config: dict[str, Any]) -> None:
@@ -184,7 +184,8 @@ class PPOWorker:
             root.mkdirs()
         resume(self, root)
         log = open_metrics(self.run_dir) if self.rank == 0 else None
-        ledger = self._ledger()
+        ledger = open_ledger(self)
+        metrics, port = start_metrics(self) or (None, None)
         s = self.spec
         if self.rank == 0:
             say(f"PPO: {len(self.prompts)} prompts ({dict(self.skipped) or 'none'} skipped), "
@@ -197,6 +198,8 @@ class PPOWorker:
                 self.step += 1
                 if ledger is not None:
                     ledger.step(self.step, t0, time.time())
+                if metrics is not None:
+                    metrics.on_step(self.step, record)
                 if log is not None:
                     log.append({"kind": "ppo", "step": self.step, **record, "time": time.time()})
                     say(step_line(self.step, s.ppo.steps, record))
@@ -210,20 +213,8 @@ class PPOWorker:
                 log.close()
             if ledger is not None:
                 ledger.end("finished" if self.step >= s.ppo.steps else "failed")
-
-    def _ledger(self) -> LedgerWriter | None:
-        """Rank 0's GPU-hours ledger of this attempt (the train job's, with every device of
-        the attempt in it): start-up to the first step, each PPO step (rollout, scoring and
-        updates) and each checkpoint save; ``crucible report`` turns it into goodput and
-        cost."""
-        if self.rank != 0:
-            return None
-        from crucible.monitoring.ledger import LedgerWriter
-
-        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        ledger = LedgerWriter(self.run_dir, self.world, resumed_from=self.step, device=device)
-        ledger.startup_done()
-        return ledger
+            if port is not None:
+                stop_metrics(port, self.rank)
 
     def step_prompts(self) -> list[tuple[list[tuple[str, str]], list[int]]]:
         """This rank's share of the current step's prompts: global positions
@@ -287,6 +278,7 @@ class PPOWorker:
             mask.sum(), torch.tensor(float(len(items)), device=self.device),
             torch.tensor(float(unscorable), device=self.device),
             torch.tensor(float(sum(len(o) for o in outs)), device=self.device),
+            torch.tensor(float(tokens.numel()), device=self.device),
         ]).double()  # fmt: skip
         dist.all_reduce(totals)
         n = float(totals[5])
@@ -300,6 +292,8 @@ class PPOWorker:
             "response_tokens_mean": float(totals[4]) / n,
             "unscorable": int(totals[6]),
             **stats,
+            "generated_tokens": int(totals[7]),
+            "rollout_tokens": int(totals[8]),
             "generation_seconds": gen_seconds,
             "generation_tokens_per_s": float(totals[7]) / max(gen_seconds, 1e-9) / self.world,
             "score_seconds": score_seconds,

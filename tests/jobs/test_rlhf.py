@@ -270,6 +270,22 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     assert spent.finished and spent.attempts == 1 and spent.devices == 2, spent
     assert spent.seconds["productive"] > 0 and spent.seconds["lost"] == 0, spent.seconds
     assert spent.seconds["checkpoint"] > 0 and spent.seconds["startup"] > 0, spent.seconds
+    # The cluster's Prometheus found both ranks (job="ppo") and rank 0's run-wide series, the
+    # last step's included, and the ledger's device-seconds.
+    import time
+
+    from drill import prometheus_query
+
+    def seen(expr: str) -> dict[str, float]:
+        found = prometheus_query(local_cluster.prometheus_url, f"max_over_time({expr}[1h])", time.time())  # fmt: skip
+        return {s["metric"].get("rank", ""): float(s["value"][1]) for s in found}
+
+    assert seen('crucible_ppo_step{run="ppo", job="ppo"}') == {"0": PPO_STEPS}
+    generation = seen('crucible_ppo_phase_seconds_total{run="ppo", phase="generation"}')
+    assert set(generation) == {"0", "1"} and min(generation.values()) > 0, generation
+    tokens = seen('crucible_ppo_generated_tokens_total{run="ppo"}')
+    assert tokens == {"0": sum(r["generated_tokens"] for r in steps)}, tokens
+    assert max(seen('crucible_gpu_seconds_total{run="ppo", phase="productive"}').values()) > 0
 
     # A resume after losing the last checkpoint redoes its steps bitwise.
     shutil.rmtree((run / "checkpoints" / f"step-{PPO_STEPS}").local_path)
