@@ -1,7 +1,7 @@
 """BERT (Devlin et al. 2018): a bidirectional transformer encoder trained by masked language
 modelling and, in the original recipe, next-sentence prediction.
 
-Built from the GPT's attention and MLP (:mod:`crucible.model.gpt`) with what BERT does
+Built from the GPT's attention and MLP (:mod:`crucible.model.layers`) with what BERT does
 differently: no causal mask, post-norm blocks (``x = norm(x + sublayer(x))``), token-type
 embeddings added to the token and learned position ones and normalised, the exact (erf)
 GELU, and three heads: the masked-LM head (dense → GELU → LayerNorm → a decoder tied to the
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crucible.model.config import ModelConfig
-from crucible.model.gpt import MLP, Attention, _norm
+from crucible.model.layers import MLP, Attention, build_norm
 
 if TYPE_CHECKING:
     from crucible.model.kv_cache import KVCache
@@ -33,9 +33,9 @@ class EncoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn = Attention(cfg)
-        self.norm1 = _norm(cfg)
+        self.norm1 = build_norm(cfg)
         self.mlp = MLP(cfg)
-        self.norm2 = _norm(cfg)
+        self.norm2 = build_norm(cfg)
 
     def forward(
         self,
@@ -54,7 +54,7 @@ class MaskedLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.d_model)
-        self.norm = _norm(cfg)
+        self.norm = build_norm(cfg)
         self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class Bert(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
-        self.norm_emb = _norm(cfg)
+        self.norm_emb = build_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layers))
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
