@@ -1,4 +1,4 @@
-"""Grafana dashboards (Training, Data pipeline, Cost), built here and written as JSON.
+"""Grafana dashboards (Training, Data pipeline, Cost, PPO), built here and written as JSON.
 
 ``python -m crucible.monitoring.dashboards`` rewrites ``monitoring/dashboards/*.json``; a test
 checks the files match this code. Every panel queries ``${datasource}``, a datasource template
@@ -267,7 +267,47 @@ def cost() -> dict[str, Any]:
     ], "crucible_gpu_seconds_total")  # fmt: skip
 
 
-DASHBOARDS = {"training": training, "data": data, "cost": cost}
+def ppo() -> dict[str, Any]:
+    """PPO steps: the reward model's score, the KL to the reference, clipping, the critic, and
+    where each step's time goes. The run's GPU-hours and goodput are on the Cost dashboard."""
+    rate = "[$__rate_interval]"
+
+    def phase(name: str) -> str:
+        return f'rate(crucible_ppo_phase_seconds_total{{run="$run", phase="{name}"}}{rate})'
+
+    return dashboard("crucible-ppo", "Crucible / PPO", [
+        panel("Progress", [(f"max(crucible_ppo_step{R}) / max(crucible_ppo_total_steps{R})",
+                            "steps done")], "stat", "percentunit", w=6, h=5),
+        panel("Score (last rollout)", [(f"max(crucible_ppo_score_mean{R})", "score")], "stat",
+              w=6, h=5),
+        panel("KL to the reference", [(f"max(crucible_ppo_kl{R})", "KL")], "stat", w=6, h=5),
+        panel("Since last step", [(
+            f"time() - max(crucible_ppo_last_step_timestamp_seconds{R})", "age")], "stat", "s",
+              w=6, h=5),
+        panel("Reward-model score", [(f"max(crucible_ppo_score_mean{R})", "mean score")],
+              description="Mean score of each step's rollout answers."),
+        panel("KL and its coefficient", [(f"max(crucible_ppo_kl{R})", "KL (nats / answer)"),
+                                         (f"max(crucible_ppo_kl_coef{R})", "coefficient")]),
+        panel("Policy clip fraction", [(f"max(crucible_ppo_clip_fraction_ratio{R})", "clipped")],
+              unit="percentunit", description="Share of policy ratios outside 1 ± clip."),
+        panel("Critic value loss", [(f"max(crucible_ppo_value_loss{R})", "value loss")]),
+        panel("Time by phase", [(
+            f"avg by (phase) (rate(crucible_ppo_phase_seconds_total{R}{rate}))", "{{phase}}")],
+              unit="percentunit", stack=True,
+              description="Share of a rank's time in generation, scoring and updates."),
+        panel("Generation and training tokens / s", [
+            (f"sum(rate(crucible_ppo_generated_tokens_total{R}{rate})) / "
+             f"avg({phase('generation')})", "generated per s of generation"),
+            (f"sum(rate(crucible_ppo_rollout_tokens_total{R}{rate})) / "
+             f"avg({phase('training')})", "rollout per s of updates")],
+              description="Tokens over all ranks per second spent in the phase."),
+        panel("Process memory by rank", [(
+            'crucible_process_resident_memory_bytes{run="$run", job="ppo"}', "rank {{rank}}")],
+              unit="bytes", w=24),
+    ], "crucible_ppo_step")  # fmt: skip
+
+
+DASHBOARDS = {"training": training, "data": data, "cost": cost, "ppo": ppo}
 
 
 def write_dashboards(out_dir: Path = OUT_DIR) -> list[Path]:

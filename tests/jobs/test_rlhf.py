@@ -17,6 +17,7 @@ resume from the last-but-one checkpoint redoes the last steps bitwise."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,7 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
         "workers": {"num_workers": 2},
     })  # fmt: skip
     assert spec.model.vocab_size == load_run_spec(policy_run).model.vocab_size  # type: ignore[union-attr]
+    started = time.time()
     client, job, run = submit_run(spec)
     status = client.wait(job, timeout=1800)
     log = client.logs(job)
@@ -271,10 +273,11 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     assert spent.seconds["productive"] > 0 and spent.seconds["lost"] == 0, spent.seconds
     assert spent.seconds["checkpoint"] > 0 and spent.seconds["startup"] > 0, spent.seconds
     # The cluster's Prometheus found both ranks (job="ppo") and rank 0's run-wide series, the
-    # last step's included, and the ledger's device-seconds.
-    import time
+    # last step's included, and the ledger's device-seconds; every panel of the PPO dashboard
+    # shows data over the run's time span.
+    from drill import prometheus_query, prometheus_range
 
-    from drill import prometheus_query
+    from crucible.monitoring.dashboards import ppo as ppo_dashboard
 
     def seen(expr: str) -> dict[str, float]:
         found = prometheus_query(local_cluster.prometheus_url, f"max_over_time({expr}[1h])", time.time())  # fmt: skip
@@ -286,6 +289,14 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     tokens = seen('crucible_ppo_generated_tokens_total{run="ppo"}')
     assert tokens == {"0": sum(r["generated_tokens"] for r in steps)}, tokens
     assert max(seen('crucible_gpu_seconds_total{run="ppo", phase="productive"}').values()) > 0
+
+    def shown(expr: str) -> bool:
+        expr = expr.replace("$run", "ppo").replace("$__rate_interval", "30s")
+        return bool(prometheus_range(local_cluster.prometheus_url, expr, started, time.time()))
+
+    panels = ppo_dashboard()["panels"]
+    empty = [(p["title"], t["expr"]) for p in panels for t in p["targets"] if not shown(t["expr"])]
+    assert not empty, empty
 
     # A resume after losing the last checkpoint redoes its steps bitwise.
     shutil.rmtree((run / "checkpoints" / f"step-{PPO_STEPS}").local_path)

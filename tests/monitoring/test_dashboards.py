@@ -19,6 +19,7 @@ from crucible.monitoring import dashboards as dash
 from crucible.monitoring.exporter import start_exporter, stop_exporter
 from crucible.monitoring.ledger import LedgerCollector, LedgerWriter
 from crucible.monitoring.metrics import DataMetrics, TrainMetrics
+from crucible.monitoring.ppo_metrics import PPOMetrics
 from crucible.monitoring.prometheus import query
 
 PROVISIONING = Path(dash.__file__).parent / "grafana" / "provisioning"
@@ -77,12 +78,20 @@ def test_provisioning_creates_the_variables_default_datasource() -> None:
 
 
 STEP_TOKENS, STEP_S, DEVICES, PEAK, FLOPS_PER_TOKEN = 8192, 0.2, 2, 1e12, 1e6
+# a PPO step's record as PPOWorker.ppo_step gives it (times as fed, not measured)
+PPO_RECORD = {"generation_seconds": 0.1, "score_seconds": 0.02, "train_seconds": 0.08,
+              "score_mean": 0.5, "kl": 0.3, "kl_coef": 0.2, "clip_frac": 0.1,
+              "value_loss": 0.7, "generated_tokens": 600, "rollout_tokens": 2000}  # fmt: skip
 
 
 def feed(
-    stop: threading.Event, run_dir: Path, ranks: list[TrainMetrics], data: DataMetrics
+    stop: threading.Event,
+    run_dir: Path,
+    ranks: list[TrainMetrics],
+    data: DataMetrics,
+    ppo: list[PPOMetrics],
 ) -> None:
-    """Drive the metrics like a training run and a data run would, in real time."""
+    """Drive the metrics like a training run, a data run and a PPO run would, in real time."""
     ledger = LedgerWriter(run_dir, DEVICES, start_time=time.time() - 5)
     ledger.startup_done()
     step, docs = 0, 0
@@ -110,6 +119,8 @@ def feed(
                         "dropped": {"too_short": docs // 5, "symbol_ratio": docs // 10}},
         })  # fmt: skip
         data.on_dedup(docs // 20, {"2": docs // 50, "3": docs // 100})
+        for m in ppo:
+            m.on_step(step, PPO_RECORD)
     ledger.close()
 
 
@@ -126,6 +137,8 @@ def live_run(prometheus: ClusterState, tmp_path: Path) -> Iterator[float]:
     data = DataMetrics()
     exporters = [("itest", "train", r, m.registry) for r, m in enumerate(ranks)]
     exporters.append(("itest-data", "data", 0, data.registry))
+    ppo = [PPOMetrics(rank=r, total_steps=1000) for r in range(DEVICES)]
+    exporters += [("itest-ppo", "ppo", r, m.registry) for r, m in enumerate(ppo)]
     ports = []
     for run, job, rank, reg in exporters:  # announced as the cluster's registry would be
         ports.append(start_exporter(run, job, rank, reg, host="127.0.0.1", announce=False))
@@ -133,7 +146,7 @@ def live_run(prometheus: ClusterState, tmp_path: Path) -> Iterator[float]:
         labels = {"run": run, "job": job, "rank": str(rank)}
         prometheus.registry.register(f"127.0.0.1:{ports[-1]}", labels)
     stop = threading.Event()
-    t = threading.Thread(target=feed, args=(stop, tmp_path, ranks, data), daemon=True)
+    t = threading.Thread(target=feed, args=(stop, tmp_path, ranks, data, ppo), daemon=True)
     t.start()
     try:
         yield time.monotonic()
@@ -154,7 +167,7 @@ def test_every_panel_query_returns_series(prometheus: ClusterState, live_run: fl
     import torch
 
     url = prometheus.prometheus_url
-    runs = {"training": "itest", "cost": "itest", "data": "itest-data"}
+    runs = {"training": "itest", "cost": "itest", "data": "itest-data", "ppo": "itest-ppo"}
     pending = {(name, p["title"], t["expr"]) for name, p in all_panels()
                if torch.cuda.is_available() or p["title"] not in dash.GPU_ONLY
                for t in p["targets"]}  # fmt: skip
@@ -183,6 +196,16 @@ def test_every_panel_query_returns_series(prometheus: ClusterState, live_run: fl
     assert sorted(s["metric"]["rank"] for s in up) == ["0", "1"]
     (steps,) = query(url, 'crucible_train_tokens_total{run="itest", rank="0"}') or [None]
     assert float(steps["value"][1]) % STEP_TOKENS == 0
+    # PPO: tokens per second of generation and of updates are the records' ratios; every
+    # rank spends its time in the phases as fed.
+    ppo = {p["title"]: [t["expr"] for t in p["targets"]] for p in dash.ppo()["panels"]}
+    speed = ppo["Generation and training tokens / s"][0]
+    (gen,) = query(url, resolve(speed, "itest-ppo")) or [None]
+    fed_gen = PPO_RECORD["generated_tokens"] / PPO_RECORD["generation_seconds"]
+    assert float(gen["value"][1]) == pytest.approx(fed_gen, rel=0.2)
+    share = query(url, resolve(ppo["Time by phase"][0], "itest-ppo"))
+    by_phase = {s["metric"]["phase"]: float(s["value"][1]) for s in share or []}
+    assert by_phase["generation"] == pytest.approx(by_phase["training"] * 1.25, rel=0.05)
 
 
 @pytest.mark.slow  # a live run scraped
