@@ -5,6 +5,7 @@ ranking loss and accuracy; for a masked-LM, its loss and accuracy on the masked 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,37 @@ if TYPE_CHECKING:
     from crucible.data_pipeline.training_reader import TrainingReader
 
 
+def held_out_sums(
+    engine: DeepSpeedEngine,
+    reader: TrainingReader,
+    batches: int,
+    micro: int,
+    sums: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]],
+    width: int,
+) -> torch.Tensor:
+    """``sums(micro_batch)`` added up (float64) over the first ``batches`` global batches of
+    the held-out split and over all ranks, with the engine in eval mode and no gradients.
+
+    Args:
+        engine: the DeepSpeed engine.
+        reader: a held-out :class:`TrainingReader` of this rank.
+        batches: global batches to evaluate.
+        micro: rows per forward pass.
+        sums: the ``width`` figures one micro-batch adds.
+        width: how many figures ``sums`` gives.
+    """
+    device = engine.device
+    total = torch.zeros(width, dtype=torch.float64, device=device)  # NCCL reduces device tensors
+    engine.eval()
+    with torch.no_grad():
+        for batch in islice(reader.eval_batches(), batches):
+            for mb in micro_batches(batch, micro, device):
+                total += torch.stack([t.double() for t in sums(mb)])
+    engine.train()
+    dist.all_reduce(total)
+    return total
+
+
 def evaluate(
     engine: DeepSpeedEngine, reader: TrainingReader, batches: int, micro: int, doc_mask: bool
 ) -> float:
@@ -34,27 +66,16 @@ def evaluate(
         micro: rows per forward pass.
         doc_mask: attend within documents only.
     """
-    device = engine.device
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL reduces device tensors
-    engine.eval()
-    with torch.no_grad():
-        for batch in islice(reader.eval_batches(), batches):
-            for mb in micro_batches(batch, micro, device):
-                logits, _ = engine(
-                    mb["input_ids"],
-                    doc_ids=mb.get("doc_index") if doc_mask else None,
-                    positions=mb.get("position_ids"),
-                )
-                labels = mb["labels"]
-                loss = F.cross_entropy(
-                    logits.float().view(-1, logits.size(-1)),
-                    labels.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-                total += torch.stack([loss.double(), (labels != -100).sum().double()])
-    engine.train()
-    dist.all_reduce(total)
+
+    def sums(mb: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        doc_ids = mb.get("doc_index") if doc_mask else None
+        logits, _ = engine(mb["input_ids"], doc_ids=doc_ids, positions=mb.get("position_ids"))
+        labels = mb["labels"]
+        flat = logits.float().view(-1, logits.size(-1))
+        loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum")
+        return [loss, (labels != -100).sum()]
+
+    total = held_out_sums(engine, reader, batches, micro, sums, 2)
     return float(total[0] / total[1].clamp(min=1))
 
 
@@ -73,18 +94,11 @@ def evaluate_reward(
     """
     from crucible.model.reward import ranking_stats
 
-    device = engine.device
-    total = torch.zeros(4, dtype=torch.float64, device=device)
-    engine.eval()
-    with torch.no_grad():
-        for batch in islice(reader.eval_batches(), batches):
-            for mb in micro_batches(batch, micro, device):
-                rewards, _ = engine(
-                    mb["input_ids"], doc_ids=mb["doc_index"], positions=mb["position_ids"]
-                )
-                total += torch.stack([t.double() for t in ranking_stats(rewards, mb["labels"])])
-    engine.train()
-    dist.all_reduce(total)
+    def sums(mb: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        rewards, _ = engine(mb["input_ids"], doc_ids=mb["doc_index"], positions=mb["position_ids"])
+        return list(ranking_stats(rewards, mb["labels"]))
+
+    total = held_out_sums(engine, reader, batches, micro, sums, 4)
     return float(total[0] / total[1].clamp(min=1)), float(total[2] / total[3].clamp(min=1))
 
 
@@ -102,21 +116,17 @@ def evaluate_mlm(
         batches: global batches to evaluate.
         micro: rows per forward pass.
     """
-    device = engine.device
-    total = torch.zeros(3, dtype=torch.float64, device=device)
-    engine.eval()
-    with torch.no_grad():
-        for batch in islice(reader.eval_batches(), batches):
-            for mb in micro_batches(batch, micro, device):
-                inputs = model_inputs(mb)
-                inputs.pop("nsp_labels", None)  # the masked-LM loss alone
-                logits, _ = engine(mb["input_ids"], mb["labels"], **inputs)
-                target = mb["labels"][mb["labels"] != -100]
-                loss = F.cross_entropy(logits.float(), target, reduction="sum")
-                right = (logits.argmax(-1) == target).sum()
-                total += torch.stack([loss.double(), right.double(), target.new_tensor(target.numel()).double()])  # fmt: skip
-    engine.train()
-    dist.all_reduce(total)
+
+    def sums(mb: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        inputs = model_inputs(mb)
+        inputs.pop("nsp_labels", None)  # the masked-LM loss alone
+        logits, _ = engine(mb["input_ids"], mb["labels"], **inputs)
+        target = mb["labels"][mb["labels"] != -100]
+        loss = F.cross_entropy(logits.float(), target, reduction="sum")
+        right = (logits.argmax(-1) == target).sum()
+        return [loss, right, target.new_tensor(target.numel())]
+
+    total = held_out_sums(engine, reader, batches, micro, sums, 3)
     return float(total[0] / total[2].clamp(min=1)), float(total[1] / total[2].clamp(min=1))
 
 
