@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.slow]
 WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with"]
 STEPS = 500
 # Chance is 1/13^3 per prompt; the base, never shown the template, scores 0. 500 steps of
-# fine-tuning reach 0.8-1.0 here (full and LoRA alike); half of that leaves room for float
-# differences between CPUs without admitting a model that did not learn the task.
+# full fine-tuning reach 0.65-1.0 here; 0.5 leaves room for float differences between CPUs
+# without admitting a model that did not learn the task.
 THRESHOLD = 0.5
 OFF = {"enabled": False}
 
@@ -187,9 +187,10 @@ def test_lora_finetune_on_the_cluster(
     cluster_storage: Path, task: dict[str, Path], full_run: Path
 ) -> None:
     """LoRA as a Ray job: the loss falls, the base stays bit-for-bit frozen, the adapters
-    learn, and the checkpoint is smaller than full fine-tuning's. (On this tiny base LoRA
-    learns the task far more slowly than full fine-tuning: its exact match is printed, not
-    held to THRESHOLD.)"""
+    learn, and the checkpoint is smaller than full fine-tuning's. (On this base LoRA does not
+    learn the task: the embeddings of the template's characters, unseen in pretraining, and
+    the learned positions stay frozen, and full fine-tuning with those frozen stalls too. Its
+    exact match is printed, not held to THRESHOLD.)"""
     from safetensors.torch import load_file
 
     from crucible.jobs.submit import submit_run
