@@ -295,7 +295,13 @@ def multinode(server: S3Server, nodes: dict[str, str]) -> Iterator[Cluster]:
 
 # --- the drill ------------------------------------------------------------------------------
 
-MAX_STEPS, EVERY, KILL_AFTER = 24, 6, 6
+EVERY, KILL_AFTER = 6, 6
+# The node-loss run trains until the drill has seen what it checks (node b scraped and killed
+# after a checkpoint, node c's rank scraped SCRAPES times), then stops it as a user does
+# (``crucible jobs stop``): how many steps fit into Prometheus' discovery and scrapes depends
+# on the machine, so its length is set by what happened, not by a step count.
+MAX_STEPS = 100_000  # far more than it runs
+SCRAPES = 3
 
 
 @dataclass
@@ -312,6 +318,7 @@ class Drill:
     nodes_after: dict[str, tuple[str, str]] = field(default_factory=dict)
     replaced_s: float = 0.0
     kill_after: int = 0  # the checkpoint node b was killed after (KILL_AFTER or later)
+    last_step: int = 0  # the node-loss run's last step (where the drill stopped it)
     export_dir: str = ""
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -358,9 +365,13 @@ def placement(
     return _wait_for(check, f"both workers of {run.name} on known nodes", done)
 
 
-def run_job(spec: Any, during: Callable[[Location, threading.Event], None] | None = None):
-    """Submit ``spec`` as a Ray job with ``during(run, job_ended)`` in a thread; wait for
-    both; return (run location, job log). Raises if the job did not succeed."""
+def run_job(
+    spec: Any, during: Callable[[Location, threading.Event, Callable[[], str]], None] | None = None
+):
+    """Submit ``spec`` as a Ray job with ``during(run, job_ended, stop)`` in a thread (``stop()``
+    stops the job as ``crucible jobs stop`` does); wait for both; return (run location, job
+    log). Raises if the job did not succeed."""
+    from crucible.jobs.stop import stop_job
     from crucible.jobs.submit import submit_run
 
     client, job_id, run = submit_run(spec)
@@ -370,7 +381,7 @@ def run_job(spec: Any, during: Callable[[Location, threading.Event], None] | Non
     def watch() -> None:
         try:
             if during is not None:
-                during(run, ended)
+                during(run, ended, lambda: stop_job(client, job_id))
         except BaseException as e:  # re-raised in the caller's thread
             errors.append(e)
 
@@ -410,7 +421,7 @@ def data_spec(name: str, storage: str, inputs: str) -> Any:
     )
 
 
-def train_spec(name: str, storage: str, shards: str) -> Any:
+def train_spec(name: str, storage: str, shards: str, max_steps: int = MAX_STEPS) -> Any:
     from crucible.jobs.spec import parse_spec
 
     return parse_spec(
@@ -420,11 +431,18 @@ def train_spec(name: str, storage: str, shards: str) -> Any:
             "cluster": {"storage": storage},
             "model": {"preset": "tiny"},
             "data": {"shards": shards},
-            "optim": {"global_batch_size": 16, "micro_batch_size": 4, "warmup_steps": 4},
+            # constant after warm-up: the LR does not depend on max_steps, so the reference
+            # trained to the node-loss run's last step has the same schedule
+            "optim": {
+                "global_batch_size": 16,
+                "micro_batch_size": 4,
+                "warmup_steps": 4,
+                "schedule": "constant",
+            },
             "checkpoint": {"every_steps": EVERY, "keep_last": 2},
             "train": {
                 "num_workers": 2,
-                "max_steps": MAX_STEPS,
+                "max_steps": max_steps,
                 "placement_strategy": "STRICT_SPREAD",
                 "max_failures": 2,
                 "gpu_hour_budget": 1.0,
@@ -466,16 +484,7 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
     drill.data_run, drill.logs["data"] = data.uri, log
     shards = (data / "shards").uri
 
-    if reference:
-
-        def watch_reference(run: Location, done: threading.Event) -> None:
-            drill.placements["ref"] = placement(cluster, run, done)[1]
-
-        with _timed(drill, "train, uninterrupted (reference)"):
-            ref, drill.logs["ref"] = run_job(train_spec("ref", storage, shards), watch_reference)
-        drill.ref_run = ref.uri
-
-    def lose_node_b(run: Location, done: threading.Event) -> None:
+    def lose_node_b(run: Location, done: threading.Event, stop: Callable[[], str]) -> None:
         latest = run / "checkpoints" / "latest"
 
         def committed() -> int | None:
@@ -504,23 +513,44 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
         drill.placements["after"] = placement(cluster, run, done, old=pids)[1]
         drill.replaced_s = time.monotonic() - killed
         drill.nodes_after = cluster.alive()
-        _wait_for(lambda: scraped(cluster, run.name, "127.0.0.3"), "a scrape of node c", done)
+        # Scraped several times: the resumed attempt's series (rates, the recording rules
+        # built on them) are in Prometheus before the run ends.
+        _wait_for(
+            lambda: scraped(cluster, run.name, "127.0.0.3", SCRAPES),
+            f"{SCRAPES} scrapes of node c", done,
+        )  # fmt: skip
+        drill.logs["stop"] = stop()
 
     with _timed(drill, "train, node b killed mid-run, resumed on node c"):
         run, drill.logs["run"] = run_job(train_spec("node-loss", storage, shards), lose_node_b)
     drill.run = run.uri
+    drill.last_step = max(step_losses(run))
+
+    if reference:
+
+        def watch_reference(run: Location, done: threading.Event, _: Callable[[], str]) -> None:
+            drill.placements["ref"] = placement(cluster, run, done)[1]
+
+        with _timed(drill, "train, uninterrupted (reference)"):
+            spec = train_spec("ref", storage, shards, max_steps=drill.last_step)
+            ref, drill.logs["ref"] = run_job(spec, watch_reference)
+        drill.ref_run = ref.uri
+
     with _timed(drill, "export from S3 to transformers"):
         drill.export_dir = str(export_checkpoint(run.uri, "hf", workdir / "hf"))
     return drill
 
 
-def scraped(cluster: Cluster, run: str, ip: str) -> bool:
-    """Whether the cluster's Prometheus holds a rank series of ``run`` from the host ``ip``:
-    Prometheus finds a new rank through HTTP SD and scrapes it one interval later, so a rank
-    killed sooner than that leaves no series."""
-    expr = f'crucible_train_step_seconds_count{{run="{run}"}}'
+def scraped(cluster: Cluster, run: str, ip: str, times: int = 1) -> bool:
+    """Whether the cluster's Prometheus has scraped a rank of ``run`` on the host ``ip`` at
+    least ``times`` times: Prometheus finds a new rank through HTTP SD and scrapes it one
+    interval later, so a rank killed sooner than that leaves no series."""
+    expr = f'count_over_time(crucible_train_step_seconds_count{{run="{run}"}}[10m])'
     found = prometheus_query(cluster.state.prometheus_url, expr, time.time())
-    return ip in {s["metric"]["instance"].rsplit(":", 1)[0] for s in found}
+    return any(
+        s["metric"]["instance"].rsplit(":", 1)[0] == ip and float(s["value"][1]) >= times
+        for s in found
+    )
 
 
 def prometheus_query(url: str, expr: str, at: float) -> list[dict[str, Any]]:

@@ -5,7 +5,8 @@ server (moto, with IAM auth) as the only storage the jobs share. The data job wr
 S3; a 2-worker STRICT_SPREAD train job puts a rank on each node; one node is killed mid-run
 and a replacement joins (what an autoscaler would do): Ray Train restarts the worker group
 from the S3 checkpoint, and every step the first attempt had logged past that checkpoint is
-re-run with a bitwise identical loss (so the state restored from S3 is exact); the export
+re-run with a bitwise identical loss (so the state restored from S3 is exact); once
+Prometheus has scraped the replacement the drill stops the run, as a user does; the export
 reads the run from S3 and gives the same logits in ``transformers``.
 
 Also the placement check the driver makes before asking Ray for workers."""
@@ -124,7 +125,12 @@ def test_multinode_drill_on_object_storage_resumes_bitwise(s3, tmp_path) -> None
     assert len(resumes) == 1 and resumes[0]["step"] == got.kill_after, got.logs["run"][-3000:]
     assert resumes[0]["world_size"] == 2 and resumes[0]["from"].startswith("s3://")
     first, resumed = drill.losses_by_attempt(got.run)
-    assert sorted(resumed) == list(range(got.kill_after + 1, drill.MAX_STEPS + 1))
+    assert sorted(resumed) == list(range(got.kill_after + 1, got.last_step + 1))
+    # the drill stopped the run once it had seen node c scraped: the step it stopped at saved
+    assert f"stopped at step {got.last_step} (saved)" in got.logs["stop"], got.logs["stop"]
+    assert (
+        location(got.run) / "checkpoints" / "latest"
+    ).read_text().strip() == f"step-{got.last_step}"
     assert set(range(1, got.kill_after + 2)) <= set(first)  # the kill came after a step past it
     redone = sorted(set(first) & set(resumed))
     assert redone and redone[0] == got.kill_after + 1

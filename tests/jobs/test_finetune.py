@@ -7,6 +7,7 @@ answers only (the masks are checked in tests/data_pipeline/test_chat.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ STEPS = 500
 # full fine-tuning reach 0.65-1.0 here; 0.5 leaves room for float differences between CPUs
 # without admitting a model that did not learn the task.
 THRESHOLD = 0.5
+# LoRA's loss reaches its plateau on this base by about step 40 (see its test).
+LORA_STEPS = 100
 OFF = {"enabled": False}
 
 
@@ -187,10 +190,13 @@ def test_lora_finetune_on_the_cluster(
     cluster_storage: Path, task: dict[str, Path], full_run: Path
 ) -> None:
     """LoRA as a Ray job: the loss falls, the base stays bit-for-bit frozen, the adapters
-    learn, and the checkpoint is smaller than full fine-tuning's. (On this base LoRA does not
-    learn the task: the embeddings of the template's characters, unseen in pretraining, and
-    the learned positions stay frozen, and full fine-tuning with those frozen stalls too. Its
-    exact match is printed, not held to THRESHOLD.)"""
+    learn, the checkpoint is smaller than full fine-tuning's, and a resume after losing the
+    last checkpoint redoes its steps bit for bit (same world size, CPU): the base is loaded
+    again, then the checkpoint (adapters, optimizer, RNG, data position) over it.
+
+    (On this base LoRA does not learn the task: the embeddings of the template's characters,
+    unseen in pretraining, and the learned positions stay frozen, and full fine-tuning with
+    those frozen stalls too. Its exact match is printed, not held to THRESHOLD.)"""
     from safetensors.torch import load_file
 
     from crucible.jobs.submit import submit_run
@@ -199,18 +205,25 @@ def test_lora_finetune_on_the_cluster(
     lora = {"rank": 16, "alpha": 32, "target_modules": ["qkv", "proj", "fc"]}
     data = _spec("sft-lora", cluster_storage, task, lora=lora).model_dump(mode="json")
     data["optim"]["lr"] = 1e-2  # adapters start at zero and take a larger step
-    data["train"]["max_steps"] = 200
-    data["checkpoint"]["every_steps"] = 100
-    data["train"]["eval_every"] = 100
-    client, job_id, run = submit_run(parse_spec(data))  # type: ignore[arg-type]
+    data["train"]["max_steps"] = LORA_STEPS
+    data["checkpoint"]["every_steps"] = LORA_STEPS - 10  # the resume below redoes 10 steps
+    data["train"]["eval_every"] = LORA_STEPS // 2
+    spec = parse_spec(data)
+    client, job_id, run = submit_run(spec)  # type: ignore[arg-type]
     log = "".join(client.follow(job_id))
     assert str(client.status(job_id)).endswith("SUCCEEDED"), log[-5000:]
     run_dir = run.local_path
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("kind") == "step"]
-    assert sum(losses[-50:]) / 50 < 0.75 * sum(losses[:50]) / 50
-    print(f"LoRA exact match after 200 steps: {_exact_match(load_model(run_dir), task):.2f}")
+    # The loss falls from the base's (10.7 at step 1: the template's characters are new to
+    # it) to a plateau, 4.4 from about step 40 (the last 50 steps' mean 0.41 of step 1's).
+    # Against the first 50 steps' mean the ratio depends on how fast it falls, which varies
+    # between CPUs (0.77 on an AMD EPYC, where an earlier bound of 0.75 failed).
+    assert sum(losses[-50:]) / 50 < 0.6 * losses[0], (losses[0], losses[-50:])
+    print(
+        f"LoRA exact match after {LORA_STEPS} steps: {_exact_match(load_model(run_dir), task):.2f}"
+    )
     # the base stayed frozen: every base weight in the checkpoint is the base's
     step = ckpt.latest_committed(location(run_dir / "checkpoints"))
     assert step is not None
@@ -227,6 +240,19 @@ def test_lora_finetune_on_the_cluster(
     full_bytes = sum(f.stat().st_size for f in full.rglob("*") if f.is_file())
     print(f"checkpoint bytes: LoRA {lora_bytes:,}, full {full_bytes:,}")
     assert lora_bytes < full_bytes
+
+    shutil.rmtree(run_dir / "checkpoints" / f"step-{LORA_STEPS}")
+    client, job_id, run = submit_run(spec, resume=True)  # type: ignore[arg-type]
+    log = "".join(client.follow(job_id))
+    assert str(client.status(job_id)).endswith("SUCCEEDED"), log[-5000:]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    again = [r for r in records if r.get("kind") == "step"][LORA_STEPS:]
+    assert [r["step"] for r in again] == list(range(LORA_STEPS - 9, LORA_STEPS + 1))
+    assert [r["loss"] for r in again] == losses[-10:]
+    step = ckpt.latest_committed(location(run_dir / "checkpoints"))
+    assert step is not None and step[0].name == f"step-{LORA_STEPS}"
+    resumed, _ = consolidate(step[0])
+    assert sd.keys() == resumed.keys() and all(torch.equal(sd[k], resumed[k]) for k in sd)
 
 
 def test_merged_lora_gives_the_adapter_models_logits() -> None:
@@ -276,31 +302,3 @@ def test_hf_base_from_object_storage(s3: Any, task: dict[str, Path], tmp_path: P
     convert_base({"hf": str(task["base"])}, str(tmp_path / "b"))
     a, b = load_file(str(tmp_path / "a" / WEIGHTS)), load_file(str(tmp_path / "b" / WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "step"}
-
-
-def test_finetune_resumes_bitwise(
-    task: dict[str, Path], tmp_path: Path, standalone: Callable[[str], str]
-) -> None:
-    """LoRA fine-tuning stopped at step 10 and resumed to 20 gives the losses of an
-    uninterrupted run, bit for bit (same world size, CPU): the base is loaded again, then the
-    checkpoint (adapters, optimizer, RNG, data position) over it."""
-    lora = {"rank": 4, "alpha": 8, "target_modules": ["qkv", "proj"]}
-
-    def spec(name: str, steps: int) -> FinetuneRunSpec:
-        data = _spec(name, tmp_path, task, lora=lora).model_dump(mode="json")
-        data["train"].update(max_steps=steps, eval_every=0)
-        data["checkpoint"]["every_steps"] = 10
-        return parse_spec(data)  # type: ignore[return-value]
-
-    standalone(prepare_run(spec("straight", 20)).uri)
-    standalone(prepare_run(spec("resumed", 10)).uri)
-    run = prepare_run(spec("resumed", 20), resume=True)
-    standalone(run.uri)
-    straight, resumed = _losses(tmp_path / "straight"), _losses(run.local_path)
-    assert sorted(resumed) == list(range(1, 21))
-    assert resumed == straight
