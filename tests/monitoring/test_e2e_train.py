@@ -34,7 +34,9 @@ from crucible.monitoring.ledger import account
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, WORKERS = 100_000, 64, 8, 64, 2
+# Far more steps than it runs (the final attempt runs about 30 here), yet a bound: should the
+# test process die before stopping the run, the job still ends within minutes.
+MAX_STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN, WORKERS = 1000, 64, 8, 64, 2
 # Scrapes (5 s apart) of the final attempt's rank 0 before the run is stopped: several rates
 # and rule evaluations after the restart.
 SCRAPES = 4
