@@ -547,12 +547,19 @@ def scraped(cluster: Cluster, run: str, ip: str, times: int = 1) -> bool:
     """Whether the cluster's Prometheus has scraped a rank of ``run`` on the host ``ip`` at
     least ``times`` times: Prometheus finds a new rank through HTTP SD and scrapes it one
     interval later, so a rank killed sooner than that leaves no series."""
-    expr = f'count_over_time(crucible_train_step_seconds_count{{run="{run}"}}[10m])'
-    found = prometheus_query(cluster.state.prometheus_url, expr, time.time())
+    expr = f'crucible_train_step_seconds_count{{run="{run}"}}'
     return any(
-        s["metric"]["instance"].rsplit(":", 1)[0] == ip and float(s["value"][1]) >= times
-        for s in found
+        instance.rsplit(":", 1)[0] == ip and n >= times
+        for instance, _, n in scrape_counts(cluster.state.prometheus_url, expr)
     )
+
+
+def scrape_counts(url: str, selector: str, window: str = "10m") -> list[tuple[str, float, int]]:
+    """Each series of ``selector`` scraped within the last ``window``: its instance, the unix
+    time of its first sample there, and its samples (each attempt's exporter, on its own
+    port, is a series of its own)."""
+    found = prometheus_query(url, f"{selector}[{window}]", time.time())
+    return [(s["metric"]["instance"], float(s["values"][0][0]), len(s["values"])) for s in found]
 
 
 def prometheus_query(url: str, expr: str, at: float) -> list[dict[str, Any]]:

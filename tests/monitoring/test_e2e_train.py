@@ -107,9 +107,11 @@ def hang_rank1_after(step: int, prometheus_url: str):
         os.kill(pid, signal.SIGKILL)
         killed = time.time()
         # The final attempt's rank 0 is a series (exporter port) first scraped after the kill.
+        from drill import scrape_counts
+
         while time.monotonic() < deadline:
-            got = prom(prometheus_url, 'crucible_train_step{run="mon-train", rank="0"}[10m]')
-            final = [len(s["values"]) for s in got if float(s["values"][0][0]) > killed]
+            got = scrape_counts(prometheus_url, 'crucible_train_step{run="mon-train", rank="0"}')
+            final = [n for _, first, n in got if first > killed]
             if final and max(final) >= SCRAPES:
                 return
             time.sleep(0.5)
