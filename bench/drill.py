@@ -570,12 +570,15 @@ def prometheus_query(url: str, expr: str, at: float) -> list[dict[str, Any]]:
     return result
 
 
+RANGE_STEP_S = 5  # a dashboard's step over a run of a few minutes
+
+
 def prometheus_range(url: str, expr: str, start: float, end: float) -> list[dict[str, Any]]:
-    """``expr`` evaluated over ``[start, end]`` every 5 s, as a dashboard over that time range
+    """``expr`` evaluated over ``[start, end]`` every :data:`RANGE_STEP_S`, as a dashboard over that time range
     shows it (a finished job's series are stale at the end, not absent from the range)."""
     r = requests.get(
         f"{url}/api/v1/query_range",
-        params={"query": expr, "start": start, "end": end, "step": 5},
+        params={"query": expr, "start": start, "end": end, "step": RANGE_STEP_S},
         timeout=30,
     )
     r.raise_for_status()

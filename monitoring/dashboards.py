@@ -25,6 +25,22 @@ GPU_ONLY = {"GPU utilisation (NVML)", "GPU power (NVML)", "Device memory (torch.
 R = '{run="$run"}'
 
 
+def resolve(expr: str, run: str, scrape_interval_s: float, step_s: float) -> str:
+    """A panel's expression as Grafana sends it to Prometheus for ``run``.
+
+    Args:
+        expr: a target's ``expr``, with ``$run`` and ``$__rate_interval``.
+        run: the value of the ``$run`` variable.
+        scrape_interval_s: the datasource's scrape interval.
+        step_s: the query's step (Grafana's ``$__interval``).
+
+    ``$__rate_interval`` is Grafana's: max(4 × scrape interval, step + scrape interval), so a
+    rate spans at least four scrapes and never falls between two steps.
+    """
+    rate = max(4 * scrape_interval_s, step_s + scrape_interval_s)
+    return expr.replace("$run", run).replace("$__rate_interval", f"{rate:g}s")
+
+
 def _target(expr: str, legend: str = "", ref: str = "A", fmt: str = "time_series") -> dict:
     return {"refId": ref, "datasource": DS, "expr": expr, "legendFormat": legend, "format": fmt}
 

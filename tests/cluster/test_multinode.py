@@ -185,7 +185,7 @@ def what_prometheus_saw(url: str, got: drill.Drill) -> dict:
         empty = [
             (n, title)
             for n, title, e in panels
-            if not rng(e.replace("$run", runs[n]).replace("$__rate_interval", "30s"))
+            if not rng(dash.resolve(e, runs[n], scrape_interval_s=5, step_s=drill.RANGE_STEP_S))
         ]
         return {
             "instances": {s["metric"]["instance"].rsplit(":", 1)[0] for s in loss},

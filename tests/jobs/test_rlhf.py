@@ -278,9 +278,10 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     # The cluster's Prometheus found both ranks (job="ppo") and rank 0's run-wide series, the
     # last step's included, and the ledger's device-seconds; every panel of the PPO dashboard
     # shows data over the run's time span.
-    from drill import prometheus_query, prometheus_range
+    from drill import RANGE_STEP_S, prometheus_query, prometheus_range
 
     from crucible.monitoring.dashboards import ppo as ppo_dashboard
+    from crucible.monitoring.dashboards import resolve
 
     def seen(expr: str) -> dict[str, float]:
         found = prometheus_query(local_cluster.prometheus_url, f"max_over_time({expr}[1h])", time.time())  # fmt: skip
@@ -294,7 +295,7 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
     assert max(seen('crucible_gpu_seconds_total{run="ppo", phase="productive"}').values()) > 0
 
     def shown(expr: str) -> bool:
-        expr = expr.replace("$run", "ppo").replace("$__rate_interval", "30s")
+        expr = resolve(expr, "ppo", scrape_interval_s=5, step_s=RANGE_STEP_S)
         return bool(prometheus_range(local_cluster.prometheus_url, expr, started, time.time()))
 
     panels = ppo_dashboard()["panels"]

@@ -158,8 +158,17 @@ def live_run(prometheus: ClusterState, tmp_path: Path) -> Iterator[float]:
             stop_exporter(p)  # type: ignore[arg-type]
 
 
+def test_resolve_substitutes_as_grafana_does() -> None:
+    expr = 'rate(crucible_train_tokens_total{run="$run"}[$__rate_interval])'
+    # four scrapes at a short step; step + scrape at a long one
+    assert dash.resolve(expr, "r1", 5, 5) == 'rate(crucible_train_tokens_total{run="r1"}[20s])'
+    assert dash.resolve(expr, "r1", 15, 60) == 'rate(crucible_train_tokens_total{run="r1"}[75s])'
+    assert dash.resolve(expr, "r1", 0.5, 1) == 'rate(crucible_train_tokens_total{run="r1"}[2s])'
+
+
 def resolve(expr: str, run: str) -> str:
-    return expr.replace("$run", run).replace("$__rate_interval", "15s")
+    """At this Prometheus' 1 s scrape, for an instant query a dashboard refreshes at 15 s."""
+    return dash.resolve(expr, run, scrape_interval_s=1, step_s=15)
 
 
 @pytest.mark.slow  # a live run scraped over a full rate window

@@ -259,9 +259,7 @@ def test_every_dashboard_panel_returns_series(train_run, data_run, local_cluster
             if panel["title"] in dash.GPU_ONLY and not torch.cuda.is_available():
                 continue
             for target in panel["targets"]:
-                expr = target["expr"].replace("$run", runs[name])
-                # Grafana's $__rate_interval at a 5 s scrape: max(4 × scrape, step + scrape).
-                expr = expr.replace("$__rate_interval", "20s")
+                expr = dash.resolve(target["expr"], runs[name], scrape_interval_s=5, step_s=15)
                 if not prom(url, expr, at=at[name]):
                     empty.append((name, panel["title"], expr))
     assert not empty, empty
