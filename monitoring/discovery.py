@@ -62,6 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != PATH:
             self.send_error(404, f"only {PATH} is served here")
             return
+        self.registry.polled()
         body = json.dumps(self.registry.groups()).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -86,6 +87,7 @@ class TargetRegistry:
     def __init__(self, host: str, port: int, probe_s: float = 5.0, misses: int = 3) -> None:
         self._targets: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self._last_poll: float | None = None  # monotonic time of the last discovery read
         self._probe_s = probe_s
         self._misses = misses
         handler = type("Handler", (_Handler,), {"registry": self})
@@ -114,6 +116,19 @@ class TargetRegistry:
         """
         with self._lock:
             self._targets.pop(address, None)
+
+    def polled(self) -> None:
+        """Note a read of the targets (by Prometheus' service discovery)."""
+        self._last_poll = time.monotonic()
+
+    def watched(self, within_s: float) -> bool:
+        """Whether the targets were read in the last ``within_s`` seconds: a Prometheus is
+        watching, and will scrape a target registered now once it refreshes.
+
+        Args:
+            within_s: how recent the last read must be.
+        """
+        return self._last_poll is not None and time.monotonic() - self._last_poll <= within_s
 
     def groups(self) -> list[dict[str, Any]]:
         """The targets as Prometheus' HTTP SD expects them: one group per target."""

@@ -134,22 +134,31 @@ def stop_exporter(port: int, final_scrape_s: float = 0.0) -> None:
 
     Args:
         port: as returned by :func:`start_exporter`.
-        final_scrape_s: if the exporter is announced and something has scraped it, first
+        final_scrape_s: if the exporter is announced and a Prometheus is watching (it has
+            scraped the exporter, or read the cluster's targets within this long), first
             wait (up to this long) for a scrape that begins now, so the final values reach
-            Prometheus; it returns as soon as one did, whatever the scrape interval. (Never
-            scraped: no Prometheus is watching, or the run was shorter than its first scrape.)
+            Prometheus; it returns as soon as one did, whatever the scrape interval. A job
+            scraped fewer than twice waits for a second scrape too, so that rates of it
+            exist.
     """
     with _lock:
         server, actor, address, scrapes = _servers.pop(port, (None, None, "", None))
     if server is None:
         return
-    # announced and scraped before: a Prometheus is watching, and will scrape it again
-    watched = actor is not None and scrapes is not None and scrapes.count > 0
-    if watched and final_scrape_s > 0 and not scrapes.wait_next(final_scrape_s):  # type: ignore[union-attr]
-        log.info(
-            "metrics target %s was not scraped within %.0f s of the end; its final values "
-            "may be missing from Prometheus", address, final_scrape_s,
-        )  # fmt: skip
+    watched = (
+        final_scrape_s > 0
+        and actor is not None
+        and scrapes is not None
+        and (scrapes.count > 0 or _prometheus_reads(actor, final_scrape_s))
+    )
+    # a rate needs two samples of the job: one scraped before the end may be missing
+    for _ in range(max(2 - scrapes.count, 1) if watched else 0):  # type: ignore[union-attr]
+        if not scrapes.wait_next(final_scrape_s):  # type: ignore[union-attr]
+            log.info(
+                "metrics target %s was not scraped within %.0f s of the end; its final "
+                "values may be missing from Prometheus", address, final_scrape_s,
+            )  # fmt: skip
+            break
     if actor is not None:
         with contextlib.suppress(Exception):
             import ray
@@ -157,6 +166,16 @@ def stop_exporter(port: int, final_scrape_s: float = 0.0) -> None:
             ray.get(actor.deregister.remote(address), timeout=10)
     server.shutdown()
     server.server_close()
+
+
+def _prometheus_reads(actor: Any, within_s: float) -> bool:
+    """Whether a Prometheus read the registry's targets in the last ``within_s`` seconds."""
+    try:
+        import ray
+
+        return bool(ray.get(actor.watched.remote(within_s), timeout=10))
+    except Exception:  # metrics never stop a job
+        return False
 
 
 @atexit.register

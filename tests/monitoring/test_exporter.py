@@ -70,6 +70,7 @@ def test_without_a_registry_the_exporter_still_serves() -> None:
 
 def test_registry_serves_http_sd_and_drops_a_dead_target() -> None:
     reg = TargetRegistry("127.0.0.1", 0, probe_s=0.2, misses=2)
+    assert not reg.watched(600)  # nothing has read its targets yet
     live = start_exporter("r", "train", 0, CollectorRegistry(), host="127.0.0.1", announce=False)
     code = (
         "import sys, time\n"
@@ -97,6 +98,7 @@ def test_registry_serves_http_sd_and_drops_a_dead_target() -> None:
         assert [g["targets"] for g in reg.groups()] == [[f"127.0.0.1:{live}"]]
         reg.deregister(f"127.0.0.1:{live}")
         assert requests.get(reg.where(), timeout=5).json() == []
+        assert reg.watched(600)  # read above: a Prometheus (here, the test) is watching
         assert requests.get(reg.where().replace("/targets", "/x"), timeout=5).status_code == 404
     finally:
         child.kill()
