@@ -19,7 +19,7 @@ from typing import Any
 from crucible.cluster.storage import JsonlLog, Location
 from crucible.config import spec_hash
 from crucible.errors import CrucibleError
-from crucible.jobs.spec import RunSpec, TrainRunSpec
+from crucible.jobs.spec import PPORunSpec, RunSpec, TrainRunSpec
 
 HISTORY = "spec_history.jsonl"
 
@@ -67,6 +67,13 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "model.parallel.prefetch_bucket_size",
     "model.parallel.reduce_bucket_size",
     "model.parallel.max_live_parameters",
+    # a PPO run: its workers, and more steps (the prompt order is a function of the step and
+    # there is no learning-rate schedule)
+    "workers.num_workers",
+    "workers.use_gpu",
+    "workers.cpus_per_worker",
+    "workers.max_failures",
+    "ppo.steps",
 )
 # Exceptions inside the safe prefixes: the storage is where the run directory is.
 UNSAFE_ON_RESUME: tuple[str, ...] = ("cluster.storage",)
@@ -169,7 +176,7 @@ def planned_steps(spec: TrainRunSpec, checkpoint_state: dict[str, Any] | None = 
     return math.ceil(spec.train.max_tokens / (spec.optim.global_batch_size * seq))
 
 
-def finished_step(run: Location, spec: TrainRunSpec) -> int | None:
+def finished_step(run: Location, spec: TrainRunSpec | PPORunSpec) -> int | None:
     """The step of the newest committed checkpoint of ``run`` if it is the last step of the
     run under ``spec`` (nothing is left to train), else None.
 
@@ -190,4 +197,5 @@ def finished_step(run: Location, spec: TrainRunSpec) -> int | None:
         step = int(state["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return step if step >= planned_steps(spec, state) else None
+    last = spec.ppo.steps if isinstance(spec, PPORunSpec) else planned_steps(spec, state)
+    return step if step >= last else None

@@ -93,7 +93,9 @@ def run(
 
 def resume_cmd(
     run: str = typer.Argument(
-        ..., help="A train run: its name (under --storage) or its directory (path or URI)."
+        ...,
+        help="A train, finetune, reward or ppo run: its name (under --storage) or its "
+        "directory (path or URI).",
     ),
     set_: list[str] = SetOption,
     storage: str | None = typer.Option(None, help="Storage root the run name is under."),
@@ -105,8 +107,9 @@ def resume_cmd(
     """Start a stopped or failed run again from its newest valid checkpoint (on the cluster
     its spec names, or the one the options give).
 
-    ``--set train.num_workers=M`` resumes on another world size (same global batch and data
-    order; the checkpoint is converted to DeepSpeed's universal format). Only the keys in
+    ``--set train.num_workers=M`` (a PPO run: ``workers.num_workers``) resumes on another
+    world size (same global batch and data order; the checkpoint is converted to DeepSpeed's
+    universal format). Only the keys in
     :data:`~crucible.jobs.resume_check.SAFE_ON_RESUME` may change; each accepted change is
     appended to ``<run>/spec_history.jsonl``. A run whose newest checkpoint is its last step
     is not submitted again (exit 0).
@@ -114,25 +117,31 @@ def resume_cmd(
     from crucible.config import apply_overrides
     from crucible.jobs.resume_check import check_resume_changes, finished_step, record_if_applied
     from crucible.jobs.runs import find_run, load_run_spec, run_location
-    from crucible.jobs.spec import TrainRunSpec, parse_spec
+    from crucible.jobs.spec import PPORunSpec, TrainRunSpec, parse_spec
     from crucible.jobs.submit import submit_run
 
     d = find_run(run, storage)
     old = spec = load_run_spec(d)
-    if not isinstance(spec, TrainRunSpec):
-        raise CrucibleError(f"run {d} is a {spec.kind} run; `crucible resume` resumes train runs")
+    if not isinstance(spec, TrainRunSpec | PPORunSpec):
+        raise CrucibleError(
+            f"run {d} is a {spec.kind} run; `crucible resume` resumes train, finetune, reward "
+            "and ppo runs"
+        )
     if set_:
         spec = parse_spec(apply_overrides(spec.model_dump(mode="json"), set_), source=str(d))
     if address or state_dir or token_path:
         where = cluster_spec(address, state_dir, token_path, base=spec.cluster)
         spec = spec.model_copy(update={"cluster": where})
     changes = check_resume_changes(old, spec)
-    assert isinstance(spec, TrainRunSpec)  # its kind did not change
+    assert isinstance(spec, TrainRunSpec | PPORunSpec)  # its kind did not change
     done = finished_step(d, spec)
     if done is not None:
+        budget = (
+            "ppo.steps" if isinstance(spec, PPORunSpec) else "train.max_steps or train.max_tokens"
+        )
         typer.echo(
             f"run {spec.name} is finished (its newest checkpoint is its last step, {done}); "
-            "nothing to resume (raise train.max_steps or train.max_tokens with --set to train on)"
+            f"nothing to resume (raise {budget} with --set to train on)"
         )
         return
     try:

@@ -134,6 +134,13 @@ def run_ppo(run_dir: Location) -> int:
     w = spec.workers
     use_gpu = bool(resources.get("GPU", 0)) if w.use_gpu is None else w.use_gpu
     check_worker_resources(w.num_workers, w.cpus_per_worker, resources, use_gpu, "workers")
+    from crucible.jobs.rlhf.ppo_checkpoint import CRITIC_TAG
+    from crucible.jobs.train.checkpoint import DS_TAG
+    from crucible.jobs.train.run import prepare_reshard
+
+    root = run_dir / "checkpoints"
+    root.mkdirs()
+    prepare_reshard(root, w.num_workers, (DS_TAG, CRITIC_TAG))
     t0 = time.perf_counter()
     todo = []
     for name, source, reward in (("policy", spec.policy, False), ("critic", spec.reward, True)):

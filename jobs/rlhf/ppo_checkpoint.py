@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from crucible.cluster.storage import Location
-from crucible.errors import CrucibleError
 from crucible.jobs.train.console import say
 
 if TYPE_CHECKING:
@@ -64,32 +63,49 @@ def save(self: PPOWorker, root: Location, log: Any) -> None:
         say(f"checkpoint step-{self.step}: {nbytes / 1e6:.1f} MB in {seconds:.1f} s")
 
 
-def resume(self: PPOWorker, root: Location) -> None:
-    """Load the newest checkpoint every rank can (none: start from the initial weights)."""
+def choose(self: PPOWorker) -> tuple[Location, Path, dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint every rank can load, ``(checkpoint, local directory, manifest,
+    crucible state)``; its universal copy when another number of workers saved it."""
     from crucible.jobs.train import checkpoint as ckpt
-    from crucible.jobs.train.callbacks.runlog import open_metrics
-    from crucible.jobs.train.state import set_rng_state
 
+    root = self.run_dir / "checkpoints"
+    root.mkdirs()
     chosen = ckpt.choose_checkpoint(root, self.spec.checkpoint.verify, self.rank, self.world)
     if chosen is None:
+        return None
+    return (*chosen, ckpt.read_state(chosen[0]))
+
+
+def resume(self: PPOWorker) -> None:
+    """Load the checkpoint :func:`choose` chose (none: start from the initial weights).
+
+    At the same world size every rank's RNG state is restored too; at another, the saved
+    streams no longer fit the ranks and the run's generators are seeded from the step.
+    """
+    from crucible.jobs.train import checkpoint as ckpt
+    from crucible.jobs.train.callbacks.runlog import open_metrics
+    from crucible.jobs.train.resume import rank_seed
+    from crucible.jobs.train.state import seed_everything, set_rng_state
+
+    if self.resume_from is None:
         return
-    path, local, _ = chosen
-    state = ckpt.read_state(path)
-    if int(state["world_size"]) != self.world:
-        raise CrucibleError(
-            f"{path} was saved by {state['world_size']} workers: resume a PPO run with "
-            "the same workers.num_workers"
-        )
+    path, local, _, state = self.resume_from
     self.actor.load_checkpoint(str(local), tag=ckpt.DS_TAG, load_lr_scheduler_states=False)
     self.critic.load_checkpoint(str(local), tag=CRITIC_TAG, load_lr_scheduler_states=False)
-    set_rng_state(torch.load(Path(local) / "crucible_state" / f"rank-{self.rank}.pt",
-                             weights_only=False))  # fmt: skip
     self.step = int(state["step"])
+    saved_world = int(state["world_size"])
+    if saved_world == self.world:
+        set_rng_state(torch.load(Path(local) / "crucible_state" / f"rank-{self.rank}.pt",
+                                 weights_only=False))  # fmt: skip
+    else:
+        seed_everything(rank_seed(self.spec.workers.seed, self.rank, self.step))
     self.kl.coef = float(state["kl_coef"])
     self.score_stats.load_state_dict(state["score_stats"])
     if self.rank == 0:
         log = open_metrics(self.run_dir)
         log.append({"kind": "resume", "step": self.step, "from": path.uri,
-                    "world_size": self.world, "time": time.time()}, sync=True)  # fmt: skip
+                    "world_size": self.world, "saved_world_size": saved_world,
+                    "time": time.time()}, sync=True)  # fmt: skip
         log.close()
-        say(f"resumed from {path} (step {self.step})")
+        workers = "" if saved_world == self.world else f", saved by {saved_world} workers"
+        say(f"resumed from {path} (step {self.step}{workers})")

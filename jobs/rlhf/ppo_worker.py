@@ -3,7 +3,9 @@ prompts, the rollout, the advantages and the updates.
 
 Prompts are taken in a seeded order that is a pure function of the step; sampling and
 shuffling use generators seeded by (seed, step, rank), so a resume at the same world size
-repeats the steps it redoes exactly.
+repeats the steps it redoes exactly. A resume with another number of workers loads the
+checkpoint's universal copy (converted by the driver) and goes on from the same step and
+prompts, with other samples.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.rlhf import ppo_math as pm
-from crucible.jobs.rlhf.ppo_checkpoint import resume, save
+from crucible.jobs.rlhf.ppo_checkpoint import choose, resume, save
 from crucible.jobs.rlhf.ppo_monitor import open_ledger, start_metrics, stop_metrics
 from crucible.jobs.rlhf.rejection import decode_answer
 from crucible.jobs.train.console import say
@@ -85,6 +87,11 @@ class PPOWorker:
         self.skipped: Counter[str] = Counter()
         self.prompts = self._encode_prompts()
         self.zero3 = spec.model.parallel.zero_stage == 3
+        # the checkpoint to resume from is chosen before the engines exist: one saved by
+        # another number of workers is loaded from its universal copy, configured at build
+        self.resume_from = choose(self)
+        saved_world = int(self.resume_from[3]["world_size"]) if self.resume_from else world
+        self.universal = saved_world != world
         self.actor = self._engine("policy", critic=False)
         self.critic = self._engine("critic", critic=True)
         self.ref = self._frozen_reference()
@@ -143,6 +150,8 @@ class PPOWorker:
         cfg = s.model.resolve()
         cls = RewardModel if critic else GPT
         config = self._ds_config(s.optim.critic_lr if critic else s.optim.actor_lr)
+        if self.universal:
+            config["checkpoint"] = {"load_universal": True}
         if self.zero3:
             model = build_zero3_model(cfg, config, seed=s.workers.seed, init=False, cls=cls)
         else:
@@ -180,9 +189,7 @@ class PPOWorker:
         from crucible.jobs.train.callbacks.runlog import open_metrics
 
         root = self.run_dir / "checkpoints"
-        if self.rank == 0:
-            root.mkdirs()
-        resume(self, root)
+        resume(self)
         log = open_metrics(self.run_dir) if self.rank == 0 else None
         ledger = open_ledger(self)
         metrics, port = start_metrics(self) or (None, None)

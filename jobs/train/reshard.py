@@ -33,11 +33,13 @@ from crucible.errors import CrucibleError
 from crucible.jobs.train import checkpoint as ckpt
 
 
-def ensure_universal(checkpoint: Location) -> Location:
+def ensure_universal(checkpoint: Location, tags: tuple[str, ...]) -> Location:
     """The universal copy of committed checkpoint ``checkpoint``, converted if it is absent.
 
     Args:
         checkpoint: a committed ``step-<N>`` directory.
+        tags: the DeepSpeed tags (engines) in it to convert: a PPO checkpoint holds the actor
+            (``ds``) and the critic.
 
     Raises:
         CrucibleError: a file of the checkpoint is missing or corrupt, or DeepSpeed could not
@@ -53,20 +55,23 @@ def ensure_universal(checkpoint: Location) -> Location:
             download_dir(checkpoint, source)  # every file checked against its sha256
         except CrucibleError as e:
             raise CrucibleError(f"cannot convert {checkpoint}: {e}") from None
-        to_universal(source, work / "universal")
+        to_universal(source, work / "universal", tags=tags)
         upload_dir(work / "universal", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-def to_universal(checkpoint: Path, out: Path, workers: int = 1) -> Path:
+def to_universal(
+    checkpoint: Path, out: Path, workers: int = 1, tags: tuple[str, ...] = (ckpt.DS_TAG,)
+) -> Path:
     """Convert a local copy of a checkpoint into the local directory ``out``.
 
     Args:
         checkpoint: a verified ``step-<N>`` directory.
-        out: the universal checkpoint directory to create (DeepSpeed tag ``ds`` inside).
+        out: the universal checkpoint directory to create (one directory per tag inside).
         workers: processes for DeepSpeed's extraction (1: in this process).
+        tags: the DeepSpeed tags to convert.
 
     Raises:
         CrucibleError: DeepSpeed could not convert the checkpoint.
@@ -77,24 +82,25 @@ def to_universal(checkpoint: Path, out: Path, workers: int = 1) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    args = argparse.Namespace(
-        input_folder=str(checkpoint / ckpt.DS_TAG),
-        output_folder=str(tmp / ckpt.DS_TAG),
-        num_extract_workers=workers,
-        num_merge_workers=workers,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=False,
-    )
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            ds_to_universal.main(args)
-    except Exception as e:  # DeepSpeed raises asserts and RuntimeErrors alike
-        tail = log.getvalue().strip().splitlines()[-1:] or [""]
-        raise CrucibleError(
-            f"could not convert {checkpoint} to a universal checkpoint: {e!r} {tail[0]}"
-        ) from e
+    for tag in tags:
+        args = argparse.Namespace(
+            input_folder=str(checkpoint / tag),
+            output_folder=str(tmp / tag),
+            num_extract_workers=workers,
+            num_merge_workers=workers,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+        except Exception as e:  # DeepSpeed raises asserts and RuntimeErrors alike
+            tail = log.getvalue().strip().splitlines()[-1:] or [""]
+            raise CrucibleError(
+                f"could not convert {checkpoint / tag} to a universal checkpoint: {e!r} {tail[0]}"
+            ) from e
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -215,7 +215,9 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in nodes if n.get("Alive")]
 
 
-def prepare_reshard(root: Location, world: int) -> Location | None:
+def prepare_reshard(
+    root: Location, world: int, tags: tuple[str, ...] = (ckpt.DS_TAG,)
+) -> Location | None:
     """Convert the checkpoint the workers will resume from to DeepSpeed's universal format
     when it was written with another world size; return the converted copy.
 
@@ -225,6 +227,7 @@ def prepare_reshard(root: Location, world: int) -> Location | None:
     Args:
         root: the checkpoints directory.
         world: the world size of this attempt.
+        tags: the DeepSpeed tags (engines) the checkpoint holds.
     """
     import ray
 
@@ -238,7 +241,7 @@ def prepare_reshard(root: Location, world: int) -> Location | None:
     from crucible.jobs.train.reshard import ensure_universal
 
     t0 = time.perf_counter()
-    out: Location = ray.get(ray.remote(num_cpus=1)(ensure_universal).remote(path))
+    out: Location = ray.get(ray.remote(num_cpus=1)(ensure_universal).remote(path, tags))
     print(
         f"converted {path.name} ({saved} ranks) to a universal checkpoint for {world} "
         f"ranks in {time.perf_counter() - t0:.1f} s",

@@ -53,7 +53,7 @@ def run_workers(run_dir: Location, nproc: int) -> int:
     if found is not None and int(found[1]["world_size"]) != nproc:
         from crucible.jobs.train.reshard import ensure_universal
 
-        ensure_universal(found[0])
+        ensure_universal(found[0], (ckpt.DS_TAG,))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "crucible.jobs.train.standalone", "--worker", run_dir.uri]  # fmt: skip
     t0 = time.perf_counter()

@@ -44,7 +44,7 @@ def _with(spec: TrainRunSpec, *sets: str) -> TrainRunSpec:
     return new
 
 
-def _checkpoint(run: Path, step: int, total_steps: int, spec: TrainRunSpec) -> None:
+def _checkpoint(run: Path, step: int, total_steps: int, spec: Any) -> None:
     """A committed 1-rank checkpoint's manifest and crucible state (no real shards)."""
     d = run / "checkpoints" / f"step-{step}"
     files = [
@@ -138,6 +138,39 @@ def test_finished_token_budget_run(tmp_path: Path) -> None:
     _checkpoint(Path(run.path), 7, 7, spec)
     assert finished_step(run, spec) == 7  # the checkpoint's own total
     assert finished_step(run, _with(spec, "train.max_tokens=1e12")) is None
+
+
+def _ppo_spec(tmp_path: Path, *sets: str) -> Any:
+    data = {
+        "kind": "ppo", "name": "p", "cluster": {"storage": str(tmp_path / "runs")},
+        "policy": str(tmp_path / "sft"), "reward": str(tmp_path / "rm"),
+        "prompts": [str(tmp_path / "prompts.jsonl")],
+        "model": {"preset": "tiny"}, "data": {"shards": str(tmp_path / "no-shards")},
+        "ppo": {"steps": 20}, "workers": {"num_workers": 2},
+    }  # fmt: skip
+    return parse_spec(apply_overrides(data, list(sets)))
+
+
+def test_a_ppo_run_may_change_its_workers_and_steps_only(tmp_path: Path) -> None:
+    spec = _ppo_spec(tmp_path)
+    changes = check_resume_changes(
+        spec, _ppo_spec(tmp_path, "workers.num_workers=1", "ppo.steps=30", "workers.use_gpu=true")
+    )
+    assert changes == {"workers.num_workers": (2, 1), "workers.use_gpu": (None, True),
+                       "ppo.steps": (20, 30)}  # fmt: skip
+    for key in ("workers.seed=1", "ppo.epochs=2", "optim.actor_lr=1e-3", "rollout.top_k=5"):
+        with pytest.raises(CrucibleError, match=f"resume cannot change {key.split('=')[0]} "):
+            check_resume_changes(spec, _ppo_spec(tmp_path, key))
+
+
+def test_a_finished_ppo_run_is_detected(tmp_path: Path) -> None:
+    spec = _ppo_spec(tmp_path)
+    run = prepare_run(spec)
+    _checkpoint(Path(run.path), 10, 20, spec)
+    assert finished_step(run, spec) is None
+    _checkpoint(Path(run.path), 20, 20, spec)
+    assert finished_step(run, spec) == 20
+    assert finished_step(run, _ppo_spec(tmp_path, "ppo.steps=22")) is None
 
 
 def test_resume_cli_refuses_and_skips_finished_before_any_submission(

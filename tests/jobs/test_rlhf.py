@@ -11,8 +11,9 @@ words in their reversed place than the answers on average.
 
 ``kind: ppo`` as a Ray job on the local cluster: the same policy optimised against that
 reward model; its sampled answers to held-out prompts have clearly more words in their
-reversed place than the starting policy's, the KL to the reference stays bounded, and a
-resume from the last-but-one checkpoint redoes the last steps bitwise."""
+reversed place than the starting policy's, the KL to the reference stays bounded, a resume
+from the last-but-one checkpoint redoes the last steps bitwise, and `crucible resume` on one
+worker goes on from the two workers' last checkpoint (its universal copy)."""
 
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ def _sampled_in_place(run: Path | str, prompts: list[str], per_prompt: int = 8) 
     return float(np.mean([_in_place(prompts[i // per_prompt], a) for i, a in enumerate(answers)]))
 
 
-def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
+def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
     root: Path, policy_run: Path, reward_run: Path, local_cluster: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
@@ -319,6 +320,39 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes_bitwise(
         assert {k: v for k, v in r.items() if k not in timing} == {
             k: v for k, v in was.items() if k not in timing
         }, step
+
+    # On one worker, as a user resumes (`crucible resume`): the driver converts step-40's actor
+    # and critic to a universal copy, the worker loads it and trains two more steps.
+    import os
+    import subprocess
+    import sys
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "crucible", "resume", run.uri, "--set", "workers.num_workers=1",
+         "--set", f"ppo.steps={PPO_STEPS + 2}"],
+        capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    out = cli.stdout + cli.stderr
+    assert cli.returncode == 0, out[-5000:]
+    assert f"converted step-{PPO_STEPS} (2 ranks) to a universal checkpoint for 1 ranks" in out
+    universal = run / "checkpoints" / "universal" / f"step-{PPO_STEPS}"
+    assert {"ds", "critic"} <= set(universal.ls()), universal.ls()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last = max(i for i, r in enumerate(records) if r["kind"] == "resume")
+    assert (
+        records[last]["step"],
+        records[last]["world_size"],
+        records[last]["saved_world_size"],
+    ) == (PPO_STEPS, 1, 2)
+    more = {r["step"]: r for r in records[last:] if r["kind"] == "ppo"}
+    assert sorted(more) == [PPO_STEPS + 1, PPO_STEPS + 2]
+    (history,) = [json.loads(x) for x in (run / "spec_history.jsonl").read_text().splitlines()]
+    assert history["changes"] == {"workers.num_workers": [2, 1], "ppo.steps": [PPO_STEPS, PPO_STEPS + 2]}  # fmt: skip
+    # the trained actor was loaded, not the starting weights, whose KL to the reference (the
+    # same weights) is zero, as step 1's is
+    late_kl = float(np.mean([r["kl"] for r in steps[-KL_STEPS:]]))
+    assert abs(steps[0]["kl"]) < 0.1 * late_kl, (steps[0]["kl"], late_kl)
+    assert np.mean([r["kl"] for r in more.values()]) > 0.1 * late_kl, (more, late_kl)
 
 
 def test_ppo_refuses_what_it_cannot_run(root: Path, policy_run: Path, reward_run: Path) -> None:
