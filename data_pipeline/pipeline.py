@@ -229,7 +229,9 @@ class _DataMonitor:
             return
         from crucible.monitoring.exporter import stop_exporter
 
-        stop_exporter(self.port, final_scrape_s=self.FINAL_SCRAPE_S)
+        # a data job's counts are its whole run: wait for Prometheus to hold two samples of
+        # them (a rate), even when the job was shorter than its discovery
+        stop_exporter(self.port, final_scrape_s=self.FINAL_SCRAPE_S, until_samples=2)
 
 
 def _assemble(steps: dict[str, Any], dedup: dict[str, Any], digest: str, n: int) -> dict:

@@ -129,17 +129,19 @@ def start_exporter(
     return bound
 
 
-def stop_exporter(port: int, final_scrape_s: float = 0.0) -> None:
+def stop_exporter(port: int, final_scrape_s: float = 0.0, until_samples: int | None = None) -> None:
     """Stop the exporter on ``port`` and deregister it (no-op if unknown).
 
     Args:
         port: as returned by :func:`start_exporter`.
-        final_scrape_s: if the exporter is announced and a Prometheus is watching (it has
-            scraped the exporter, or read the cluster's targets within this long), first
+        final_scrape_s: if the exporter is announced and something has scraped it, first
             wait (up to this long) for a scrape that begins now, so the final values reach
-            Prometheus; it returns as soon as one did, whatever the scrape interval. A job
-            scraped fewer than twice waits for a second scrape too, so that rates of it
-            exist.
+            Prometheus; it returns as soon as one did, whatever the scrape interval. (Never
+            scraped: no Prometheus is watching, or the job was shorter than its discovery.)
+        until_samples: also wait for an exporter never scraped when a Prometheus has read
+            the cluster's targets within ``final_scrape_s`` (it will discover this one), until
+            Prometheus holds this many samples of it (2: rates of a short job exist). A
+            job's last step takes up to a discovery refresh and this many scrape intervals.
     """
     with _lock:
         server, actor, address, scrapes = _servers.pop(port, (None, None, "", None))
@@ -149,10 +151,13 @@ def stop_exporter(port: int, final_scrape_s: float = 0.0) -> None:
         final_scrape_s > 0
         and actor is not None
         and scrapes is not None
-        and (scrapes.count > 0 or _prometheus_reads(actor, final_scrape_s))
+        and (
+            scrapes.count > 0
+            or (until_samples is not None and _prometheus_reads(actor, final_scrape_s))
+        )
     )
-    # a rate needs two samples of the job: one scraped before the end may be missing
-    for _ in range(max(2 - scrapes.count, 1) if watched else 0):  # type: ignore[union-attr]
+    waits = max((until_samples or 1) - scrapes.count, 1) if watched else 0  # type: ignore[union-attr]
+    for _ in range(waits):
         if not scrapes.wait_next(final_scrape_s):  # type: ignore[union-attr]
             log.info(
                 "metrics target %s was not scraped within %.0f s of the end; its final "
