@@ -74,6 +74,7 @@ SAFE_ON_RESUME: tuple[str, ...] = (
     "workers.cpus_per_worker",
     "workers.max_failures",
     "ppo.steps",
+    "frozen.",  # where the reference and reward models run: the same numbers either way
 )
 # Exceptions inside the safe prefixes: the storage is where the run directory is.
 UNSAFE_ON_RESUME: tuple[str, ...] = ("cluster.storage",)

@@ -29,6 +29,7 @@ from crucible.data_pipeline.spec import DataSpec
 from crucible.errors import CrucibleError
 from crucible.jobs.finetune.spec import BaseSpec, LoraSpec
 from crucible.jobs.rlhf.spec import (
+    FrozenSpec,
     PolicyDataSpec,
     PPOCheckpointSpec,
     PPOOptimSpec,
@@ -215,6 +216,9 @@ class PPORunSpec(_RunBase):
         default_factory=PPOCheckpointSpec, description="Checkpoint frequency and retention."
     )
     workers: PPOWorkersSpec = Field(default_factory=PPOWorkersSpec, description="The workers.")
+    frozen: FrozenSpec = Field(
+        default_factory=FrozenSpec, description="Where the reference and reward models run."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -3,9 +3,10 @@ model's scores, with a per-token KL penalty to the policy it started as.
 
 The driver converts the starting weights once (``<run>/init/``: the policy's, and the reward
 model's for the value model, as InstructGPT initialises it), then runs one Ray Train worker
-group. Every worker holds the four models (OpenRLHF's colocated placement): the actor and
-the critic trained by DeepSpeed at the spec's ZeRO stage, the frozen reference and reward
-model whole. A PPO step, on every worker for its slice of the step's prompts:
+group. Every worker holds the actor and the critic, trained by DeepSpeed at the spec's ZeRO
+stage; the frozen reference and reward model are whole on every worker (``frozen.placement:
+colocated``, OpenRLHF's colocated placement) or in Ray actors of their own (``separate``;
+see :mod:`.frozen`). A PPO step, on every worker for its slice of the step's prompts:
 
 1. rollout: one answer per prompt sampled from the actor (crucible's batched generation;
    lock-step under ZeRO-3, where every rank must run the same forwards);
@@ -114,6 +115,7 @@ def run_ppo(run_dir: Location) -> int:
     import ray
 
     from crucible.jobs.finetune.base import INFO
+    from crucible.jobs.rlhf.frozen import frozen_use_gpu, start_frozen_actors
     from crucible.jobs.rlhf.ppo_worker import ppo_loop_per_worker
     from crucible.jobs.runs import load_run_spec
     from crucible.jobs.spec import PPORunSpec
@@ -134,6 +136,16 @@ def run_ppo(run_dir: Location) -> int:
     w = spec.workers
     use_gpu = bool(resources.get("GPU", 0)) if w.use_gpu is None else w.use_gpu
     check_worker_resources(w.num_workers, w.cpus_per_worker, resources, use_gpu, "workers")
+    f = spec.frozen
+    separate = f.placement == "separate"
+    if separate:  # the actors need what the workers leave
+        left = {"CPU": resources.get("CPU", 0) - w.num_workers * w.cpus_per_worker,
+                "GPU": resources.get("GPU", 0) - (w.num_workers if use_gpu else 0)}  # fmt: skip
+        frozen_gpu = frozen_use_gpu(spec, resources)
+        check_worker_resources(
+            f.num_actors, f.cpus_per_actor, left, frozen_gpu, "frozen",
+            ("num_actors", "cpus_per_actor"),
+        )  # fmt: skip
     from crucible.jobs.rlhf.ppo_checkpoint import CRITIC_TAG
     from crucible.jobs.train.checkpoint import DS_TAG
     from crucible.jobs.train.run import prepare_reshard
@@ -151,9 +163,16 @@ def run_ppo(run_dir: Location) -> int:
     ray.get(todo)
     print(f"starting weights ready in {run_dir / 'init'} ({time.perf_counter() - t0:.1f} s)",
           flush=True)  # fmt: skip
+    extra: dict[str, Any] = {}
+    if separate:
+        t0 = time.perf_counter()
+        extra["frozen"] = start_frozen_actors(spec, run_dir.uri, frozen_gpu)
+        print(f"reference and reward models in {f.num_actors} actor(s) of their own "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
     trainer = worker_group(
-        ppo_loop_per_worker, run_dir, use_gpu, w.num_workers, w.cpus_per_worker, w.max_failures
-    )
+        ppo_loop_per_worker, run_dir, use_gpu, w.num_workers, w.cpus_per_worker,
+        w.max_failures, extra=extra,
+    )  # fmt: skip
     t0 = time.perf_counter()
     trainer.fit()
     print(summarize(run_dir, time.perf_counter() - t0), flush=True)

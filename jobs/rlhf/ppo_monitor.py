@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 def open_ledger(worker: PPOWorker) -> LedgerWriter | None:
-    """Rank 0's ledger of this attempt, with every device of the attempt in it: start-up to
+    """Rank 0's ledger of this attempt, with every device of the attempt in it (the
+    separate frozen models' actors too): start-up to
     the first step, each PPO step (rollout, scoring and updates) and each checkpoint save;
     ``crucible report`` turns it into goodput and cost. None on the other ranks.
 
@@ -31,7 +32,9 @@ def open_ledger(worker: PPOWorker) -> LedgerWriter | None:
 
     cuda = worker.device.type == "cuda"
     device = torch.cuda.get_device_name(worker.device) if cuda else "cpu"
-    ledger = LedgerWriter(worker.run_dir, worker.world, resumed_from=worker.step, device=device)
+    f = worker.spec.frozen
+    devices = worker.world + (f.num_actors if f.placement == "separate" else 0)
+    ledger = LedgerWriter(worker.run_dir, devices, resumed_from=worker.step, device=device)
     ledger.startup_done()
     return ledger
 

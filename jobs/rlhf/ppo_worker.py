@@ -35,7 +35,8 @@ def ppo_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: run (or resume) the PPO run in ``config['run_dir']``.
 
     Args:
-        config: ``run_dir`` (str), ``use_gpu`` (bool).
+        config: ``run_dir`` (str), ``use_gpu`` (bool), ``frozen`` (the separate frozen
+            models' actor handles, or absent).
     """
     from crucible.jobs.train.environment import prepare_process
 
@@ -52,7 +53,8 @@ def ppo_loop_per_worker(config: dict[str, Any]) -> None:
     launcher = current_launcher()
     make_deterministic(int(spec.workers.cpus_per_worker))  # type: ignore[union-attr]
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    PPOWorker(spec, run_dir, launcher.rank, launcher.world_size, use_gpu).run()  # type: ignore[arg-type]
+    frozen = config.get("frozen")
+    PPOWorker(spec, run_dir, launcher.rank, launcher.world_size, use_gpu, frozen).run()  # type: ignore[arg-type]
 
 
 class PPOWorker:
@@ -64,15 +66,18 @@ class PPOWorker:
         rank: this rank.
         world: the number of ranks.
         use_gpu: whether this rank has a GPU.
+        frozen_actors: the separate placement's actors (None: the frozen models are loaded
+            here).
     """
 
     def __init__(
-        self, spec: PPORunSpec, run_dir: Location, rank: int, world: int, use_gpu: bool
-    ) -> None:
+        self, spec: PPORunSpec, run_dir: Location, rank: int, world: int, use_gpu: bool,
+        frozen_actors: list[Any] | None = None,
+    ) -> None:  # fmt: skip
         from crucible.data_pipeline.chat import TEMPLATES
         from crucible.data_pipeline.shards.manifest import read_manifest
         from crucible.jobs.cli.generate import run_tokenizer
-        from crucible.jobs.rlhf.rejection import RewardScorer
+        from crucible.jobs.rlhf.frozen import FrozenModels, RemoteFrozen
 
         self.spec, self.run_dir, self.rank, self.world = spec, run_dir, rank, world
         self.device = (
@@ -94,8 +99,13 @@ class PPOWorker:
         self.universal = saved_world != world
         self.actor = self._engine("policy", critic=False)
         self.critic = self._engine("critic", critic=True)
-        self.ref = self._frozen_reference()
-        self.scorer = RewardScorer(spec.reward, self.device)
+        self.frozen: FrozenModels | RemoteFrozen
+        if frozen_actors:
+            self.frozen = RemoteFrozen(frozen_actors[rank % len(frozen_actors)])
+        else:
+            self.frozen = FrozenModels(
+                run_dir.uri, spec.reward, spec.rollout.temperature, str(self.device)
+            )
         self.kl = pm.KLController(spec.ppo.kl_coef, spec.ppo.kl_target, spec.ppo.kl_horizon)
         self.score_stats = pm.RunningMoments()
         self.step = 0
@@ -165,23 +175,6 @@ class PPOWorker:
         )
         hashing_engine.install(engine)
         return engine
-
-    def _frozen_reference(self) -> torch.nn.Module:
-        from crucible.jobs.finetune.base import local_weights
-        from crucible.model.gpt import GPT, build_model
-
-        cfg = self.spec.model.resolve()
-        from safetensors.torch import load_file
-
-        ref: GPT = build_model(cfg, device="meta")
-        sd = load_file(str(local_weights(self.run_dir / "init" / "policy")))
-        ref.load_state_dict(sd, strict=not cfg.tie_embeddings, assign=True)
-        if cfg.tie_embeddings:
-            ref.lm_head.weight = ref.tok_emb.weight
-        ref = ref.to(self.device).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -257,7 +250,7 @@ class PPOWorker:
         t0 = time.perf_counter()
         answers = [decode_answer(self.tok, o, self.eos, self.template) for o in outs]
         scores = torch.tensor(
-            self.scorer.score([(turns, a) for (turns, _), a in zip(items, answers, strict=True)])
+            self.frozen.score([(turns, a) for (turns, _), a in zip(items, answers, strict=True)])
         )
         unscorable = int((~torch.isfinite(scores)).sum())
         if unscorable:  # a marker in the answer or too long for the reward model: the worst
@@ -268,7 +261,7 @@ class PPOWorker:
         t1 = time.perf_counter()
         with torch.no_grad():
             old_lp = self._logprobs(self.actor, tokens)
-            ref_lp = self._logprobs(self.ref, tokens)
+            ref_lp = self.frozen.ref_logprobs(tokens)
             old_values = self.critic(tokens)[0][:, :-1].float()
         raw = scores.to(self.device)
         used = self.score_stats.normalize(raw) if s.ppo.normalize_rewards else raw

@@ -68,8 +68,8 @@ class PPOOptimSpec(StrictModel):
 
 
 class PPOWorkersSpec(StrictModel):
-    """The Ray Train workers: each holds the four models (OpenRLHF's colocated placement) and
-    a slice of every step's prompts."""
+    """The Ray Train workers: each holds the actor and the critic (and the frozen models when
+    they are colocated) and a slice of every step's prompts."""
 
     num_workers: int = Field(1, ge=1, description="Data-parallel workers.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
@@ -78,6 +78,24 @@ class PPOWorkersSpec(StrictModel):
     )
     seed: int = Field(0, description="Seed of prompt order, sampling and updates.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts before giving up.")
+
+
+class FrozenSpec(StrictModel):
+    """Where the reference and reward models (never trained) run: whole on every worker, or
+    in Ray actors of their own (see :mod:`crucible.jobs.rlhf.frozen`)."""
+
+    placement: Literal["colocated", "separate"] = Field(
+        "colocated",
+        description="colocated: on every worker beside the actor and critic; separate: in "
+        "num_actors Ray actors with their own CPUs or GPU.",
+    )
+    num_actors: int = Field(
+        1, ge=1, description="separate: actors, each holding both models (worker i uses i mod n)."
+    )
+    cpus_per_actor: float = Field(1, gt=0, description="separate: CPUs reserved per actor.")
+    use_gpu: bool | None = Field(
+        None, description="separate: one GPU per actor; null: if the cluster has GPUs."
+    )
 
 
 class PPOCheckpointSpec(StrictModel):

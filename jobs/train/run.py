@@ -107,7 +107,7 @@ def check_resources(spec: TrainRunSpec, resources: dict[str, float], use_gpu: bo
 
 def check_worker_resources(
     num_workers: int, cpus_per_worker: float, resources: dict[str, float], use_gpu: bool,
-    section: str,
+    section: str, keys: tuple[str, str] = ("num_workers", "cpus_per_worker"),
 ) -> None:  # fmt: skip
     """Refuse a worker group the cluster can never hold (totals, not what is free now).
 
@@ -117,6 +117,7 @@ def check_worker_resources(
         resources: ``ray.cluster_resources()``.
         use_gpu: whether each worker needs a GPU.
         section: the spec section that sets the group's size (named in the error).
+        keys: that section's keys of the count and of the CPUs each.
     """
     need = {"CPU": num_workers * cpus_per_worker}
     if use_gpu:
@@ -126,14 +127,14 @@ def check_worker_resources(
         have = ", ".join(f"{resources.get(k, 0):g} {k}" for k in short)
         want = ", ".join(f"{v:g} {k}" for k, v in short.items())
         raise CrucibleError(
-            f"the run needs {want} ({num_workers} workers) but the cluster has {have}; "
-            f"lower {section}.num_workers / {section}.cpus_per_worker or add nodes"
+            f"the run needs {want} ({num_workers} {keys[0].removeprefix('num_')}) but the "
+            f"cluster has {have}; lower {section}.{keys[0]} / {section}.{keys[1]} or add nodes"
         )
 
 
 def worker_group(
     loop: Any, run_dir: Location, use_gpu: bool, num_workers: int, cpus_per_worker: float,
-    max_failures: int, placement_strategy: str = "PACK",
+    max_failures: int, placement_strategy: str = "PACK", extra: dict[str, Any] | None = None,
 ) -> Any:  # fmt: skip
     """The Ray Train ``TorchTrainer`` that runs ``loop`` on every worker of a run: NCCL or
     gloo, one GPU per worker on GPUs, its attempts recorded under ``<run>/ray``, restarted
@@ -147,6 +148,7 @@ def worker_group(
         cpus_per_worker: CPUs reserved per worker.
         max_failures: worker-group restarts before the run fails.
         placement_strategy: Ray's placement of the workers on nodes.
+        extra: more entries of the loop's config (Ray actor handles travel in it).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -154,7 +156,7 @@ def worker_group(
     attempts = run_dir / "ray"
     return TorchTrainer(
         loop,
-        train_loop_config={"run_dir": run_dir.uri, "use_gpu": use_gpu},
+        train_loop_config={"run_dir": run_dir.uri, "use_gpu": use_gpu} | (extra or {}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=num_workers,

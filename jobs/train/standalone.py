@@ -50,10 +50,16 @@ def run_workers(run_dir: Location, nproc: int) -> int:
     root = run_dir / "checkpoints"
     root.mkdirs()
     found = ckpt.latest_committed(root)
-    if found is not None and int(found[1]["world_size"]) != nproc:
+    if found is not None and (saved := int(found[1]["world_size"])) != nproc:
         from crucible.jobs.train.reshard import ensure_universal
 
+        t0 = time.perf_counter()
         ensure_universal(found[0], (ckpt.DS_TAG,))
+        print(
+            f"converted {found[0].name} ({saved} ranks) to a universal checkpoint for {nproc} "
+            f"ranks in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "crucible.jobs.train.standalone", "--worker", run_dir.uri]  # fmt: skip
     t0 = time.perf_counter()

@@ -14,13 +14,13 @@ from crucible.jobs.spec import TrainRunSpec, parse_spec
 
 
 @pytest.fixture(scope="session")
-def standalone() -> Callable[[str], str]:
-    """``standalone(run_uri)``: run a prepared run's training under torchrun, 2 ranks (the
+def standalone() -> Callable[..., str]:
+    """``standalone(run_uri, nproc=2)``: run a prepared run's training under torchrun (the
     loop Ray Train runs); it must succeed. Returns its standard output (the job log)."""
 
-    def run(uri: str) -> str:
+    def run(uri: str, nproc: int = 2) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "crucible.jobs.train.standalone", uri, "--nproc", "2"],
+            [sys.executable, "-m", "crucible.jobs.train.standalone", uri, "--nproc", str(nproc)],
             capture_output=True, text=True, timeout=1800,  # a bound on a broken run
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]

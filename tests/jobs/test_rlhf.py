@@ -12,7 +12,8 @@ words in their reversed place than the answers on average.
 ``kind: ppo`` as a Ray job on the local cluster: the same policy optimised against that
 reward model; its sampled answers to held-out prompts have clearly more words in their
 reversed place than the starting policy's, the KL to the reference stays bounded, a resume
-from the last-but-one checkpoint redoes the last steps bitwise, and `crucible resume` on one
+from the last-but-one checkpoint with the reference and reward models in a Ray actor of their
+own (``frozen.placement: separate``) redoes the last steps bitwise, and `crucible resume` on one
 worker goes on from the two workers' last checkpoint (its universal copy)."""
 
 from __future__ import annotations
@@ -303,11 +304,26 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
     empty = [(p["title"], t["expr"]) for p in panels for t in p["targets"] if not shown(t["expr"])]
     assert not empty, empty
 
-    # A resume after losing the last checkpoint redoes its steps bitwise.
+    # A resume after losing the last checkpoint redoes its steps bitwise, with the reference
+    # and reward models moved to a Ray actor of their own (the workers take half a CPU each
+    # to leave it one; their torch threads stay one, as before).
+    import os
+    import subprocess
+    import sys
+
+    def resume_cli(*sets: str) -> str:
+        args = [a for kv in sets for a in ("--set", kv)]
+        cli = subprocess.run(
+            [sys.executable, "-m", "crucible", "resume", run.uri, *args],
+            capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        out = cli.stdout + cli.stderr
+        assert cli.returncode == 0, out[-5000:]
+        return out
+
     shutil.rmtree((run / "checkpoints" / f"step-{PPO_STEPS}").local_path)
-    client, job, run = submit_run(spec, resume=True)
-    status = client.wait(job, timeout=1800)
-    assert str(status).endswith("SUCCEEDED"), client.logs(job)[-5000:]
+    out = resume_cli("frozen.placement=separate", "workers.cpus_per_worker=0.5")
+    assert "reference and reward models in 1 actor(s) of their own" in out, out[-3000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     resume = next(i for i, r in enumerate(records) if r["kind"] == "resume")
     assert records[resume]["step"] == PPO_CHECKPOINT_EVERY
@@ -321,19 +337,9 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
             k: v for k, v in was.items() if k not in timing
         }, step
 
-    # On one worker, as a user resumes (`crucible resume`): the driver converts step-40's actor
-    # and critic to a universal copy, the worker loads it and trains two more steps.
-    import os
-    import subprocess
-    import sys
-
-    cli = subprocess.run(
-        [sys.executable, "-m", "crucible", "resume", run.uri, "--set", "workers.num_workers=1",
-         "--set", f"ppo.steps={PPO_STEPS + 2}"],
-        capture_output=True, text=True, timeout=1800, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
-    out = cli.stdout + cli.stderr
-    assert cli.returncode == 0, out[-5000:]
+    # On one worker: the driver converts step-40's actor and critic to a universal copy, the
+    # worker loads it and trains two more steps.
+    out = resume_cli("workers.num_workers=1", f"ppo.steps={PPO_STEPS + 2}")
     assert f"converted step-{PPO_STEPS} (2 ranks) to a universal checkpoint for 1 ranks" in out
     universal = run / "checkpoints" / "universal" / f"step-{PPO_STEPS}"
     assert {"ds", "critic"} <= set(universal.ls()), universal.ls()
@@ -346,7 +352,8 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
     ) == (PPO_STEPS, 1, 2)
     more = {r["step"]: r for r in records[last:] if r["kind"] == "ppo"}
     assert sorted(more) == [PPO_STEPS + 1, PPO_STEPS + 2]
-    (history,) = [json.loads(x) for x in (run / "spec_history.jsonl").read_text().splitlines()]
+    moved, history = [json.loads(x) for x in (run / "spec_history.jsonl").read_text().splitlines()]
+    assert moved["changes"] == {"workers.cpus_per_worker": [1.0, 0.5], "frozen.placement": ["colocated", "separate"]}  # fmt: skip
     assert history["changes"] == {"workers.num_workers": [2, 1], "ppo.steps": [PPO_STEPS, PPO_STEPS + 2]}  # fmt: skip
     # the trained actor was loaded, not the starting weights, whose KL to the reference (the
     # same weights) is zero, as step 1's is

@@ -229,13 +229,23 @@ def test_torchrun_runs_the_same_loop_and_resumes_bitwise(env, train_shards, refe
     assert STEPS in ckpt.committed_steps(location(run_dir / "checkpoints"))
 
 
-def test_world_size_2_to_1_and_1_to_2(env, train_shards, reference) -> None:
-    """Exact: the samples each step consumes. Within tolerances: the losses."""
+def test_world_size_2_to_1_and_1_to_2(env, train_shards, reference, standalone) -> None:
+    """Exact: the samples each step consumes. Within tolerances: the losses.
+
+    The resumes run under torchrun, the loop Ray Train runs, converting the checkpoint in
+    the launcher as the Ray driver does in a task (the PPO test resumes a Ray job on another
+    world size)."""
+    from crucible.jobs.runs import prepare_run
+
+    def train_on(spec: TrainRunSpec) -> tuple[Path, str]:
+        run = prepare_run(spec, resume=True)
+        return run.local_path, standalone(run.uri, spec.train.num_workers)
+
     ref_dir, _ = reference
     ref = step_losses(ref_dir)
     at = 2 * EVERY
     spec21 = with_workers(parse_spec(_spec_data("ws21", env, train_shards)), 1)  # type: ignore[arg-type]
-    run21, log = train(branch(ref_dir, spec21, at), resume=True)
+    run21, log = train_on(branch(ref_dir, spec21, at))
     assert f"converted step-{at} (2 ranks) to a universal checkpoint for 1 ranks" in log
     got = step_losses(run21)
     assert got[at + 1] == pytest.approx(ref[at + 1], rel=FIRST_STEP_RTOL)
@@ -249,7 +259,7 @@ def test_world_size_2_to_1_and_1_to_2(env, train_shards, reference) -> None:
 
     at = 3 * EVERY
     spec12 = with_workers(parse_spec(_spec_data("ws12", env, train_shards)), 2)  # type: ignore[arg-type]
-    run12, log = train(branch(run21, spec12, at), resume=True)
+    run12, log = train_on(branch(run21, spec12, at))
     assert f"converted step-{at} (1 ranks) to a universal checkpoint for 2 ranks" in log
     got = step_losses(run12)
     for s in range(at + 1, STEPS + 1):

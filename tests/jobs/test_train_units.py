@@ -330,6 +330,15 @@ def test_too_few_resources_is_an_error_not_a_hang(make_spec, tmp_path: Path) -> 
     with pytest.raises(CrucibleError, match="4 GPU"):
         check_resources(spec, {"CPU": 64.0, "GPU": 2.0}, use_gpu=True)
     check_resources(spec, {"CPU": 4.0}, use_gpu=False)
+    # a PPO run's separate frozen-model actors, on what its workers leave
+    from crucible.jobs.train.run import check_worker_resources
+
+    keys = ("num_actors", "cpus_per_actor")
+    with pytest.raises(
+        CrucibleError,
+        match=r"needs 1 GPU \(1 actors\).*lower frozen.num_actors / frozen.cpus_per_actor",
+    ):
+        check_worker_resources(1, 1.0, {"CPU": 8.0, "GPU": 0.0}, True, "frozen", keys)
 
 
 def test_shards_the_model_cannot_take_are_refused(make_spec, tmp_path: Path) -> None:
