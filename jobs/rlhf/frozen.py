@@ -1,13 +1,15 @@
 """The two models a PPO run never trains: the reference policy (the policy's starting
 weights, for the per-token KL) and the reward model (each answer's score).
 
-``frozen.placement`` says where they run. ``colocated``: whole on every training worker,
-beside the actor and the critic (OpenRLHF's ``--colocate_all_models``). ``separate``: in
+``frozen.placement`` says where they run. ``colocated``: on every training worker, beside
+the actor and the critic (OpenRLHF's ``--colocate_all_models``); under ZeRO-3 they are
+partitioned over the workers as the actor is (in fp32, with no optimizer), so no rank holds
+either whole, and every rank runs their forward passes at the same time. ``separate``: in
 ``frozen.num_actors`` Ray actors with CPUs or a GPU of their own, so a large reference or
 reward model does not take a training GPU's memory (OpenRLHF's separate reference and
 reward groups); each worker sends its rows and answers to actor ``rank mod num_actors``
 and gets the log-probabilities and scores back. Both placements compute the same numbers:
-the same forwards on the same rows, and on the CPU the same thread count.
+the same forwards on the same rows in fp32, and on the CPU the same thread count.
 """
 
 from __future__ import annotations
@@ -34,18 +36,17 @@ class FrozenModels:
             distribution, as the actor's are).
         device: where the models run (``cpu`` or ``cuda:N``).
         threads: intra-op threads on the CPU (None: leave torch's).
+        zero3: partition both models over the process group, ZeRO-3 (a collective: every
+            rank builds them, then calls their methods in the same order).
     """
 
     def __init__(
         self, run_dir: str, reward: str, temperature: float, device: str,
-        threads: int | None = None,
+        threads: int | None = None, zero3: bool = False,
     ) -> None:  # fmt: skip
-        from safetensors.torch import load_file
-
-        from crucible.jobs.finetune.base import local_weights
         from crucible.jobs.rlhf.rejection import RewardScorer
         from crucible.jobs.runs import load_run_spec
-        from crucible.model.gpt import GPT, build_model
+        from crucible.model.gpt import GPT
 
         if threads is not None:
             from crucible.jobs.train.state import make_deterministic
@@ -54,16 +55,16 @@ class FrozenModels:
         self.device = torch.device(device)
         self.temperature = temperature
         run = location(run_dir)
-        cfg = load_run_spec(run).model.resolve()  # type: ignore[union-attr]
-        ref: GPT = build_model(cfg, device="meta")
-        sd = load_file(str(local_weights(run / "init" / "policy")))
-        ref.load_state_dict(sd, strict=not cfg.tie_embeddings, assign=True)
-        if cfg.tie_embeddings:
-            ref.lm_head.weight = ref.tok_emb.weight
-        self.ref = ref.to(self.device).eval()
-        for p in self.ref.parameters():
-            p.requires_grad_(False)
-        self.scorer = RewardScorer(reward, self.device)
+        spec = load_run_spec(run)
+        if zero3:
+            from crucible.model.reward import RewardModel
+
+            self.ref: Any = _partitioned(spec, run / "init" / "policy", GPT)
+            model = _partitioned(spec, run / "init" / "critic", RewardModel)
+            self.scorer = RewardScorer(reward, self.device, model=model, lockstep=True)
+        else:
+            self.ref = _whole(spec, run / "init" / "policy").to(self.device)
+            self.scorer = RewardScorer(reward, self.device)
 
     def ready(self) -> bool:
         """True once both models are loaded (an actor's first call waits for that)."""
@@ -91,6 +92,51 @@ class FrozenModels:
             pairs: prompt turns and an answer each.
         """
         return self.scorer.score(pairs)
+
+
+def _whole(spec: Any, weights: Any) -> torch.nn.Module:
+    """The policy's starting weights in one plain, frozen GPT."""
+    from safetensors.torch import load_file
+
+    from crucible.jobs.finetune.base import local_weights
+    from crucible.model.gpt import GPT, build_model
+
+    cfg = spec.model.resolve()
+    ref: GPT = build_model(cfg, device="meta")
+    sd = load_file(str(local_weights(weights)))
+    ref.load_state_dict(sd, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        ref.lm_head.weight = ref.tok_emb.weight
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+def _partitioned(spec: Any, weights: Any, cls: type) -> Any:
+    """A frozen model of ``cls`` with ``weights``, partitioned by ZeRO-3 over the process
+    group: a DeepSpeed engine without an optimizer, in fp32."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from crucible.jobs.finetune.base import load_base
+    from crucible.model.accounting import num_params
+    from crucible.model.parallelize import build_deepspeed_config, build_zero3_model
+
+    cfg = spec.model.resolve()
+    parallel = spec.model.parallel.model_copy(
+        update={"precision": "fp32", "offload_optimizer": "none"}
+    )
+    config = build_deepspeed_config(
+        parallel, micro_batch_size=1, grad_accum_steps=1, world_size=dist.get_world_size(),
+        grad_clip=None, num_params=num_params(cfg),
+    )  # fmt: skip
+    model = build_zero3_model(cfg, config, init=False, cls=cls)
+    load_base(model, weights, dist.get_rank())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # (DeepSpeed's returns None)
+    return engine
 
 
 class RemoteFrozen:

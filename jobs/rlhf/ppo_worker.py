@@ -20,6 +20,7 @@ import torch
 from crucible.cluster.storage import Location, location
 from crucible.errors import CrucibleError
 from crucible.jobs.rlhf import ppo_math as pm
+from crucible.jobs.rlhf.frozen import FrozenModels, RemoteFrozen
 from crucible.jobs.rlhf.ppo_checkpoint import choose, resume, save
 from crucible.jobs.rlhf.ppo_monitor import open_ledger, start_metrics, stop_metrics
 from crucible.jobs.rlhf.rejection import decode_answer
@@ -77,7 +78,6 @@ class PPOWorker:
         from crucible.data_pipeline.chat import TEMPLATES
         from crucible.data_pipeline.shards.manifest import read_manifest
         from crucible.jobs.cli.generate import run_tokenizer
-        from crucible.jobs.rlhf.frozen import FrozenModels, RemoteFrozen
 
         self.spec, self.run_dir, self.rank, self.world = spec, run_dir, rank, world
         self.device = (
@@ -104,8 +104,9 @@ class PPOWorker:
             self.frozen = RemoteFrozen(frozen_actors[rank % len(frozen_actors)])
         else:
             self.frozen = FrozenModels(
-                run_dir.uri, spec.reward, spec.rollout.temperature, str(self.device)
-            )
+                run_dir.uri, spec.reward, spec.rollout.temperature, str(self.device),
+                zero3=self.zero3,
+            )  # fmt: skip
         self.kl = pm.KLController(spec.ppo.kl_coef, spec.ppo.kl_target, spec.ppo.kl_horizon)
         self.score_stats = pm.RunningMoments()
         self.step = 0
@@ -188,9 +189,13 @@ class PPOWorker:
         metrics, port = start_metrics(self) or (None, None)
         s = self.spec
         if self.rank == 0:
+            if isinstance(self.frozen, RemoteFrozen):
+                where = f"in {s.frozen.num_actors} actor(s) of their own"
+            else:
+                where = "partitioned by ZeRO-3" if self.zero3 else "whole on every worker"
             say(f"PPO: {len(self.prompts)} prompts ({dict(self.skipped) or 'none'} skipped), "
                   f"{s.rollout.prompts_per_step} per step on {self.world} worker(s), steps "
-                  f"{self.step + 1}-{s.ppo.steps}")  # fmt: skip
+                  f"{self.step + 1}-{s.ppo.steps}; reference and reward model {where}")  # fmt: skip
         try:
             while self.step < s.ppo.steps:
                 t0 = time.time()

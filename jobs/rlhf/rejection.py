@@ -152,9 +152,16 @@ class RewardScorer:
         checkpoint: a reward run's checkpoint (or run directory).
         device: where the model runs.
         batch_size: conversations per forward pass.
+        model: the checkpoint's model, already built (e.g. partitioned by ZeRO-3 and wrapped
+            by DeepSpeed); None: loaded whole from the checkpoint.
+        lockstep: every rank of a partitioned model scores its own pairs at the same time:
+            each runs as many forward passes as the rank with the most.
     """
 
-    def __init__(self, checkpoint: str, device: Any, batch_size: int = 64) -> None:
+    def __init__(
+        self, checkpoint: str, device: Any, batch_size: int = 64, model: Any = None,
+        lockstep: bool = False,
+    ) -> None:  # fmt: skip
         from crucible.data_pipeline.chat import TEMPLATES
         from crucible.data_pipeline.shards.pack_task import text_specials
         from crucible.jobs.cli.generate import run_tokenizer
@@ -163,10 +170,16 @@ class RewardScorer:
         from crucible.model.reward import RewardModel
 
         path = resolve_checkpoint(checkpoint)
-        model = load_model(path, reward_ok=True)
-        if not isinstance(model, RewardModel):
-            raise CrucibleError(f"reward: {path} is not a reward model's checkpoint (kind: reward)")
-        self.model = model.to(device)
+        if model is None:
+            model = load_model(path, reward_ok=True)
+            if not isinstance(model, RewardModel):
+                raise CrucibleError(
+                    f"reward: {path} is not a reward model's checkpoint (kind: reward)"
+                )
+            model = model.to(device)
+        self.model = model
+        self.context = int(getattr(model, "module", model).cfg.max_seq_len)
+        self.lockstep = lockstep
         self.device = device
         self.batch_size = batch_size
         tok, self.eos = run_tokenizer(load_model_spec(path.parent.parent).data.shards)
@@ -185,7 +198,7 @@ class RewardScorer:
         from crucible.data_pipeline.chat import BadRecord, render
         from crucible.data_pipeline.tokens.pack_chat import encode_conversations
 
-        context = self.model.cfg.max_seq_len
+        context = self.context
         texts: list[str | None] = []
         for turns, answer in pairs:
             try:
@@ -197,9 +210,15 @@ class RewardScorer:
         encoded = [next(ids) if t is not None else None for t in texts]
         out = [float("-inf")] * len(pairs)
         todo = [(i, e) for i, e in enumerate(encoded) if e is not None and len(e) <= context]
+        passes = -(-len(todo) // self.batch_size)
+        # under lockstep the count is agreed before any pass: each pass is a collective
+        passes_all = _most_passes(passes, self.device) if self.lockstep else passes
         with torch.no_grad():
-            for b in range(0, len(todo), self.batch_size):
-                chunk = todo[b : b + self.batch_size]
+            for p in range(passes_all):
+                if p >= passes:  # nothing left here: a pass the other ranks need
+                    self.model(torch.full((1, 1), self.eos, dtype=torch.long, device=self.device))
+                    continue
+                chunk = todo[p * self.batch_size : (p + 1) * self.batch_size]
                 width = max(len(e) for _, e in chunk)
                 tokens = torch.full((len(chunk), width), self.eos, dtype=torch.long)
                 for r, (_, e) in enumerate(chunk):
@@ -209,6 +228,16 @@ class RewardScorer:
                 for r, (i, e) in enumerate(chunk):
                     out[i] = float(rewards[r, len(e) - 1])
         return out
+
+
+def _most_passes(passes: int, device: Any) -> int:
+    """The largest ``passes`` of all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([passes], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 def policy_shards(checkpoint: str) -> str:

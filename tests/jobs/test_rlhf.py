@@ -254,6 +254,7 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
     log = client.logs(job)
     assert str(status).endswith("SUCCEEDED"), log[-5000:]
     assert f"ppo step {PPO_STEPS}/{PPO_STEPS}" in log and "PPO ran in" in log
+    assert "reference and reward model partitioned by ZeRO-3" in log
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "ppo"]
     assert [r["step"] for r in steps] == list(range(1, PPO_STEPS + 1))
