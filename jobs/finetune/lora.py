@@ -38,7 +38,8 @@ def apply_lora(model: torch.nn.Module, lora: LoraSpec, seed: int) -> Any:
 
 def merge_lora(state_dict: dict[str, torch.Tensor], cfg: Any, lora: LoraSpec) -> GPT:
     """A plain :class:`GPT` with the adapters of a LoRA checkpoint's state dict merged into
-    its weights (W + alpha/r · B·A): no inference cost, the shape of the base.
+    its weights (W + alpha/r · B·A): no inference cost, the shape of the base (with an
+    untied output head where the base ties it and ``lm_head`` has an adapter).
 
     Args:
         state_dict: the consolidated state dict of the PEFT-wrapped model.
@@ -58,7 +59,16 @@ def merge_lora(state_dict: dict[str, torch.Tensor], cfg: Any, lora: LoraSpec) ->
             f"the checkpoint does not match the LoRA model: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
+    tied_head = cfg.tie_embeddings and "lm_head" in lora.target_modules
+    if tied_head:
+        # The head's adapter changes the output projection alone: merged into the table the
+        # head shares with the embeddings, it would change the embeddings too. Merge it into
+        # a copy; the merged model's head is then its own.
+        inner = model.base_model.model
+        inner.lm_head.base_layer.weight = torch.nn.Parameter(inner.tok_emb.weight.detach().clone())
     merged: GPT = model.merge_and_unload()
+    if tied_head:
+        merged.cfg = cfg.model_copy(update={"tie_embeddings": False})
     return merged.eval()
 
 

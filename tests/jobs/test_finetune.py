@@ -1,8 +1,14 @@
-"""``kind: finetune``: a briefly pretrained tiny GPT, given as a Hugging Face directory,
-fine-tuned on a generated instruction task ("reverse: w1 w2 w3" → "w3 w2 w1") with a
-checkable answer: fully under torchrun and with LoRA as a Ray job on the local cluster. Exact
-match on held-out prompts rises from 0 to at least THRESHOLD; the loss is taken on the
-answers only (the masks are checked in tests/data_pipeline/test_chat.py)."""
+"""``kind: finetune``: a tiny GPT pretrained on text in which word triples are followed by
+their reverse (``the of and = and of the``), given as a Hugging Face directory, fine-tuned on
+an instruction task in a chat template it has never seen ("reverse: w1 w2 w3" → "w3 w2 w1"):
+fully under torchrun and with LoRA as a Ray job on the local cluster. Exact match on
+held-out prompts rises from 0 to at least THRESHOLD both ways; the loss is taken on the
+answers only (the masks are checked in tests/data_pipeline/test_chat.py).
+
+The base has the skill and not the format, as a pretrained model meeting an instruction
+template does: LoRA, which leaves the base frozen, teaches the format and reuses the skill
+(from a base pretrained on random words alone it does not learn the reversal within
+hundreds of steps, since its frozen embeddings and positions never took part in one)."""
 
 from __future__ import annotations
 
@@ -29,13 +35,17 @@ from crucible.model.spec import resolve_model
 pytestmark = [pytest.mark.slow]
 
 WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with"]
-STEPS = 500
-# Chance is 1/13^3 per prompt; the base, never shown the template, scores 0. 500 steps of
-# full fine-tuning reach 0.65-1.0 here; 0.5 leaves room for float differences between CPUs
-# without admitting a model that did not learn the task.
+STEPS = 300
+# Chance is 1/13^3 per prompt; the base, never shown the template, scores 0. In-process runs
+# on this task and base (lr 3e-3 full, 1e-2 LoRA): full fine-tuning reaches 0.70-1.0 by
+# step 200 and 1.0 by 300; LoRA 0.78-1.0 at step 300 over 7 base/adapter seeds. 0.5 leaves
+# room for float differences between CPUs without admitting a model that did not learn.
 THRESHOLD = 0.5
-# LoRA's loss reaches its plateau on this base by about step 40 (see its test).
-LORA_STEPS = 100
+LORA_STEPS = 300
+# The base's pretraining: reversal lines among a few documents of random words, until it
+# reverses BASE_SKILL of fresh triples in that format (in-process: by step 2,000-2,250).
+BASE_SKILL = 0.9
+BASE_MAX_STEPS = 6000
 OFF = {"enabled": False}
 
 
@@ -43,7 +53,8 @@ OFF = {"enabled": False}
 def task(tmp_path_factory: pytest.TempPathFactory, train_shards: Path) -> dict[str, Path]:
     """Chat shards of 3,000 generated training conversations (about 1,650 left after exact
     dedup: 13 words make 2,197 prompts), held-out prompts, and the base model: the
-    tiny preset pretrained 150 steps on the test shards, saved as a Hugging Face directory."""
+    tiny preset pretrained until it reverses triples in its own format, saved as a Hugging
+    Face directory."""
     root = tmp_path_factory.mktemp("finetune")
     train_file, heldout = write_task(root / "task", WORDS, train=3000, heldout=60)
     tok = train_shards / "tokenizer.json"
@@ -56,25 +67,85 @@ def task(tmp_path_factory: pytest.TempPathFactory, train_shards: Path) -> dict[s
     )  # fmt: skip
     run_pipeline(spec, root / "data", executor="local", progress=False)
     return {"shards": root / "data" / "shards", "heldout": heldout,
-            "base": _pretrained_base(root / "base", train_shards), "root": root}  # fmt: skip
+            "base": _pretrained_base(root, tok), "root": root}  # fmt: skip
 
 
-def _pretrained_base(out: Path, shards: Path) -> Path:
+def _pretraining_shards(root: Path, tokenizer: Path) -> Path:
+    """20 documents of random words and 1,500 of 2-8 reversal lines (``a b c = c b a``)."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from crucible.data_pipeline.executors.local import LocalExecutor
+    from crucible.data_pipeline.shards.build import build_shards
+    from crucible.data_pipeline.shards.spec import ShardSpec
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.choice([3, 40, 200, 900])))
+             for _ in range(20)]  # fmt: skip
+    for _ in range(1500):
+        lines = []
+        for _ in range(rng.randint(2, 8)):
+            w = [rng.choice(WORDS) for _ in range(3)]
+            lines.append(f"{' '.join(w)} = {' '.join(reversed(w))}")
+        texts.append("\n".join(lines))
+    docs = root / "pretraining"
+    docs.mkdir()
+    ids = [f"d{i}" for i in range(len(texts))]
+    pq.write_table(pa.table({"id": ids, "text": texts}), docs / "part-00000.parquet")
+    (docs / "_SUCCESS").touch()
+    spec = ShardSpec.model_validate({"seq_len": 64, "rows_per_shard": 2000,
+                                     "heldout_fraction": 0.05,
+                                     "tokenizer": {"path": str(tokenizer)}})  # fmt: skip
+    build_shards(docs, spec, root / "pretraining-shards", LocalExecutor(), "reversal-text")
+    return root / "pretraining-shards"
+
+
+def _reverses(model: Any, tokenizer: Path, n: int = 40) -> float:
+    """The share of fresh triples ``a b c =`` the model completes greedily with ``c b a``."""
+    import random
+
+    from crucible.data_pipeline.tokens.tokenizer import load_tokenizer
+    from crucible.model.generate import generate
+
+    tok = load_tokenizer(tokenizer)
+    rng = random.Random(9)
+    triples = [[rng.choice(WORDS) for _ in range(3)] for _ in range(n)]
+    prompts = [tok.encode(f"{' '.join(w)} =").ids for w in triples]
+    outs = generate(model, prompts, 6, 0.0, None, 1.0, set())
+    said = [tok.decode(o).split("\n")[0].split() for o in outs]
+    return sum(s[:3] == w[::-1] for s, w in zip(said, triples, strict=True)) / n
+
+
+def _pretrained_base(root: Path, tokenizer: Path) -> Path:
+    """The tiny preset pretrained (AdamW as the jobs configure it) until it reverses
+    BASE_SKILL of fresh triples in its pretraining format; a Hugging Face directory."""
     from crucible.data_pipeline.training_reader import TrainingReader
     from crucible.model.hf import to_hf
 
+    shards = _pretraining_shards(root, tokenizer)
     torch.manual_seed(0)
     model = init_weights(build_model(resolve_model("tiny"), device="cpu"), seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
     reader = TrainingReader(shards, 16)
-    for _ in range(150):
+    skill = 0.0
+    for step in range(1, BASE_MAX_STEPS + 1):
         b = reader.next_batch()
         _, loss = model(b["input_ids"], b["labels"])
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1.0, step / 20)
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if step % 250 == 0 and (skill := _reverses(model, tokenizer)) >= BASE_SKILL:
+            break
+    assert skill >= BASE_SKILL, f"the base reverses {skill:.2f} of triples after {step} steps"
+    print(f"base: reverses {skill:.2f} of fresh triples after {step} steps")
+    out = root / "base"
     to_hf(model).save_pretrained(out)
-    (out / "tokenizer.json").write_bytes((shards / "tokenizer.json").read_bytes())
+    (out / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     return out
 
 
@@ -87,8 +158,8 @@ def _spec(name: str, storage: Path, task: dict[str, Path], **extra: Any) -> Fine
         "data": {"shards": str(task["shards"])},
         "optim": {"lr": 3e-3, "warmup_steps": 20, "schedule": "constant", "weight_decay": 0.0,
                   "global_batch_size": 8, "micro_batch_size": 4},
-        "checkpoint": {"every_steps": 250},
-        "train": {"num_workers": 2, "max_steps": STEPS, "eval_every": 250, "eval_batches": 1,
+        "checkpoint": {"every_steps": STEPS // 2},
+        "train": {"num_workers": 2, "max_steps": STEPS, "eval_every": STEPS // 2, "eval_batches": 1,
                   "spike_window": 0},  # small batches: noisy losses, not spikes
         "cluster": {"storage": str(storage)},
     } | extra  # fmt: skip
@@ -135,6 +206,7 @@ def test_full_finetune_learns_the_task(full_run: Path, task: dict[str, Path]) ->
     info = json.loads((full_run / "base" / "info.json").read_text())
     assert info["base"] == {"checkpoint": None, "hf": str(task["base"])}
     em = _exact_match(load_model(full_run), task)
+    print(f"full fine-tuning exact match after {STEPS} steps: {em:.2f}")
     assert em >= THRESHOLD, em
     evals = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["heldout_loss"] for r in evals if "heldout_loss" in r]
@@ -189,20 +261,20 @@ def cluster_storage(local_cluster: Any, tmp_path_factory: pytest.TempPathFactory
 def test_lora_finetune_on_the_cluster(
     cluster_storage: Path, task: dict[str, Path], full_run: Path
 ) -> None:
-    """LoRA as a Ray job: the loss falls, the base stays bit-for-bit frozen, the adapters
-    learn, the checkpoint is smaller than full fine-tuning's, and a resume after losing the
-    last checkpoint redoes its steps bit for bit (same world size, CPU): the base is loaded
-    again, then the checkpoint (adapters, optimizer, RNG, data position) over it.
+    """LoRA as a Ray job: exact match rises to THRESHOLD, the base stays bit-for-bit frozen,
+    the checkpoint is smaller than full fine-tuning's, and a resume after losing the last
+    checkpoint redoes its steps bit for bit (same world size, CPU): the base is loaded again,
+    then the checkpoint (adapters, optimizer, RNG, data position) over it.
 
-    (On this base LoRA does not learn the task: the embeddings of the template's characters,
-    unseen in pretraining, and the learned positions stay frozen, and full fine-tuning with
-    those frozen stalls too. Its exact match is printed, not held to THRESHOLD.)"""
+    The adapters sit on the attention, MLP and output projections (``lm_head``: the tied
+    table's rows of the template's characters were never trained, and the answer must end
+    with its end marker)."""
     from safetensors.torch import load_file
 
     from crucible.jobs.submit import submit_run
     from crucible.jobs.train.export import consolidate
 
-    lora = {"rank": 16, "alpha": 32, "target_modules": ["qkv", "proj", "fc"]}
+    lora = {"rank": 16, "alpha": 32, "target_modules": ["qkv", "proj", "fc", "lm_head"]}
     data = _spec("sft-lora", cluster_storage, task, lora=lora).model_dump(mode="json")
     data["optim"]["lr"] = 1e-2  # adapters start at zero and take a larger step
     data["train"]["max_steps"] = LORA_STEPS
@@ -216,14 +288,9 @@ def test_lora_finetune_on_the_cluster(
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("kind") == "step"]
-    # The loss falls from the base's (10.7 at step 1: the template's characters are new to
-    # it) to a plateau, 4.4 from about step 40 (the last 50 steps' mean 0.41 of step 1's).
-    # Against the first 50 steps' mean the ratio depends on how fast it falls, which varies
-    # between CPUs (0.77 on an AMD EPYC, where an earlier bound of 0.75 failed).
-    assert sum(losses[-50:]) / 50 < 0.6 * losses[0], (losses[0], losses[-50:])
-    print(
-        f"LoRA exact match after {LORA_STEPS} steps: {_exact_match(load_model(run_dir), task):.2f}"
-    )
+    em = _exact_match(load_model(run_dir), task)
+    print(f"LoRA exact match after {LORA_STEPS} steps: {em:.2f}")
+    assert em >= THRESHOLD, em
     # the base stayed frozen: every base weight in the checkpoint is the base's
     step = ckpt.latest_committed(location(run_dir / "checkpoints"))
     assert step is not None
@@ -236,7 +303,7 @@ def test_lora_finetune_on_the_cluster(
         assert torch.equal(frozen[k], v), k
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in sd.items())  # adapters learned
     lora_bytes = sum(f.stat().st_size for f in step[0].local_path.rglob("*") if f.is_file())
-    full = full_run / "checkpoints" / "step-500"
+    full = full_run / "checkpoints" / f"step-{STEPS}"
     full_bytes = sum(f.stat().st_size for f in full.rglob("*") if f.is_file())
     print(f"checkpoint bytes: LoRA {lora_bytes:,}, full {full_bytes:,}")
     assert lora_bytes < full_bytes
@@ -255,13 +322,20 @@ def test_lora_finetune_on_the_cluster(
     assert sd.keys() == resumed.keys() and all(torch.equal(sd[k], resumed[k]) for k in sd)
 
 
-def test_merged_lora_gives_the_adapter_models_logits() -> None:
+@pytest.mark.parametrize("head", [False, True], ids=["blocks", "blocks+tied-head"])
+def test_merged_lora_gives_the_adapter_models_logits(head: bool) -> None:
+    """With an adapter on the head of a model whose head and embeddings share one table,
+    the merge leaves the embeddings as they were and unties the head."""
     from crucible.jobs.finetune.lora import apply_lora, merge_lora, trainable_share
     from crucible.jobs.finetune.spec import LoraSpec
 
     cfg = resolve_model("tiny")
-    spec = LoraSpec(rank=4, alpha=8, target_modules=["qkv", "proj", "fc"])
-    model = apply_lora(init_weights(build_model(cfg, device="cpu"), seed=1), spec, seed=2)
+    assert cfg.tie_embeddings
+    targets = ["qkv", "proj", "fc"] + (["lm_head"] if head else [])
+    spec = LoraSpec(rank=4, alpha=8, target_modules=targets)
+    base = init_weights(build_model(cfg, device="cpu"), seed=1)
+    table = base.tok_emb.weight.detach().clone()
+    model = apply_lora(base, spec, seed=2)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -275,6 +349,9 @@ def test_merged_lora_gives_the_adapter_models_logits() -> None:
         got, _ = merged(x)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float reordering only
+    assert torch.equal(merged.tok_emb.weight, table)
+    assert merged.cfg.tie_embeddings is not head
+    assert (merged.lm_head.weight is merged.tok_emb.weight) is not head
 
 
 def test_generate_answers_in_the_chat_template(full_run: Path, cli: Any) -> None:
