@@ -36,7 +36,10 @@ def apply_lora(model: torch.nn.Module, lora: LoraSpec, seed: int) -> Any:
         torch.random.set_rng_state(state)
 
 
-def merge_lora(state_dict: dict[str, torch.Tensor], cfg: Any, lora: LoraSpec) -> GPT:
+def merge_lora(
+    state_dict: dict[str, torch.Tensor], cfg: Any, lora: LoraSpec,
+    base: dict[str, torch.Tensor] | None = None,
+) -> GPT:  # fmt: skip
     """A plain :class:`GPT` with the adapters of a LoRA checkpoint's state dict merged into
     its weights (W + alpha/r · B·A): no inference cost, the shape of the base (with an
     untied output head where the base ties it and ``lm_head`` has an adapter).
@@ -45,13 +48,23 @@ def merge_lora(state_dict: dict[str, torch.Tensor], cfg: Any, lora: LoraSpec) ->
         state_dict: the consolidated state dict of the PEFT-wrapped model.
         cfg: the :class:`~crucible.model.config.ModelConfig`.
         lora: the run's LoRA section.
+        base: the base's weights (``<run>/base``), for checkpoints that hold the adapters
+            alone; None: the state dict holds the base too.
     """
     from crucible.model.gpt import build_model
 
-    model = apply_lora(build_model(cfg, device="cpu"), lora, seed=0)
+    plain = build_model(cfg, device="cpu")
+    if base is not None:
+        plain.load_state_dict(base, strict=not cfg.tie_embeddings)
+    model = apply_lora(plain, lora, seed=0)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    # a tied head is saved once (under tok_emb); anything else missing is an error
-    missing = [k for k in missing if not (cfg.tie_embeddings and k.endswith("lm_head.weight"))]
+    # a tied head is saved once (under tok_emb); the base's weights may come from ``base``;
+    # anything else missing is an error
+    missing = [
+        k for k in missing
+        if not (cfg.tie_embeddings and k.endswith("lm_head.weight"))
+        and (base is None or "lora_" in k)
+    ]  # fmt: skip
     if missing or unexpected:
         from crucible.errors import CrucibleError
 

@@ -150,10 +150,15 @@ def load_model(
     sd, cfg = consolidate(path)
     lora = spec.get("lora")
     if lora is not None:  # a LoRA run: the adapters merged into the base's weights
+        from safetensors.torch import load_file
+
+        from crucible.jobs.finetune.base import local_weights
         from crucible.jobs.finetune.lora import merge_lora
         from crucible.jobs.finetune.spec import LoraSpec
 
-        return merge_lora(sd, cfg, LoraSpec.model_validate(lora)).to(DTYPES[dtype]).eval()
+        base = load_file(str(local_weights(path.parent.parent / "base")))
+        merged = merge_lora(sd, cfg, LoraSpec.model_validate(lora), base)
+        return merged.to(DTYPES[dtype]).eval()
     model = build_model(cfg, device="meta")
     model.load_state_dict(sd, strict=True, assign=True)
     # assign=True loads each name separately; share tied tables again

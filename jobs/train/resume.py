@@ -42,8 +42,9 @@ def restore(
     path, local, manifest = chosen
     t0 = time.perf_counter()
     ctx.engine.load_checkpoint(
-        str(local), tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+        str(local), tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+        load_module_strict=not ckpt.base_frozen(state),  # a LoRA run's base is loaded already
+    )  # fmt: skip
     step = int(state["step"])
     if state["world_size"] != ctx.world:
         seed_everything(rank_seed(ctx.spec.train.seed, ctx.rank, step))

@@ -291,22 +291,22 @@ def test_lora_finetune_on_the_cluster(
     em = _exact_match(load_model(run_dir), task)
     print(f"LoRA exact match after {LORA_STEPS} steps: {em:.2f}")
     assert em >= THRESHOLD, em
-    # the base stayed frozen: every base weight in the checkpoint is the base's
+    # The checkpoint holds the adapters alone: the frozen base is <run>/base, loaded before
+    # every resume; the merged model's untouched weights are the base's, bit for bit.
     step = ckpt.latest_committed(location(run_dir / "checkpoints"))
     assert step is not None
     sd, _ = consolidate(step[0])
-    base = load_file(str(run_dir / "base" / "model.safetensors"))
-    frozen = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
-              for k, v in sd.items() if "lora_" not in k}  # fmt: skip
-    assert set(base) <= set(frozen)
-    for k, v in base.items():
-        assert torch.equal(frozen[k], v), k
+    assert sd and all("lora_" in k for k in sd), sorted(k for k in sd if "lora_" not in k)[:5]
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in sd.items())  # adapters learned
+    base = load_file(str(run_dir / "base" / "model.safetensors"))
+    merged = load_model(run_dir).state_dict()
+    for k in ("tok_emb.weight", "pos_emb.weight", "norm_f.weight", "blocks.0.norm1.weight"):
+        assert torch.equal(merged[k], base[k]), k
     lora_bytes = sum(f.stat().st_size for f in step[0].local_path.rglob("*") if f.is_file())
     full = full_run / "checkpoints" / f"step-{STEPS}"
     full_bytes = sum(f.stat().st_size for f in full.rglob("*") if f.is_file())
     print(f"checkpoint bytes: LoRA {lora_bytes:,}, full {full_bytes:,}")
-    assert lora_bytes < full_bytes
+    assert lora_bytes < full_bytes / 2
 
     shutil.rmtree(run_dir / "checkpoints" / f"step-{LORA_STEPS}")
     client, job_id, run = submit_run(spec, resume=True)  # type: ignore[arg-type]

@@ -64,6 +64,7 @@ from crucible.jobs.train.checkpoint.load import (
 from crucible.jobs.train.checkpoint.retention import retain
 from crucible.jobs.train.checkpoint.save import (
     SaveStats,
+    base_frozen,
     clear_for_save,
     commit,
     finish_save,
@@ -82,6 +83,7 @@ __all__ = [
     "UNIVERSAL",
     "SaveSlot",
     "SaveStats",
+    "base_frozen",
     "check_manifest",
     "check_universal",
     "choose_checkpoint",

@@ -33,6 +33,7 @@ from crucible.jobs.train.checkpoint.in_flight import IN_FLIGHT, SaveSlot
 from crucible.jobs.train.checkpoint.layout import DS_TAG, STATE, step_path
 from crucible.jobs.train.checkpoint.save import (
     SaveStats,
+    base_frozen,
     finish_save,
     open_stage,
     write_json_local,
@@ -104,7 +105,10 @@ def take_snapshot(
     zipfile = bool(engine.checkpoint_engine.zipfile_serialization)
     stage = open_stage(root, step, rank)
     with capturing(engine, buffers) as capture:
-        engine.save_checkpoint(str(stage), tag=DS_TAG, save_latest=False)
+        engine.save_checkpoint(
+            str(stage), tag=DS_TAG, save_latest=False,
+            exclude_frozen_parameters=base_frozen(state),
+        )  # fmt: skip
     wait_for_copies()
     frozen = json.loads(json.dumps(state)) if rank == 0 else None  # nothing shared with the loop
     return Snapshot(step, stage, capture.captured, rng_state(), frozen, zipfile, t0, t0_unix,

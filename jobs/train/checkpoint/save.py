@@ -303,11 +303,24 @@ def save(
     is_hashing = isinstance(hashing, hashing_engine.HashingCheckpointEngine)
     written: dict[str, dict[str, Any]] = hashing.written if is_hashing else {}
     written.clear()
-    engine.save_checkpoint(str(stage), tag=DS_TAG, save_latest=False)
+    engine.save_checkpoint(
+        str(stage), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=base_frozen(state)
+    )
     rng_file = stage / "crucible_state" / f"rank-{rank}.pt"
     written[os.path.abspath(rng_file)] = hashing_engine.save_hashed(rng_state(), rng_file)
     nbytes = finish_save(root, step, stage, written, rank, world)
     return SaveStats(step, step_path(root, step), nbytes, time.perf_counter() - t0)
+
+
+def base_frozen(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint leaves out the model's frozen parameters: a LoRA run's are its
+    base, ``<run>/base`` (sha256-checked), loaded into the model before every resume, so its
+    checkpoints hold the adapters alone.
+
+    Args:
+        state: the checkpoint's crucible state (its ``spec``).
+    """
+    return state.get("spec", {}).get("lora") is not None
 
 
 def write_json_local(path: Path, data: Any) -> None:
