@@ -499,16 +499,21 @@ def run_drill(cluster: Cluster, server: S3Server, workdir: Path, reference: bool
         # Node b's rank must have been scraped before it dies (Prometheus finds a rank through
         # HTTP SD, then scrapes it an interval later): the kill follows that, not a fixed step.
         _wait_for(lambda: scraped(cluster, run.name, "127.0.0.2"), "a scrape of node b", done)
-        drill.kill_after = _wait_for(committed, f"a checkpoint at step {KILL_AFTER}+", done)
-
-        def past_it() -> bool:
-            # a step after the checkpoint is durable in the run's log: work the loss destroys,
-            # and a record the resumed attempt's re-run of that step is compared with
-            return max(step_losses(run), default=0) > drill.kill_after
-
-        _wait_for(past_it, f"a step after step-{drill.kill_after} in the run's log", done)
+        _wait_for(committed, f"a checkpoint at step {KILL_AFTER}+", done)
         pids, drill.placements["before"] = placement(cluster, run, done)
         drill.nodes_before = cluster.alive()
+
+        def past_newest() -> int | None:
+            # A step after the newest checkpoint is durable in the run's log: work the loss
+            # destroys, and a record the resumed attempt's re-run of that step is compared
+            # with. The log is read first, the pointer after it: a checkpoint committed in
+            # between shows as newer than the log, and the check runs again. The kill follows
+            # at once (another checkpoint is a save interval away).
+            logged = max(step_losses(run), default=0)
+            newest = committed()
+            return newest if newest is not None and logged > newest else None
+
+        drill.kill_after = _wait_for(past_newest, "a step after the newest checkpoint", done)
         cluster.kill("b")
         killed = time.monotonic()
         cluster.join("c", "127.0.0.3")  # what an autoscaler would do
