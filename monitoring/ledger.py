@@ -6,9 +6,11 @@ each step (with its data wait), checkpoints (committed or not), evaluations, idl
 are made durable at checkpoints and at the end, and at most every second otherwise (on object
 stores, which cannot append, by rewriting the current segment), so a killed process or a
 machine crash loses at most that much. A checkpoint's interval is the time training waited
-for its save: all of a synchronous save, an asynchronous one's copy to host memory (its
-writing overlaps the steps after it, billed as steps: billing it too would count that wall
-time twice), and one more interval if the loop ended with it in flight and waited for it.
+for its save: all of a synchronous save, an asynchronous one's snapshot (its writing
+overlaps the steps after it, billed as steps: billing it too would count that wall time
+twice), and one more interval if the loop ended with it in flight and waited for it. The
+part of a step that waited for a save's copy to host memory (``checkpoint_wait`` in the
+step's record) is billed to checkpoints too.
 
 :func:`account` reads the ledger after the fact. Whether a step was *productive* is only
 known in hindsight: a step counts if the run's final state descends from it, i.e. it was
@@ -39,7 +41,8 @@ cause ``preemption`` (phases ``checkpoint`` and ``startup``).
 One line per record::
 
     {"kind": "attempt", "attempt": 2, "t": 1700000000.0, "devices": 8, "resumed_from": 400}
-    {"kind": "step", "t0": ..., "t1": ..., "devices": 8, "step": 401, "data_wait": 0.02}
+    {"kind": "step", "t0": ..., "t1": ..., "devices": 8, "step": 401, "data_wait": 0.02,
+     "checkpoint_wait": 0.01}
     {"kind": "checkpoint", "t0": ..., "t1": ..., "devices": 8, "step": 500, "committed": true}
     {"kind": "checkpoint", ..., "step": 517, "committed": true, "preemption": true}
     {"kind": "hang", "t0": ..., "t1": ..., "devices": 8}
@@ -233,9 +236,11 @@ def account(
             elif r["kind"] == "step":
                 wait = min(span, max(0.0, float(r.get("data_wait") or 0.0)))
                 add(r["t1"], "data_wait", wait * d)
+                saving = min(span - wait, max(0.0, float(r.get("checkpoint_wait") or 0.0)))
+                add(r["t1"], "checkpoint", saving * d)
                 n = r["step"]
                 phase = "productive" if lo < n <= hi else ("uncommitted" if alive else "lost")
-                add(r["t1"], phase, (span - wait) * d)
+                add(r["t1"], phase, (span - wait - saving) * d)
             elif r["kind"] == "hang":
                 add(r["t1"], "startup", span * d, "hang")
             elif r["kind"] == "rollback":

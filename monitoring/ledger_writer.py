@@ -97,16 +97,28 @@ class LedgerWriter:
         """
         self.interval("startup", self.start_time, time.time() if t is None else t)
 
-    def step(self, step: int, t0: float, t1: float, data_wait_seconds: float = 0.0) -> None:
-        """Record one optimizer step; ``data_wait_seconds`` of it waited for the batch.
+    def step(
+        self,
+        step: int,
+        t0: float,
+        t1: float,
+        data_wait_seconds: float = 0.0,
+        checkpoint_wait_seconds: float = 0.0,
+    ) -> None:
+        """Record one optimizer step; ``data_wait_seconds`` of it waited for the batch and
+        ``checkpoint_wait_seconds`` for an asynchronous save's copy of the state.
 
         Args:
             step: steps done after this one.
             t0: step start.
             t1: step end.
             data_wait_seconds: part of the step spent waiting for data.
+            checkpoint_wait_seconds: part of the step spent waiting for a save.
         """
-        self.interval("step", t0, t1, step=int(step), data_wait=float(data_wait_seconds))
+        extra = (
+            {"checkpoint_wait": float(checkpoint_wait_seconds)} if checkpoint_wait_seconds else {}
+        )
+        self.interval("step", t0, t1, step=int(step), data_wait=float(data_wait_seconds), **extra)
 
     def checkpoint(
         self, step: int, t0: float, t1: float, committed: bool = True, preemption: bool = False

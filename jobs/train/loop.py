@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +25,7 @@ from crucible.cluster.plan import RunPlan, plan_run
 from crucible.cluster.storage import location
 from crucible.jobs.train import checkpoint as ckpt
 from crucible.jobs.train.callbacks import (
+    CheckpointerCallback,
     RollbackCallback,
     StepResult,
     StopCallback,
@@ -81,6 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx.callbacks = build_callbacks(ctx, resumed_from=state["step"] if state else 0)
     rollback = ctx.callbacks.find(RollbackCallback)
     stopper = ctx.callbacks.find(StopCallback)
+    checkpointer = ctx.callbacks.find(CheckpointerCallback)
     base = run_dir / "base" if getattr(spec, "base", None) is not None else None
     ctx.engine = build_engine(
         spec, plan, universal=bool(state and state["world_size"] != world), base=base, rank=rank
@@ -100,7 +103,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 group["lr"] = lr
             batch = reader.next_batch()
             data_wait = time.perf_counter() - t0
-            loss_sum, engine_seconds = train_step(ctx.engine, batch, plan)
+            loss_sum, engine_seconds, save_wait = train_step(
+                ctx.engine, batch, plan, before_update=checkpointer.wait_staged
+            )
             loss_avg = loss_sum / plan.grad_accum_steps
             dist.all_reduce(loss_avg)
             loss = float(loss_avg) / world
@@ -121,6 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 seconds=time.perf_counter() - t0,
                 data_wait_seconds=data_wait,
                 engine_seconds=engine_seconds,
+                checkpoint_wait_seconds=save_wait,
             )
             ctx.callbacks.on_step_end(result)
         status = stopper.ending(plan.total_steps)
@@ -131,15 +137,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def train_step(
-    engine: DeepSpeedEngine, batch: dict[str, torch.Tensor], plan: RunPlan
-) -> tuple[torch.Tensor, float]:
+    engine: DeepSpeedEngine,
+    batch: dict[str, torch.Tensor],
+    plan: RunPlan,
+    before_update: Callable[[], float] | None = None,
+) -> tuple[torch.Tensor, float, float]:
     """Forward, backward and step over this rank's micro-batches of one global batch; return
-    the sum of their losses (on the device) and the seconds spent in the engine.
+    the sum of their losses (on the device), the seconds spent in the engine and the part of
+    them ``before_update`` waited.
 
     Args:
         engine: the DeepSpeed engine (it steps the optimizer at the accumulation boundary).
         batch: this rank's slice of the global batch.
         plan: the plan (micro-batch size).
+        before_update: called once the gradients are ready, before the optimizer changes
+            the weights (an asynchronous save's copy of the state must be done by then);
+            returns the seconds it waited.
     """
     device = engine.device
     mbs = micro_batches(batch, plan.micro_batch_size, device)
@@ -147,11 +160,14 @@ def train_step(
     # stall the GPU's queue.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     t0 = time.perf_counter()
+    waited = 0.0
     for mb in mbs:
         _, loss = engine(mb["input_ids"], mb["labels"], **model_inputs(mb))
         engine.backward(loss)
+        if before_update is not None and engine.is_gradient_accumulation_boundary():
+            waited += before_update()
         engine.step()
         loss_sum += loss.detach().float()
     if device.type == "cuda":  # the engine's kernels end here, not at the loss read after
         torch.cuda.synchronize(device)
-    return loss_sum, time.perf_counter() - t0
+    return loss_sum, time.perf_counter() - t0, waited

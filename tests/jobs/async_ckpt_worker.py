@@ -2,10 +2,10 @@
 
 Trains the tiny preset one step, saves it synchronously into ``<root>/sync``, snapshots the
 same state for an asynchronous save into ``<root>/async`` (a local path or an object store)
-and, while that save is in flight
-(its background write held until then), trains another step and tries to start a second
-save; then lets the write go on and waits for the commit. Writes what the test checks to
-``<out>/rank<R>.json``.
+and, while that save is in flight with its background work held (the copy to host memory
+too), runs the next step's forward and backward; then lets the save go on, waits for its
+copy (as the loop does before the optimizer step), steps, tries to start a second save and
+waits for the commit. Writes what the test checks to ``<out>/rank<R>.json``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ from crucible.jobs.train.engine import build_engine
 from crucible.jobs.train.state import make_deterministic
 
 
-def train_step(engine, gen: torch.Generator, vocab: int) -> None:
+def train_step(engine, gen: torch.Generator, vocab: int, before_update=None) -> None:
     for _ in range(engine.gradient_accumulation_steps()):
         ids = torch.randint(0, vocab, (4, 65), generator=gen)
         _, loss = engine(ids[:, :-1], ids[:, 1:])
         engine.backward(loss)
+        if before_update is not None and engine.is_gradient_accumulation_boundary():
+            before_update()
         engine.step()
 
 
@@ -64,13 +66,21 @@ def main(spec_path: Path, out: Path, root: str) -> None:
     saver = async_save.AsyncSaver(async_root, rank, world, pinned=False)
     snap = saver.start(engine, 1, state)
     in_flight = saver.in_flight and not (async_root / "step-1").exists()
-    train_step(engine, gen, vocab)  # changes every weight and moment the snapshot copied
+    unstaged = []
+
+    def before_update() -> None:  # forward and backward ran with the copy not yet taken
+        unstaged.append(not snap.stager.done and not any(c.staged for _, c in snap.files))
+        go.set()
+        saver.wait_staged()
+
+    # The forward and backward must leave the state alone; the step changes every weight
+    # and moment the snapshot copies.
+    train_step(engine, gen, vocab, before_update)
     try:
         saver.start(engine, 2, state)
         second = "started"
     except RuntimeError as e:
         second = str(e)
-    go.set()
     stats = saver.wait()
     reused = saver.buffers.nbytes  # the copies' memory is kept for the next save
     assert stats is not None
@@ -78,6 +88,7 @@ def main(spec_path: Path, out: Path, root: str) -> None:
         json.dumps(
             {
                 "in_flight": in_flight,
+                "unstaged_until_update": unstaged == [True],
                 "second": second,
                 "snapshot_bytes": snap.nbytes,
                 "reused_bytes": reused,

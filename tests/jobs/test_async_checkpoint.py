@@ -36,7 +36,7 @@ from crucible.jobs.train.callbacks import ledger as ledger_mod
 from crucible.jobs.train.callbacks.checkpointer import CheckpointerCallback
 from crucible.jobs.train.callbacks.ledger import LedgerCallback
 from crucible.jobs.train.checkpoint import async_save
-from crucible.jobs.train.checkpoint.host_copy import HostBuffers, host_copy
+from crucible.jobs.train.checkpoint.host_copy import HostBuffers, Stager, host_copy
 from crucible.jobs.train.checkpoint.in_flight import IN_FLIGHT, SaveSlot
 from crucible.jobs.train.export import consolidate
 from crucible.monitoring.ledger import account
@@ -86,6 +86,27 @@ def test_a_host_copy_saves_the_bytes_torch_save_would_have_written_then() -> Non
     held = buffers.nbytes
     again = host_copy(obj, buffers)
     assert buffers.nbytes == 0 and again.nbytes == held
+
+
+def test_a_deferred_copy_is_taken_when_staged_on_another_thread() -> None:
+    """What an asynchronous save does: the copy is set aside while the loop waits, filled by
+    the save's thread, and the loop waits for that before the state changes."""
+    weights = torch.arange(6, dtype=torch.float32)
+    obj = {"weights": weights, "built_for_the_save": torch.full((3,), 2.0)}
+    want = _bytes(obj)
+    copy = host_copy(obj, HostBuffers(pinned=False), defer=True)
+    del obj["built_for_the_save"]  # the copy keeps a temporary alive until it is taken
+    assert not copy.staged
+    with pytest.raises(RuntimeError, match="not staged"):
+        copy.restore()
+    stager = Stager([copy])
+    thread = threading.Thread(target=stager.run)
+    thread.start()
+    stager.wait()
+    thread.join()
+    assert stager.done and copy.staged and stager.wait() == 0.0
+    weights.add_(1)  # the optimizer step, after the wait
+    assert _bytes(copy.restore()) == want
 
 
 # -- one save in flight ------------------------------------------------------------------
@@ -141,6 +162,12 @@ def _checkpointer(tmp_path: Path, events: list[str], total_steps: int) -> Checkp
     return CheckpointerCallback(ctx, ledger)  # type: ignore[arg-type]
 
 
+def _staged() -> Stager:
+    stager = Stager([])
+    stager.run()
+    return stager
+
+
 def _step(n: int) -> Any:
     return SimpleNamespace(step=n, record=lambda: {"step": n})
 
@@ -161,7 +188,7 @@ def test_the_checkpointer_waits_for_the_save_in_flight_before_the_next_one(
         events.append(f"snapshot {step}")
         waiting.set()
         return async_save.Snapshot(
-            step, tmp_path, [], {}, state, True, time.perf_counter(), time.time(), 0
+            step, tmp_path, [], _staged(), {}, state, True, time.perf_counter(), time.time(), 0
         )
 
     def write(snap, root, rank, world, group=None, stall=False):  # type: ignore[no-untyped-def]
@@ -216,7 +243,7 @@ def test_a_save_is_told_of_once_committed_and_stays_in_flight_until_reported(
 
     def snapshot(engine, root, step, state, rank, buffers):  # type: ignore[no-untyped-def]
         return async_save.Snapshot(
-            step, tmp_path, [], {}, state, True, time.perf_counter(), time.time(), 0
+            step, tmp_path, [], _staged(), {}, state, True, time.perf_counter(), time.time(), 0
         )
 
     def write(snap, root, rank, world, group=None, stall=False):  # type: ignore[no-untyped-def]
@@ -246,7 +273,7 @@ def test_a_save_is_told_of_once_committed_and_stays_in_flight_until_reported(
 
 # -- what the ledger bills: the loop's wait, never the background write ----------------------
 
-STEP_S, COPY_S, FLUSH_S = 10.0, 1.0, 2.0
+STEP_S, COPY_S, FLUSH_S, STAGE_S = 10.0, 1.0, 2.0, 0.5
 # A real run's step ends at its unix start plus a perf_counter duration and the next record
 # begins at a fresh time.time(): the two clocks may disagree by this much at a boundary.
 CLOCK_SLACK_S = 0.01
@@ -270,6 +297,21 @@ class _Clock:
         self.now += seconds
 
 
+class _Stager:
+    """A save's staging that the next step waits ``seconds`` for, on the fake clock."""
+
+    def __init__(self, clock: _Clock, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    def run(self) -> None:
+        pass
+
+    def wait(self) -> float:
+        waited, self.seconds = self.seconds, 0.0
+        self.clock.advance(waited)
+        return waited
+
+
 class _Told(Callback):
     """Built before the checkpointer: what it is told of, and that it is told before it ends."""
 
@@ -286,11 +328,15 @@ class _Told(Callback):
 
 
 def _ledgered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gates: dict[int, threading.Event]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    gates: dict[int, threading.Event],
+    stage_s: float = 0.0,
 ) -> tuple[Any, _Told, _Clock]:
     """One rank of a 6-step run, a save every 2 steps, with the real ledger before the
-    checkpointer; copies take ``COPY_S`` on the fake clock, writes take none of it (they
-    overlap the steps) and the write of a step in ``gates`` waits for its gate."""
+    checkpointer; snapshots take ``COPY_S`` on the fake clock, the step after a save waits
+    ``stage_s`` for its staging, writes take none of it (they overlap the steps) and the
+    write of a step in ``gates`` waits for its gate."""
     clock = _Clock()
     spec = parse_spec({
         "kind": "train", "name": "fake", "cluster": {"storage": str(tmp_path)},
@@ -309,7 +355,8 @@ def _ledgered(
 
     def snapshot(engine, root, step, state, rank, buffers):  # type: ignore[no-untyped-def]
         clock.advance(COPY_S)
-        return async_save.Snapshot(step, tmp_path, [], {}, state, True, 0.0, 0.0, 0.0)
+        stager = _Stager(clock, stage_s)
+        return async_save.Snapshot(step, tmp_path, [], stager, {}, state, True, 0.0, 0.0, 0.0)
 
     def write(snap, root, rank, world, group=None, stall=False):  # type: ignore[no-untyped-def]
         if snap.step in gates:
@@ -327,13 +374,16 @@ def _ledgered(
 
 
 def _train(ctx: Any, clock: _Clock, steps: range, join: bool = True) -> None:
+    checkpointer = ctx.callbacks.find(CheckpointerCallback)
     for n in steps:
         started = clock.time()
+        waited = checkpointer.wait_staged()  # as the loop's train_step, before the update
         clock.advance(STEP_S)
         ctx.step = n
         ctx.callbacks.on_step_end(StepResult(
             step=n, loss=1.0, lr=1e-3, grad_norm=1.0, tokens=BATCH * 64, samples=BATCH,
-            started=started, seconds=STEP_S, data_wait_seconds=0.0, engine_seconds=STEP_S,
+            started=started, seconds=STEP_S + waited, data_wait_seconds=0.0,
+            engine_seconds=STEP_S + waited, checkpoint_wait_seconds=waited,
         ))  # fmt: skip
         if join:
             IN_FLIGHT.join()  # a save is written and committed during the next step
@@ -368,13 +418,18 @@ def test_the_ledger_bills_an_async_save_for_the_copy_not_for_the_steps_it_overla
 ) -> None:
     """Steps 2 and 4's saves are committed during the next step and told of at its end:
     billing them from their start to then would bill that step twice."""
-    ctx, told, clock = _ledgered(tmp_path, monkeypatch, gates={})
+    ctx, told, clock = _ledgered(tmp_path, monkeypatch, gates={}, stage_s=STAGE_S)
     _train(ctx, clock, range(1, 7))
     ctx.callbacks.on_end("finished")
     assert [s.step for s in told.saves] == [2, 4, 6]
-    assert [s.blocked_seconds for s in told.saves] == [COPY_S] * 3  # the last one: + its wait
+    # Steps 3 and 5 waited for the staging of the save before them; step 6's save is the
+    # run's last (its wait for the commit is in its span).
+    assert [s.blocked_seconds for s in told.saves] == [COPY_S + STAGE_S] * 2 + [COPY_S]
     s = _check_ledger(tmp_path, sum(x.blocked_seconds for x in told.saves), devices=1)
     assert s.finished and s.seconds["productive"] == pytest.approx(6 * STEP_S)
+    (attempt,), _ = read_attempts(tmp_path)
+    waits = {r["step"]: r.get("checkpoint_wait") for r in attempt.records if r["kind"] == "step"}
+    assert waits == {1: None, 2: None, 3: STAGE_S, 4: None, 5: STAGE_S, 6: None}
 
 
 @pytest.mark.parametrize("ending", ["failure", "stop without a checkpoint"])
@@ -484,6 +539,7 @@ def test_an_async_save_commits_the_files_of_a_sync_save_while_training_goes_on(
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["in_flight"]  # the engine trained a step while the save was not committed
+        assert r["unstaged_until_update"]  # its forward and backward ran before the copy
         assert "already in flight" in r["second"]  # and no second save could start
         assert r["reused_bytes"] == r["snapshot_bytes"] > 0
         assert r["blocked"] <= r["seconds"] and r["write"] <= r["seconds"]

@@ -28,6 +28,7 @@ from crucible.monitoring.safe import never_raise
 __all__ = [
     "Callback",
     "Callbacks",
+    "CheckpointerCallback",
     "Resumed",
     "RollbackCallback",
     "StepResult",

@@ -39,6 +39,9 @@ class StepResult:
     data_wait_seconds: float
     engine_seconds: float
     """The part spent in the engine's forward, backward and step."""
+    checkpoint_wait_seconds: float = 0.0
+    """The part of that spent waiting, before the optimizer step, for the asynchronous save
+    in flight to finish copying the state to host memory."""
     mfu: float | None = None
     """Model FLOPs utilisation (set by the metrics callback on rank 0)."""
     heldout_loss: float | None = None
@@ -64,6 +67,7 @@ class StepResult:
             "step_seconds": self.seconds,
             "data_wait_seconds": self.data_wait_seconds,
             "engine_seconds": self.engine_seconds,
+            "checkpoint_wait_seconds": self.checkpoint_wait_seconds,
             "tokens_per_s": self.tokens / self.seconds,
             "mfu": self.mfu,
         }

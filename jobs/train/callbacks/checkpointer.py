@@ -3,11 +3,13 @@ step (unless the stop asks for none): every rank's shards and RNG state plus cru
 committed atomically (see :mod:`crucible.jobs.train.checkpoint`); then retention, and one
 ``ray.train.report``.
 
-With ``checkpoint.async_save`` (the default) the loop waits only while the state is copied to
-host memory; the writing, the commit, retention and the report run in the background, and the
-other callbacks hear of the checkpoint (``on_save``) at the first step end after its commit,
-with the spans of time the loop waited for it (``SaveStats.blocked_spans``): what the ledger
-bills to the save, since its writing overlaps the steps after it. A save waits for the one
+With ``checkpoint.async_save`` (the default) the loop waits only while DeepSpeed builds the
+state dicts; the copy to host memory overlaps the next step's forward and backward (the loop
+waits for it, :meth:`CheckpointerCallback.wait_staged`, before the optimizer step), and the
+writing, the commit, retention and the report run in the background. The other callbacks
+hear of the checkpoint (``on_save``) at the first step end after its commit, with the spans
+of time the loop waited for it (``SaveStats.blocked_spans``, plus ``staging_wait``): what
+the ledger bills to the save, since its writing overlaps the steps after it. A save waits for the one
 before it; the run's last step waits for its own save, so nothing is left in flight when
 the loop ends (and the attempt's end waits for one a failure left, and tells of it).
 """
@@ -39,6 +41,7 @@ class CheckpointerCallback(Callback):
         self.saver: AsyncSaver | None = None
         self._t0 = 0.0  # unix time the loop began to wait for the save in flight
         self._spans: list[tuple[float, float]] = []  # and when it has waited for it so far
+        self._staging_wait = 0.0  # seconds steps waited for its copy to host memory
 
     def state(self) -> dict[str, Any]:
         """crucible's part of the checkpoint (``crucible_state/state.json``)."""
@@ -66,6 +69,15 @@ class CheckpointerCallback(Callback):
             self._save_sync(result)
         elif ctx.stop_requested:
             self._flush()  # the loop ends: its last save is committed first
+
+    def wait_staged(self) -> float:
+        """Before the optimizer step: wait until the save in flight has its own copy of the
+        state; return the seconds waited (the step's ledger record bills them)."""
+        if self.saver is None:
+            return 0.0
+        waited = self.saver.wait_staged()
+        self._staging_wait += waited
+        return waited
 
     def _save_sync(self, result: StepResult) -> None:
         ctx = self.ctx
@@ -95,6 +107,7 @@ class CheckpointerCallback(Callback):
         # The loop's wait for this save so far: for the previous one, then the copy. Only
         # this is billed to the save; its writing overlaps the steps after it.
         self._t0, self._spans = t0, [(t0, t0 + time.perf_counter() - p0)]
+        self._staging_wait = 0.0
         if ending:  # nothing may be in flight once the loop is over: wait for the commit
             self._hand_back(block=True, since=(t0, p0))
 
@@ -137,8 +150,10 @@ class CheckpointerCallback(Callback):
         # its commit is then billed to no save)
         if stats is None:
             return False
-        blocked = _union(self._spans)
-        self.ctx.callbacks.on_save(dataclasses.replace(stats, blocked_spans=blocked), self._t0)
+        told = dataclasses.replace(
+            stats, blocked_spans=_union(self._spans), staging_wait=self._staging_wait
+        )
+        self.ctx.callbacks.on_save(told, self._t0)
         return True
 
     def on_end(self, status: str) -> None:

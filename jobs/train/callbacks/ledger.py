@@ -80,7 +80,7 @@ class LedgerCallback(Callback):
         if self.writer is not None:
             self.writer.step(
                 result.step, result.started, result.started + result.seconds,
-                result.data_wait_seconds,
+                result.data_wait_seconds, result.checkpoint_wait_seconds,
             )  # fmt: skip
 
     @never_raise
@@ -93,8 +93,9 @@ class LedgerCallback(Callback):
     @never_raise
     def on_save(self, stats: SaveStats, t0: float) -> None:
         """Bills the time the loop waited for the save (a synchronous one's write,
-        retention and Ray Train's report; an asynchronous one's copy to host memory), and
-        only that: an asynchronous save's writing overlaps steps, billed as steps."""
+        retention and Ray Train's report; an asynchronous one's snapshot), and only that: an
+        asynchronous save's writing overlaps steps, billed as steps (the part of a step that
+        waited for its copy to host memory is billed with the step's record)."""
         if self.writer is None:
             return
         for start, end in stats.blocked_spans or ((t0, t0 + stats.blocked_seconds),):

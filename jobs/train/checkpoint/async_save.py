@@ -1,12 +1,16 @@
-"""Asynchronous saves: the loop is blocked only while the state is copied to host memory;
-the files are written, hashed and committed by a background thread on every rank.
+"""Asynchronous saves: the loop is blocked only while DeepSpeed builds the state dicts and
+until they are copied to host memory; the files are written, hashed and committed by a
+background thread on every rank.
 
 The blocked part (:func:`take_snapshot`, a collective) opens the stage as a synchronous save
 does and lets DeepSpeed's own ``save_checkpoint`` build every file's state dict, which a
-capturing checkpoint engine copies to host memory (pinned on GPUs) instead of writing (see
-:mod:`.capture_engine`, :mod:`.host_copy`); the RNG states and crucible's state are taken
-then too. The background part (:func:`write_snapshot`) writes each copy with the hashing
-``torch.save``, so the files are those a synchronous save writes, and then runs the same
+capturing checkpoint engine takes a deferred host copy of (pinned on GPUs) instead of
+writing (see :mod:`.capture_engine`, :mod:`.host_copy`); the RNG states and crucible's state
+are taken then too. The background part (:func:`write_snapshot`) first fills the copies
+(staging) while the loop runs the next step's forward and backward, which change none of
+the state (the loop waits for the staging, :meth:`AsyncSaver.wait_staged`, before its
+optimizer step), then writes each copy with the hashing ``torch.save``, so the files are
+those a synchronous save writes, and then runs the same
 commit (:func:`~.save.finish_save`) over a gloo process group of its own, so that its
 collectives never meet the training loop's: every rank's files, then rank 0's manifest,
 then ``latest``. A crash or kill while a save is in flight leaves it uncommitted and the
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crucible.cluster.storage import Location
-from crucible.jobs.train.checkpoint.host_copy import HostBuffers, HostCopy, wait_for_copies
+from crucible.jobs.train.checkpoint.host_copy import HostBuffers, HostCopy, Stager
 from crucible.jobs.train.checkpoint.in_flight import IN_FLIGHT, SaveSlot
 from crucible.jobs.train.checkpoint.layout import DS_TAG, STATE, step_path
 from crucible.jobs.train.checkpoint.save import (
@@ -50,7 +54,9 @@ class Snapshot:
     step: int
     stage: Path
     files: list[tuple[str, HostCopy]]
-    """DeepSpeed's files: path in the stage and its state dict's copy."""
+    """DeepSpeed's files: path in the stage and its state dict's (deferred) copy."""
+    stager: Stager
+    """Fills the copies (in the background, first)."""
     rng: dict[str, Any]
     state: dict[str, Any] | None
     """crucible's state (rank 0's is written; None elsewhere)."""
@@ -60,7 +66,8 @@ class Snapshot:
     started_at: float
     """The same moment in unix time."""
     blocked: float
-    """Seconds the loop was blocked by it (from then on, in one piece)."""
+    """Seconds the loop was blocked taking it (from then on, in one piece; a wait for its
+    staging comes on top)."""
 
     @property
     def nbytes(self) -> int:
@@ -88,7 +95,8 @@ def take_snapshot(
     rank: int,
     buffers: HostBuffers,
 ) -> Snapshot:
-    """Every rank: copy what a save of step ``step`` writes into host memory (a collective).
+    """Every rank: take deferred host copies of what a save of step ``step`` writes (a
+    collective); nothing may change the state until ``stager`` has run.
 
     Args:
         engine: the DeepSpeed engine (a hashing checkpoint engine: :func:`supports_async`).
@@ -109,10 +117,10 @@ def take_snapshot(
             str(stage), tag=DS_TAG, save_latest=False,
             exclude_frozen_parameters=base_frozen(state),
         )  # fmt: skip
-    wait_for_copies()
+    stager = Stager([c for _, c in capture.captured])
     frozen = json.loads(json.dumps(state)) if rank == 0 else None  # nothing shared with the loop
-    return Snapshot(step, stage, capture.captured, rng_state(), frozen, zipfile, t0, t0_unix,
-                    time.perf_counter() - t0)  # fmt: skip
+    return Snapshot(step, stage, capture.captured, stager, rng_state(), frozen, zipfile, t0,
+                    t0_unix, time.perf_counter() - t0)  # fmt: skip
 
 
 def write_snapshot(
@@ -142,6 +150,7 @@ def write_snapshot(
     written: dict[str, dict[str, Any]] = {}
     error = None
     try:
+        snap.stager.run()
         if snap.state is not None:
             write_json_local(snap.stage / STATE, snap.state)
         for path, copy in snap.files:
@@ -212,7 +221,8 @@ class AsyncSaver:
         then: Callable[[SaveStats], None] | None = None,
         waited: float = 0.0,
     ) -> Snapshot:
-        """Every rank: snapshot step ``step`` and start writing it (a collective).
+        """Every rank: snapshot step ``step`` and start writing it (a collective). The
+        engine's state must not change until :meth:`wait_staged` returns.
 
         Args:
             engine: the DeepSpeed engine.
@@ -252,6 +262,12 @@ class AsyncSaver:
         self._snapshot, self._committed, self._handed = snap, None, False
         self.slot.start(work, name=f"checkpoint-save-step-{step}")
         return snap
+
+    def wait_staged(self) -> float:
+        """Wait until the save in flight holds its own copy of the state, so that it may
+        change (call it before the optimizer step); return the seconds waited (0: none in
+        flight, or staged already)."""
+        return 0.0 if self._snapshot is None else self._snapshot.stager.wait()
 
     def poll(self) -> SaveStats | None:
         """The save in flight once it is committed, handed back once (None while it is

@@ -1,6 +1,6 @@
-"""A DeepSpeed checkpoint engine that writes nothing: it keeps host copies of the state dicts
-``engine.save_checkpoint`` hands it (module states and this rank's ZeRO optimizer shard),
-for :mod:`.async_save` to write in the background.
+"""A DeepSpeed checkpoint engine that writes nothing: it takes deferred host copies of the
+state dicts ``engine.save_checkpoint`` hands it (module states and this rank's ZeRO optimizer
+shard), for :mod:`.async_save` to fill and write in the background.
 
 DeepSpeed builds every state dict itself and passes each file's to its checkpoint engine's
 ``save(state_dict, path)``; swapping the engine for the length of one ``save_checkpoint`` call
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 class CaptureEngine(CheckpointEngine):  # type: ignore[misc]
-    """Records ``(path, host copy)`` for each file DeepSpeed saves; loads as ``torch.load``.
+    """Records ``(path, deferred host copy)`` for each file DeepSpeed saves; loads as
+    ``torch.load``.
 
     Args:
         buffers: host memory for the copies.
@@ -42,7 +43,7 @@ class CaptureEngine(CheckpointEngine):  # type: ignore[misc]
         pass
 
     def save(self, state_dict: Any, path: str) -> None:
-        self.captured.append((path, host_copy(state_dict, self.buffers)))
+        self.captured.append((path, host_copy(state_dict, self.buffers, defer=True)))
 
     def load(self, path: str, map_location: Any = None) -> Any:
         import torch

@@ -8,13 +8,22 @@ over those copies gives back an object equal to the original at the time of the 
 same containers, values, tensor views, shared storages, ``requires_grad`` and tensor
 attributes, so ``torch.save`` of it writes the file it would have written then (with every
 storage on the CPU). Nothing here knows what DeepSpeed puts in a state dict.
+
+Taking a copy and filling it are separate: :func:`host_copy` with ``defer`` pickles the object
+and sets its host memory aside while the loop waits, and a :class:`Stager` fills it on the
+save's background thread (on a CUDA stream of its own), overlapping the next step's forward
+and backward, which change none of it; the loop waits for the stager only before its next
+optimizer step (torch DCP's asynchronous staging does the same).
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import threading
+import time
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,11 +66,35 @@ class HostBuffers:
 
 
 class HostCopy:
-    """One object as :func:`host_copy` took it; :meth:`restore` gives it back."""
+    """One object as :func:`host_copy` took it; :meth:`restore` gives it back once staged."""
 
-    def __init__(self, data: bytes, storages: list[tuple[torch.UntypedStorage, torch.dtype]]):
+    def __init__(
+        self,
+        data: bytes,
+        storages: list[tuple[torch.UntypedStorage, torch.dtype]],
+        pending: list[tuple[torch.UntypedStorage, torch.UntypedStorage]],
+    ) -> None:
         self.data = data
         self.storages = storages
+        self._pending = pending  # (source, its host copy) not copied yet
+
+    @property
+    def staged(self) -> bool:
+        """Every storage has been copied (or its copy queued, on a GPU)."""
+        return not self._pending
+
+    def stage(self, non_blocking: bool = False) -> None:
+        """Copy the storages not copied yet and release them (the object may change then).
+
+        Args:
+            non_blocking: queue the copies from a device on the current stream without
+                waiting for them (the caller synchronizes the stream).
+        """
+        for src, dst in self._pending:
+            # As tensors: a tensor copy releases the GIL (a storage's copy_ holds it, which
+            # would stall the loop's thread while the save's thread copies)
+            _bytes_of(dst).copy_(_bytes_of(src), non_blocking=non_blocking)
+        self._pending = []
 
     @property
     def nbytes(self) -> int:
@@ -70,6 +103,8 @@ class HostCopy:
 
     def restore(self) -> Any:
         """The object, its tensors on the host copies (every call gives a new object)."""
+        if not self.staged:
+            raise RuntimeError("restore() of a host copy that was not staged")
         storages = self.storages
         typed: dict[int, torch.storage.TypedStorage] = {}
 
@@ -86,17 +121,23 @@ class HostCopy:
         return _Unpickler(io.BytesIO(self.data)).load()
 
 
-def host_copy(obj: Any, buffers: HostBuffers) -> HostCopy:
-    """Copy ``obj`` (anything ``torch.save`` can save) into host memory.
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A storage's bytes as a flat uint8 tensor (no copy)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
-    Device-to-host copies are queued without waiting; call :func:`wait_for_copies` before
-    the originals change or the copies are read.
+
+def host_copy(obj: Any, buffers: HostBuffers, defer: bool = False) -> HostCopy:
+    """Copy ``obj`` (anything ``torch.save`` can save) into host memory.
 
     Args:
         obj: what would be saved.
         buffers: where the storages' copies go.
+        defer: only pickle ``obj`` and set the memory aside; :meth:`HostCopy.stage` (or a
+            :class:`Stager`) copies the storages, which must not change until then. The
+            copy holds them, so a temporary one stays alive until it is copied.
     """
     storages: list[tuple[torch.UntypedStorage, torch.dtype]] = []
+    pending: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
     index: dict[int, int] = {}  # a storage's identity (as torch.save keys it) -> its copy
 
     class _Pickler(pickle.Pickler):
@@ -110,17 +151,64 @@ def host_copy(obj: Any, buffers: HostBuffers) -> HostCopy:
             key = src._cdata
             if key not in index:
                 dst = buffers.take(src.nbytes())
-                dst.copy_(src, non_blocking=src.device.type == "cuda")
+                pending.append((src, dst))
                 index[key] = len(storages)
                 storages.append((dst, dtype))
             return ("storage", index[key])
 
     buf = io.BytesIO()
     _Pickler(buf, protocol=_PROTOCOL).dump(obj)
-    return HostCopy(buf.getvalue(), storages)
+    copy = HostCopy(buf.getvalue(), storages, pending)
+    if not defer:
+        copy.stage()
+    return copy
 
 
-def wait_for_copies() -> None:
-    """Wait until queued device-to-host copies are done (nothing to wait for on CPUs)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        torch.cuda.synchronize()
+class Stager:
+    """Stages deferred host copies on another thread, after the work queued so far.
+
+    Made on the loop's thread when the copies are taken: on a GPU it marks the point of the
+    current stream's queue that they must follow. :meth:`run` (on the save's thread) copies
+    them on a stream of its own and waits for the copies; :meth:`wait` (on the loop's
+    thread, before the state changes) waits for :meth:`run`.
+
+    Args:
+        copies: the deferred copies.
+    """
+
+    def __init__(self, copies: Sequence[HostCopy]) -> None:
+        self.copies = copies
+        self._done = threading.Event()
+        self._stream: Any = None
+        self._after: Any = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            self._after = torch.cuda.current_stream().record_event()
+
+    @property
+    def done(self) -> bool:
+        """:meth:`run` is over (the copies are in host memory, or it failed)."""
+        return self._done.is_set()
+
+    def run(self) -> None:
+        """Copy every storage and wait until the copies are in host memory."""
+        try:
+            if self._stream is None:
+                for c in self.copies:
+                    c.stage()
+                return
+            self._stream.wait_event(self._after)
+            with torch.cuda.stream(self._stream):
+                for c in self.copies:
+                    c.stage(non_blocking=True)
+            self._stream.synchronize()
+        finally:
+            self._done.set()
+
+    def wait(self) -> float:
+        """Wait until :meth:`run` is over; return the seconds waited."""
+        if self._done.is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        self._done.wait()
+        return time.perf_counter() - t0

@@ -49,13 +49,18 @@ class SaveStats:
     write: float | None = None
     """Seconds spent writing, hashing and committing, in the background when asynchronous
     (None: all of ``seconds``)."""
+    staging_wait: float = 0.0
+    """Seconds the loop waited, inside the step after an asynchronous save, for the save to
+    finish copying the state to host memory (not in ``blocked_spans``: the step's ledger
+    record bills them)."""
 
     @property
     def blocked_seconds(self) -> float:
-        """Seconds the training loop was blocked by this save (the sum of its spans)."""
+        """Seconds the training loop was blocked by this save (its spans and its staging
+        wait)."""
         if self.blocked_spans is None:
-            return self.seconds
-        return sum(t1 - t0 for t0, t1 in self.blocked_spans)
+            return self.seconds + self.staging_wait
+        return sum(t1 - t0 for t0, t1 in self.blocked_spans) + self.staging_wait
 
     @property
     def write_seconds(self) -> float:
