@@ -8,8 +8,10 @@ either whole, and every rank runs their forward passes at the same time. ``separ
 ``frozen.num_actors`` Ray actors with CPUs or a GPU of their own, so a large reference or
 reward model does not take a training GPU's memory (OpenRLHF's separate reference and
 reward groups); each worker sends its rows and answers to actor ``rank mod num_actors``
-and gets the log-probabilities and scores back. Both placements compute the same numbers:
-the same forwards on the same rows in fp32, and on the CPU the same thread count.
+and gets the log-probabilities and scores back. Both placements run the same forwards on the
+same rows in fp32 (on the CPU with the same thread count); a partitioned forward runs on
+gathered parameters at other addresses, so on some CPUs the kernels sum in another order
+and the numbers differ in the last bits.
 """
 
 from __future__ import annotations

@@ -62,6 +62,22 @@ def ensure_universal(checkpoint: Location, tags: tuple[str, ...]) -> Location:
     return out
 
 
+def say_converted(checkpoint: Location, saved: int, world: int, seconds: float) -> None:
+    """The launcher's line about a conversion (the Ray driver's and torchrun's alike).
+
+    Args:
+        checkpoint: the converted ``step-<N>`` directory.
+        saved: ranks that wrote it.
+        world: ranks of the attempt that loads it.
+        seconds: how long the conversion took.
+    """
+    print(
+        f"converted {checkpoint.name} ({saved} ranks) to a universal checkpoint for {world} "
+        f"ranks in {seconds:.1f} s",
+        flush=True,
+    )
+
+
 def to_universal(
     checkpoint: Path, out: Path, workers: int = 1, tags: tuple[str, ...] = (ckpt.DS_TAG,)
 ) -> Path:

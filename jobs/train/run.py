@@ -240,15 +240,11 @@ def prepare_reshard(
     saved = int(manifest["world_size"])
     if saved == world:
         return None
-    from crucible.jobs.train.reshard import ensure_universal
+    from crucible.jobs.train.reshard import ensure_universal, say_converted
 
     t0 = time.perf_counter()
     out: Location = ray.get(ray.remote(num_cpus=1)(ensure_universal).remote(path, tags))
-    print(
-        f"converted {path.name} ({saved} ranks) to a universal checkpoint for {world} "
-        f"ranks in {time.perf_counter() - t0:.1f} s",
-        flush=True,
-    )
+    say_converted(path, saved, world, time.perf_counter() - t0)
     return out
 
 

@@ -51,15 +51,11 @@ def run_workers(run_dir: Location, nproc: int) -> int:
     root.mkdirs()
     found = ckpt.latest_committed(root)
     if found is not None and (saved := int(found[1]["world_size"])) != nproc:
-        from crucible.jobs.train.reshard import ensure_universal
+        from crucible.jobs.train.reshard import ensure_universal, say_converted
 
         t0 = time.perf_counter()
         ensure_universal(found[0], (ckpt.DS_TAG,))
-        print(
-            f"converted {found[0].name} ({saved} ranks) to a universal checkpoint for {nproc} "
-            f"ranks in {time.perf_counter() - t0:.1f} s",
-            flush=True,
-        )
+        say_converted(found[0], saved, nproc, time.perf_counter() - t0)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "crucible.jobs.train.standalone", "--worker", run_dir.uri]  # fmt: skip
     t0 = time.perf_counter()

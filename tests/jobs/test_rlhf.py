@@ -305,9 +305,9 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
     empty = [(p["title"], t["expr"]) for p in panels for t in p["targets"] if not shown(t["expr"])]
     assert not empty, empty
 
-    # A resume after losing the last checkpoint redoes its steps bitwise, with the reference
-    # and reward models moved to a Ray actor of their own (the workers take half a CPU each
-    # to leave it one; their torch threads stay one, as before).
+    # A resume after losing the last checkpoint redoes its steps bitwise. (Not across
+    # placements: a partitioned model's forward runs on gathered parameters at other
+    # addresses, and on some CPUs, AMD EPYC here, the kernels then sum in another order.)
     import os
     import subprocess
     import sys
@@ -323,8 +323,8 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
         return out
 
     shutil.rmtree((run / "checkpoints" / f"step-{PPO_STEPS}").local_path)
-    out = resume_cli("frozen.placement=separate", "workers.cpus_per_worker=0.5")
-    assert "reference and reward models in 1 actor(s) of their own" in out, out[-3000:]
+    out = resume_cli()
+    assert "reference and reward model partitioned by ZeRO-3" in out, out[-3000:]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     resume = next(i for i, r in enumerate(records) if r["kind"] == "resume")
     assert records[resume]["step"] == PPO_CHECKPOINT_EVERY
@@ -338,10 +338,14 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
             k: v for k, v in was.items() if k not in timing
         }, step
 
-    # On one worker: the driver converts step-40's actor and critic to a universal copy, the
-    # worker loads it and trains two more steps.
-    out = resume_cli("workers.num_workers=1", f"ppo.steps={PPO_STEPS + 2}")
+    # On one worker, with the reference and reward models moved to a Ray actor of their own
+    # (on the CPU the worker leaves): the driver converts step-40's actor and critic to a
+    # universal copy, the worker loads it and trains two more steps.
+    out = resume_cli(
+        "workers.num_workers=1", f"ppo.steps={PPO_STEPS + 2}", "frozen.placement=separate"
+    )
     assert f"converted step-{PPO_STEPS} (2 ranks) to a universal checkpoint for 1 ranks" in out
+    assert "reference and reward models in 1 actor(s) of their own" in out, out[-3000:]
     universal = run / "checkpoints" / "universal" / f"step-{PPO_STEPS}"
     assert {"ds", "critic"} <= set(universal.ls()), universal.ls()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -353,9 +357,11 @@ def test_ppo_raises_the_score_within_the_kl_bound_and_resumes(
     ) == (PPO_STEPS, 1, 2)
     more = {r["step"]: r for r in records[last:] if r["kind"] == "ppo"}
     assert sorted(more) == [PPO_STEPS + 1, PPO_STEPS + 2]
-    moved, history = [json.loads(x) for x in (run / "spec_history.jsonl").read_text().splitlines()]
-    assert moved["changes"] == {"workers.cpus_per_worker": [1.0, 0.5], "frozen.placement": ["colocated", "separate"]}  # fmt: skip
-    assert history["changes"] == {"workers.num_workers": [2, 1], "ppo.steps": [PPO_STEPS, PPO_STEPS + 2]}  # fmt: skip
+    changes = [json.loads(x)["changes"] for x in (run / "spec_history.jsonl").read_text().splitlines()]  # fmt: skip
+    assert changes == [{
+        "workers.num_workers": [2, 1], "ppo.steps": [PPO_STEPS, PPO_STEPS + 2],
+        "frozen.placement": ["colocated", "separate"],
+    }]  # fmt: skip
     # the trained actor was loaded, not the starting weights, whose KL to the reference (the
     # same weights) is zero, as step 1's is
     late_kl = float(np.mean([r["kl"] for r in steps[-KL_STEPS:]]))
