@@ -286,7 +286,7 @@ def ray_memory(
             f"{sampler.names.get(top, '?')}; peak worker RSS {peaks[0] / 2**20:.0f} MB",
             flush=True,
         )
-        for task, (rss, priv) in sorted(sampler.by_task.items(), key=lambda kv: -kv[1][1])[:5]:
+        for task, (rss, priv) in sorted(sampler.by_task.items(), key=lambda kv: -kv[1][1])[:10]:
             print(f"  {task}: heap {priv / 2**20:.0f} MB, RSS {rss / 2**20:.0f} MB")
         shutil.rmtree(inp, ignore_errors=True)
         shutil.rmtree(work / f"mem-run-{mb:g}", ignore_errors=True)
