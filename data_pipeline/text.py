@@ -19,9 +19,11 @@ WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
 SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])[\"'”’)\]]*\s+")
 
 
-def split_words(text: str) -> list[str]:
-    """Words and punctuation runs of ``text``."""
-    return WORD_RE.findall(text)
+@functools.lru_cache(maxsize=1)
+def split_words(text: str) -> tuple[str, ...]:
+    """Words and punctuation runs of ``text`` (the last text's are kept: the quality rules ask
+    for the same document's words in turn)."""
+    return tuple(WORD_RE.findall(text))
 
 
 def split_sentences(text: str) -> list[str]:

@@ -114,16 +114,27 @@ def signature(text: str, spec: MinHashSpec) -> np.ndarray:
     sig = np.full(spec.num_perm, MERSENNE, dtype=_U64)
     with np.errstate(over="ignore"):
         for i in range(0, h.size, _CHUNK):
-            block = (h[i : i + _CHUNK, None] * a[None, :] + b[None, :]) % MERSENNE
+            block = h[i : i + _CHUNK, None] * a[None, :]  # wraps modulo 2**64, as datatrove's
+            block += b[None, :]
+            # x % (2**61 - 1) without a division: fold the bits above 61 onto the low ones
+            high = block >> _U64(61)
+            block &= MERSENNE
+            block += high
+            np.subtract(block, MERSENNE, out=block, where=block >= MERSENNE)
             np.minimum(sig, block.min(axis=0), out=sig)
     return sig
 
 
 def band_keys(sig: np.ndarray, spec: MinHashSpec) -> np.ndarray:
-    """One uint64 key per LSH band: a hash of that band's ``rows_per_band`` signature values."""
-    rows = sig.reshape(spec.num_bands, spec.rows_per_band)
-    acc = np.zeros(spec.num_bands, dtype=_U64)
+    """One uint64 key per LSH band: a hash of that band's ``rows_per_band`` signature values.
+
+    Args:
+        sig: a signature (``num_perm`` values), or signatures along the last axis.
+        spec: the MinHash spec (bands and rows).
+    """
+    rows = sig.reshape(*sig.shape[:-1], spec.num_bands, spec.rows_per_band)
+    acc = np.zeros(rows.shape[:-1], dtype=_U64)
     with np.errstate(over="ignore"):
         for j in range(spec.rows_per_band):
-            acc = _mix(acc * _GRAM_MULT + rows[:, j])
+            acc = _mix(acc * _GRAM_MULT + rows[..., j])
     return acc

@@ -18,7 +18,7 @@ def gopher_quality_rule(text: str, spec: GopherQualitySpec) -> str | None:
     punct = punctuation_set()
     words = split_words(text)
     n_words = len(words)
-    non_symbol = [w for w in words if any(ch not in punct for ch in w)]
+    non_symbol = [w for w in words if not punct.issuperset(w)]
     n = len(non_symbol)
     if spec.min_doc_words and n < spec.min_doc_words:
         return "short_doc"
@@ -46,7 +46,7 @@ def gopher_quality_rule(text: str, spec: GopherQualitySpec) -> str | None:
         if ends / len(lines) > spec.max_ellipsis_lines_ratio:
             return "too_many_end_ellipsis"
     if spec.max_non_alpha_words_ratio:
-        alpha = sum(any(c.isalpha() for c in w) for w in words)
+        alpha = sum(w.isalpha() or any(c.isalpha() for c in w) for w in words)
         if alpha / n_words < spec.max_non_alpha_words_ratio:
             return "below_alpha_threshold"
     if spec.min_stop_words:

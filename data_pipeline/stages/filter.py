@@ -12,6 +12,8 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
+
 from crucible.cluster.storage import Location, location
 from crucible.data_pipeline.dedup.exact import text_hash
 from crucible.data_pipeline.dedup.lsh import compact_signature
@@ -75,24 +77,30 @@ def filter_part(part: int, path: str, spec: DataSpec, run_dir: Location) -> dict
     exc = AtomicParquetWriter(p["excluded"] / name, EXCLUSION_SCHEMA)
     keep_text, max_chars = spec.output.exclusion_text, spec.output.max_exclusion_text_chars
 
-    def flush(batch: list, hashes: list, bands: list, sigs: list) -> None:
-        out.write(filtered_table(batch, hashes, bands, sigs))
+    def flush(batch: list, hashes: list, sigs: list) -> None:
+        bands: list = [[] for _ in batch]
+        compact: list = [[] for _ in batch]
+        if mh.enabled and batch:  # one pass over the batch's signatures
+            bands = band_keys(np.stack(sigs), mh).tolist()
+            compact = compact_signature(np.stack(sigs)).tolist()
+        out.write(filtered_table(batch, hashes, bands, compact))
         for h in chain:
             if h.exclusions:
                 exc.write(exclusions_table(h.exclusions, keep_text, max_chars))
                 h.exclusions.clear()
 
-    batch, hashes, bands, sigs = [], [], [], []
+    batch: list = []
+    hashes: list = []
+    sigs: list = []
     for doc in docs:
         batch.append(doc)
         hashes.append(text_hash(doc.text))
-        sig = signature(doc.text, mh) if mh.enabled else None
-        bands.append(band_keys(sig, mh).tolist() if sig is not None else [])
-        sigs.append(compact_signature(sig).tolist() if sig is not None else [])
+        if mh.enabled:
+            sigs.append(signature(doc.text, mh))
         if len(batch) >= spec.reader.batch_size:
-            flush(batch, hashes, bands, sigs)
-            batch, hashes, bands, sigs = [], [], [], []
-    flush(batch, hashes, bands, sigs)
+            flush(batch, hashes, sigs)
+            batch, hashes, sigs = [], [], []
+    flush(batch, hashes, sigs)
     out.commit()
     exc.commit()
     stats = {h.name: h.stats.to_dict() for h in chain}

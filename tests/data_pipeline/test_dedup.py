@@ -10,7 +10,14 @@ from dedup_quality import components_union_find, similar_pairs  # bench/, on sys
 from crucible.data_pipeline.dedup.components import connected_components
 from crucible.data_pipeline.dedup.exact import exact_duplicates, text_hash
 from crucible.data_pipeline.dedup.lsh import bucket_edges, compact_signature, explode_bands
-from crucible.data_pipeline.dedup.minhash import band_keys, signature, simplify
+from crucible.data_pipeline.dedup.minhash import (
+    MERSENNE,
+    band_keys,
+    permutations,
+    shingle_hashes,
+    signature,
+    simplify,
+)
 from crucible.data_pipeline.dedup.verify import exact_jaccard
 from crucible.data_pipeline.executors.local import LocalExecutor
 from crucible.data_pipeline.sample import make_text, near_duplicate
@@ -34,6 +41,22 @@ def test_signature_estimates_jaccard() -> None:
         est = float((signature(a, spec) == signature(b, spec)).mean())
         assert abs(est - exact_jaccard(a, b, 5)) < 0.1
     assert simplify("Hello, World! 2024") == "hello world 0"
+
+
+def test_signature_is_datatrove_permutation_minimum() -> None:
+    """min over shingles of (a*h + b) mod 2**64 mod (2**61 - 1), as datatrove computes it; band
+    keys of a stack of signatures are those of each one."""
+    rng = random.Random(2)
+    spec = MinHashSpec()
+    a, b = permutations(spec.num_perm, spec.seed)
+    texts = [make_text(rng, "en", rng.randint(1, 300)) for _ in range(20)]
+    with np.errstate(over="ignore"):
+        for text in texts:
+            h = shingle_hashes(text, spec.n_grams)
+            want = ((h[:, None] * a[None, :] + b[None, :]) % MERSENNE).min(axis=0)
+            assert np.array_equal(signature(text, spec), want)
+    sigs = np.stack([signature(t, spec) for t in texts])
+    assert np.array_equal(band_keys(sigs, spec), [band_keys(s, spec) for s in sigs])
 
 
 def test_exact_duplicates_keep_smallest_key() -> None:

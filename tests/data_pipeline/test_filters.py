@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
 from crucible.data_pipeline.document import Document
+from crucible.data_pipeline.filters import gopher_repetition
 from crucible.data_pipeline.filters.c4 import C4, c4_filter
 from crucible.data_pipeline.filters.fineweb import fineweb_rule
 from crucible.data_pipeline.filters.gopher_quality import gopher_quality_rule
@@ -101,6 +108,71 @@ def test_gopher_repetition_ngrams() -> None:
     spam = " ".join(["buy cheap"] * 30) + " " + prose(60)
     assert gopher_repetition_rule(spam, spec) == "top_2_gram"
     assert gopher_repetition_rule(prose(200), GopherRepetitionSpec(top_n_grams=[])) is not None
+
+
+def datatrove_top_ngram_chars(words: list[str], n: int) -> int:
+    """datatrove's ``find_top_duplicate``: n-grams joined with spaces, counted."""
+    grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+    if not grams:
+        return 0
+    gram, count = grams.most_common(1)[0]
+    return len(gram) * count
+
+
+def datatrove_duplicate_ngram_chars(words: list[str], n: int) -> int:
+    """datatrove's ``find_all_duplicate``: n-grams joined with no separator."""
+    seen: set[str] = set()
+    repeated = i = 0
+    while i < len(words) - n + 1:
+        gram = "".join(words[i : i + n])
+        if gram in seen:
+            repeated += len(gram)
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated
+
+
+def random_words(rng: random.Random) -> list[str]:
+    # few, overlapping tokens: many repeats, and different word runs that join to one string
+    # ("a bc" and "ab c"), which datatrove's duplicate rule counts as equal
+    alphabet = ["a", "b", "ab", "ba", "c", "bc", "abc", "é"]
+    return [rng.choice(alphabet) for _ in range(rng.randint(0, 40))]
+
+
+def test_ngram_rules_count_as_datatrove_does() -> None:
+    rng = random.Random(0)
+    for _ in range(3000):
+        w = random_words(rng)
+        for n in range(1, 8):
+            assert top_ngram_chars(w, n) == datatrove_top_ngram_chars(w, n), (w, n)
+            assert duplicate_ngram_chars(w, n) == datatrove_duplicate_ngram_chars(w, n), (w, n)
+    # joined with no separator, "a bc" repeats "ab c"
+    assert duplicate_ngram_chars(["ab", "c", "x", "a", "bc"], 2) == 3
+
+
+@pytest.mark.parametrize("collide", ["all", "across_n"])
+def test_ngram_hash_collisions_fall_back_to_strings(
+    collide: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Equal hashes of different strings (forced here) never count as a repeat."""
+
+    def hashes(self: object, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        if collide == "all":
+            return np.zeros(start.size, dtype=np.uint64)
+        # an n-gram's length, unsalted: within one n equal strings still hash alike, and
+        # once duplicate_chars salts each n, every n's hashes meet those of the others
+        block = np.cumsum(np.diff(start, prepend=1) <= 0) - 1
+        salt = block.astype(np.uint64) * np.uint64(gopher_repetition._BASE)
+        return (end - start).astype(np.uint64) ^ salt
+
+    monkeypatch.setattr(gopher_repetition._Grams, "_hashes", hashes)
+    rng = random.Random(1)
+    for _ in range(300):
+        w = random_words(rng)
+        got = gopher_repetition._Grams(w).duplicate_chars([5, 3, 2])
+        assert got == {n: datatrove_duplicate_ngram_chars(w, n) for n in (5, 3, 2)}, w
 
 
 def test_c4_line_rules_and_page_rules() -> None:
